@@ -1,0 +1,96 @@
+"""Envoy ext_authz adapter: the same decision core behind a unary ``Check``.
+
+ext_authz can set and remove request headers (routing header, credentials) but cannot
+change the body, so in this mode the upstream receives the model name the client
+sent: deployments served through the ext_authz variant should use the group's name
+as their upstream model (``extproc check`` warns when they do not).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+from extproc.decision import decide, decide_head
+from extproc.errors import GatewayError, InternalError
+from extproc.gateway import Gateway
+from extproc.request import RequestHead
+
+__all__ = ["AuthorizationService"]
+
+log = logging.getLogger("extproc.ext_authz")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _option(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def denied_response(err: GatewayError) -> pb.CheckResponse:
+    return pb.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=err.code),
+        denied_response=pb.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=err.status),
+            headers=[_option(k, v) for k, v in err.response_headers().items()],
+            body=err.body().decode("utf-8"),
+        ),
+    )
+
+
+class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """``envoy.service.auth.v3.Authorization`` on grpc.aio."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def _decide(self, request: pb.CheckRequest) -> pb.CheckResponse:
+        gateway = self._gateway
+        http = request.attributes.request.http
+        headers = {k.lower(): v for k, v in http.headers.items()}
+        head = RequestHead(method=http.method, path=http.path, headers=headers)
+        body = http.raw_body or http.body.encode("utf-8")
+        has_body = bool(body) or headers.get("content-length", "0") not in ("", "0")
+        head_decision = decide_head(head, gateway.config, has_body=has_body)
+        if head_decision.action == "pass":
+            gateway.metrics.requests.labels("other", "", "passed").inc()
+            return pb.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.OK),
+                ok_response=pb.OkHttpResponse(headers_to_remove=head_decision.remove_headers),
+            )
+        decision = decide(head, body, gateway.policy, gateway.config, gateway.rng)
+        dep = decision.deployment
+        gateway.metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
+        gateway.metrics.routed.labels(dep.group, dep.id).inc()
+        # The body is not rewritten here, so its length stays what the client sent.
+        set_headers = [(k, v) for k, v in decision.set_headers if k != "content-length"]
+        return pb.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=pb.OkHttpResponse(
+                headers=[_option(k, v) for k, v in set_headers],
+                headers_to_remove=decision.remove_headers,
+            ),
+        )
+
+    async def Check(  # noqa: N802 - the gRPC method name
+        self,
+        request: pb.CheckRequest,
+        context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
+    ) -> pb.CheckResponse:
+        try:
+            return self._decide(request)
+        except GatewayError as err:
+            self._gateway.metrics.rejected.labels(str(err.status), err.code).inc()
+            return denied_response(err)
+        except Exception:
+            self._gateway.metrics.internal_errors.labels("check").inc()
+            log.exception("unexpected error in Check")
+            return denied_response(InternalError("The gateway failed to process this request."))

@@ -1,0 +1,132 @@
+"""``extproc check``: validate a policy and cross-check it against an Envoy config."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from extproc.policy import CompiledPolicy
+from extproc.settings import Settings
+
+__all__ = ["CheckReport", "check_envoy_config"]
+
+_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+_EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_HEADER_MUTATION = (
+    "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+)
+
+
+@dataclass
+class CheckReport:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def _cluster_ports(cluster: dict[str, Any]) -> list[tuple[str, int]]:
+    out = []
+    for node in _walk(cluster.get("load_assignment", {})):
+        sock = node.get("socket_address")
+        if isinstance(sock, dict):
+            out.append((str(sock.get("address")), int(sock.get("port_value", 0))))
+    return out
+
+
+def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) -> CheckReport:
+    """Errors that would break routing, and warnings that weaken it."""
+    report = CheckReport()
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        report.errors.append(f"the Envoy config is not valid YAML: {exc}")
+        return report
+    if not isinstance(config, dict):
+        report.errors.append("the Envoy config must be a YAML mapping")
+        return report
+    clusters = {
+        c["name"]: c
+        for c in (config.get("static_resources") or {}).get("clusters") or []
+        if isinstance(c, dict) and "name" in c
+    }
+    for dep in policy.deployments():
+        if dep.cluster not in clusters:
+            report.errors.append(
+                f"deployment {dep.id!r} (group {dep.group!r}) names cluster {dep.cluster!r}, "
+                "which the Envoy config does not define"
+            )
+    typed = [n for n in _walk(config) if isinstance(n.get("@type"), str)]
+    gates = [n for n in typed if n["@type"] in (_EXT_PROC, _EXT_AUTHZ)]
+    if not gates:
+        report.errors.append("no ext_proc or ext_authz HTTP filter in the Envoy config")
+    for gate in gates:
+        kind = "ext_proc" if gate["@type"] == _EXT_PROC else "ext_authz"
+        target = ((gate.get("grpc_service") or {}).get("envoy_grpc") or {}).get("cluster_name")
+        if target not in clusters:
+            report.errors.append(
+                f"the {kind} filter's grpc_service cluster {target!r} is not defined"
+            )
+        else:
+            ports = _cluster_ports(clusters[target])
+            if ports and all(port != settings.grpc_port for _, port in ports):
+                report.errors.append(
+                    f"the {kind} filter points at {ports}, but this server listens on "
+                    f"port {settings.grpc_port} (EXTPROC_GRPC_PORT)"
+                )
+            proto = clusters[target].get("typed_extension_protocol_options") or {}
+            if "http2_protocol_options" not in str(proto):
+                report.errors.append(f"cluster {target!r} must use HTTP/2 for gRPC")
+        if kind == "ext_proc":
+            mode = gate.get("processing_mode") or {}
+            if mode.get("request_header_mode", "SEND") != "SEND":
+                report.errors.append("ext_proc request_header_mode must be SEND")
+            if mode.get("request_body_mode") not in ("BUFFERED",):
+                report.errors.append(
+                    "ext_proc request_body_mode must be BUFFERED to rewrite the model"
+                )
+            if gate.get("failure_mode_allow"):
+                report.warnings.append(
+                    "ext_proc failure_mode_allow is true: requests pass unrouted while "
+                    "the server is down"
+                )
+        else:
+            if "with_request_body" not in gate:
+                report.errors.append("ext_authz needs with_request_body to read the model")
+            for dep in policy.deployments():
+                if dep.model != dep.group:
+                    report.warnings.append(
+                        f"ext_authz cannot rewrite the body: deployment {dep.id!r} will "
+                        f"receive model {dep.group!r}, not {dep.model!r}"
+                    )
+    header = settings.cluster_header
+    uses_header = any(
+        isinstance(n.get("route"), dict) and n["route"].get("cluster_header") == header
+        for n in _walk(config)
+    )
+    if not uses_header:
+        report.errors.append(f"no route uses cluster_header: {header}")
+    strips = any(
+        n["@type"] == _HEADER_MUTATION and header in str(n.get("mutations")) for n in typed
+    )
+    if not strips:
+        report.warnings.append(
+            f"no header_mutation filter removes {header} from client requests: a client "
+            "could pick the cluster if the server fails open"
+        )
+    return report

@@ -1,0 +1,137 @@
+"""The decision core: pure functions from a request snapshot to a decision.
+
+Nothing here does I/O. The gRPC adapters (``extproc_service``, ``authz_service``)
+translate protobufs into :class:`~extproc.request.RequestHead` and body bytes, call
+:func:`decide_head` and :func:`decide`, and translate the result back; so ext_proc and
+ext_authz cannot disagree on the same request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from extproc.errors import (
+    MissingParameterError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    UnknownRouteError,
+)
+from extproc.jsonbody import replace_member
+from extproc.policy import CompiledDeployment, CompiledPolicy
+from extproc.providers import CLIENT_CREDENTIAL_HEADERS
+from extproc.request import LLMRequest, RequestHead, parse_request
+from extproc.router import pick_deployment
+from extproc.settings import Settings
+
+__all__ = ["GatewayConfig", "HeadDecision", "RouteDecision", "decide", "decide_head"]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The slice of the settings the core needs."""
+
+    cluster_header: str = "x-extproc-cluster"
+    session_headers: tuple[str, ...] = ("x-litellm-session-id",)
+    tags_header: str = "x-litellm-tags"
+    unknown_paths: Literal["pass", "reject"] = "pass"
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GatewayConfig:
+        return cls(
+            cluster_header=settings.cluster_header,
+            session_headers=settings.session_headers,
+            tags_header=settings.tags_header,
+            unknown_paths=settings.unknown_paths,
+            max_body_bytes=settings.max_body_bytes,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HeadDecision:
+    """After the headers: pass the request through untouched, or read its body."""
+
+    action: Literal["pass", "read_body"]
+    #: Headers to strip now (a client-sent routing header never survives).
+    remove_headers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """Send the request to ``deployment`` with these header and body changes."""
+
+    request: LLMRequest
+    deployment: CompiledDeployment
+    set_headers: tuple[tuple[str, str], ...]
+    remove_headers: tuple[str, ...]
+    body: bytes
+
+
+def decide_head(head: RequestHead, config: GatewayConfig, *, has_body: bool) -> HeadDecision:
+    """Decide what the headers alone allow; raises a GatewayError to refuse."""
+    strip = (config.cluster_header,)
+    if head.endpoint is None:
+        if config.unknown_paths == "reject":
+            raise UnknownRouteError(
+                f"{head.method} {head.path.split('?', 1)[0]} is not an LLM endpoint "
+                "this gateway serves."
+            )
+        return HeadDecision("pass", strip)
+    if not has_body:
+        raise MissingParameterError(
+            "The request body is empty; expected a JSON object.", code="missing_body"
+        )
+    length = head.headers.get("content-length", "")
+    if length.isdigit() and int(length) > config.max_body_bytes:
+        raise PayloadTooLargeError(
+            f"The request body is larger than {config.max_body_bytes} bytes."
+        )
+    return HeadDecision("read_body", strip)
+
+
+def decide(
+    head: RequestHead,
+    raw_body: bytes,
+    policy: CompiledPolicy,
+    config: GatewayConfig,
+    rng: Callable[[], float],
+) -> RouteDecision:
+    """Route one LLM request to a deployment of its model group."""
+    endpoint = head.endpoint
+    if endpoint is None:
+        raise UnknownRouteError(f"{head.path.split('?', 1)[0]} is not an LLM endpoint.")
+    if len(raw_body) > config.max_body_bytes:
+        raise PayloadTooLargeError(
+            f"The request body is larger than {config.max_body_bytes} bytes."
+        )
+    request = parse_request(
+        head,
+        endpoint,
+        raw_body,
+        session_headers=config.session_headers,
+        tags_header=config.tags_header,
+    )
+    group = policy.groups.get(request.model)
+    if group is None:
+        raise ModelNotFoundError(
+            f"The model `{request.model[:256]}` does not exist or you do not have access to it.",
+            param="model",
+        )
+    deployment = pick_deployment(group, rng)
+    body = replace_member(raw_body, request.model_span, deployment.model)
+    set_headers: list[tuple[str, str]] = [(config.cluster_header, deployment.cluster)]
+    if deployment.auth_value is not None:
+        set_headers.append((deployment.auth_header, deployment.auth_value))
+    set_headers.append(("content-length", str(len(body))))
+    remove = tuple(h for h in CLIENT_CREDENTIAL_HEADERS if h != deployment.auth_header)
+    if deployment.auth_value is None:
+        remove += (deployment.auth_header,)
+    return RouteDecision(
+        request=request,
+        deployment=deployment,
+        set_headers=tuple(set_headers),
+        remove_headers=remove,
+        body=body,
+    )

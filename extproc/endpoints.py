@@ -1,0 +1,99 @@
+"""What differs between the LLM APIs the gateway understands, one spec per path.
+
+Everything endpoint-specific (where the user id lives, whether the call can stream)
+is behind :class:`EndpointSpec`; the rest of the gateway handles all endpoints the same
+way. Add an API by registering a spec in :data:`ENDPOINTS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from extproc.errors import InvalidParameterError
+
+__all__ = ["ENDPOINTS", "EndpointSpec", "lookup_endpoint"]
+
+Api = Literal["openai", "anthropic"]
+
+
+class EndpointSpec(Protocol):
+    """How to read one API's request body."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def api(self) -> Api: ...
+
+    def user(self, body: dict[str, Any]) -> str | None:
+        """The end-user id the body names, if any."""
+        ...
+
+    def stream(self, body: dict[str, Any]) -> bool:
+        """Whether the client asked for a streamed response."""
+        ...
+
+
+def _optional_str(body: dict[str, Any], container: str | None, key: str, param: str) -> str | None:
+    source: Any = body
+    if container is not None:
+        source = body.get(container)
+        if source is None:
+            return None
+        if not isinstance(source, dict):
+            raise InvalidParameterError(f"'{container}' must be an object", param=container)
+    value = source.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidParameterError(f"'{param}' must be a string", param=param)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class JsonEndpoint:
+    """An endpoint whose JSON body names ``model`` at the top level."""
+
+    name: str
+    api: Api
+    can_stream: bool = True
+    #: (container, key): where the end-user id lives; container None is top level.
+    user_field: tuple[str | None, str] = (None, "user")
+
+    def user(self, body: dict[str, Any]) -> str | None:
+        container, key = self.user_field
+        param = f"{container}.{key}" if container else key
+        return _optional_str(body, container, key, param)
+
+    def stream(self, body: dict[str, Any]) -> bool:
+        value = body.get("stream")
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise InvalidParameterError("'stream' must be a boolean", param="stream")
+        if value and not self.can_stream:
+            raise InvalidParameterError(f"{self.name} does not stream", param="stream")
+        return value
+
+
+_SPECS: tuple[tuple[str, JsonEndpoint], ...] = (
+    ("/chat/completions", JsonEndpoint("chat_completions", "openai")),
+    ("/completions", JsonEndpoint("completions", "openai")),
+    ("/embeddings", JsonEndpoint("embeddings", "openai", can_stream=False)),
+    ("/responses", JsonEndpoint("responses", "openai")),
+    ("/messages", JsonEndpoint("messages", "anthropic", user_field=("metadata", "user_id"))),
+)
+
+#: Path (without query) → spec. Both ``/v1/x`` and ``/x`` are accepted, as LiteLLM does.
+ENDPOINTS: dict[str, EndpointSpec] = {
+    prefix + suffix: spec for suffix, spec in _SPECS for prefix in ("/v1", "")
+}
+
+
+def lookup_endpoint(path: str) -> EndpointSpec | None:
+    """The spec for a request path; query strings and a trailing slash are ignored."""
+    bare = path.split("?", 1)[0]
+    if len(bare) > 1 and bare.endswith("/"):
+        bare = bare[:-1]
+    return ENDPOINTS.get(bare)

@@ -1,0 +1,394 @@
+"""Render the Envoy configuration that puts this server in front of a policy's clusters.
+
+The committed files in ``envoy/`` are this module's output for the example policy
+(a test keeps them in step). The shape, and why:
+
+* a ``header_mutation`` filter first strips any client-sent routing header, so a
+  client can never pick the cluster, whatever happens to the server afterwards;
+* ext_proc with request headers SEND and request body BUFFERED, response phases off:
+  two messages per LLM request, the minimum that can rewrite the body and still see
+  the caller's headers (``request_attributes`` carry no header values);
+* routes: a request carrying the routing header goes to that cluster; an LLM path
+  without it (the server was down and Envoy failed open) gets a 503, anything else a
+  404, both as OpenAI-style JSON;
+* ``local_reply_config`` turns Envoy's own errors (413, ext_proc failure, no healthy
+  upstream) into OpenAI-style JSON, leaving the server's errors as they are.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+
+from extproc.errors import ERROR_HEADER
+
+__all__ = ["LLM_PATH_REGEX", "Upstream", "render_envoy_config"]
+
+#: The paths the server parses (see ``endpoints.py``), as one RE2 regex.
+LLM_PATH_REGEX = r"^/(v1/)?(chat/completions|completions|embeddings|responses|messages)/?(\?.*)?$"
+
+_TYPE = "@type"
+_API = "type.googleapis.com/envoy."
+_EXTPROC_CLUSTER = "extproc"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where an Envoy cluster sends traffic."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+
+def _error_json(message: str, err_type: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+
+
+def _json_body(message: str, err_type: str, code: str) -> str:
+    import json  # noqa: PLC0415 - only while rendering
+
+    return json.dumps(_error_json(message, err_type, code))
+
+
+def _cluster(name: str, upstream: Upstream, *, http2: bool = False) -> dict[str, Any]:
+    try:
+        ipaddress.ip_address(upstream.host)
+        discovery = "STATIC"
+    except ValueError:
+        discovery = "LOGICAL_DNS"
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": discovery,
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {
+                                        "address": upstream.host,
+                                        "port_value": upstream.port,
+                                    }
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if discovery == "LOGICAL_DNS":
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                _TYPE: _API + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    if upstream.tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                _TYPE: _API + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": upstream.host,
+            },
+        }
+    return cluster
+
+
+def _extproc_cluster(upstream: Upstream, service: str) -> dict[str, Any]:
+    cluster = _cluster(_EXTPROC_CLUSTER, upstream, http2=True)
+    cluster["health_checks"] = [
+        {
+            "timeout": "1s",
+            "interval": "2s",
+            "no_traffic_interval": "2s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": service},
+        }
+    ]
+    # One stream per in-flight request: the default 1024 would cap concurrency.
+    limit = 100_000
+    cluster["circuit_breakers"] = {
+        "thresholds": [
+            {"max_connections": limit, "max_pending_requests": limit, "max_requests": limit}
+        ]
+    }
+    return cluster
+
+
+def _ext_proc_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]:
+    del max_body  # the buffer limit is the listener's per_connection_buffer_limit_bytes
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            _TYPE: _API + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}, "timeout": "5s"},
+            "failure_mode_allow": failure_mode_allow,
+            "message_timeout": "2s",
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "BUFFERED",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SKIP",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+
+
+def _ext_authz_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            _TYPE: _API + "extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}, "timeout": "2s"},
+            "transport_api_version": "V3",
+            "failure_mode_allow": failure_mode_allow,
+            "clear_route_cache": True,
+            "status_on_error": {"code": 503},
+            "with_request_body": {
+                "max_request_bytes": max_body,
+                "allow_partial_message": False,
+                "pack_as_bytes": True,
+            },
+        },
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """Envoy's own error replies as OpenAI-style JSON; the server's are left alone."""
+    not_ours = {
+        "header_filter": {
+            "header": {"name": ERROR_HEADER, "present_match": True, "invert_match": True}
+        }
+    }
+
+    def mapper(status: int, err_type: str, code: str, message: str) -> dict[str, Any]:
+        return {
+            "filter": {
+                "and_filter": {
+                    "filters": [
+                        {
+                            "status_code_filter": {
+                                "comparison": {
+                                    "op": "EQ",
+                                    "value": {
+                                        "default_value": status,
+                                        "runtime_key": f"extproc.local_reply.{status}",
+                                    },
+                                }
+                            }
+                        },
+                        not_ours,
+                    ]
+                }
+            },
+            "headers_to_add": [
+                {
+                    "header": {"key": ERROR_HEADER, "value": code},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+            "body_format_override": {
+                "json_format": _error_json(message, err_type, code),
+                "content_type": "application/json",
+            },
+        }
+
+    return {
+        "mappers": [
+            mapper(
+                413,
+                "invalid_request_error",
+                "payload_too_large",
+                "The request body is larger than the gateway accepts.",
+            ),
+            mapper(
+                500,
+                "api_error",
+                "gateway_error",
+                "The gateway failed to process this request (%RESPONSE_CODE_DETAILS%).",
+            ),
+            mapper(
+                502, "api_error", "upstream_error", "The upstream failed (%RESPONSE_CODE_DETAILS%)."
+            ),
+            mapper(
+                503,
+                "service_unavailable_error",
+                "service_unavailable",
+                "The gateway or the upstream is unavailable (%RESPONSE_CODE_DETAILS%).",
+            ),
+            mapper(
+                504,
+                "timeout_error",
+                "timeout",
+                "The gateway or the upstream timed out (%RESPONSE_CODE_DETAILS%).",
+            ),
+        ]
+    }
+
+
+_ACCESS_LOG_FORMAT = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "bytes_received": "%BYTES_RECEIVED%",
+    "bytes_sent": "%BYTES_SENT%",
+    "duration_ms": "%DURATION%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+}
+
+
+def render_envoy_config(
+    clusters: Mapping[str, Upstream],
+    *,
+    mode: Literal["ext_proc", "ext_authz"] = "ext_proc",
+    listen: Upstream = Upstream("127.0.0.1", 10000),
+    server: Upstream = Upstream("127.0.0.1", 50051),
+    admin: Upstream | None = Upstream("127.0.0.1", 9901),
+    cluster_header: str = "x-extproc-cluster",
+    failure_mode_allow: bool = False,
+    max_body_bytes: int = 8 * 1024 * 1024,
+    access_log_path: str = "/dev/stdout",
+) -> str:
+    """The Envoy bootstrap YAML for ``clusters`` (policy cluster name → upstream)."""
+    if _EXTPROC_CLUSTER in clusters:
+        raise ValueError(f"the cluster name {_EXTPROC_CLUSTER!r} is reserved for the server")
+    if mode == "ext_proc":
+        service = "envoy.service.ext_proc.v3.ExternalProcessor"
+        gate = _ext_proc_filter(failure_mode_allow, max_body_bytes)
+    else:
+        service = "envoy.service.auth.v3.Authorization"
+        gate = _ext_authz_filter(failure_mode_allow, max_body_bytes)
+    routes = [
+        {
+            "match": {"prefix": "/", "headers": [{"name": cluster_header, "present_match": True}]},
+            # LLM calls are long; streams may run for minutes.
+            "route": {"cluster_header": cluster_header, "timeout": "600s"},
+        },
+        {
+            "match": {"safe_regex": {"regex": LLM_PATH_REGEX}},
+            "direct_response": {
+                "status": 503,
+                "body": {
+                    "inline_string": _json_body(
+                        "The gateway could not route this request: its policy server is down.",
+                        "service_unavailable_error",
+                        "gateway_unavailable",
+                    )
+                },
+            },
+            "response_headers_to_add": [
+                {"header": {"key": ERROR_HEADER, "value": "gateway_unavailable"}},
+                {"header": {"key": "content-type", "value": "application/json"}},
+            ],
+        },
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 404,
+                "body": {
+                    "inline_string": _json_body(
+                        "Not an LLM endpoint this gateway serves.",
+                        "invalid_request_error",
+                        "unknown_route",
+                    )
+                },
+            },
+            "response_headers_to_add": [
+                {"header": {"key": ERROR_HEADER, "value": "unknown_route"}},
+                {"header": {"key": "content-type", "value": "application/json"}},
+            ],
+        },
+    ]
+    hcm = {
+        _TYPE: _API + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "llm",
+        "codec_type": "AUTO",
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    _TYPE: _API + "extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": access_log_path,
+                    "log_format": {"json_format": _ACCESS_LOG_FORMAT},
+                },
+            }
+        ],
+        "local_reply_config": _local_reply_config(),
+        "route_config": {
+            "name": "llm",
+            "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [
+            {
+                # Rule: strip the routing header before any other filter runs, so only
+                # the server's decision can name a cluster, even when it is down.
+                "name": "envoy.filters.http.header_mutation",
+                "typed_config": {
+                    _TYPE: _API + "extensions.filters.http.header_mutation.v3.HeaderMutation",
+                    "mutations": {"request_mutations": [{"remove": cluster_header}]},
+                },
+            },
+            gate,
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {_TYPE: _API + "extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    config: dict[str, Any] = {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "llm",
+                    "address": {
+                        "socket_address": {"address": listen.host, "port_value": listen.port}
+                    },
+                    # The largest request body Envoy buffers; above it Envoy answers 413.
+                    "per_connection_buffer_limit_bytes": max_body_bytes,
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                _extproc_cluster(server, service),
+                *(_cluster(name, up) for name, up in sorted(clusters.items())),
+            ],
+        },
+    }
+    if admin is not None:
+        config["admin"] = {
+            "address": {"socket_address": {"address": admin.host, "port_value": admin.port}}
+        }
+    header = (
+        f"# Envoy in front of the extproc policy server ({mode}).\n"
+        "# Generated by `extproc envoy-config`; see extproc/envoy_config.py for the why.\n"
+    )
+    return header + yaml.safe_dump(config, sort_keys=False, width=100)

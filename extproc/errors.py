@@ -1,0 +1,124 @@
+"""The gateway's error hierarchy and its OpenAI-style wire form.
+
+Every refusal the core can make is one of these classes; the gRPC adapters map them
+to an immediate response (ext_proc) or a denied response (ext_authz) and never
+invent status codes of their own::
+
+    GatewayError                      any refusal, carries status/type/code/param
+    ├── BadRequestError               400 invalid_request_error
+    │   ├── InvalidJSONError          400 code=invalid_json
+    │   ├── InvalidParameterError     400 code=invalid_parameter (wrong type, bad value)
+    │   └── MissingParameterError     400 code=missing_parameter
+    ├── NotFoundError                 404 invalid_request_error
+    │   ├── ModelNotFoundError        404 code=model_not_found
+    │   └── UnknownRouteError         404 code=unknown_route
+    ├── PayloadTooLargeError          413 code=payload_too_large
+    ├── InternalError                 500 code=internal_error (a bug; logged with traceback)
+    └── ServiceUnavailableError       503 code=service_unavailable (store down, fail closed)
+
+Rule: messages never contain credentials; callers pass only names and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+__all__ = [
+    "BadRequestError",
+    "GatewayError",
+    "InternalError",
+    "InvalidJSONError",
+    "InvalidParameterError",
+    "MissingParameterError",
+    "ModelNotFoundError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "ServiceUnavailableError",
+    "UnknownRouteError",
+    "error_body",
+]
+
+#: Response header set on every error the gateway itself produces. Envoy's
+#: local_reply_config uses it to tell our errors from its own.
+ERROR_HEADER = "x-extproc-error"
+
+
+def error_body(message: str, err_type: str, code: str | None, param: str | None = None) -> bytes:
+    """Serialise an OpenAI-style error object."""
+    payload = {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+    return json.dumps(payload, ensure_ascii=True).encode()
+
+
+class GatewayError(Exception):
+    """A request the gateway refuses, with everything needed to answer it."""
+
+    status: ClassVar[int] = 400
+    err_type: ClassVar[str] = "invalid_request_error"
+    default_code: ClassVar[str] = "invalid_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.param = param
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.err_type, self.code, self.param)
+
+    def response_headers(self) -> dict[str, str]:
+        """Headers for the error response: content type, marker and any extras."""
+        return {"content-type": "application/json", ERROR_HEADER: self.code, **self.headers}
+
+
+class BadRequestError(GatewayError):
+    status = 400
+
+
+class InvalidJSONError(BadRequestError):
+    default_code = "invalid_json"
+
+
+class InvalidParameterError(BadRequestError):
+    default_code = "invalid_parameter"
+
+
+class MissingParameterError(BadRequestError):
+    default_code = "missing_parameter"
+
+
+class NotFoundError(GatewayError):
+    status = 404
+
+
+class ModelNotFoundError(NotFoundError):
+    default_code = "model_not_found"
+
+
+class UnknownRouteError(NotFoundError):
+    default_code = "unknown_route"
+
+
+class PayloadTooLargeError(GatewayError):
+    status = 413
+    default_code = "payload_too_large"
+
+
+class ServiceUnavailableError(GatewayError):
+    status = 503
+    err_type = "service_unavailable_error"
+    default_code = "service_unavailable"
+
+
+class InternalError(GatewayError):
+    status = 500
+    err_type = "api_error"
+    default_code = "internal_error"

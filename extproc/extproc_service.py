@@ -1,0 +1,190 @@
+"""Envoy ext_proc adapter: protobuf stream in, decision core, protobuf replies out.
+
+Processing modes this server is built for (see ``envoy/envoy.yaml``): request headers
+SEND, request body BUFFERED, response phases SKIP/NONE. That is two messages per LLM
+request, one for a path we do not handle (the headers reply switches the body phase
+off with ``mode_override``). Other phases, if a config enables them, get empty replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+
+from extproc.decision import RouteDecision, decide, decide_head
+from extproc.errors import GatewayError, InternalError, PayloadTooLargeError
+from extproc.gateway import Gateway
+from extproc.request import RequestHead
+
+__all__ = ["ExternalProcessorService"]
+
+log = logging.getLogger("extproc.ext_proc")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_BODY_NONE = processing_mode_pb2.ProcessingMode.NONE
+_SKIP = processing_mode_pb2.ProcessingMode.SKIP
+
+
+def _header_mutation(
+    set_headers: Iterable[tuple[str, str]], remove: Iterable[str]
+) -> pb.HeaderMutation:
+    return pb.HeaderMutation(
+        set_headers=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=k, raw_value=v.encode("latin-1")),
+                append_action=_OVERWRITE,
+            )
+            for k, v in set_headers
+        ],
+        remove_headers=list(remove),
+    )
+
+
+def immediate_response(err: GatewayError) -> pb.ProcessingResponse:
+    """An error answered by Envoy on our behalf, never reaching an upstream."""
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=err.status),
+            headers=_header_mutation(err.response_headers().items(), ()),
+            body=err.body(),
+            details=f"extproc_{err.code}",
+        )
+    )
+
+
+def _head_from_proto(headers: pb.HttpHeaders) -> RequestHead:
+    return RequestHead.from_pairs(
+        (h.key, h.raw_value.decode("latin-1") if h.raw_value else h.value)
+        for h in headers.headers.headers
+    )
+
+
+class _Stream:
+    """One HTTP request's trip through the phases; typed state, no dict of extras."""
+
+    __slots__ = ("_chunks", "_gateway", "_head", "_size", "_started")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+        self._head: RequestHead | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._started = 0.0
+
+    def _refuse(self, err: GatewayError, phase: str) -> pb.ProcessingResponse:
+        metrics = self._gateway.metrics
+        metrics.rejected.labels(str(err.status), err.code).inc()
+        endpoint = self._head.endpoint if self._head else None
+        metrics.requests.labels(endpoint.name if endpoint else "other", "", "rejected").inc()
+        log.debug("refused in %s: %s %s", phase, err.status, err.code)
+        return immediate_response(err)
+
+    def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        self._started = time.perf_counter()
+        head = self._head = _head_from_proto(msg)
+        gateway = self._gateway
+        decision = decide_head(head, gateway.config, has_body=not msg.end_of_stream)
+        common = pb.CommonResponse(header_mutation=_header_mutation((), decision.remove_headers))
+        reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
+        if decision.action == "pass":
+            # Not ours: stop the stream after this reply instead of buffering the body.
+            reply.mode_override.request_body_mode = _BODY_NONE
+            reply.mode_override.response_header_mode = _SKIP
+            gateway.metrics.requests.labels("other", "", "passed").inc()
+        return reply
+
+    def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        gateway = self._gateway
+        self._size += len(msg.body)
+        if self._size > gateway.config.max_body_bytes:
+            raise PayloadTooLargeError(
+                f"The request body is larger than {gateway.config.max_body_bytes} bytes."
+            )
+        self._chunks.append(msg.body)
+        if not msg.end_of_stream:
+            # Only in STREAMED/partial modes; BUFFERED sends the whole body at once.
+            return pb.ProcessingResponse(request_body=pb.BodyResponse())
+        if self._head is None:
+            raise GatewayError("request headers were not sent to the gateway; enable them")
+        raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        decision = decide(self._head, raw, gateway.policy, gateway.config, gateway.rng)
+        self._record(decision)
+        common = pb.CommonResponse(
+            header_mutation=_header_mutation(decision.set_headers, decision.remove_headers),
+            body_mutation=pb.BodyMutation(body=decision.body),
+            clear_route_cache=True,
+        )
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+
+    def _record(self, decision: RouteDecision) -> None:
+        metrics = self._gateway.metrics
+        dep = decision.deployment
+        metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
+        metrics.routed.labels(dep.group, dep.id).inc()
+        metrics.decision_seconds.observe(time.perf_counter() - self._started)
+
+    def handle(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """Answer one message; every refusal becomes an immediate response."""
+        phase = msg.WhichOneof("request")
+        try:
+            if phase == "request_headers":
+                return self.on_request_headers(msg.request_headers)
+            if phase == "request_body":
+                return self.on_request_body(msg.request_body)
+        except GatewayError as err:
+            return self._refuse(err, phase or "unknown")
+        except Exception:
+            self._gateway.metrics.internal_errors.labels(phase or "unknown").inc()
+            log.exception("unexpected error in phase %s", phase)
+            internal = InternalError("The gateway failed to process this request.")
+            return self._refuse(internal, phase or "unknown")
+        return _passthrough(phase)
+
+
+def _passthrough(phase: str | None) -> pb.ProcessingResponse:
+    """An empty reply of the right kind for a phase this server does not act on."""
+    if phase == "response_headers":
+        return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    if phase == "response_body":
+        return pb.ProcessingResponse(response_body=pb.BodyResponse())
+    if phase == "request_trailers":
+        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+    if phase == "response_trailers":
+        return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+    return pb.ProcessingResponse()
+
+
+class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """``envoy.service.ext_proc.v3.ExternalProcessor`` on grpc.aio."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    async def Process(  # noqa: N802 - the gRPC method name
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        metrics = self._gateway.metrics
+        stream = _Stream(self._gateway)
+        metrics.streams_active.inc()
+        try:
+            async for msg in request_iterator:
+                yield stream.handle(msg)
+        except asyncio.CancelledError:
+            # Envoy closes the stream as soon as it needs no more phases, or when the
+            # client goes away: a normal end, not an error.
+            metrics.streams_cancelled.inc()
+            raise
+        finally:
+            metrics.streams_active.dec()

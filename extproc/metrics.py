@@ -1,0 +1,66 @@
+"""Prometheus metrics, created once per process as typed attributes."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """Every metric the server exports; labels never carry keys or free text."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "extproc_requests",
+            "Requests decided, by endpoint, model group and outcome.",
+            ["endpoint", "model_group", "outcome"],
+            registry=self.registry,
+        )
+        self.routed = Counter(
+            "extproc_routed",
+            "Requests routed, by deployment.",
+            ["model_group", "deployment"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "extproc_rejected",
+            "Requests refused by the gateway, by status and error code.",
+            ["status", "code"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            "extproc_decision_seconds",
+            "Time spent deciding one request, body parse included.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+            registry=self.registry,
+        )
+        self.streams_active = Gauge(
+            "extproc_streams_active",
+            "ext_proc streams open now.",
+            registry=self.registry,
+        )
+        self.streams_cancelled = Counter(
+            "extproc_streams_cancelled",
+            "ext_proc streams Envoy closed before the server finished them.",
+            registry=self.registry,
+        )
+        self.internal_errors = Counter(
+            "extproc_internal_errors",
+            "Unexpected exceptions while handling a request (answered with a 500).",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.fail_mode_used = Counter(
+            "extproc_fail_mode",
+            "Requests handled by the fail mode because the store failed.",
+            ["mode"],
+            registry=self.registry,
+        )
+        self.policy_reloads = Counter(
+            "extproc_policy_reloads",
+            "Policy reload attempts, by result.",
+            ["result"],
+            registry=self.registry,
+        )

@@ -1,0 +1,404 @@
+"""A local OpenAI- and Anthropic-compatible upstream, for `extproc up` and the tests.
+
+It answers chat completions, completions, embeddings, responses and Anthropic
+messages, streamed (SSE) or not, with usage blocks shaped like the real APIs'. Each
+site has a name (sent back as ``x-mock-upstream``) and optionally the API key it
+expects, so a wrong or missing injected credential shows up as a 401. It records the
+requests it saw at ``GET /_mock/requests`` (``DELETE`` clears them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["MockSite", "make_mock_app", "run_mock"]
+
+_WORDS = ("Hello", " from", " the", " mock", " upstream", ".")
+
+
+@dataclass(frozen=True, slots=True)
+class MockSite:
+    name: str
+    host: str
+    port: int
+    api_key: str | None = None
+
+
+_SITE = web.AppKey("site", MockSite)
+
+
+class _Recorder:
+    """The requests a mock site has seen, newest last."""
+
+    def __init__(self, keep: int) -> None:
+        self.seen: deque[dict[str, object]] = deque(maxlen=keep)
+
+
+_SEEN = web.AppKey("seen", _Recorder)
+
+
+def _openai_error(status: int, message: str, err_type: str, code: str) -> web.Response:
+    body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+    return web.json_response(body, status=status)
+
+
+def _presented_key(request: web.Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-api-key") or request.headers.get("api-key")
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
+    return max(1, len(text) // 4)
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+async def _stream(request: web.Request, chunks: list[bytes]) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    resp.headers["x-mock-upstream"] = request.app[_SITE].name
+    await resp.prepare(request)
+    for chunk in chunks:
+        await resp.write(chunk)
+        await asyncio.sleep(0)
+    await resp.write_eof()
+    return resp
+
+
+def _usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+    }
+
+
+async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    model = body.get("model", "")
+    rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    prompt, completion = _prompt_tokens(body), len(_WORDS)
+    text = "".join(_WORDS)
+    if not body.get("stream"):
+        return web.json_response(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": now,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": _usage(prompt, completion),
+            },
+            headers={"x-mock-upstream": request.app[_SITE].name},
+        )
+    base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model}
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    chunks = [
+        _sse(
+            {
+                **base,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                ],
+            }
+        )
+    ]
+    chunks += [
+        _sse({**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]})
+        for w in _WORDS
+    ]
+    chunks.append(_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    if include_usage:
+        chunks.append(_sse({**base, "choices": [], "usage": _usage(prompt, completion)}))
+    chunks.append(b"data: [DONE]\n\n")
+    return await _stream(request, chunks)
+
+
+async def _completions(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    model = body.get("model", "")
+    rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    prompt, completion = _prompt_tokens(body), len(_WORDS)
+    base = {"id": rid, "object": "text_completion", "created": now, "model": model}
+    if not body.get("stream"):
+        return web.json_response(
+            {
+                **base,
+                "choices": [
+                    {"text": "".join(_WORDS), "index": 0, "logprobs": None, "finish_reason": "stop"}
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            },
+            headers={"x-mock-upstream": request.app[_SITE].name},
+        )
+    chunks = [
+        _sse(
+            {**base, "choices": [{"text": w, "index": 0, "logprobs": None, "finish_reason": None}]}
+        )
+        for w in _WORDS
+    ]
+    chunks.append(b"data: [DONE]\n\n")
+    return await _stream(request, chunks)
+
+
+async def _embeddings(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    inputs = body.get("input")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    prompt = _prompt_tokens(body)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": [0.0, 0.5, -0.5, 1.0]}
+                for i in range(len(items))
+            ],
+            "model": body.get("model", ""),
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        },
+        headers={"x-mock-upstream": request.app[_SITE].name},
+    )
+
+
+async def _responses(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    model = body.get("model", "")
+    prompt, completion = _prompt_tokens(body), len(_WORDS)
+    text = "".join(_WORDS)
+    resp_id, msg_id = f"resp_{uuid.uuid4().hex[:24]}", f"msg_{uuid.uuid4().hex[:24]}"
+    message = {
+        "id": msg_id,
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+    usage = {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+    final = {
+        "id": resp_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "model": model,
+        "output": [message],
+        "usage": usage,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+    }
+    if not body.get("stream"):
+        return web.json_response(final, headers={"x-mock-upstream": request.app[_SITE].name})
+    started = {**final, "status": "in_progress", "output": [], "usage": None}
+    chunks = [
+        _sse(
+            {"type": "response.created", "sequence_number": 0, "response": started},
+            "response.created",
+        ),
+    ]
+    for i, w in enumerate(_WORDS, start=1):
+        chunks.append(
+            _sse(
+                {
+                    "type": "response.output_text.delta",
+                    "sequence_number": i,
+                    "item_id": msg_id,
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": w,
+                    "logprobs": [],
+                },
+                "response.output_text.delta",
+            )
+        )
+    chunks.append(
+        _sse(
+            {"type": "response.completed", "sequence_number": len(_WORDS) + 1, "response": final},
+            "response.completed",
+        )
+    )
+    return await _stream(request, chunks)
+
+
+async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    model = body.get("model", "")
+    prompt, completion = _prompt_tokens(body), len(_WORDS)
+    msg_id = f"msg_{uuid.uuid4().hex[:24]}"
+    if not body.get("stream"):
+        return web.json_response(
+            {
+                "id": msg_id,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": "".join(_WORDS)}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {
+                    "input_tokens": prompt,
+                    "output_tokens": completion,
+                    "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 0,
+                },
+            },
+            headers={"x-mock-upstream": request.app[_SITE].name},
+        )
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": prompt,
+                "output_tokens": 1,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        },
+    }
+    chunks = [
+        _sse(start, "message_start"),
+        _sse(
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+            "content_block_start",
+        ),
+    ]
+    chunks += [
+        _sse(
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}},
+            "content_block_delta",
+        )
+        for w in _WORDS
+    ]
+    chunks += [
+        _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+        _sse(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": completion},
+            },
+            "message_delta",
+        ),
+        _sse({"type": "message_stop"}, "message_stop"),
+    ]
+    return await _stream(request, chunks)
+
+
+_HANDLERS = {
+    "/v1/chat/completions": _chat,
+    "/v1/completions": _completions,
+    "/v1/embeddings": _embeddings,
+    "/v1/responses": _responses,
+    "/v1/messages": _messages,
+}
+
+
+async def _handle(request: web.Request) -> web.StreamResponse:
+    site = request.app[_SITE]
+    raw = await request.read()
+    request.app[_SEEN].seen.append(
+        {
+            "path": request.path_qs,
+            "headers": dict(request.headers),
+            "body": raw.decode("utf-8", "replace"),
+        }
+    )
+    if site.api_key is not None:
+        presented = _presented_key(request) or ""
+        if not hmac.compare_digest(presented.encode(), site.api_key.encode()):
+            return _openai_error(
+                401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
+            )
+    handler = _HANDLERS.get(request.path.rstrip("/"))
+    if handler is None:
+        return _openai_error(
+            404, f"Unknown path {request.path}", "invalid_request_error", "unknown_url"
+        )
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _openai_error(
+            400,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        )
+    if not isinstance(body, dict):
+        return _openai_error(
+            400, "The body must be a JSON object.", "invalid_request_error", "invalid_json"
+        )
+    return await handler(request, body)
+
+
+async def _seen(request: web.Request) -> web.Response:
+    if request.method == "DELETE":
+        request.app[_SEEN].seen.clear()
+        return web.json_response({"cleared": True})
+    return web.json_response(list(request.app[_SEEN].seen))
+
+
+def make_mock_app(site: MockSite, keep: int = 10_000) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[_SITE] = site
+    app[_SEEN] = _Recorder(keep)
+    app.router.add_route("GET", "/_mock/requests", _seen)
+    app.router.add_route("DELETE", "/_mock/requests", _seen)
+    app.router.add_route("*", "/{tail:.*}", _handle)
+    return app
+
+
+async def run_mock(sites: list[MockSite], stop: asyncio.Event | None = None) -> None:
+    """Serve every site until ``stop`` is set (or forever)."""
+    runners = []
+    for site in sites:
+        runner = web.AppRunner(make_mock_app(site), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, site.host, site.port).start()
+        runners.append(runner)
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        for runner in runners:
+            await runner.cleanup()

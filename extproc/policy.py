@@ -1,0 +1,337 @@
+"""The policy file: what the gateway enforces, as frozen pydantic models.
+
+The YAML is validated with ``extra="forbid"`` so a misspelled key is an error, not a
+silently ignored setting, and every error names its path in the file
+(``model_groups[1].deployments[0].cluster: ...``). A validated :class:`Policy` is
+compiled once into a :class:`CompiledPolicy` (credentials resolved, lookups indexed)
+that request handling reads without further checks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from extproc.providers import auth_header_for
+
+__all__ = [
+    "CompiledDeployment",
+    "CompiledGroup",
+    "CompiledPolicy",
+    "CredentialRef",
+    "Deployment",
+    "ModelGroup",
+    "Policy",
+    "PolicyError",
+    "compile_policy",
+    "load_policy",
+    "parse_policy",
+]
+
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+_PROVIDER_NAME = re.compile(r"^[a-z0-9_\-]{1,64}$")
+_ID = re.compile(r"^[A-Za-z0-9_.:/\-]{1,128}$")
+
+
+class PolicyError(Exception):
+    """The policy file is invalid; ``errors`` holds one line per problem."""
+
+    def __init__(self, source: str, errors: Sequence[str]) -> None:
+        self.source = source
+        self.errors = list(errors)
+        super().__init__(f"{source}: " + "; ".join(self.errors))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CredentialRef(_Model):
+    """Where a deployment's upstream credential comes from: exactly one source."""
+
+    env: str | None = Field(default=None, min_length=1)
+    file: Path | None = None
+    #: Inline secret; refused unless the process allows inline credentials.
+    value: str | None = Field(default=None, min_length=1, repr=False)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CredentialRef:
+        given = [n for n in ("env", "file", "value") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of env, file or value")
+        return self
+
+
+class Prices(_Model):
+    """Prices in dollars per token (LiteLLM's price-table field names)."""
+
+    input_cost_per_token: Decimal = Field(default=Decimal(0), ge=0)
+    output_cost_per_token: Decimal = Field(default=Decimal(0), ge=0)
+    cache_read_input_token_cost: Decimal | None = Field(default=None, ge=0)
+    cache_creation_input_token_cost: Decimal | None = Field(default=None, ge=0)
+
+
+class Deployment(_Model):
+    """One upstream that can serve a model group: an Envoy cluster plus a model name."""
+
+    id: str
+    provider: str = "openai"
+    cluster: str
+    #: The model name the upstream expects; the body's ``model`` is rewritten to it.
+    model: str = Field(min_length=1, max_length=256)
+    credential: CredentialRef | None = None
+    weight: float = Field(default=1.0, gt=0)
+    rpm: int | None = Field(default=None, ge=0)
+    tpm: int | None = Field(default=None, ge=0)
+    context_window: int | None = Field(default=None, gt=0)
+    prices: Prices | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError("ids use letters, digits and _ . : / - (at most 128)")
+        return value
+
+    @field_validator("provider")
+    @classmethod
+    def _check_provider(cls, value: str) -> str:
+        if not _PROVIDER_NAME.match(value):
+            raise ValueError("provider names use lowercase letters, digits, _ and -")
+        return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _check_cluster(cls, value: str) -> str:
+        if not _CLUSTER_NAME.match(value):
+            raise ValueError("Envoy cluster names here use letters, digits and _ . -")
+        return value
+
+
+class ModelGroup(_Model):
+    """A model name clients ask for, served by one of its deployments."""
+
+    name: str = Field(min_length=1, max_length=256)
+    deployments: tuple[Deployment, ...] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not value.isprintable() or value != value.strip():
+            raise ValueError("model group names are printable, without surrounding spaces")
+        return value
+
+
+class Policy(_Model):
+    """The whole policy file."""
+
+    model_groups: tuple[ModelGroup, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Policy:
+        seen_groups: set[str] = set()
+        seen_ids: set[str] = set()
+        for group in self.model_groups:
+            if group.name in seen_groups:
+                raise ValueError(f"model group {group.name!r} is defined twice")
+            seen_groups.add(group.name)
+            for dep in group.deployments:
+                if dep.id in seen_ids:
+                    raise ValueError(f"deployment id {dep.id!r} is used twice")
+                seen_ids.add(dep.id)
+        return self
+
+
+# --- compiled form -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledDeployment:
+    """A deployment ready to route to: credential resolved to a header."""
+
+    id: str
+    group: str
+    provider: str
+    cluster: str
+    model: str
+    weight: float
+    auth_header: str
+    #: The full header value (``Bearer sk-...``); never logged.
+    auth_value: str | None = field(repr=False)
+    rpm: int | None = None
+    tpm: int | None = None
+    context_window: int | None = None
+    prices: Prices | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledGroup:
+    name: str
+    deployments: tuple[CompiledDeployment, ...]
+    #: Running sums of the weights, for weighted picks by bisection.
+    cumulative_weights: tuple[float, ...]
+
+    def pick_weighted(self, u: float) -> CompiledDeployment:
+        """The deployment at ``u`` in [0, 1) of the weight line."""
+        total = self.cumulative_weights[-1]
+        index = bisect.bisect_right(self.cumulative_weights, u * total)
+        return self.deployments[min(index, len(self.deployments) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    """The runtime snapshot a request reads: swapped whole on reload."""
+
+    groups: Mapping[str, CompiledGroup]
+    source: str = "<memory>"
+
+    @property
+    def clusters(self) -> frozenset[str]:
+        return frozenset(d.cluster for g in self.groups.values() for d in g.deployments)
+
+    def deployments(self) -> list[CompiledDeployment]:
+        return [d for g in self.groups.values() for d in g.deployments]
+
+
+def _format_loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out or "<root>"
+
+
+def parse_policy(data: Any, source: str = "<memory>") -> Policy:
+    """Validate parsed YAML into a :class:`Policy`, with path-named errors."""
+    if not isinstance(data, dict):
+        raise PolicyError(source, ["<root>: the policy must be a YAML mapping"])
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False, include_input=False):
+            loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+            lines.append(f"{_format_loc(loc)}: {err['msg']}")
+        raise PolicyError(source, lines) from None
+
+
+def _resolve_credential(
+    ref: CredentialRef,
+    where: str,
+    base_dir: Path,
+    env: Mapping[str, str],
+    allow_inline: bool,
+) -> str:
+    if ref.env is not None:
+        secret = env.get(ref.env)
+        if not secret:
+            raise PolicyError("", [f"{where}.env: environment variable {ref.env} is not set"])
+        return secret
+    if ref.file is not None:
+        path = ref.file if ref.file.is_absolute() else base_dir / ref.file
+        try:
+            secret = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError("", [f"{where}.file: cannot read {path}: {exc}"]) from None
+        if not secret:
+            raise PolicyError("", [f"{where}.file: {path} is empty"])
+        return secret
+    if not allow_inline:
+        raise PolicyError(
+            "",
+            [f"{where}.value: inline credentials are off (EXTPROC_ALLOW_INLINE_CREDENTIALS)"],
+        )
+    assert ref.value is not None
+    return ref.value
+
+
+def compile_policy(
+    policy: Policy,
+    *,
+    source: str = "<memory>",
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    allow_inline_credentials: bool = False,
+) -> CompiledPolicy:
+    """Resolve credentials and index the policy for request handling."""
+    environ = os.environ if env is None else env
+    base = base_dir or Path.cwd()
+    errors: list[str] = []
+    groups: dict[str, CompiledGroup] = {}
+    for gi, group in enumerate(policy.model_groups):
+        compiled: list[CompiledDeployment] = []
+        for di, dep in enumerate(group.deployments):
+            where = f"model_groups[{gi}].deployments[{di}].credential"
+            header, prefix = auth_header_for(dep.provider)
+            value: str | None = None
+            if dep.credential is not None:
+                try:
+                    secret = _resolve_credential(
+                        dep.credential, where, base, environ, allow_inline_credentials
+                    )
+                except PolicyError as exc:
+                    errors.extend(exc.errors)
+                    continue
+                if any(ch in secret for ch in "\r\n\x00"):
+                    errors.append(f"{where}: the credential contains a line break or NUL")
+                    continue
+                value = prefix + secret
+            compiled.append(
+                CompiledDeployment(
+                    id=dep.id,
+                    group=group.name,
+                    provider=dep.provider,
+                    cluster=dep.cluster,
+                    model=dep.model,
+                    weight=dep.weight,
+                    auth_header=header,
+                    auth_value=value,
+                    rpm=dep.rpm,
+                    tpm=dep.tpm,
+                    context_window=dep.context_window,
+                    prices=dep.prices,
+                )
+            )
+        weights = tuple(itertools.accumulate(d.weight for d in compiled))
+        groups[group.name] = CompiledGroup(group.name, tuple(compiled), weights)
+    if errors:
+        raise PolicyError(source, errors)
+    return CompiledPolicy(groups=groups, source=source)
+
+
+def load_policy(
+    path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    allow_inline_credentials: bool = False,
+) -> CompiledPolicy:
+    """Read, validate and compile a policy file."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(source, [f"cannot read the policy file: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(source, [f"not valid YAML: {exc}"]) from None
+    policy = parse_policy(data, source)
+    return compile_policy(
+        policy,
+        source=source,
+        base_dir=path.parent,
+        env=env,
+        allow_inline_credentials=allow_inline_credentials,
+    )

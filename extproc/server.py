@@ -1,0 +1,105 @@
+"""Process wiring for ``extproc serve``: gRPC services, health, admin, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from aiohttp import web
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # the servicer `health.aio` re-exports
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.admin import make_admin_app
+from extproc.authz_service import AuthorizationService
+from extproc.extproc_service import ExternalProcessorService
+from extproc.gateway import Gateway
+from extproc.settings import Settings
+
+__all__ = ["run", "serve"]
+
+log = logging.getLogger("extproc")
+
+_SERVICES = (
+    "envoy.service.ext_proc.v3.ExternalProcessor",
+    "envoy.service.auth.v3.Authorization",
+)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; SIGHUP reloads the policy."""
+    gateway = Gateway.from_settings(settings)
+    stop = stop or asyncio.Event()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_body_bytes + 65536),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessorService(gateway), server
+    )
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationService(gateway), server
+    )
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(settings.grpc_address)
+
+    runner = web.AppRunner(make_admin_app(gateway), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.admin_host, settings.admin_port)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
+
+    await server.start()
+    await site.start()
+    for name in (*_SERVICES, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "extproc serving gRPC on %s, admin on http://%s:%d, policy %s (%d model groups), store %s",
+        settings.grpc_address,
+        settings.admin_host,
+        settings.admin_port,
+        gateway.policy.source,
+        len(gateway.policy.groups),
+        gateway.store.name,
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info(
+            "shutting down: letting in-flight streams finish (%.1fs)", settings.shutdown_grace_s
+        )
+        gateway.ready = False
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(settings.shutdown_grace_s)
+        await runner.cleanup()
+        await gateway.store.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        log.info("stopped")
+
+
+def run(settings: Settings) -> None:
+    """Run :func:`serve` on uvloop when available."""
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if settings.uvloop:
+        try:
+            import uvloop  # noqa: PLC0415 - optional accelerator
+
+            uvloop.run(serve(settings))
+        except ImportError:
+            pass
+        else:
+            return
+    asyncio.run(serve(settings))

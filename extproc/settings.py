@@ -1,0 +1,83 @@
+"""Process settings, read from the environment (prefix ``EXTPROC_``).
+
+These are about the process: where it listens, which policy file and store it uses,
+how it fails. What the gateway enforces lives in the policy file (``policy.py``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["DEFAULT_POLICY", "Settings"]
+
+#: The example policy shipped with the package; `extproc up` runs on it.
+DEFAULT_POLICY = Path(__file__).parent / "data" / "example-policy.yaml"
+
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+class Settings(BaseSettings):
+    """Environment settings; every field can be set as ``EXTPROC_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="EXTPROC_", extra="ignore", frozen=True)
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=9190, ge=0, le=65535)
+    policy_path: Path = DEFAULT_POLICY
+    store_url: str = "memory://"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: What to do when the store cannot be reached: ``open`` lets requests through
+    #: (counted in a metric), ``closed`` answers 503.
+    fail_mode: Literal["open", "closed"] = "open"
+    #: The request header Envoy's route reads as ``cluster_header``.
+    cluster_header: str = "x-extproc-cluster"
+    #: Headers read for the session id before the body's metadata.
+    session_headers: Annotated[tuple[str, ...], NoDecode] = ("x-litellm-session-id",)
+    tags_header: str = "x-litellm-tags"
+    #: Paths with no endpoint spec: ``pass`` forwards them untouched, ``reject`` answers 404.
+    unknown_paths: Literal["pass", "reject"] = "pass"
+    #: Largest request body the server parses (Envoy's own buffer limit applies first).
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    #: Allow ``credential: {value: ...}`` in the policy; off so files hold no secret.
+    allow_inline_credentials: bool = False
+    #: Seconds in-flight streams get to finish on SIGTERM.
+    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    #: Use uvloop when it is installed.
+    uvloop: bool = True
+
+    @field_validator("session_headers", mode="before")
+    @classmethod
+    def _split_headers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(h.strip() for h in value.split(",") if h.strip())
+        return value
+
+    @field_validator("session_headers")
+    @classmethod
+    def _lower_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(h.lower() for h in value)
+        for name in out:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"not a valid header name: {name!r}")
+        return out
+
+    @field_validator("cluster_header", "tags_header")
+    @classmethod
+    def _check_header(cls, value: str) -> str:
+        value = value.lower()
+        if not _HEADER_NAME.match(value):
+            raise ValueError(f"not a valid header name: {value!r}")
+        if value.startswith(("x-envoy-", ":")):
+            raise ValueError("Envoy does not let ext_proc mutate x-envoy-* or pseudo headers")
+        return value
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"

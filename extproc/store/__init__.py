@@ -1,0 +1,19 @@
+"""Shared state behind one narrow interface; only the process wiring picks a backend."""
+
+from __future__ import annotations
+
+from extproc.store.base import Store, StoreError
+from extproc.store.memory import MemoryStore
+
+__all__ = ["MemoryStore", "Store", "StoreError", "open_store"]
+
+
+def open_store(url: str) -> Store:
+    """A store for ``memory://`` or ``redis://``/``rediss://`` URLs."""
+    if url.startswith("memory://"):
+        return MemoryStore()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from extproc.store.redis import RedisStore  # noqa: PLC0415 - redis only when used
+
+        return RedisStore.from_url(url)
+    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")

@@ -1,0 +1,37 @@
+"""The store interface the core's adapters use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+__all__ = ["Store", "StoreError"]
+
+
+class StoreError(Exception):
+    """The store could not be reached or failed; handled at the gRPC boundary."""
+
+
+class Store(Protocol):
+    """Atomic counters with expiry, shared by every server process using the store."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreError` unless the store answers."""
+        ...
+
+    async def incr(self, key: str, amount: int, ttl_s: float) -> int:
+        """Add ``amount`` to ``key`` and return the new value.
+
+        Rule: the TTL is set only when the increment creates the key, so the window is
+        fixed from the first increment.
+        """
+        ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[int | None]:
+        """Current values (None where absent or expired)."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,78 @@
+"""The shared store on Redis (or Redis Cluster): one Lua script per counter update."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from extproc.store.base import StoreError
+
+__all__ = ["RedisStore"]
+
+# Rule: PEXPIRE only when the INCRBY created the key (fixed window from first use).
+_INCR_WITH_TTL = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if value == tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return value
+"""
+
+
+class RedisStore:
+    """Counters in Redis; every failure surfaces as :class:`StoreError`."""
+
+    name = "redis"
+
+    def __init__(self, client: Any, timeout_s: float = 0.25) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+        self._sha: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str, timeout_s: float = 0.25) -> RedisStore:
+        client = aioredis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            decode_responses=False,
+        )
+        return cls(client, timeout_s)
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis ping failed: {type(exc).__name__}") from exc
+
+    async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if self._sha is None:
+            self._sha = await self._client.script_load(script)
+        try:
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # SCRIPT FLUSH or a failover emptied the script cache: load it again.
+            self._sha = await self._client.script_load(script)
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+
+    async def incr(self, key: str, amount: int, ttl_s: float) -> int:
+        try:
+            value = await self._eval(_INCR_WITH_TTL, [key], [amount, max(1, int(ttl_s * 1000))])
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis incr failed: {type(exc).__name__}") from exc
+        return int(value)
+
+    async def get_many(self, keys: Sequence[str]) -> list[int | None]:
+        if not keys:
+            return []
+        try:
+            values = await self._client.mget(list(keys))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis mget failed: {type(exc).__name__}") from exc
+        return [None if v is None else int(v) for v in values]
+
+    async def close(self) -> None:
+        await self._client.aclose()
