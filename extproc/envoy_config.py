@@ -135,6 +135,8 @@ def _ext_proc_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]:
             _TYPE: _API + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}, "timeout": "5s"},
             "failure_mode_allow": failure_mode_allow,
+            # Server unreachable or too slow with failure_mode_allow off: 503, not 500.
+            "status_on_error": {"code": 503},
             "message_timeout": "2s",
             "allow_mode_override": True,
             "processing_mode": {

@@ -114,7 +114,10 @@ class _Stream:
             # Only in STREAMED/partial modes; BUFFERED sends the whole body at once.
             return pb.ProcessingResponse(request_body=pb.BodyResponse())
         if self._head is None:
-            raise GatewayError("request headers were not sent to the gateway; enable them")
+            raise InternalError(
+                "Envoy did not send the request headers: set request_header_mode SEND.",
+                code="gateway_misconfigured",
+            )
         raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         decision = decide(self._head, raw, gateway.policy, gateway.config, gateway.rng)

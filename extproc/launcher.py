@@ -157,8 +157,7 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
                     str(envoy_yaml),
                     "--log-level",
                     "warn",
-                    "--base-id",
-                    str(os.getpid() % 60000),
+                    "--disable-hot-restart",
                 ],
                 env=env,
             )

@@ -1,0 +1,222 @@
+"""Table-driven tests of the pure decision core."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.decision import GatewayConfig, decide, decide_head
+from extproc.errors import GatewayError
+from extproc.policy import CompiledPolicy, load_policy
+from extproc.request import RequestHead
+
+POLICY_PATH = Path(__file__).resolve().parent.parent / "policies" / "valid.yaml"
+ENV = {"TEST_KEY_A": "sk-a", "TEST_KEY_B": "sk-b", "TEST_KEY_C": "sk-c"}
+CONFIG = GatewayConfig(session_headers=("x-litellm-session-id", "x-session"))
+
+
+@pytest.fixture(scope="module")
+def policy() -> CompiledPolicy:
+    return load_policy(POLICY_PATH, env=ENV)
+
+
+def head(path: str = "/v1/chat/completions", method: str = "POST", **headers: str) -> RequestHead:
+    hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
+    return RequestHead(method=method, path=path, headers=hdrs)
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+# (name, head, body, rng value, expected: dict of checks or (status, code))
+ROUTE_CASES: list[tuple[str, RequestHead, bytes, float, dict[str, Any]]] = [
+    ("weighted low draw picks the heavy deployment",
+     head(), body(model="auto", messages=[]), 0.0,
+     {"deployment": "dep-a", "model": "up-model-a", "auth": ("authorization", "Bearer sk-a")}),
+    ("draw at 0.74 still in the first 3/4",
+     head(), body(model="auto", messages=[]), 0.74, {"deployment": "dep-a"}),
+    ("draw at 0.76 falls in the last 1/4",
+     head(), body(model="auto", messages=[]), 0.76, {"deployment": "dep-b", "model": "up-model-b"}),
+    ("anthropic messages get x-api-key",
+     head("/v1/messages", x_api_key="client-key"),
+     body(model="claude", max_tokens=5, messages=[], metadata={"user_id": "u1"}), 0.5,
+     {"deployment": "dep-claude", "auth": ("x-api-key", "sk-c"), "user": "u1",
+      "removed": ("authorization", "api-key")}),
+    ("azure gets api-key",
+     head("/v1/chat/completions"), body(model="azure-gpt", messages=[]), 0.5,
+     {"auth": ("api-key", "azure-secret-value")}),
+    ("no credential: every client credential is stripped",
+     head(authorization="Bearer client"), body(model="open", messages=[]), 0.5,
+     {"auth": None, "removed": ("authorization", "x-api-key", "api-key")}),
+    ("path without /v1 and with query",
+     head("/chat/completions?x=1"), body(model="only-a", messages=[]), 0.9,
+     {"deployment": "only-a-dep"}),
+    ("session id from header wins over metadata",
+     head(x_litellm_session_id="hdr-sid"),
+     body(model="auto", metadata={"session_id": "body-sid"}), 0.1, {"session": "hdr-sid"}),
+    ("configured extra session header",
+     head(x_session="extra-sid"), body(model="auto"), 0.1, {"session": "extra-sid"}),
+    ("session id from metadata",
+     head(), body(model="auto", metadata={"session_id": "m-sid"}), 0.1, {"session": "m-sid"}),
+    ("session id from litellm_metadata",
+     head(), body(model="auto", litellm_metadata={"session_id": "l-sid"}), 0.1,
+     {"session": "l-sid"}),
+    ("tags from metadata and header, deduplicated",
+     head(x_litellm_tags="b, c"), body(model="auto", metadata={"tags": ["a", "b"]}), 0.1,
+     {"tags": ("a", "b", "c")}),
+    ("stream and user",
+     head(authorization="Bearer sk-virtual"), body(model="auto", stream=True, user="end-1"), 0.1,
+     {"stream": True, "user": "end-1", "api_key": "sk-virtual"}),
+    ("embeddings", head("/v1/embeddings"), body(model="auto", input="hi"), 0.1,
+     {"deployment": "dep-a"}),
+    ("responses", head("/v1/responses"), body(model="auto", input="hi", stream=True), 0.1,
+     {"stream": True}),
+    ("completions", head("/v1/completions"), body(model="auto", prompt="hi"), 0.1, {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "req_head", "raw", "u", "expect"), ROUTE_CASES, ids=[c[0] for c in ROUTE_CASES]
+)
+def test_route(
+    policy: CompiledPolicy, name: str, req_head: RequestHead, raw: bytes, u: float,
+    expect: dict[str, Any],
+) -> None:
+    decision = decide(req_head, raw, policy, CONFIG, lambda: u)
+    headers = dict(decision.set_headers)
+    dep = decision.deployment
+    assert headers[CONFIG.cluster_header] == dep.cluster
+    assert headers["content-length"] == str(len(decision.body))
+    sent = json.loads(decision.body)
+    assert sent["model"] == dep.model
+    # everything but the model is untouched
+    original = json.loads(raw)
+    assert {k: v for k, v in sent.items() if k != "model"} == {
+        k: v for k, v in original.items() if k != "model"
+    }
+    if "deployment" in expect:
+        assert dep.id == expect["deployment"]
+    if "model" in expect:
+        assert sent["model"] == expect["model"]
+    if "auth" in expect:
+        if expect["auth"] is None:
+            assert not {"authorization", "x-api-key", "api-key"} & headers.keys()
+        else:
+            assert headers[expect["auth"][0]] == expect["auth"][1]
+    if "removed" in expect:
+        assert set(expect["removed"]) <= set(decision.remove_headers)
+    req = decision.request
+    for key, attr in (("session", "session_id"), ("tags", "tags"), ("stream", "stream"),
+                      ("user", "user"), ("api_key", "api_key")):
+        if key in expect:
+            assert getattr(req, attr) == expect[key]
+
+
+LONG = "x" * 257
+ERROR_CASES: list[tuple[str, RequestHead, bytes, int, str, str | None]] = [
+    ("not json", head(), b"hello", 400, "invalid_json", None),
+    ("malformed json", head(), b'{"model": "auto",', 400, "invalid_json", None),
+    ("json array", head(), b'[{"model": "auto"}]', 400, "invalid_json", None),
+    ("json string", head(), b'"auto"', 400, "invalid_json", None),
+    ("empty body", head(), b"", 400, "missing_body", None),
+    ("whitespace body", head(), b"  \n", 400, "missing_body", None),
+    ("invalid utf-8", head(), b'{"model": "\xff\xfe"}', 400, "invalid_json", None),
+    ("NaN", head(), b'{"model": "auto", "temperature": NaN}', 400, "invalid_json", None),
+    ("deep nesting", head(), b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json", None),
+    ("model is a number", head(), body(model=5), 400, "invalid_parameter", "model"),
+    ("model is a list", head(), body(model=["auto"]), 400, "invalid_parameter", "model"),
+    ("model missing", head(), body(messages=[]), 400, "missing_parameter", "model"),
+    ("model null", head(), body(model=None), 400, "missing_parameter", "model"),
+    ("model empty", head(), body(model=" "), 400, "invalid_parameter", "model"),
+    ("unknown model", head(), body(model="gpt-nope"), 404, "model_not_found", "model"),
+    ("stream not bool", head(), body(model="auto", stream="yes"), 400, "invalid_parameter",
+     "stream"),
+    ("embeddings cannot stream", head("/v1/embeddings"), body(model="auto", stream=True), 400,
+     "invalid_parameter", "stream"),
+    ("user not string", head(), body(model="auto", user=5), 400, "invalid_parameter", "user"),
+    ("metadata not object", head("/v1/messages"), body(model="claude", metadata=[1]), 400,
+     "invalid_parameter", "metadata"),
+    ("tags not list", head(), body(model="auto", metadata={"tags": "a"}), 400,
+     "invalid_parameter", "metadata.tags"),
+    ("session id too long", head(x_litellm_session_id=LONG), body(model="auto"), 400,
+     "invalid_session_id", "x-litellm-session-id"),
+    ("session id control chars", head(), body(model="auto", metadata={"session_id": "a\nb"}),
+     400, "invalid_session_id", "metadata.session_id"),
+    ("session id wrong type", head(), body(model="auto", metadata={"session_id": 7}), 400,
+     "invalid_session_id", "metadata.session_id"),
+    ("body over the limit", head(), b'{"model": "auto", "p": "' + b"x" * 9_000_000 + b'"}',
+     413, "payload_too_large", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "req_head", "raw", "status", "code", "param"),
+    ERROR_CASES,
+    ids=[c[0] for c in ERROR_CASES],
+)
+def test_refusal(
+    policy: CompiledPolicy, name: str, req_head: RequestHead, raw: bytes, status: int,
+    code: str, param: str | None,
+) -> None:
+    with pytest.raises(GatewayError) as info:
+        decide(req_head, raw, policy, CONFIG, lambda: 0.5)
+    err = info.value
+    assert (err.status, err.code, err.param) == (status, code, param)
+    payload = json.loads(err.body())
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["code"] == code
+
+
+HEAD_CASES = [
+    ("llm path with body reads it", head(), True, GatewayConfig(), "read_body"),
+    ("unknown path passes", head("/v1/models", "GET"), False, GatewayConfig(), "pass"),
+    ("GET on an llm path passes", head(method="GET"), False, GatewayConfig(), "pass"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "req_head", "has_body", "config", "action"), HEAD_CASES,
+    ids=[c[0] for c in HEAD_CASES],
+)
+def test_head(
+    name: str, req_head: RequestHead, has_body: bool, config: GatewayConfig, action: str
+) -> None:
+    decision = decide_head(req_head, config, has_body=has_body)
+    assert decision.action == action
+    assert config.cluster_header in decision.remove_headers
+
+
+@pytest.mark.parametrize(
+    ("name", "req_head", "has_body", "config", "status", "code"),
+    [
+        ("empty body on llm path", head(), False, GatewayConfig(), 400, "missing_body"),
+        ("unknown path rejected by setting", head("/v1/models", "GET"), False,
+         GatewayConfig(unknown_paths="reject"), 404, "unknown_route"),
+        ("declared length over the limit", head(content_length="999999999"), True,
+         GatewayConfig(), 413, "payload_too_large"),
+    ],
+)
+def test_head_refusal(
+    name: str, req_head: RequestHead, has_body: bool, config: GatewayConfig, status: int,
+    code: str,
+) -> None:
+    with pytest.raises(GatewayError) as info:
+        decide_head(req_head, config, has_body=has_body)
+    assert (info.value.status, info.value.code) == (status, code)
+
+
+def test_unknown_model_message_is_bounded(policy: CompiledPolicy) -> None:
+    with pytest.raises(GatewayError) as info:
+        decide(head(), body(model="m" * 10_000), policy, CONFIG, lambda: 0.5)
+    assert len(info.value.message) < 400
+
+
+def test_weighted_split_is_three_to_one(policy: CompiledPolicy) -> None:
+    draws = [i / 1000 for i in range(1000)]
+    picks = [decide(head(), body(model="auto"), policy, CONFIG, lambda u=u: u).deployment.id
+             for u in draws]
+    assert picks.count("dep-a") == 750

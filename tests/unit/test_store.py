@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+import pytest
+
+from extproc.store import MemoryStore, StoreError, open_store
+from extproc.store.redis import RedisStore
+from tests.helpers import free_port
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_memory_incr_fixed_window() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    assert await store.incr("k", 1, ttl_s=10) == 1
+    clock.now += 9.9
+    assert await store.incr("k", 2, ttl_s=10) == 3  # TTL not extended by later increments
+    clock.now += 0.1
+    assert await store.get_many(["k", "other"]) == [None, None]
+    assert await store.incr("k", 1, ttl_s=10) == 1
+
+
+async def test_redis_incr_and_script_flush(redis_url: str) -> None:
+    store = open_store(redis_url)
+    assert isinstance(store, RedisStore)
+    await store.ping()
+    client = aioredis.from_url(redis_url)
+    await client.delete("t:k")
+    assert await store.incr("t:k", 1, ttl_s=5) == 1
+    assert await store.incr("t:k", 4, ttl_s=5) == 5
+    ttl_ms = await client.pttl("t:k")
+    assert 0 < ttl_ms <= 5000
+    await client.script_flush()
+    assert await store.incr("t:k", 1, ttl_s=5) == 6  # script reloaded transparently
+    assert await store.get_many(["t:k", "t:missing"]) == [6, None]
+    await client.aclose()
+    await store.close()
+
+
+async def test_redis_down_raises_store_error() -> None:
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(StoreError):
+        await store.ping()
+    with pytest.raises(StoreError):
+        await store.incr("k", 1, 1)
+    await store.close()
+
+
+def test_unknown_scheme() -> None:
+    with pytest.raises(ValueError, match="unsupported"):
+        open_store("mongodb://x")
