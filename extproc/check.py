@@ -15,8 +15,9 @@ __all__ = ["CheckReport", "check_envoy_config"]
 
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
-_HEADER_MUTATION = (
-    "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
+_EARLY_MUTATION = (
+    "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3."
+    "HeaderMutation"
 )
 
 
@@ -122,11 +123,11 @@ def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) ->
     if not uses_header:
         report.errors.append(f"no route uses cluster_header: {header}")
     strips = any(
-        n["@type"] == _HEADER_MUTATION and header in str(n.get("mutations")) for n in typed
+        n["@type"] == _EARLY_MUTATION and header in str(n.get("mutations")) for n in typed
     )
     if not strips:
-        report.warnings.append(
-            f"no header_mutation filter removes {header} from client requests: a client "
-            "could pick the cluster if the server fails open"
+        report.errors.append(
+            f"no early_header_mutation_extensions entry removes {header} from client "
+            "requests: a client could pick the cluster while the server is down"
         )
     return report

@@ -3,8 +3,10 @@
 The committed files in ``envoy/`` are this module's output for the example policy
 (a test keeps them in step). The shape, and why:
 
-* a ``header_mutation`` filter first strips any client-sent routing header, so a
-  client can never pick the cluster, whatever happens to the server afterwards;
+* an early header mutation strips any client-sent routing header before Envoy first
+  picks a route, so a client can never pick the cluster, whatever happens to the
+  server afterwards (a header_mutation filter would be too late: the route is cached
+  before filters run);
 * ext_proc with request headers SEND and request body BUFFERED, response phases off:
   two messages per LLM request, the minimum that can rewrite the body and still see
   the caller's headers (``request_attributes`` carry no header values);
@@ -340,16 +342,21 @@ def render_envoy_config(
             "name": "llm",
             "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
         },
-        "http_filters": [
+        # Rule: strip a client-sent routing header before the route is first chosen.
+        # A header_mutation *filter* is too late: the connection manager has already
+        # cached a route from the client's header, and with the server down nothing
+        # clears that cache.
+        "early_header_mutation_extensions": [
             {
-                # Rule: strip the routing header before any other filter runs, so only
-                # the server's decision can name a cluster, even when it is down.
-                "name": "envoy.filters.http.header_mutation",
+                "name": "envoy.http.early_header_mutation.header_mutation",
                 "typed_config": {
-                    _TYPE: _API + "extensions.filters.http.header_mutation.v3.HeaderMutation",
-                    "mutations": {"request_mutations": [{"remove": cluster_header}]},
+                    _TYPE: _API + "extensions.http.early_header_mutation.header_mutation.v3."
+                    "HeaderMutation",
+                    "mutations": [{"remove": cluster_header}],
                 },
-            },
+            }
+        ],
+        "http_filters": [
             gate,
             {
                 "name": "envoy.filters.http.router",

@@ -1,0 +1,160 @@
+"""A real gateway stack for integration tests: mock upstreams, server, Envoy."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from extproc.envoy_config import Upstream, render_envoy_config
+from tests.helpers import (
+    Proc,
+    envoy_argv,
+    extproc_argv,
+    free_port,
+    http_ok,
+    port_open,
+    running,
+)
+
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+VALID_POLICY = POLICIES / "valid.yaml"
+KEYS = {"TEST_KEY_A": "sk-test-a", "TEST_KEY_B": "sk-test-b", "TEST_KEY_C": "sk-test-c"}
+# cluster -> env var holding the key the mock demands (None: any key)
+MOCKS: dict[str, str | None] = {"mock_a": "TEST_KEY_A", "mock_b": "TEST_KEY_B", "mock_c": None}
+
+
+@dataclass
+class Mocks:
+    ports: dict[str, int]
+    proc: Proc
+
+    def seen(self, cluster: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.ports[cluster]}/_mock/requests"
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+            return list(json.load(resp))
+
+    def clear(self) -> None:
+        for port in self.ports.values():
+            req = urllib.request.Request(  # noqa: S310 - loopback
+                f"http://127.0.0.1:{port}/_mock/requests", method="DELETE"
+            )
+            urllib.request.urlopen(req, timeout=5).close()  # noqa: S310
+
+
+@dataclass
+class Stack:
+    url: str
+    mocks: Mocks
+    envoy: Proc
+    server: Proc | None
+    admin_url: str
+    envoy_admin_url: str
+    procs: list[Proc] = field(default_factory=list)
+
+    def server_log(self) -> str:
+        return self.server.log() if self.server else ""
+
+
+@contextlib.contextmanager
+def start_mocks(workdir: Path) -> Iterator[Mocks]:
+    ports = {name: free_port() for name in MOCKS}
+    args: list[str] = []
+    for name, key_var in MOCKS.items():
+        spec = f"{name}=127.0.0.1:{ports[name]}" + (f":{key_var}" if key_var else "")
+        args += ["--upstream", spec]
+    proc = Proc("mock", extproc_argv("mock", *args), workdir / "mock.log", env=KEYS)
+    with running(proc, lambda: all(port_open(p) for p in ports.values())):
+        yield Mocks(ports, proc)
+
+
+@contextlib.contextmanager
+def start_server(
+    workdir: Path, policy: Path = VALID_POLICY, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[Proc, int, int]]:
+    grpc_port, admin_port = free_port(), free_port()
+    env = {
+        **KEYS,
+        "EXTPROC_POLICY_PATH": str(policy),
+        "EXTPROC_GRPC_PORT": str(grpc_port),
+        "EXTPROC_ADMIN_PORT": str(admin_port),
+        "EXTPROC_LOG_LEVEL": "INFO",
+        **(extra_env or {}),
+    }
+    proc = Proc("server", extproc_argv("serve"), workdir / "server.log", env=env)
+    with running(proc, lambda: http_ok(f"http://127.0.0.1:{admin_port}/healthz")):
+        yield proc, grpc_port, admin_port
+
+
+@contextlib.contextmanager
+def start_envoy(
+    workdir: Path,
+    mocks: Mocks,
+    grpc_port: int,
+    *,
+    mode: Literal["ext_proc", "ext_authz"] = "ext_proc",
+    failure_mode_allow: bool = False,
+    name: str = "envoy",
+) -> Iterator[tuple[Proc, str, str]]:
+    port, admin = free_port(), free_port()
+    config = workdir / f"{name}.yaml"
+    config.write_text(
+        render_envoy_config(
+            {c: Upstream("127.0.0.1", p) for c, p in mocks.ports.items()},
+            mode=mode,
+            listen=Upstream("127.0.0.1", port),
+            server=Upstream("127.0.0.1", grpc_port),
+            admin=Upstream("127.0.0.1", admin),
+            failure_mode_allow=failure_mode_allow,
+            access_log_path=str(workdir / f"{name}-access.log"),
+        )
+    )
+    proc = Proc(name, envoy_argv(config), workdir / f"{name}.log")
+    admin_url = f"http://127.0.0.1:{admin}"
+    with running(proc, lambda: http_ok(f"{admin_url}/ready")):
+        yield proc, f"http://127.0.0.1:{port}", admin_url
+
+
+@contextlib.contextmanager
+def start_stack(
+    workdir: Path,
+    *,
+    mode: Literal["ext_proc", "ext_authz"] = "ext_proc",
+    policy: Path = VALID_POLICY,
+) -> Iterator[Stack]:
+    with (
+        start_mocks(workdir) as mocks,
+        start_server(workdir, policy) as (server, grpc_port, admin_port),
+        start_envoy(workdir, mocks, grpc_port, mode=mode) as (envoy, url, envoy_admin),
+    ):
+        wait_for_extproc_healthy(envoy_admin)
+        yield Stack(
+            url=url,
+            mocks=mocks,
+            envoy=envoy,
+            server=server,
+            admin_url=f"http://127.0.0.1:{admin_port}",
+            envoy_admin_url=envoy_admin,
+        )
+
+
+def wait_for_extproc_healthy(envoy_admin: str) -> None:
+    """Envoy's active health check has seen the server (no panic-mode routing)."""
+    from tests.helpers import wait_until  # noqa: PLC0415
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{envoy_admin}/clusters", timeout=2) as resp:  # noqa: S310
+                text = resp.read().decode()
+        except OSError:
+            return False
+        return any(
+            line.startswith("extproc::") and line.endswith("::health_flags::healthy")
+            for line in text.splitlines()
+        )
+
+    wait_until(healthy, 20, "Envoy to see the server healthy")
