@@ -122,9 +122,7 @@ def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) ->
     )
     if not uses_header:
         report.errors.append(f"no route uses cluster_header: {header}")
-    strips = any(
-        n["@type"] == _EARLY_MUTATION and header in str(n.get("mutations")) for n in typed
-    )
+    strips = any(n["@type"] == _EARLY_MUTATION and header in str(n.get("mutations")) for n in typed)
     if not strips:
         report.errors.append(
             f"no early_header_mutation_extensions entry removes {header} from client "

@@ -131,7 +131,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         mode=args.mode,
         listen=Upstream(args.listen_host, args.port),
         server=Upstream(args.server_host, settings.grpc_port),
-        admin=Upstream(args.listen_host, args.envoy_admin_port),
+        admin=Upstream("127.0.0.1", args.envoy_admin_port),
         cluster_header=settings.cluster_header,
         failure_mode_allow=args.failure_mode_allow,
     )

@@ -8,7 +8,6 @@ off with ``mode_override``). Other phases, if a config enables them, get empty r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -71,7 +70,7 @@ def _head_from_proto(headers: pb.HttpHeaders) -> RequestHead:
 class _Stream:
     """One HTTP request's trip through the phases; typed state, no dict of extras."""
 
-    __slots__ = ("_chunks", "_gateway", "_head", "_size", "_started")
+    __slots__ = ("_chunks", "_gateway", "_head", "_size", "_started", "finished")
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
@@ -79,6 +78,8 @@ class _Stream:
         self._chunks: list[bytes] = []
         self._size = 0
         self._started = 0.0
+        #: True once the request phases are answered (routed, refused or passed).
+        self.finished = False
 
     def _refuse(self, err: GatewayError, phase: str) -> pb.ProcessingResponse:
         metrics = self._gateway.metrics
@@ -86,6 +87,7 @@ class _Stream:
         endpoint = self._head.endpoint if self._head else None
         metrics.requests.labels(endpoint.name if endpoint else "other", "", "rejected").inc()
         log.debug("refused in %s: %s %s", phase, err.status, err.code)
+        self.finished = True
         return immediate_response(err)
 
     def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
@@ -100,6 +102,7 @@ class _Stream:
             reply.mode_override.request_body_mode = _BODY_NONE
             reply.mode_override.response_header_mode = _SKIP
             gateway.metrics.requests.labels("other", "", "passed").inc()
+            self.finished = True
         return reply
 
     def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
@@ -122,6 +125,7 @@ class _Stream:
         self._chunks.clear()
         decision = decide(self._head, raw, gateway.policy, gateway.config, gateway.rng)
         self._record(decision)
+        self.finished = True
         common = pb.CommonResponse(
             header_mutation=_header_mutation(decision.set_headers, decision.remove_headers),
             body_mutation=pb.BodyMutation(body=decision.body),
@@ -184,10 +188,11 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         try:
             async for msg in request_iterator:
                 yield stream.handle(msg)
-        except asyncio.CancelledError:
-            # Envoy closes the stream as soon as it needs no more phases, or when the
-            # client goes away: a normal end, not an error.
-            metrics.streams_cancelled.inc()
-            raise
         finally:
+            # Envoy ends the stream as soon as it needs no more phases, and resets it
+            # when the client goes away mid-request (grpc.aio then just ends the
+            # iterator, or closes this generator): a normal end, never logged as an
+            # error; an unfinished request is counted.
             metrics.streams_active.dec()
+            if not stream.finished:
+                metrics.streams_cancelled.inc()

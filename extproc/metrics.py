@@ -43,7 +43,7 @@ class Metrics:
         )
         self.streams_cancelled = Counter(
             "extproc_streams_cancelled",
-            "ext_proc streams Envoy closed before the server finished them.",
+            "ext_proc streams that ended before their request was decided (client gone).",
             registry=self.registry,
         )
         self.internal_errors = Counter(

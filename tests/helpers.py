@@ -132,14 +132,16 @@ def headers_msg(
 
 
 def body_msg(body: bytes, *, end_of_stream: bool = True) -> pb.ProcessingRequest:
-    return pb.ProcessingRequest(
-        request_body=pb.HttpBody(body=body, end_of_stream=end_of_stream)
-    )
+    return pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=end_of_stream))
 
 
 def post_headers(path: str = "/v1/chat/completions", **extra: str) -> list[tuple[str, str]]:
-    pairs = [(":method", "POST"), (":path", path), (":authority", "gw"),
-             ("content-type", "application/json")]
+    pairs = [
+        (":method", "POST"),
+        (":path", path),
+        (":authority", "gw"),
+        ("content-type", "application/json"),
+    ]
     pairs += [(k.replace("_", "-"), v) for k, v in extra.items()]
     return pairs
 

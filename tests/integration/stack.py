@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,30 @@ KEYS = {"TEST_KEY_A": "sk-test-a", "TEST_KEY_B": "sk-test-b", "TEST_KEY_C": "sk-
 MOCKS: dict[str, str | None] = {"mock_a": "TEST_KEY_A", "mock_b": "TEST_KEY_B", "mock_c": None}
 
 
+def post(
+    url: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """POST and return (status, lower-cased headers, body), errors included.
+
+    Envoy may answer (413) before it has read the whole body and close the
+    connection; the response is still read when sending breaks off.
+    """
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=15)
+    try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            conn.request(
+                "POST",
+                parts.path + (f"?{parts.query}" if parts.query else ""),
+                body,
+                {"content-type": "application/json", **(headers or {})},
+            )
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
 @dataclass
 class Mocks:
     ports: dict[str, int]
@@ -35,14 +61,12 @@ class Mocks:
 
     def seen(self, cluster: str) -> list[dict[str, Any]]:
         url = f"http://127.0.0.1:{self.ports[cluster]}/_mock/requests"
-        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return list(json.load(resp))
 
     def clear(self) -> None:
         for port in self.ports.values():
-            req = urllib.request.Request(  # noqa: S310 - loopback
-                f"http://127.0.0.1:{port}/_mock/requests", method="DELETE"
-            )
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/_mock/requests", method="DELETE")
             urllib.request.urlopen(req, timeout=5).close()  # noqa: S310
 
 

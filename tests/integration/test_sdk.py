@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anthropic
 import openai
+import pytest
 
 from tests.integration.stack import KEYS, Stack
 
@@ -89,10 +90,7 @@ def test_anthropic_streaming(stack: Stack) -> None:
 
 def test_openai_sdk_sees_gateway_errors_as_api_errors(stack: Stack) -> None:
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-client", max_retries=0)
-    try:
+    with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="no-such-group", messages=[])
-    except openai.NotFoundError as exc:
-        assert exc.code == "model_not_found"
-        assert exc.status_code == 404
-    else:
-        raise AssertionError("expected a 404")
+    assert info.value.code == "model_not_found"
+    assert info.value.status_code == 404

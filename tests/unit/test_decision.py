@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,47 +35,116 @@ def body(**fields: Any) -> bytes:
 
 # (name, head, body, rng value, expected: dict of checks or (status, code))
 ROUTE_CASES: list[tuple[str, RequestHead, bytes, float, dict[str, Any]]] = [
-    ("weighted low draw picks the heavy deployment",
-     head(), body(model="auto", messages=[]), 0.0,
-     {"deployment": "dep-a", "model": "up-model-a", "auth": ("authorization", "Bearer sk-a")}),
-    ("draw at 0.74 still in the first 3/4",
-     head(), body(model="auto", messages=[]), 0.74, {"deployment": "dep-a"}),
-    ("draw at 0.76 falls in the last 1/4",
-     head(), body(model="auto", messages=[]), 0.76, {"deployment": "dep-b", "model": "up-model-b"}),
-    ("anthropic messages get x-api-key",
-     head("/v1/messages", x_api_key="client-key"),
-     body(model="claude", max_tokens=5, messages=[], metadata={"user_id": "u1"}), 0.5,
-     {"deployment": "dep-claude", "auth": ("x-api-key", "sk-c"), "user": "u1",
-      "removed": ("authorization", "api-key")}),
-    ("azure gets api-key",
-     head("/v1/chat/completions"), body(model="azure-gpt", messages=[]), 0.5,
-     {"auth": ("api-key", "azure-secret-value")}),
-    ("no credential: every client credential is stripped",
-     head(authorization="Bearer client"), body(model="open", messages=[]), 0.5,
-     {"auth": None, "removed": ("authorization", "x-api-key", "api-key")}),
-    ("path without /v1 and with query",
-     head("/chat/completions?x=1"), body(model="only-a", messages=[]), 0.9,
-     {"deployment": "only-a-dep"}),
-    ("session id from header wins over metadata",
-     head(x_litellm_session_id="hdr-sid"),
-     body(model="auto", metadata={"session_id": "body-sid"}), 0.1, {"session": "hdr-sid"}),
-    ("configured extra session header",
-     head(x_session="extra-sid"), body(model="auto"), 0.1, {"session": "extra-sid"}),
-    ("session id from metadata",
-     head(), body(model="auto", metadata={"session_id": "m-sid"}), 0.1, {"session": "m-sid"}),
-    ("session id from litellm_metadata",
-     head(), body(model="auto", litellm_metadata={"session_id": "l-sid"}), 0.1,
-     {"session": "l-sid"}),
-    ("tags from metadata and header, deduplicated",
-     head(x_litellm_tags="b, c"), body(model="auto", metadata={"tags": ["a", "b"]}), 0.1,
-     {"tags": ("a", "b", "c")}),
-    ("stream and user",
-     head(authorization="Bearer sk-virtual"), body(model="auto", stream=True, user="end-1"), 0.1,
-     {"stream": True, "user": "end-1", "api_key": "sk-virtual"}),
-    ("embeddings", head("/v1/embeddings"), body(model="auto", input="hi"), 0.1,
-     {"deployment": "dep-a"}),
-    ("responses", head("/v1/responses"), body(model="auto", input="hi", stream=True), 0.1,
-     {"stream": True}),
+    (
+        "weighted low draw picks the heavy deployment",
+        head(),
+        body(model="auto", messages=[]),
+        0.0,
+        {"deployment": "dep-a", "model": "up-model-a", "auth": ("authorization", "Bearer sk-a")},
+    ),
+    (
+        "draw at 0.74 still in the first 3/4",
+        head(),
+        body(model="auto", messages=[]),
+        0.74,
+        {"deployment": "dep-a"},
+    ),
+    (
+        "draw at 0.76 falls in the last 1/4",
+        head(),
+        body(model="auto", messages=[]),
+        0.76,
+        {"deployment": "dep-b", "model": "up-model-b"},
+    ),
+    (
+        "anthropic messages get x-api-key",
+        head("/v1/messages", x_api_key="client-key"),
+        body(model="claude", max_tokens=5, messages=[], metadata={"user_id": "u1"}),
+        0.5,
+        {
+            "deployment": "dep-claude",
+            "auth": ("x-api-key", "sk-c"),
+            "user": "u1",
+            "removed": ("authorization", "api-key"),
+        },
+    ),
+    (
+        "azure gets api-key",
+        head("/v1/chat/completions"),
+        body(model="azure-gpt", messages=[]),
+        0.5,
+        {"auth": ("api-key", "azure-secret-value")},
+    ),
+    (
+        "no credential: every client credential is stripped",
+        head(authorization="Bearer client"),
+        body(model="open", messages=[]),
+        0.5,
+        {"auth": None, "removed": ("authorization", "x-api-key", "api-key")},
+    ),
+    (
+        "path without /v1 and with query",
+        head("/chat/completions?x=1"),
+        body(model="only-a", messages=[]),
+        0.9,
+        {"deployment": "only-a-dep"},
+    ),
+    (
+        "session id from header wins over metadata",
+        head(x_litellm_session_id="hdr-sid"),
+        body(model="auto", metadata={"session_id": "body-sid"}),
+        0.1,
+        {"session": "hdr-sid"},
+    ),
+    (
+        "configured extra session header",
+        head(x_session="extra-sid"),
+        body(model="auto"),
+        0.1,
+        {"session": "extra-sid"},
+    ),
+    (
+        "session id from metadata",
+        head(),
+        body(model="auto", metadata={"session_id": "m-sid"}),
+        0.1,
+        {"session": "m-sid"},
+    ),
+    (
+        "session id from litellm_metadata",
+        head(),
+        body(model="auto", litellm_metadata={"session_id": "l-sid"}),
+        0.1,
+        {"session": "l-sid"},
+    ),
+    (
+        "tags from metadata and header, deduplicated",
+        head(x_litellm_tags="b, c"),
+        body(model="auto", metadata={"tags": ["a", "b"]}),
+        0.1,
+        {"tags": ("a", "b", "c")},
+    ),
+    (
+        "stream and user",
+        head(authorization="Bearer sk-virtual"),
+        body(model="auto", stream=True, user="end-1"),
+        0.1,
+        {"stream": True, "user": "end-1", "api_key": "sk-virtual"},
+    ),
+    (
+        "embeddings",
+        head("/v1/embeddings"),
+        body(model="auto", input="hi"),
+        0.1,
+        {"deployment": "dep-a"},
+    ),
+    (
+        "responses",
+        head("/v1/responses"),
+        body(model="auto", input="hi", stream=True),
+        0.1,
+        {"stream": True},
+    ),
     ("completions", head("/v1/completions"), body(model="auto", prompt="hi"), 0.1, {}),
 ]
 
@@ -83,7 +153,11 @@ ROUTE_CASES: list[tuple[str, RequestHead, bytes, float, dict[str, Any]]] = [
     ("name", "req_head", "raw", "u", "expect"), ROUTE_CASES, ids=[c[0] for c in ROUTE_CASES]
 )
 def test_route(
-    policy: CompiledPolicy, name: str, req_head: RequestHead, raw: bytes, u: float,
+    policy: CompiledPolicy,
+    name: str,
+    req_head: RequestHead,
+    raw: bytes,
+    u: float,
     expect: dict[str, Any],
 ) -> None:
     decision = decide(req_head, raw, policy, CONFIG, lambda: u)
@@ -110,8 +184,13 @@ def test_route(
     if "removed" in expect:
         assert set(expect["removed"]) <= set(decision.remove_headers)
     req = decision.request
-    for key, attr in (("session", "session_id"), ("tags", "tags"), ("stream", "stream"),
-                      ("user", "user"), ("api_key", "api_key")):
+    for key, attr in (
+        ("session", "session_id"),
+        ("tags", "tags"),
+        ("stream", "stream"),
+        ("user", "user"),
+        ("api_key", "api_key"),
+    ):
         if key in expect:
             assert getattr(req, attr) == expect[key]
 
@@ -133,23 +212,71 @@ ERROR_CASES: list[tuple[str, RequestHead, bytes, int, str, str | None]] = [
     ("model null", head(), body(model=None), 400, "missing_parameter", "model"),
     ("model empty", head(), body(model=" "), 400, "invalid_parameter", "model"),
     ("unknown model", head(), body(model="gpt-nope"), 404, "model_not_found", "model"),
-    ("stream not bool", head(), body(model="auto", stream="yes"), 400, "invalid_parameter",
-     "stream"),
-    ("embeddings cannot stream", head("/v1/embeddings"), body(model="auto", stream=True), 400,
-     "invalid_parameter", "stream"),
+    (
+        "stream not bool",
+        head(),
+        body(model="auto", stream="yes"),
+        400,
+        "invalid_parameter",
+        "stream",
+    ),
+    (
+        "embeddings cannot stream",
+        head("/v1/embeddings"),
+        body(model="auto", stream=True),
+        400,
+        "invalid_parameter",
+        "stream",
+    ),
     ("user not string", head(), body(model="auto", user=5), 400, "invalid_parameter", "user"),
-    ("metadata not object", head("/v1/messages"), body(model="claude", metadata=[1]), 400,
-     "invalid_parameter", "metadata"),
-    ("tags not list", head(), body(model="auto", metadata={"tags": "a"}), 400,
-     "invalid_parameter", "metadata.tags"),
-    ("session id too long", head(x_litellm_session_id=LONG), body(model="auto"), 400,
-     "invalid_session_id", "x-litellm-session-id"),
-    ("session id control chars", head(), body(model="auto", metadata={"session_id": "a\nb"}),
-     400, "invalid_session_id", "metadata.session_id"),
-    ("session id wrong type", head(), body(model="auto", metadata={"session_id": 7}), 400,
-     "invalid_session_id", "metadata.session_id"),
-    ("body over the limit", head(), b'{"model": "auto", "p": "' + b"x" * 9_000_000 + b'"}',
-     413, "payload_too_large", None),
+    (
+        "metadata not object",
+        head("/v1/messages"),
+        body(model="claude", metadata=[1]),
+        400,
+        "invalid_parameter",
+        "metadata",
+    ),
+    (
+        "tags not list",
+        head(),
+        body(model="auto", metadata={"tags": "a"}),
+        400,
+        "invalid_parameter",
+        "metadata.tags",
+    ),
+    (
+        "session id too long",
+        head(x_litellm_session_id=LONG),
+        body(model="auto"),
+        400,
+        "invalid_session_id",
+        "x-litellm-session-id",
+    ),
+    (
+        "session id control chars",
+        head(),
+        body(model="auto", metadata={"session_id": "a\nb"}),
+        400,
+        "invalid_session_id",
+        "metadata.session_id",
+    ),
+    (
+        "session id wrong type",
+        head(),
+        body(model="auto", metadata={"session_id": 7}),
+        400,
+        "invalid_session_id",
+        "metadata.session_id",
+    ),
+    (
+        "body over the limit",
+        head(),
+        b'{"model": "auto", "p": "' + b"x" * 9_000_000 + b'"}',
+        413,
+        "payload_too_large",
+        None,
+    ),
 ]
 
 
@@ -159,8 +286,13 @@ ERROR_CASES: list[tuple[str, RequestHead, bytes, int, str, str | None]] = [
     ids=[c[0] for c in ERROR_CASES],
 )
 def test_refusal(
-    policy: CompiledPolicy, name: str, req_head: RequestHead, raw: bytes, status: int,
-    code: str, param: str | None,
+    policy: CompiledPolicy,
+    name: str,
+    req_head: RequestHead,
+    raw: bytes,
+    status: int,
+    code: str,
+    param: str | None,
 ) -> None:
     with pytest.raises(GatewayError) as info:
         decide(req_head, raw, policy, CONFIG, lambda: 0.5)
@@ -179,7 +311,8 @@ HEAD_CASES = [
 
 
 @pytest.mark.parametrize(
-    ("name", "req_head", "has_body", "config", "action"), HEAD_CASES,
+    ("name", "req_head", "has_body", "config", "action"),
+    HEAD_CASES,
     ids=[c[0] for c in HEAD_CASES],
 )
 def test_head(
@@ -194,14 +327,30 @@ def test_head(
     ("name", "req_head", "has_body", "config", "status", "code"),
     [
         ("empty body on llm path", head(), False, GatewayConfig(), 400, "missing_body"),
-        ("unknown path rejected by setting", head("/v1/models", "GET"), False,
-         GatewayConfig(unknown_paths="reject"), 404, "unknown_route"),
-        ("declared length over the limit", head(content_length="999999999"), True,
-         GatewayConfig(), 413, "payload_too_large"),
+        (
+            "unknown path rejected by setting",
+            head("/v1/models", "GET"),
+            False,
+            GatewayConfig(unknown_paths="reject"),
+            404,
+            "unknown_route",
+        ),
+        (
+            "declared length over the limit",
+            head(content_length="999999999"),
+            True,
+            GatewayConfig(),
+            413,
+            "payload_too_large",
+        ),
     ],
 )
 def test_head_refusal(
-    name: str, req_head: RequestHead, has_body: bool, config: GatewayConfig, status: int,
+    name: str,
+    req_head: RequestHead,
+    has_body: bool,
+    config: GatewayConfig,
+    status: int,
     code: str,
 ) -> None:
     with pytest.raises(GatewayError) as info:
@@ -215,8 +364,13 @@ def test_unknown_model_message_is_bounded(policy: CompiledPolicy) -> None:
     assert len(info.value.message) < 400
 
 
+def _const(u: float) -> Callable[[], float]:
+    return lambda: u
+
+
 def test_weighted_split_is_three_to_one(policy: CompiledPolicy) -> None:
     draws = [i / 1000 for i in range(1000)]
-    picks = [decide(head(), body(model="auto"), policy, CONFIG, lambda u=u: u).deployment.id
-             for u in draws]
+    picks = [
+        decide(head(), body(model="auto"), policy, CONFIG, _const(u)).deployment.id for u in draws
+    ]
     assert picks.count("dep-a") == 750

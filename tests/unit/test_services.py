@@ -20,6 +20,7 @@ from extproc.settings import Settings
 from extproc.store import MemoryStore
 from tests.helpers import body_msg, headers_msg, mutation_dict, post_headers
 
+NO_CONTEXT: Any = None  # the adapters do not use the gRPC context
 POLICY_PATH = Path(__file__).resolve().parent.parent / "policies" / "valid.yaml"
 ENV = {"TEST_KEY_A": "sk-a", "TEST_KEY_B": "sk-b", "TEST_KEY_C": "sk-c"}
 
@@ -36,7 +37,7 @@ async def run_stream(gateway: Gateway, *msgs: pb.ProcessingRequest) -> list[pb.P
             yield msg
 
     service = ExternalProcessorService(gateway)
-    return [r async for r in service.Process(source(), None)]
+    return [r async for r in service.Process(source(), NO_CONTEXT)]
 
 
 async def test_routes_in_two_messages(gateway: Gateway) -> None:
@@ -99,9 +100,10 @@ async def test_body_in_chunks_is_joined(gateway: Gateway) -> None:
         body_msg(raw[:half].encode(), end_of_stream=False),
         body_msg(raw[half:].encode()),
     )
-    assert json.loads(replies[-1].request_body.response.body_mutation.body)["messages"][0][
-        "content"
-    ] == "x" * 100
+    assert (
+        json.loads(replies[-1].request_body.response.body_mutation.body)["messages"][0]["content"]
+        == "x" * 100
+    )
 
 
 async def test_other_phases_get_empty_replies(gateway: Gateway) -> None:
@@ -113,7 +115,10 @@ async def test_other_phases_get_empty_replies(gateway: Gateway) -> None:
     ]
     replies = await run_stream(gateway, *msgs)
     assert [r.WhichOneof("response") for r in replies] == [
-        "response_headers", "response_body", "request_trailers", "response_trailers"
+        "response_headers",
+        "response_body",
+        "request_trailers",
+        "response_trailers",
     ]
 
 
@@ -124,9 +129,7 @@ async def test_unexpected_exception_is_a_500_not_a_crash(
         raise RuntimeError("bug")
 
     monkeypatch.setattr(extproc_service, "decide", boom)
-    replies = await run_stream(
-        gateway, headers_msg(post_headers()), body_msg(b'{"model": "auto"}')
-    )
+    replies = await run_stream(gateway, headers_msg(post_headers()), body_msg(b'{"model": "auto"}'))
     assert replies[-1].immediate_response.status.code == 500
     assert gateway.metrics.internal_errors.labels("request_body")._value.get() == 1
 
@@ -145,9 +148,10 @@ def check_request(
 async def test_check_routes_and_injects(gateway: Gateway) -> None:
     service = AuthorizationService(gateway)
     reply = await service.Check(
-        check_request("/v1/messages", b'{"model": "claude", "messages": []}',
-                      {"x-api-key": "client"}),
-        None,
+        check_request(
+            "/v1/messages", b'{"model": "claude", "messages": []}', {"x-api-key": "client"}
+        ),
+        NO_CONTEXT,
     )
     assert reply.status.code == 0
     headers = {h.header.key: h.header.value for h in reply.ok_response.headers}
@@ -167,19 +171,21 @@ async def test_check_routes_and_injects(gateway: Gateway) -> None:
 async def test_check_denies_like_ext_proc(
     gateway: Gateway, path: str, body: bytes, status: int, code: str
 ) -> None:
-    reply = await AuthorizationService(gateway).Check(check_request(path, body), None)
+    reply = await AuthorizationService(gateway).Check(check_request(path, body), NO_CONTEXT)
     denied = reply.denied_response
     assert denied.status.code == status
     assert json.loads(denied.body)["error"]["code"] == code
-    ext_proc = await run_stream(gateway, headers_msg(post_headers(path)),
-                                body_msg(body)) if body else await run_stream(
-        gateway, headers_msg(post_headers(path), end_of_stream=True))
+    ext_proc = (
+        await run_stream(gateway, headers_msg(post_headers(path)), body_msg(body))
+        if body
+        else await run_stream(gateway, headers_msg(post_headers(path), end_of_stream=True))
+    )
     assert ext_proc[-1].immediate_response.status.code == status
 
 
 async def test_check_passes_unknown_paths(gateway: Gateway) -> None:
     reply = await AuthorizationService(gateway).Check(
-        check_request("/v1/models", b"", method="GET"), None
+        check_request("/v1/models", b"", method="GET"), NO_CONTEXT
     )
     assert reply.status.code == 0
     assert list(reply.ok_response.headers_to_remove) == ["x-extproc-cluster"]

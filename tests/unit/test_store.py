@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 import pytest
+import redis.asyncio as aioredis
 
 from extproc.store import MemoryStore, StoreError, open_store
 from extproc.store.redis import RedisStore

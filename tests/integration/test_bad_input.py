@@ -1,0 +1,91 @@
+"""Bad input through the real Envoy, on both the ext_proc and ext_authz paths.
+
+Every case must come back as an OpenAI-style error with a 4xx status, the same on
+both paths, and the server must stay up (the stack fixtures also assert that its log
+holds no error or traceback).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import http_ok
+from tests.integration.stack import Stack, post
+
+CHAT = "/v1/chat/completions"
+# (id, path, body, extra headers, status, code)
+CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
+    ("not-json", CHAT, b"hello there", {}, 400, "invalid_json"),
+    ("malformed-json", CHAT, b'{"model": "auto", "messages": [', {}, 400, "invalid_json"),
+    ("json-array", CHAT, b'[{"model": "auto"}]', {}, 400, "invalid_json"),
+    ("json-null", CHAT, b"null", {}, 400, "invalid_json"),
+    ("model-number", CHAT, b'{"model": 5, "messages": []}', {}, 400, "invalid_parameter"),
+    ("model-object", CHAT, b'{"model": {"a": 1}}', {}, 400, "invalid_parameter"),
+    ("missing-model", CHAT, b'{"messages": []}', {}, 400, "missing_parameter"),
+    (
+        "unknown-model",
+        CHAT,
+        b'{"model": "gpt-unknown", "messages": []}',
+        {},
+        404,
+        "model_not_found",
+    ),
+    ("empty-body", CHAT, b"", {}, 400, "missing_body"),
+    ("invalid-utf8", CHAT, b'{"model": "auto\xc3\x28"}', {}, 400, "invalid_json"),
+    ("nan", CHAT, b'{"model": "auto", "temperature": NaN}', {}, 400, "invalid_json"),
+    ("deep-nesting", CHAT, b"[" * 50_000 + b"]" * 50_000, {}, 400, "invalid_json"),
+    ("stream-string", CHAT, b'{"model": "auto", "stream": "true"}', {}, 400, "invalid_parameter"),
+    (
+        "bad-session-header",
+        CHAT,
+        b'{"model": "auto"}',
+        {"x-litellm-session-id": "a" * 300},
+        400,
+        "invalid_session_id",
+    ),
+    (
+        "bad-tags",
+        CHAT,
+        b'{"model": "auto", "metadata": {"tags": [1, 2]}}',
+        {},
+        400,
+        "invalid_parameter",
+    ),
+    (
+        "oversized",
+        CHAT,
+        b'{"model": "auto", "x": "' + b"a" * (9 * 1024 * 1024) + b'"}',
+        {},
+        413,
+        "payload_too_large",
+    ),
+    ("unknown-path", "/v1/models", b"{}", {}, 404, "unknown_route"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "status", "code"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+@pytest.mark.parametrize("which", ["stack", "authz_stack"])
+def test_bad_input_is_an_openai_error(
+    request: pytest.FixtureRequest,
+    which: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    code: str,
+) -> None:
+    stack: Stack = request.getfixturevalue(which)
+    got_status, got_headers, payload = post(f"{stack.url}{path}", body, headers)
+    assert got_status == status, payload[:300]
+    error = json.loads(payload)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert got_headers.get("content-type", "").startswith("application/json")
+    assert "x-mock-upstream" not in got_headers
+    assert http_ok(f"{stack.admin_url}/healthz")

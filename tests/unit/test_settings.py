@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from extproc.decision import GatewayConfig
+from extproc.settings import Settings
+
+
+def test_env_prefix_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXTPROC_GRPC_PORT", "6000")
+    monkeypatch.setenv("EXTPROC_SESSION_HEADERS", "X-Litellm-Session-Id, X-Agent-Run")
+    monkeypatch.setenv("EXTPROC_FAIL_MODE", "closed")
+    monkeypatch.setenv("EXTPROC_STORE_URL", "redis://127.0.0.1:6390/0")
+    settings = Settings()
+    assert settings.grpc_address == "127.0.0.1:6000"
+    assert settings.session_headers == ("x-litellm-session-id", "x-agent-run")
+    assert settings.fail_mode == "closed"
+    assert GatewayConfig.from_settings(settings).session_headers == settings.session_headers
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("EXTPROC_FAIL_MODE", "sometimes"),
+        ("EXTPROC_GRPC_PORT", "70000"),
+        ("EXTPROC_CLUSTER_HEADER", "x-envoy-upstream"),
+        ("EXTPROC_CLUSTER_HEADER", "bad header"),
+        ("EXTPROC_SESSION_HEADERS", "ok,bad header"),
+        ("EXTPROC_UNKNOWN_PATHS", "drop"),
+    ],
+)
+def test_invalid_settings(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
