@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from extproc.check import check_envoy_config
 from extproc.cli import main
@@ -103,3 +104,23 @@ def test_check_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_reserved_cluster_name() -> None:
     with pytest.raises(ValueError, match="reserved"):
         render_envoy_config({"extproc": Upstream("127.0.0.1", 1)})
+
+
+def test_compose_mock_ports_match_compose_envoy_config() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    envoy_cfg = yaml.safe_load((ENVOY_DIR / "envoy.compose.yaml").read_text())
+    served = {}
+    for arg in compose["services"]["mock"]["command"]:
+        if arg.startswith("--upstream="):
+            name, _, rest = arg.removeprefix("--upstream=").partition("=")
+            served[name] = int(rest.split(":")[1])
+    wanted = {}
+    for cluster in envoy_cfg["static_resources"]["clusters"]:
+        if cluster["name"] == "extproc":
+            continue
+        sock = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+            "socket_address"
+        ]
+        assert sock["address"] == "mock"
+        wanted[cluster["name"]] = sock["port_value"]
+    assert served == wanted
