@@ -392,6 +392,19 @@ def render_envoy_config(
             ],
         },
     }
+    # A ceiling on downstream connections, so a connection flood cannot exhaust the host.
+    config["overload_manager"] = {
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    _TYPE: _API + "extensions.resource_monitors.downstream_connections.v3."
+                    "DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": 50_000,
+                },
+            }
+        ]
+    }
     if admin is not None:
         config["admin"] = {
             "address": {"socket_address": {"address": admin.host, "port_value": admin.port}}
