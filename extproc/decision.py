@@ -17,6 +17,7 @@ from extproc.errors import (
     ModelNotFoundError,
     PayloadTooLargeError,
     UnknownRouteError,
+    UnsupportedMediaTypeError,
 )
 from extproc.jsonbody import replace_member
 from extproc.policy import CompiledDeployment, CompiledPolicy
@@ -82,6 +83,13 @@ def decide_head(head: RequestHead, config: GatewayConfig, *, has_body: bool) -> 
     if not has_body:
         raise MissingParameterError(
             "The request body is empty; expected a JSON object.", code="missing_body"
+        )
+    encoding = head.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # The body must be read to route; a compressed one cannot be.
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {encoding[:32]!r} is not supported on LLM requests; "
+            "send the body uncompressed."
         )
     length = head.headers.get("content-length", "")
     if length.isdigit() and int(length) > config.max_body_bytes:

@@ -57,6 +57,23 @@ def _json_body(message: str, err_type: str, code: str) -> str:
     return json.dumps(_error_json(message, err_type, code))
 
 
+def _error_route(
+    match: dict[str, Any], status: int, message: str, err_type: str, code: str
+) -> dict[str, Any]:
+    """A route Envoy answers itself with an OpenAI-style error."""
+    return {
+        "match": match,
+        "direct_response": {
+            "status": status,
+            "body": {"inline_string": _json_body(message, err_type, code)},
+        },
+        "response_headers_to_add": [
+            {"header": {"key": ERROR_HEADER, "value": code}},
+            {"header": {"key": "content-type", "value": "application/json"}},
+        ],
+    }
+
+
 def _cluster(name: str, upstream: Upstream, *, http2: bool = False) -> dict[str, Any]:
     try:
         ipaddress.ip_address(upstream.host)
@@ -288,40 +305,20 @@ def render_envoy_config(
             # LLM calls are long; streams may run for minutes.
             "route": {"cluster_header": cluster_header, "timeout": "600s"},
         },
-        {
-            "match": {"safe_regex": {"regex": LLM_PATH_REGEX}},
-            "direct_response": {
-                "status": 503,
-                "body": {
-                    "inline_string": _json_body(
-                        "The gateway could not route this request: its policy server is down.",
-                        "service_unavailable_error",
-                        "gateway_unavailable",
-                    )
-                },
-            },
-            "response_headers_to_add": [
-                {"header": {"key": ERROR_HEADER, "value": "gateway_unavailable"}},
-                {"header": {"key": "content-type", "value": "application/json"}},
-            ],
-        },
-        {
-            "match": {"prefix": "/"},
-            "direct_response": {
-                "status": 404,
-                "body": {
-                    "inline_string": _json_body(
-                        "Not an LLM endpoint this gateway serves.",
-                        "invalid_request_error",
-                        "unknown_route",
-                    )
-                },
-            },
-            "response_headers_to_add": [
-                {"header": {"key": ERROR_HEADER, "value": "unknown_route"}},
-                {"header": {"key": "content-type", "value": "application/json"}},
-            ],
-        },
+        _error_route(
+            {"safe_regex": {"regex": LLM_PATH_REGEX}},
+            503,
+            "The gateway could not route this request: its policy server is down.",
+            "service_unavailable_error",
+            "gateway_unavailable",
+        ),
+        _error_route(
+            {"prefix": "/"},
+            404,
+            "Not an LLM endpoint this gateway serves.",
+            "invalid_request_error",
+            "unknown_route",
+        ),
     ]
     hcm = {
         _TYPE: _API + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",

@@ -13,6 +13,7 @@ invent status codes of their own::
     │   ├── ModelNotFoundError        404 code=model_not_found
     │   └── UnknownRouteError         404 code=unknown_route
     ├── PayloadTooLargeError          413 code=payload_too_large
+    ├── UnsupportedMediaTypeError     415 code=unsupported_content_encoding
     ├── InternalError                 500 code=internal_error (a bug; logged with traceback)
     └── ServiceUnavailableError       503 code=service_unavailable (store down, fail closed)
 
@@ -36,6 +37,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ServiceUnavailableError",
     "UnknownRouteError",
+    "UnsupportedMediaTypeError",
     "error_body",
 ]
 
@@ -110,6 +112,11 @@ class UnknownRouteError(NotFoundError):
 class PayloadTooLargeError(GatewayError):
     status = 413
     default_code = "payload_too_large"
+
+
+class UnsupportedMediaTypeError(GatewayError):
+    status = 415
+    default_code = "unsupported_content_encoding"
 
 
 class ServiceUnavailableError(GatewayError):

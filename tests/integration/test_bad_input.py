@@ -62,6 +62,14 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         "payload_too_large",
     ),
     ("unknown-path", "/v1/models", b"{}", {}, 404, "unknown_route"),
+    (
+        "gzip-body",
+        CHAT,
+        b"\x1f\x8b\x08\x00",
+        {"content-encoding": "gzip"},
+        415,
+        "unsupported_content_encoding",
+    ),
 ]
 
 

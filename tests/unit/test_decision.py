@@ -336,6 +336,14 @@ def test_head(
             "unknown_route",
         ),
         (
+            "gzip request body",
+            head(content_encoding="gzip"),
+            True,
+            GatewayConfig(),
+            415,
+            "unsupported_content_encoding",
+        ),
+        (
             "declared length over the limit",
             head(content_length="999999999"),
             True,
