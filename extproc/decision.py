@@ -92,7 +92,7 @@ def decide_head(head: RequestHead, config: GatewayConfig, *, has_body: bool) -> 
             "send the body uncompressed."
         )
     length = head.headers.get("content-length", "")
-    if length.isdigit() and int(length) > config.max_body_bytes:
+    if length.isascii() and length.isdigit() and int(length) > config.max_body_bytes:
         raise PayloadTooLargeError(
             f"The request body is larger than {config.max_body_bytes} bytes."
         )

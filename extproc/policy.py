@@ -284,8 +284,9 @@ def compile_policy(
                 except PolicyError as exc:
                     errors.extend(exc.errors)
                     continue
-                if any(ch in secret for ch in "\r\n\x00"):
-                    errors.append(f"{where}: the credential contains a line break or NUL")
+                if not (secret.isascii() and secret.isprintable()):
+                    # Rule: a header value Envoy accepts; no line breaks to inject headers.
+                    errors.append(f"{where}: the credential must be printable ASCII")
                     continue
                 value = prefix + secret
             compiled.append(

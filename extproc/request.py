@@ -89,7 +89,8 @@ class LLMRequest:
 
 
 def _check_session_id(value: str, source: str) -> str:
-    if not value or len(value.encode("utf-8")) > MAX_SESSION_ID_BYTES or not value.isprintable():
+    # Rule: isprintable() first; it also refuses lone surrogates, which cannot be encoded.
+    if not value or not value.isprintable() or len(value.encode("utf-8")) > MAX_SESSION_ID_BYTES:
         raise InvalidParameterError(
             f"session id from {source} must be 1-{MAX_SESSION_ID_BYTES} bytes of printable text",
             code="invalid_session_id",

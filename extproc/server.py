@@ -50,28 +50,28 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     server.add_insecure_port(settings.grpc_address)
 
     runner = web.AppRunner(make_admin_app(gateway), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.admin_host, settings.admin_port)
-
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
-
-    await server.start()
-    await site.start()
-    for name in (*_SERVICES, ""):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "extproc serving gRPC on %s, admin on http://%s:%d, policy %s (%d model groups), store %s",
-        settings.grpc_address,
-        settings.admin_host,
-        settings.admin_port,
-        gateway.policy.source,
-        len(gateway.policy.groups),
-        gateway.store.name,
-    )
+    # Rule: everything started below is stopped in the finally, startup failures included.
     try:
+        await runner.setup()
+        site = web.TCPSite(runner, settings.admin_host, settings.admin_port)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
+        await server.start()
+        await site.start()
+        for name in (*_SERVICES, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "extproc serving gRPC on %s, admin on http://%s:%d, policy %s (%d model groups), "
+            "store %s",
+            settings.grpc_address,
+            settings.admin_host,
+            settings.admin_port,
+            gateway.policy.source,
+            len(gateway.policy.groups),
+            gateway.store.name,
+        )
         await stop.wait()
     finally:
         log.info(
@@ -93,13 +93,11 @@ def run(settings: Settings) -> None:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if settings.uvloop:
-        try:
-            import uvloop  # noqa: PLC0415 - optional accelerator
-
-            uvloop.run(serve(settings))
-        except ImportError:
-            pass
-        else:
-            return
-    asyncio.run(serve(settings))
+    try:
+        import uvloop  # noqa: PLC0415 - optional accelerator
+    except ImportError:
+        uvloop = None  # type: ignore[assignment]
+    if settings.uvloop and uvloop is not None:
+        uvloop.run(serve(settings))
+    else:
+        asyncio.run(serve(settings))

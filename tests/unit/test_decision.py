@@ -382,3 +382,56 @@ def test_weighted_split_is_three_to_one(policy: CompiledPolicy) -> None:
         decide(head(), body(model="auto"), policy, CONFIG, _const(u)).deployment.id for u in draws
     ]
     assert picks.count("dep-a") == 750
+
+
+def test_lone_surrogate_session_id_is_a_400(policy: CompiledPolicy) -> None:
+    raw = b'{"model": "auto", "metadata": {"session_id": "\\ud800"}}'
+    with pytest.raises(GatewayError) as info:
+        decide(head(), raw, policy, CONFIG, lambda: 0.5)
+    assert (info.value.status, info.value.code) == (400, "invalid_session_id")
+
+
+@pytest.mark.parametrize("length", ["\xb2", "١٢", "-1", "1e9", " 12", ""])
+def test_odd_content_length_never_crashes(length: str) -> None:
+    decision = decide_head(head(content_length=length), GatewayConfig(), has_body=True)
+    assert decision.action == "read_body"
+
+
+def test_random_input_only_raises_gateway_errors(policy: CompiledPolicy) -> None:
+    """Mutated bodies and hostile header values give a decision or a GatewayError."""
+    import random  # noqa: PLC0415
+
+    rng = random.Random(1234)
+    seeds = [
+        json.dumps(
+            {
+                "model": "auto",
+                "messages": [{"role": "user", "content": "hi"}],
+                "metadata": {"session_id": "s", "tags": ["t"]},
+                "stream": True,
+            }
+        ).encode(),
+        b'{"model": "claude", "metadata": {"user_id": "u"}}',
+    ]
+    alphabet = b'{}[]:,"\\ \x00\xff\xc3\xa9u0123456789.eE+-truefalsnul'
+    for _ in range(3000):
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 6)):
+            pos = rng.randrange(len(raw) + 1)
+            if rng.random() < 0.5 and raw:
+                del raw[min(pos, len(raw) - 1)]
+            else:
+                raw.insert(pos, rng.choice(alphabet))
+        value = "".join(chr(rng.randrange(0, 0x250)) for _ in range(rng.randint(0, 8)))
+        req_head = head(
+            rng.choice(["/v1/chat/completions", "/v1/messages", "/v1/embeddings"]),
+            x_litellm_session_id=value,
+            x_litellm_tags=value,
+            content_length=value,
+            authorization=value,
+        )
+        try:
+            decide_head(req_head, CONFIG, has_body=True)
+            decide(req_head, bytes(raw), policy, CONFIG, rng.random)
+        except GatewayError:
+            pass

@@ -64,7 +64,7 @@ def test_credential_with_line_break_is_refused(tmp_path: Path) -> None:
         "model_groups: [{name: g, deployments: [{id: a, cluster: c, model: m, "
         "credential: {env: BAD}}]}]"
     )
-    with pytest.raises(PolicyError, match="line break"):
+    with pytest.raises(PolicyError, match="printable ASCII"):
         load_policy(path, env={"BAD": "sk\r\nx-evil: 1"})
 
 
