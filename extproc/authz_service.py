@@ -59,14 +59,16 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         head = RequestHead(method=http.method, path=http.path, headers=headers)
         body = http.raw_body or http.body.encode("utf-8")
         has_body = bool(body) or headers.get("content-length", "0") not in ("", "0")
-        head_decision = decide_head(head, gateway.config, has_body=has_body)
+        now = gateway.clock()
+        policy = gateway.policy
+        head_decision = decide_head(head, gateway.config, policy, now, has_body=has_body)
         if head_decision.action == "pass":
             gateway.metrics.requests.labels("other", "", "passed").inc()
             return pb.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK),
                 ok_response=pb.OkHttpResponse(headers_to_remove=head_decision.remove_headers),
             )
-        decision = decide(head, body, gateway.policy, gateway.config, gateway.rng)
+        decision = decide(head, body, policy, gateway.config, gateway.rng, now=now)
         dep = decision.deployment
         gateway.metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
         gateway.metrics.routed.labels(dep.group, dep.id).inc()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal
 
 from extproc.errors import (
@@ -20,6 +21,7 @@ from extproc.errors import (
     UnsupportedMediaTypeError,
 )
 from extproc.jsonbody import replace_member
+from extproc.keys import Caller, authenticate, check_model_access, resolve_model_alias
 from extproc.policy import CompiledDeployment, CompiledPolicy
 from extproc.providers import CLIENT_CREDENTIAL_HEADERS
 from extproc.request import LLMRequest, RequestHead, parse_request
@@ -57,6 +59,8 @@ class HeadDecision:
     action: Literal["pass", "read_body"]
     #: Headers to strip now (a client-sent routing header never survives).
     remove_headers: tuple[str, ...]
+    #: The authenticated caller; None when the policy has no keys.
+    caller: Caller | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,14 +68,32 @@ class RouteDecision:
     """Send the request to ``deployment`` with these header and body changes."""
 
     request: LLMRequest
+    caller: Caller | None
     deployment: CompiledDeployment
     set_headers: tuple[tuple[str, str], ...]
     remove_headers: tuple[str, ...]
     body: bytes
 
 
-def decide_head(head: RequestHead, config: GatewayConfig, *, has_body: bool) -> HeadDecision:
-    """Decide what the headers alone allow; raises a GatewayError to refuse."""
+def _authenticate(head: RequestHead, policy: CompiledPolicy, now: datetime) -> Caller | None:
+    if not policy.auth_required:
+        return None
+    return authenticate(head.caller_key(), policy.keys, policy.teams, now)
+
+
+def decide_head(
+    head: RequestHead,
+    config: GatewayConfig,
+    policy: CompiledPolicy,
+    now: datetime,
+    *,
+    has_body: bool,
+) -> HeadDecision:
+    """Decide what the headers alone allow; raises a GatewayError to refuse.
+
+    The caller is authenticated here, so a bad key is refused before Envoy sends
+    (and buffers) the body.
+    """
     strip = (config.cluster_header,)
     if head.endpoint is None:
         if config.unknown_paths == "reject":
@@ -96,7 +118,7 @@ def decide_head(head: RequestHead, config: GatewayConfig, *, has_body: bool) -> 
         raise PayloadTooLargeError(
             f"The request body is larger than {config.max_body_bytes} bytes."
         )
-    return HeadDecision("read_body", strip)
+    return HeadDecision("read_body", strip, _authenticate(head, policy, now))
 
 
 def decide(
@@ -105,8 +127,10 @@ def decide(
     policy: CompiledPolicy,
     config: GatewayConfig,
     rng: Callable[[], float],
+    *,
+    now: datetime,
 ) -> RouteDecision:
-    """Route one LLM request to a deployment of its model group."""
+    """Check and route one LLM request to a deployment of its model group."""
     endpoint = head.endpoint
     if endpoint is None:
         raise UnknownRouteError(f"{head.path.split('?', 1)[0]} is not an LLM endpoint.")
@@ -121,11 +145,20 @@ def decide(
         session_headers=config.session_headers,
         tags_header=config.tags_header,
     )
-    group = policy.groups.get(request.model)
+    caller = _authenticate(head, policy, now)
+    group = policy.groups.get(resolve_model_alias(caller, request.model))
     if group is None:
         raise ModelNotFoundError(
             f"The model `{request.model[:256]}` does not exist or you do not have access to it.",
             param="model",
+        )
+    if caller is not None:
+        check_model_access(
+            caller,
+            request.model,
+            group.name,
+            (d.provider for d in group.deployments),
+            policy.access_groups,
         )
     deployment = pick_deployment(group, rng)
     body = replace_member(raw_body, request.model_span, deployment.model)
@@ -138,6 +171,7 @@ def decide(
         remove += (deployment.auth_header,)
     return RouteDecision(
         request=request,
+        caller=caller,
         deployment=deployment,
         set_headers=tuple(set_headers),
         remove_headers=remove,

@@ -9,6 +9,8 @@ invent status codes of their own::
     │   ├── InvalidJSONError          400 code=invalid_json
     │   ├── InvalidParameterError     400 code=invalid_parameter (wrong type, bad value)
     │   └── MissingParameterError     400 code=missing_parameter
+    ├── AuthenticationError           401 authentication_error (missing/invalid/expired key)
+    ├── PermissionDeniedError         403 permission_error (blocked, model not allowed)
     ├── NotFoundError                 404 invalid_request_error
     │   ├── ModelNotFoundError        404 code=model_not_found
     │   └── UnknownRouteError         404 code=unknown_route
@@ -26,6 +28,7 @@ import json
 from typing import ClassVar
 
 __all__ = [
+    "AuthenticationError",
     "BadRequestError",
     "GatewayError",
     "InternalError",
@@ -35,6 +38,7 @@ __all__ = [
     "ModelNotFoundError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "PermissionDeniedError",
     "ServiceUnavailableError",
     "UnknownRouteError",
     "UnsupportedMediaTypeError",
@@ -95,6 +99,18 @@ class InvalidParameterError(BadRequestError):
 
 class MissingParameterError(BadRequestError):
     default_code = "missing_parameter"
+
+
+class AuthenticationError(GatewayError):
+    status = 401
+    err_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(GatewayError):
+    status = 403
+    err_type = "permission_error"
+    default_code = "permission_denied"
 
 
 class NotFoundError(GatewayError):

@@ -94,7 +94,9 @@ class _Stream:
         self._started = time.perf_counter()
         head = self._head = _head_from_proto(msg)
         gateway = self._gateway
-        decision = decide_head(head, gateway.config, has_body=not msg.end_of_stream)
+        decision = decide_head(
+            head, gateway.config, gateway.policy, gateway.clock(), has_body=not msg.end_of_stream
+        )
         common = pb.CommonResponse(header_mutation=_header_mutation((), decision.remove_headers))
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         if decision.action == "pass":
@@ -123,7 +125,9 @@ class _Stream:
             )
         raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
-        decision = decide(self._head, raw, gateway.policy, gateway.config, gateway.rng)
+        decision = decide(
+            self._head, raw, gateway.policy, gateway.config, gateway.rng, now=gateway.clock()
+        )
         self._record(decision)
         self.finished = True
         common = pb.CommonResponse(

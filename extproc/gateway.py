@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from extproc.decision import GatewayConfig
@@ -32,7 +33,9 @@ class Gateway:
         policy: CompiledPolicy,
         store: Store,
         metrics: Metrics | None = None,
+        *,
         rng: Callable[[], float] | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.settings = settings
         self.config = GatewayConfig.from_settings(settings)
@@ -40,6 +43,7 @@ class Gateway:
         self.store = store
         self.metrics = metrics or Metrics()
         self.rng: Callable[[], float] = rng or random.SystemRandom().random
+        self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self.ready = True
 
     @classmethod

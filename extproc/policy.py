@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from extproc.keys import Team, VirtualKey
 from extproc.providers import auth_header_for
 
 __all__ = [
@@ -123,6 +124,8 @@ class ModelGroup(_Model):
 
     name: str = Field(min_length=1, max_length=256)
     deployments: tuple[Deployment, ...] = Field(min_length=1)
+    #: Access groups this model group belongs to; keys and teams can list them.
+    access_groups: tuple[str, ...] = ()
 
     @field_validator("name")
     @classmethod
@@ -136,6 +139,31 @@ class Policy(_Model):
     """The whole policy file."""
 
     model_groups: tuple[ModelGroup, ...] = Field(min_length=1)
+    #: Virtual keys; when there are any, every LLM request must present one.
+    keys: tuple[VirtualKey, ...] = ()
+    teams: tuple[Team, ...] = ()
+
+    @model_validator(mode="after")
+    def _references(self) -> Policy:
+        groups = {g.name for g in self.model_groups}
+        team_ids: set[str] = set()
+        for team in self.teams:
+            if team.id in team_ids:
+                raise ValueError(f"team {team.id!r} is defined twice")
+            team_ids.add(team.id)
+            for alias, target in team.model_aliases.items():
+                if target not in groups:
+                    raise ValueError(
+                        f"team {team.id!r} aliases {alias!r} to unknown model group {target!r}"
+                    )
+        hashes: set[str] = set()
+        for key in self.keys:
+            if key.hash in hashes:
+                raise ValueError(f"key hash {key.hash[:8]}... is listed twice")
+            hashes.add(key.hash)
+            if key.team is not None and key.team not in team_ids:
+                raise ValueError(f"key {key.label} names unknown team {key.team!r}")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Policy:
@@ -194,6 +222,15 @@ class CompiledPolicy:
 
     groups: Mapping[str, CompiledGroup]
     source: str = "<memory>"
+    #: Keys by hash; empty means the gateway does not authenticate callers.
+    keys: Mapping[str, VirtualKey] = field(default_factory=dict)
+    teams: Mapping[str, Team] = field(default_factory=dict)
+    #: Access group name → model group names in it.
+    access_groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.keys)
 
     @property
     def clusters(self) -> frozenset[str]:
@@ -309,7 +346,17 @@ def compile_policy(
         groups[group.name] = CompiledGroup(group.name, tuple(compiled), weights)
     if errors:
         raise PolicyError(source, errors)
-    return CompiledPolicy(groups=groups, source=source)
+    members: dict[str, set[str]] = {}
+    for group in policy.model_groups:
+        for name in group.access_groups:
+            members.setdefault(name, set()).add(group.name)
+    return CompiledPolicy(
+        groups=groups,
+        source=source,
+        keys={k.hash: k for k in policy.keys},
+        teams={t.id: t for t in policy.teams},
+        access_groups={name: frozenset(m) for name, m in members.items()},
+    )
 
 
 def load_policy(

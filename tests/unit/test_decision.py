@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from extproc.request import RequestHead
 
 POLICY_PATH = Path(__file__).resolve().parent.parent / "policies" / "valid.yaml"
 ENV = {"TEST_KEY_A": "sk-a", "TEST_KEY_B": "sk-b", "TEST_KEY_C": "sk-c"}
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+EMPTY_POLICY = CompiledPolicy(groups={})
 CONFIG = GatewayConfig(session_headers=("x-litellm-session-id", "x-session"))
 
 
@@ -160,7 +163,7 @@ def test_route(
     u: float,
     expect: dict[str, Any],
 ) -> None:
-    decision = decide(req_head, raw, policy, CONFIG, lambda: u)
+    decision = decide(req_head, raw, policy, CONFIG, lambda: u, now=NOW)
     headers = dict(decision.set_headers)
     dep = decision.deployment
     assert headers[CONFIG.cluster_header] == dep.cluster
@@ -295,7 +298,7 @@ def test_refusal(
     param: str | None,
 ) -> None:
     with pytest.raises(GatewayError) as info:
-        decide(req_head, raw, policy, CONFIG, lambda: 0.5)
+        decide(req_head, raw, policy, CONFIG, lambda: 0.5, now=NOW)
     err = info.value
     assert (err.status, err.code, err.param) == (status, code, param)
     payload = json.loads(err.body())
@@ -318,7 +321,7 @@ HEAD_CASES = [
 def test_head(
     name: str, req_head: RequestHead, has_body: bool, config: GatewayConfig, action: str
 ) -> None:
-    decision = decide_head(req_head, config, has_body=has_body)
+    decision = decide_head(req_head, config, EMPTY_POLICY, NOW, has_body=has_body)
     assert decision.action == action
     assert config.cluster_header in decision.remove_headers
 
@@ -362,13 +365,13 @@ def test_head_refusal(
     code: str,
 ) -> None:
     with pytest.raises(GatewayError) as info:
-        decide_head(req_head, config, has_body=has_body)
+        decide_head(req_head, config, EMPTY_POLICY, NOW, has_body=has_body)
     assert (info.value.status, info.value.code) == (status, code)
 
 
 def test_unknown_model_message_is_bounded(policy: CompiledPolicy) -> None:
     with pytest.raises(GatewayError) as info:
-        decide(head(), body(model="m" * 10_000), policy, CONFIG, lambda: 0.5)
+        decide(head(), body(model="m" * 10_000), policy, CONFIG, lambda: 0.5, now=NOW)
     assert len(info.value.message) < 400
 
 
@@ -379,7 +382,8 @@ def _const(u: float) -> Callable[[], float]:
 def test_weighted_split_is_three_to_one(policy: CompiledPolicy) -> None:
     draws = [i / 1000 for i in range(1000)]
     picks = [
-        decide(head(), body(model="auto"), policy, CONFIG, _const(u)).deployment.id for u in draws
+        decide(head(), body(model="auto"), policy, CONFIG, _const(u), now=NOW).deployment.id
+        for u in draws
     ]
     assert picks.count("dep-a") == 750
 
@@ -387,13 +391,15 @@ def test_weighted_split_is_three_to_one(policy: CompiledPolicy) -> None:
 def test_lone_surrogate_session_id_is_a_400(policy: CompiledPolicy) -> None:
     raw = b'{"model": "auto", "metadata": {"session_id": "\\ud800"}}'
     with pytest.raises(GatewayError) as info:
-        decide(head(), raw, policy, CONFIG, lambda: 0.5)
+        decide(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
     assert (info.value.status, info.value.code) == (400, "invalid_session_id")
 
 
 @pytest.mark.parametrize("length", ["\xb2", "١٢", "-1", "1e9", " 12", ""])
 def test_odd_content_length_never_crashes(length: str) -> None:
-    decision = decide_head(head(content_length=length), GatewayConfig(), has_body=True)
+    decision = decide_head(
+        head(content_length=length), GatewayConfig(), EMPTY_POLICY, NOW, has_body=True
+    )
     assert decision.action == "read_body"
 
 
@@ -431,7 +437,7 @@ def test_random_input_only_raises_gateway_errors(policy: CompiledPolicy) -> None
             authorization=value,
         )
         try:
-            decide_head(req_head, CONFIG, has_body=True)
-            decide(req_head, bytes(raw), policy, CONFIG, rng.random)
+            decide_head(req_head, CONFIG, policy, NOW, has_body=True)
+            decide(req_head, bytes(raw), policy, CONFIG, rng.random, now=NOW)
         except GatewayError:
             pass

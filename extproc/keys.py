@@ -1,0 +1,186 @@
+"""Virtual keys and teams: who is calling, and which model groups they may use.
+
+Keys live in the policy only as ``sha256(plaintext)`` hex digests (LiteLLM's scheme),
+so the file holds no secret. Messages name a key by its alias or an 8-character hash
+prefix, never by the key itself. The checks follow LiteLLM's order: the key
+(missing, unknown, expired, blocked), its team (blocked), then model access for the
+key and the team.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+from extproc.errors import AuthenticationError, PermissionDeniedError
+
+__all__ = [
+    "Caller",
+    "KeyMetadata",
+    "Team",
+    "VirtualKey",
+    "authenticate",
+    "check_model_access",
+    "hash_key",
+    "new_key",
+    "resolve_model_alias",
+]
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: Model-list entries that allow every model group (LiteLLM's spellings).
+_ALL_MODELS = frozenset({"*", "all-proxy-models"})
+
+
+def hash_key(plaintext: str) -> str:
+    """The policy's form of a key: lowercase hex sha256 of the UTF-8 plaintext."""
+    return hashlib.sha256(plaintext.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random virtual key (``sk-`` + 192 bits)."""
+    return "sk-" + secrets.token_urlsafe(24)
+
+
+class KeyMetadata(BaseModel):
+    """Free-form key metadata; the named fields are the ones the gateway reads."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    tags: tuple[str, ...] = ()
+    allowed_tools: tuple[str, ...] | None = None
+    max_iterations: int | None = Field(default=None, ge=1)
+
+
+class VirtualKey(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hash: str
+    alias: str | None = Field(default=None, max_length=256)
+    team: str | None = None
+    user: str | None = None
+    #: Model groups, wildcards (``*``, ``openai/*``) or access groups; empty = all.
+    models: tuple[str, ...] = ()
+    blocked: bool = False
+    expires: AwareDatetime | None = None
+    metadata: KeyMetadata = KeyMetadata()
+
+    @field_validator("hash")
+    @classmethod
+    def _check_hash(cls, value: str) -> str:
+        value = value.lower().removeprefix("sha256:")
+        if not _HEX64.match(value):
+            raise ValueError("a key hash is 64 hex characters (`extproc keys hash KEY`)")
+        return value
+
+    @property
+    def label(self) -> str:
+        """How messages and logs name this key: alias, else a hash prefix."""
+        return self.alias or f"hash:{self.hash[:8]}"
+
+
+class Team(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    blocked: bool = False
+    models: tuple[str, ...] = ()
+    #: Names the team's callers may use for a model group (alias → group).
+    model_aliases: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The authenticated caller of one request."""
+
+    key: VirtualKey
+    team: Team | None
+
+
+def authenticate(
+    api_key: str | None,
+    keys: Mapping[str, VirtualKey],
+    teams: Mapping[str, Team],
+    now: datetime,
+) -> Caller:
+    """The caller behind ``api_key``, or a 401/403."""
+    if not api_key:
+        raise AuthenticationError(
+            "No API key provided. Send it as 'Authorization: Bearer <key>' or 'x-api-key'.",
+            code="missing_api_key",
+        )
+    digest = hash_key(api_key)
+    key = keys.get(digest)
+    if key is None or not hmac.compare_digest(key.hash, digest):
+        raise AuthenticationError("Invalid API key.", code="invalid_api_key")
+    if key.expires is not None and key.expires <= now:
+        raise AuthenticationError(f"API key {key.label} has expired.", code="key_expired")
+    if key.blocked:
+        raise PermissionDeniedError(f"API key {key.label} is blocked.", code="key_blocked")
+    team = teams.get(key.team) if key.team else None
+    if team is not None and team.blocked:
+        raise PermissionDeniedError(f"Team {team.id} is blocked.", code="team_blocked")
+    return Caller(key, team)
+
+
+def resolve_model_alias(caller: Caller | None, requested: str) -> str:
+    """The model group a team alias stands for, else the name as sent."""
+    if caller is None or caller.team is None:
+        return requested
+    return caller.team.model_aliases.get(requested, requested)
+
+
+def _pattern_allows(
+    pattern: str,
+    requested: str,
+    group: str,
+    providers: Iterable[str],
+    access_groups: Mapping[str, frozenset[str]],
+) -> bool:
+    if pattern in _ALL_MODELS or pattern in (requested, group):
+        return True
+    if pattern in access_groups:
+        return group in access_groups[pattern]
+    if "*" not in pattern:
+        return False
+    if pattern.endswith("/*"):
+        provider = pattern[:-2]
+        deployed = set(providers)
+        # provider wildcard: every deployment of the group is that provider's
+        if deployed and deployed == {provider}:
+            return True
+    regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
+    return any(re.match(regex, name) is not None for name in (requested, group))
+
+
+def check_model_access(
+    caller: Caller,
+    requested: str,
+    group: str,
+    providers: Iterable[str],
+    access_groups: Mapping[str, frozenset[str]],
+) -> None:
+    """Raise a 403 unless the key and its team may both use ``group``."""
+    provider_list = tuple(providers)
+    owners: list[tuple[str, tuple[str, ...], str]] = [
+        (f"API key {caller.key.label}", caller.key.models, "key_model_access_denied")
+    ]
+    if caller.team is not None:
+        owners.append((f"Team {caller.team.id}", caller.team.models, "team_model_access_denied"))
+    for who, models, code in owners:
+        if not models:
+            continue
+        if not any(
+            _pattern_allows(p, requested, group, provider_list, access_groups) for p in models
+        ):
+            raise PermissionDeniedError(
+                f"{who} is not allowed to access model {requested[:256]!r}.",
+                code=code,
+                param="model",
+            )
