@@ -157,6 +157,22 @@ def _cmd_mock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from extproc.keys import hash_key, new_key  # noqa: PLC0415
+
+    if args.action == "new":
+        key = new_key()
+        print(f"key: {key}\nhash: {hash_key(key)}")
+        print("Give the key to the caller; put only the hash in the policy's keys list.")
+        return 0
+    plaintext = args.key if args.key is not None else sys.stdin.readline().strip()
+    if not plaintext:
+        print("keys hash: no key given (argument or standard input)", file=sys.stderr)
+        return 2
+    print(hash_key(plaintext))
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +230,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failure-mode-allow", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=_cmd_envoy_config)
+
+    p = sub.add_parser("keys", help="make virtual keys and their policy hashes")
+    p.add_argument("action", choices=("new", "hash"))
+    p.add_argument(
+        "key", nargs="?", default=None, help="for `hash`: the key (else read from standard input)"
+    )
+    p.set_defaults(func=_cmd_keys)
 
     p = sub.add_parser("mock", help="run mock OpenAI/Anthropic upstreams")
     p.add_argument(

@@ -1,0 +1,152 @@
+"""Virtual-key checks in the decision core, one row per rule."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from extproc.cli import main
+from extproc.decision import GatewayConfig, RouteDecision, decide, decide_head
+from extproc.errors import GatewayError
+from extproc.keys import hash_key, new_key
+from extproc.policy import CompiledPolicy, PolicyError, load_policy
+from extproc.request import RequestHead
+
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+ENV = {"TEST_KEY_A": "sk-a", "TEST_KEY_B": "sk-b", "TEST_KEY_C": "sk-c"}
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+CONFIG = GatewayConfig()
+
+
+@pytest.fixture(scope="module")
+def policy() -> CompiledPolicy:
+    return load_policy(POLICIES / "keys.yaml", env=ENV)
+
+
+def call(
+    policy: CompiledPolicy, key: str | None, model: str, *, header: str = "authorization"
+) -> RouteDecision:
+    headers = {}
+    if key is not None:
+        headers[header] = f"Bearer {key}" if header == "authorization" else key
+    head = RequestHead("POST", "/v1/chat/completions", headers)
+    decide_head(head, CONFIG, policy, NOW, has_body=True)
+    raw = json.dumps({"model": model, "messages": []}).encode()
+    return decide(head, raw, policy, CONFIG, lambda: 0.1, now=NOW)
+
+
+ALLOWED = [
+    ("all models by default", "sk-alice-all", "claude", "dep-claude"),
+    ("exact model", "sk-bob-only-a", "only-a", "only-a-dep"),
+    ("team models", "sk-frank-team", "auto", "dep-a"),
+    ("team alias resolves to its group", "sk-frank-team", "fast", "only-a-dep"),
+    ("wildcard pattern", "sk-gina-wildcard", "only-a", "only-a-dep"),
+    ("access group", "sk-hank-access-group", "auto", "dep-a"),
+    ("provider wildcard", "sk-ivy-provider", "claude", "dep-claude"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "model", "deployment"), ALLOWED, ids=[a[0] for a in ALLOWED]
+)
+def test_allowed(policy: CompiledPolicy, name: str, key: str, model: str, deployment: str) -> None:
+    decision = call(policy, key, model)
+    assert decision.deployment.id == deployment
+    assert decision.caller is not None
+
+
+DENIED = [
+    ("missing key", None, "auto", 401, "missing_api_key"),
+    ("unknown key", "sk-nobody", "auto", 401, "invalid_api_key"),
+    ("expired key", "sk-carol-expired", "auto", 401, "key_expired"),
+    ("blocked key", "sk-dave-blocked", "auto", 403, "key_blocked"),
+    ("blocked team", "sk-erin-blocked-team", "auto", 403, "team_blocked"),
+    ("key model not listed", "sk-bob-only-a", "auto", 403, "key_model_access_denied"),
+    ("team model not listed", "sk-frank-team", "claude", 403, "team_model_access_denied"),
+    ("wildcard does not match", "sk-gina-wildcard", "auto", 403, "key_model_access_denied"),
+    (
+        "access group does not hold it",
+        "sk-hank-access-group",
+        "only-a",
+        403,
+        "key_model_access_denied",
+    ),
+    (
+        "provider wildcard, other provider",
+        "sk-ivy-provider",
+        "openai/gpt-mini",
+        403,
+        "key_model_access_denied",
+    ),
+    ("alias of another team is not an alias", "sk-alice-all", "fast", 404, "model_not_found"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "model", "status", "code"), DENIED, ids=[d[0] for d in DENIED]
+)
+def test_denied(
+    policy: CompiledPolicy, name: str, key: str | None, model: str, status: int, code: str
+) -> None:
+    with pytest.raises(GatewayError) as info:
+        call(policy, key, model)
+    assert (info.value.status, info.value.code) == (status, code)
+    if key is not None:
+        assert key not in info.value.message
+        assert key not in info.value.body().decode()
+
+
+def test_key_via_x_api_key(policy: CompiledPolicy) -> None:
+    assert call(policy, "sk-alice-all", "auto", header="x-api-key").caller is not None
+
+
+def test_bad_key_refused_in_headers_phase(policy: CompiledPolicy) -> None:
+    head = RequestHead("POST", "/v1/chat/completions", {"authorization": "Bearer sk-nope"})
+    with pytest.raises(GatewayError) as info:
+        decide_head(head, CONFIG, policy, NOW, has_body=True)
+    assert info.value.status == 401
+
+
+def test_key_named_by_alias_or_hash_prefix(policy: CompiledPolicy) -> None:
+    with pytest.raises(GatewayError) as info:
+        call(policy, "sk-dave-blocked", "auto")
+    assert "hash:7154f71b" in info.value.message
+
+
+def test_hash_and_new_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert hash_key("sk-alice-all") == (
+        "247c60831c539a1023e2d742f659151dbc9c608e422b541b9e5af237e0364c0e"
+    )
+    assert new_key() != new_key()
+    assert main(["keys", "new"]) == 0
+    out = capsys.readouterr().out
+    key = out.split("key:")[1].split()[0]
+    assert hash_key(key) in out
+    assert main(["keys", "hash", "sk-alice-all"]) == 0
+    assert capsys.readouterr().out.strip() == hash_key("sk-alice-all")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("keys: [{hash: abc}]", "keys[0].hash: Value error, a key hash is 64 hex"),
+        ("keys: [{hash: " + "a" * 64 + ", team: ghost}]", "names unknown team 'ghost'"),
+        (
+            "keys: [{hash: " + "a" * 64 + ", expires: '2026-01-01T00:00:00'}]",
+            "keys[0].expires: Input should have timezone info",
+        ),
+        ("teams: [{id: t, model_aliases: {x: nowhere}}]", "unknown model group 'nowhere'"),
+        ("keys: [{hash: " + "a" * 64 + "}, {hash: " + "A" * 64 + "}]", "listed twice"),
+    ],
+)
+def test_invalid_key_policies(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "model_groups: [{name: g, deployments: [{id: d, cluster: c, model: m}]}]\n" + text + "\n"
+    )
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert expected in "\n".join(info.value.errors)
