@@ -21,7 +21,15 @@ from extproc.errors import (
     UnsupportedMediaTypeError,
 )
 from extproc.jsonbody import replace_member
-from extproc.keys import Caller, authenticate, check_model_access, resolve_model_alias
+from extproc.keys import (
+    TRACE_ID_HEADER,
+    Caller,
+    authenticate,
+    check_model_access,
+    check_request_rules,
+    check_route,
+    resolve_model_alias,
+)
 from extproc.policy import CompiledDeployment, CompiledPolicy
 from extproc.providers import CLIENT_CREDENTIAL_HEADERS
 from extproc.request import LLMRequest, RequestHead, parse_request
@@ -78,7 +86,9 @@ class RouteDecision:
 def _authenticate(head: RequestHead, policy: CompiledPolicy, now: datetime) -> Caller | None:
     if not policy.auth_required:
         return None
-    return authenticate(head.caller_key(), policy.keys, policy.teams, now)
+    caller = authenticate(head.caller_key(), policy.keys, policy.teams, policy.agents, now)
+    check_route(caller, head.path)
+    return caller
 
 
 def decide_head(
@@ -160,6 +170,19 @@ def decide(
             (d.provider for d in group.deployments),
             policy.access_groups,
         )
+    metadata = request.body.get("metadata")
+    check_request_rules(
+        caller,
+        policy.general,
+        user=request.user,
+        body=request.body,
+        client_tags=bool(
+            (isinstance(metadata, dict) and metadata.get("tags"))
+            or head.headers.get(config.tags_header)
+        ),
+        trace_id=head.headers.get(TRACE_ID_HEADER),
+        tool_names=endpoint.tool_names(request.body),
+    )
     deployment = pick_deployment(group, rng)
     body = replace_member(raw_body, request.model_span, deployment.model)
     set_headers: list[tuple[str, str]] = [(config.cluster_header, deployment.cluster)]

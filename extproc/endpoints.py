@@ -34,6 +34,10 @@ class EndpointSpec(Protocol):
         """Whether the client asked for a streamed response."""
         ...
 
+    def tool_names(self, body: dict[str, Any]) -> tuple[str, ...]:
+        """Names of the tools the request offers the model."""
+        ...
+
 
 def _optional_str(body: dict[str, Any], container: str | None, key: str, param: str) -> str | None:
     source: Any = body
@@ -75,6 +79,27 @@ class JsonEndpoint:
         if value and not self.can_stream:
             raise InvalidParameterError(f"{self.name} does not stream", param="stream")
         return value
+
+    def tool_names(self, body: dict[str, Any]) -> tuple[str, ...]:
+        """Tool names: ``tools[].function.name`` (chat), ``tools[].name`` (responses,
+        Anthropic), else the tool ``type`` (built-in tools such as web search)."""
+        tools = body.get("tools")
+        if tools is None:
+            return ()
+        if not isinstance(tools, list):
+            raise InvalidParameterError("'tools' must be an array", param="tools")
+        names: list[str] = []
+        for tool in tools:
+            if not isinstance(tool, dict):
+                raise InvalidParameterError("each tool must be an object", param="tools")
+            function = tool.get("function")
+            name = function.get("name") if isinstance(function, dict) else tool.get("name")
+            if name is None:
+                name = tool.get("type")
+            if not isinstance(name, str):
+                raise InvalidParameterError("a tool's name must be a string", param="tools")
+            names.append(name)
+        return tuple(names)
 
 
 _SPECS: tuple[tuple[str, JsonEndpoint], ...] = (

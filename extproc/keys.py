@@ -16,23 +16,32 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from extproc.errors import AuthenticationError, PermissionDeniedError
+from extproc.endpoints import lookup_endpoint
+from extproc.errors import AuthenticationError, BadRequestError, PermissionDeniedError
 
 __all__ = [
+    "TRACE_ID_HEADER",
+    "Agent",
     "Caller",
+    "GeneralSettings",
     "KeyMetadata",
     "Team",
     "VirtualKey",
     "authenticate",
     "check_model_access",
+    "check_request_rules",
+    "check_route",
     "hash_key",
     "new_key",
     "resolve_model_alias",
 ]
 
+#: The header LiteLLM reads a call's trace (chain) id from.
+TRACE_ID_HEADER = "x-litellm-trace-id"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: Model-list entries that allow every model group (LiteLLM's spellings).
 _ALL_MODELS = frozenset({"*", "all-proxy-models"})
@@ -67,8 +76,11 @@ class VirtualKey(BaseModel):
     user: str | None = None
     #: Model groups, wildcards (``*``, ``openai/*``) or access groups; empty = all.
     models: tuple[str, ...] = ()
+    agent: str | None = None
     blocked: bool = False
     expires: AwareDatetime | None = None
+    #: Paths this key may call (``*`` wildcards, ``llm_api_routes``); empty = all.
+    allowed_routes: tuple[str, ...] = ()
     metadata: KeyMetadata = KeyMetadata()
 
     @field_validator("hash")
@@ -93,6 +105,29 @@ class Team(BaseModel):
     models: tuple[str, ...] = ()
     #: Names the team's callers may use for a model group (alias → group).
     model_aliases: dict[str, str] = Field(default_factory=dict)
+    metadata: KeyMetadata = KeyMetadata()
+
+
+class Agent(BaseModel):
+    """An agent identity that keys can belong to (LiteLLM's agent registry)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    max_iterations: int | None = Field(default=None, ge=1)
+    #: Calls with this agent's keys must carry the trace-id header.
+    require_trace_id: bool = False
+
+
+class GeneralSettings(BaseModel):
+    """Gateway-wide rules (LiteLLM's general_settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: LLM calls must name their end user (``user``; ``metadata.user_id`` for Anthropic).
+    enforce_user_param: bool = False
+    #: Tags come from key metadata only; client-sent tags are a 400.
+    reject_clientside_metadata_tags: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +136,14 @@ class Caller:
 
     key: VirtualKey
     team: Team | None
+    agent: Agent | None = None
 
 
 def authenticate(
     api_key: str | None,
     keys: Mapping[str, VirtualKey],
     teams: Mapping[str, Team],
+    agents: Mapping[str, Agent],
     now: datetime,
 ) -> Caller:
     """The caller behind ``api_key``, or a 401/403."""
@@ -126,7 +163,71 @@ def authenticate(
     team = teams.get(key.team) if key.team else None
     if team is not None and team.blocked:
         raise PermissionDeniedError(f"Team {team.id} is blocked.", code="team_blocked")
-    return Caller(key, team)
+    return Caller(key, team, agents.get(key.agent) if key.agent else None)
+
+
+def _route_allowed(pattern: str, path: str) -> bool:
+    if pattern == "llm_api_routes":
+        return lookup_endpoint(path) is not None
+    bare = path.split("?", 1)[0]
+    regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
+    return re.match(regex, bare) is not None
+
+
+def check_route(caller: Caller, path: str) -> None:
+    """Raise a 403 unless the key's ``allowed_routes`` admit ``path``."""
+    routes = caller.key.allowed_routes
+    if routes and not any(_route_allowed(p, path) for p in routes):
+        raise PermissionDeniedError(
+            f"API key {caller.key.label} may not call {path.split('?', 1)[0][:256]}.",
+            code="route_not_allowed",
+        )
+
+
+def check_request_rules(
+    caller: Caller | None,
+    settings: GeneralSettings,
+    *,
+    user: str | None,
+    body: Mapping[str, Any],
+    client_tags: bool,
+    trace_id: str | None,
+    tool_names: Iterable[str],
+) -> None:
+    """The body-level rules, in LiteLLM's order: trace id, user param, tags, tools."""
+    agent = caller.agent if caller is not None else None
+    if agent is not None and agent.require_trace_id and not trace_id:
+        raise BadRequestError(
+            f"Calls with keys of agent {agent.id} must send the {TRACE_ID_HEADER} header.",
+            code="trace_id_required",
+        )
+    if settings.enforce_user_param and user is None:
+        raise BadRequestError(
+            "The 'user' parameter is required (enforce_user_param).",
+            code="user_param_required",
+            param="user",
+        )
+    if settings.reject_clientside_metadata_tags and client_tags:
+        raise BadRequestError(
+            "Client-side tags are not allowed (reject_clientside_metadata_tags); "
+            "tags come from the key's metadata.",
+            code="clientside_tags_rejected",
+            param="metadata.tags",
+        )
+    if caller is None:
+        return
+    allowed = caller.key.metadata.allowed_tools
+    if not allowed and caller.team is not None:
+        allowed = caller.team.metadata.allowed_tools
+    if not allowed:
+        return
+    denied = sorted({name for name in tool_names if name not in allowed})
+    if denied:
+        raise PermissionDeniedError(
+            f"Tools {denied[:20]} are not in the allowed tools list of this key or team.",
+            code="tool_access_denied",
+            param="tools",
+        )
 
 
 def resolve_model_alias(caller: Caller | None, requested: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from extproc.keys import Team, VirtualKey
+from extproc.keys import Agent, GeneralSettings, Team, VirtualKey
 from extproc.providers import auth_header_for
 
 __all__ = [
@@ -142,6 +142,8 @@ class Policy(_Model):
     #: Virtual keys; when there are any, every LLM request must present one.
     keys: tuple[VirtualKey, ...] = ()
     teams: tuple[Team, ...] = ()
+    agents: tuple[Agent, ...] = ()
+    general_settings: GeneralSettings = GeneralSettings()
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
@@ -156,8 +158,13 @@ class Policy(_Model):
                     raise ValueError(
                         f"team {team.id!r} aliases {alias!r} to unknown model group {target!r}"
                     )
+        agent_ids = {a.id for a in self.agents}
+        if len(agent_ids) != len(self.agents):
+            raise ValueError("an agent id is defined twice")
         hashes: set[str] = set()
         for key in self.keys:
+            if key.agent is not None and key.agent not in agent_ids:
+                raise ValueError(f"key {key.label} names unknown agent {key.agent!r}")
             if key.hash in hashes:
                 raise ValueError(f"key hash {key.hash[:8]}... is listed twice")
             hashes.add(key.hash)
@@ -225,6 +232,8 @@ class CompiledPolicy:
     #: Keys by hash; empty means the gateway does not authenticate callers.
     keys: Mapping[str, VirtualKey] = field(default_factory=dict)
     teams: Mapping[str, Team] = field(default_factory=dict)
+    agents: Mapping[str, Agent] = field(default_factory=dict)
+    general: GeneralSettings = field(default_factory=GeneralSettings)
     #: Access group name → model group names in it.
     access_groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
@@ -355,6 +364,8 @@ def compile_policy(
         source=source,
         keys={k.hash: k for k in policy.keys},
         teams={t.id: t for t in policy.teams},
+        agents={a.id: a for a in policy.agents},
+        general=policy.general_settings,
         access_groups={name: frozenset(m) for name, m in members.items()},
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,15 +27,25 @@ def policy() -> CompiledPolicy:
     return load_policy(POLICIES / "keys.yaml", env=ENV)
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+
+
 def call(
-    policy: CompiledPolicy, key: str | None, model: str, *, header: str = "authorization"
+    policy: CompiledPolicy,
+    key: str | None,
+    model: str,
+    *,
+    header: str = "authorization",
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+    path: str = "/v1/chat/completions",
 ) -> RouteDecision:
-    headers = {}
+    hdrs = dict(headers or {})
     if key is not None:
-        headers[header] = f"Bearer {key}" if header == "authorization" else key
-    head = RequestHead("POST", "/v1/chat/completions", headers)
+        hdrs[header] = f"Bearer {key}" if header == "authorization" else key
+    head = RequestHead("POST", path, hdrs)
     decide_head(head, CONFIG, policy, NOW, has_body=True)
-    raw = json.dumps({"model": model, "messages": []}).encode()
+    raw = json.dumps({"model": model, "messages": [], **(extra or {})}).encode()
     return decide(head, raw, policy, CONFIG, lambda: 0.1, now=NOW)
 
 
@@ -47,6 +58,134 @@ ALLOWED = [
     ("access group", "sk-hank-access-group", "auto", "dep-a"),
     ("provider wildcard", "sk-ivy-provider", "claude", "dep-claude"),
 ]
+
+# (name, key, model, extra body, extra headers, path)
+RULES_ALLOWED: list[tuple[str, str, str, dict[str, Any], dict[str, str], str]] = [
+    (
+        "agent key with trace id",
+        "sk-jack-agent",
+        "auto",
+        {},
+        {"x-litellm-trace-id": "t1"},
+        "/v1/chat/completions",
+    ),
+    ("allowed route", "sk-kate-routes", "auto", {"input": "x"}, {}, "/v1/embeddings"),
+    ("allowed tool", "sk-liam-tools", "auto", {"tools": TOOLS}, {}, "/v1/chat/completions"),
+    ("no tools at all", "sk-liam-tools", "auto", {}, {}, "/v1/chat/completions"),
+    (
+        "team tools (anthropic shape)",
+        "sk-mia-team-tools",
+        "claude",
+        {"tools": [{"name": "search", "input_schema": {}}], "max_tokens": 5},
+        {},
+        "/v1/messages",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "model", "extra", "headers", "path"),
+    RULES_ALLOWED,
+    ids=[r[0] for r in RULES_ALLOWED],
+)
+def test_rules_allow(
+    policy: CompiledPolicy,
+    name: str,
+    key: str,
+    model: str,
+    extra: dict[str, Any],
+    headers: dict[str, str],
+    path: str,
+) -> None:
+    assert call(policy, key, model, extra=extra, headers=headers, path=path).caller is not None
+
+
+RULES_DENIED: list[tuple[str, str, str, dict[str, Any], str, int, str]] = [
+    (
+        "agent key without trace id",
+        "sk-jack-agent",
+        "auto",
+        {},
+        "/v1/chat/completions",
+        400,
+        "trace_id_required",
+    ),
+    (
+        "route not allowed",
+        "sk-kate-routes",
+        "auto",
+        {},
+        "/v1/chat/completions",
+        403,
+        "route_not_allowed",
+    ),
+    (
+        "tool not allowed",
+        "sk-liam-tools",
+        "auto",
+        {"tools": [{"type": "function", "function": {"name": "rm_rf"}}]},
+        "/v1/chat/completions",
+        403,
+        "tool_access_denied",
+    ),
+    (
+        "team tool not allowed",
+        "sk-mia-team-tools",
+        "auto",
+        {"tools": [{"type": "web_search"}]},
+        "/v1/responses",
+        403,
+        "tool_access_denied",
+    ),
+    (
+        "tools not a list",
+        "sk-liam-tools",
+        "auto",
+        {"tools": "x"},
+        "/v1/chat/completions",
+        400,
+        "invalid_parameter",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "model", "extra", "path", "status", "code"),
+    RULES_DENIED,
+    ids=[r[0] for r in RULES_DENIED],
+)
+def test_rules_deny(
+    policy: CompiledPolicy,
+    name: str,
+    key: str,
+    model: str,
+    extra: dict[str, Any],
+    path: str,
+    status: int,
+    code: str,
+) -> None:
+    with pytest.raises(GatewayError) as info:
+        call(policy, key, model, extra=extra, path=path)
+    assert (info.value.status, info.value.code) == (status, code)
+
+
+def test_general_settings(tmp_path: Path) -> None:
+    text = (POLICIES / "keys.yaml").read_text() + (
+        "general_settings: {enforce_user_param: true, reject_clientside_metadata_tags: true}\n"
+    )
+    path = tmp_path / "strict.yaml"
+    path.write_text(text)
+    strict = load_policy(path, env=ENV)
+    assert call(strict, "sk-alice-all", "auto", extra={"user": "u1"}).request.user == "u1"
+    cases: list[tuple[dict[str, Any], dict[str, str], str]] = [
+        ({}, {}, "user_param_required"),
+        ({"user": "u1", "metadata": {"tags": ["x"]}}, {}, "clientside_tags_rejected"),
+        ({"user": "u1"}, {"x-litellm-tags": "x"}, "clientside_tags_rejected"),
+    ]
+    for extra, headers, code in cases:
+        with pytest.raises(GatewayError) as info:
+            call(strict, "sk-alice-all", "auto", extra=extra, headers=headers)
+        assert (info.value.status, info.value.code) == (400, code)
 
 
 @pytest.mark.parametrize(
