@@ -70,11 +70,13 @@ def _head_from_proto(headers: pb.HttpHeaders) -> RequestHead:
 class _Stream:
     """One HTTP request's trip through the phases; typed state, no dict of extras."""
 
-    __slots__ = ("_chunks", "_gateway", "_head", "_size", "_started", "finished")
+    __slots__ = ("_chunks", "_gateway", "_head", "_policy", "_size", "_started", "finished")
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
         self._head: RequestHead | None = None
+        # Rule: one request sees one policy snapshot, even across a reload.
+        self._policy = gateway.policy
         self._chunks: list[bytes] = []
         self._size = 0
         self._started = 0.0
@@ -95,7 +97,7 @@ class _Stream:
         head = self._head = _head_from_proto(msg)
         gateway = self._gateway
         decision = decide_head(
-            head, gateway.config, gateway.policy, gateway.clock(), has_body=not msg.end_of_stream
+            head, gateway.config, self._policy, gateway.clock(), has_body=not msg.end_of_stream
         )
         common = pb.CommonResponse(header_mutation=_header_mutation((), decision.remove_headers))
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
@@ -126,7 +128,7 @@ class _Stream:
         raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         decision = decide(
-            self._head, raw, gateway.policy, gateway.config, gateway.rng, now=gateway.clock()
+            self._head, raw, self._policy, gateway.config, gateway.rng, now=gateway.clock()
         )
         self._record(decision)
         self.finished = True

@@ -7,6 +7,7 @@ handling reads ``gateway.policy`` once per request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Callable
@@ -57,6 +58,25 @@ class Gateway:
     @property
     def policy(self) -> CompiledPolicy:
         return self._policy
+
+    async def watch_policy(self, interval_s: float) -> None:
+        """Reload the policy whenever its file changes (mtime, size or inode)."""
+        path = self.settings.policy_path
+
+        def stamp() -> tuple[float, int, int] | None:
+            try:
+                st = path.stat()
+            except OSError:
+                return None
+            return (st.st_mtime, st.st_size, st.st_ino)
+
+        seen = stamp()
+        while True:
+            await asyncio.sleep(interval_s)
+            current = stamp()
+            if current is not None and current != seen:
+                seen = current
+                self.reload_policy()
 
     def reload_policy(self, path: Path | None = None) -> bool:
         """Load the policy again; on error keep the old one and log why."""

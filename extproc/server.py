@@ -51,6 +51,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
 
     runner = web.AppRunner(make_admin_app(gateway), access_log=None, handle_signals=False)
     loop = asyncio.get_running_loop()
+    watcher: asyncio.Task[None] | None = None
     # Rule: everything started below is stopped in the finally, startup failures included.
     try:
         await runner.setup()
@@ -72,8 +73,12 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             len(gateway.policy.groups),
             gateway.store.name,
         )
+        if settings.policy_poll_s > 0:
+            watcher = asyncio.create_task(gateway.watch_policy(settings.policy_poll_s))
         await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         log.info(
             "shutting down: letting in-flight streams finish (%.1fs)", settings.shutdown_grace_s
         )

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     #: Allow ``credential: {value: ...}`` in the policy; off so files hold no secret.
     allow_inline_credentials: bool = False
+    #: How often the policy file is checked for changes (0 turns watching off;
+    #: SIGHUP still reloads).
+    policy_poll_s: float = Field(default=0.5, ge=0)
     #: Seconds in-flight streams get to finish on SIGTERM.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     #: Use uvloop when it is installed.
