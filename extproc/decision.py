@@ -86,7 +86,7 @@ class RouteDecision:
 def _authenticate(head: RequestHead, policy: CompiledPolicy, now: datetime) -> Caller | None:
     if not policy.auth_required:
         return None
-    caller = authenticate(head.caller_key(), policy.keys, policy.teams, policy.agents, now)
+    caller = authenticate(head.caller_key(), policy.directory, now)
     check_route(caller, head.path)
     return caller
 

@@ -14,7 +14,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -27,9 +27,13 @@ __all__ = [
     "TRACE_ID_HEADER",
     "Agent",
     "Caller",
+    "Directory",
     "GeneralSettings",
     "KeyMetadata",
+    "Organization",
+    "Project",
     "Team",
+    "User",
     "VirtualKey",
     "authenticate",
     "check_model_access",
@@ -74,6 +78,8 @@ class VirtualKey(BaseModel):
     alias: str | None = Field(default=None, max_length=256)
     team: str | None = None
     user: str | None = None
+    org: str | None = None
+    project: str | None = None
     #: Model groups, wildcards (``*``, ``openai/*``) or access groups; empty = all.
     models: tuple[str, ...] = ()
     agent: str | None = None
@@ -105,7 +111,32 @@ class Team(BaseModel):
     models: tuple[str, ...] = ()
     #: Names the team's callers may use for a model group (alias → group).
     model_aliases: dict[str, str] = Field(default_factory=dict)
+    org: str | None = None
     metadata: KeyMetadata = KeyMetadata()
+
+
+class User(BaseModel):
+    """An internal user; their model list applies to their personal (team-less) keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    models: tuple[str, ...] = ()
+
+
+class Organization(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    models: tuple[str, ...] = ()
+
+
+class Project(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    blocked: bool = False
+    models: tuple[str, ...] = ()
 
 
 class Agent(BaseModel):
@@ -131,21 +162,30 @@ class GeneralSettings(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class Directory:
+    """Every identity object of the policy, indexed (keys by hash, the rest by id)."""
+
+    keys: Mapping[str, VirtualKey] = field(default_factory=dict)
+    teams: Mapping[str, Team] = field(default_factory=dict)
+    agents: Mapping[str, Agent] = field(default_factory=dict)
+    users: Mapping[str, User] = field(default_factory=dict)
+    orgs: Mapping[str, Organization] = field(default_factory=dict)
+    projects: Mapping[str, Project] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Caller:
-    """The authenticated caller of one request."""
+    """The authenticated caller of one request and the objects its key names."""
 
     key: VirtualKey
     team: Team | None
     agent: Agent | None = None
+    user: User | None = None
+    org: Organization | None = None
+    project: Project | None = None
 
 
-def authenticate(
-    api_key: str | None,
-    keys: Mapping[str, VirtualKey],
-    teams: Mapping[str, Team],
-    agents: Mapping[str, Agent],
-    now: datetime,
-) -> Caller:
+def authenticate(api_key: str | None, directory: Directory, now: datetime) -> Caller:
     """The caller behind ``api_key``, or a 401/403."""
     if not api_key:
         raise AuthenticationError(
@@ -153,17 +193,28 @@ def authenticate(
             code="missing_api_key",
         )
     digest = hash_key(api_key)
-    key = keys.get(digest)
+    key = directory.keys.get(digest)
     if key is None or not hmac.compare_digest(key.hash, digest):
         raise AuthenticationError("Invalid API key.", code="invalid_api_key")
     if key.expires is not None and key.expires <= now:
         raise AuthenticationError(f"API key {key.label} has expired.", code="key_expired")
     if key.blocked:
         raise PermissionDeniedError(f"API key {key.label} is blocked.", code="key_blocked")
-    team = teams.get(key.team) if key.team else None
+    team = directory.teams.get(key.team) if key.team else None
     if team is not None and team.blocked:
         raise PermissionDeniedError(f"Team {team.id} is blocked.", code="team_blocked")
-    return Caller(key, team, agents.get(key.agent) if key.agent else None)
+    project = directory.projects.get(key.project) if key.project else None
+    if project is not None and project.blocked:
+        raise PermissionDeniedError(f"Project {project.id} is blocked.", code="project_blocked")
+    org_id = key.org or (team.org if team is not None else None)
+    return Caller(
+        key,
+        team,
+        agent=directory.agents.get(key.agent) if key.agent else None,
+        user=directory.users.get(key.user) if key.user else None,
+        org=directory.orgs.get(org_id) if org_id else None,
+        project=project,
+    )
 
 
 def _route_allowed(pattern: str, path: str) -> bool:
@@ -267,13 +318,26 @@ def check_model_access(
     providers: Iterable[str],
     access_groups: Mapping[str, frozenset[str]],
 ) -> None:
-    """Raise a 403 unless the key and its team may both use ``group``."""
+    """Raise a 403 unless every object of the caller with a model list allows ``group``.
+
+    Order: key, team, user (personal keys only, as in LiteLLM), organization, project.
+    """
     provider_list = tuple(providers)
     owners: list[tuple[str, tuple[str, ...], str]] = [
         (f"API key {caller.key.label}", caller.key.models, "key_model_access_denied")
     ]
     if caller.team is not None:
         owners.append((f"Team {caller.team.id}", caller.team.models, "team_model_access_denied"))
+    elif caller.user is not None:
+        owners.append((f"User {caller.user.id}", caller.user.models, "user_model_access_denied"))
+    if caller.org is not None:
+        owners.append(
+            (f"Organization {caller.org.id}", caller.org.models, "org_model_access_denied")
+        )
+    if caller.project is not None:
+        owners.append(
+            (f"Project {caller.project.id}", caller.project.models, "project_model_access_denied")
+        )
     for who, models, code in owners:
         if not models:
             continue

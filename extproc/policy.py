@@ -22,7 +22,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from extproc.keys import Agent, GeneralSettings, Team, VirtualKey
+from extproc.keys import (
+    Agent,
+    Directory,
+    GeneralSettings,
+    Organization,
+    Project,
+    Team,
+    User,
+    VirtualKey,
+)
 from extproc.providers import auth_header_for
 
 __all__ = [
@@ -143,6 +152,9 @@ class Policy(_Model):
     keys: tuple[VirtualKey, ...] = ()
     teams: tuple[Team, ...] = ()
     agents: tuple[Agent, ...] = ()
+    users: tuple[User, ...] = ()
+    orgs: tuple[Organization, ...] = ()
+    projects: tuple[Project, ...] = ()
     general_settings: GeneralSettings = GeneralSettings()
 
     @model_validator(mode="after")
@@ -158,13 +170,25 @@ class Policy(_Model):
                     raise ValueError(
                         f"team {team.id!r} aliases {alias!r} to unknown model group {target!r}"
                     )
-        agent_ids = {a.id for a in self.agents}
-        if len(agent_ids) != len(self.agents):
-            raise ValueError("an agent id is defined twice")
+        ids: dict[str, set[str]] = {}
+        for kind, objects in (
+            ("agent", self.agents),
+            ("user", self.users),
+            ("org", self.orgs),
+            ("project", self.projects),
+        ):
+            ids[kind] = {o.id for o in objects}
+            if len(ids[kind]) != len(objects):
+                raise ValueError(f"{kind} ids must be unique")
+        for team in self.teams:
+            if team.org is not None and team.org not in ids["org"]:
+                raise ValueError(f"team {team.id!r} names unknown org {team.org!r}")
         hashes: set[str] = set()
         for key in self.keys:
-            if key.agent is not None and key.agent not in agent_ids:
-                raise ValueError(f"key {key.label} names unknown agent {key.agent!r}")
+            for kind in ("agent", "user", "org", "project"):
+                ref = getattr(key, kind)
+                if ref is not None and ref not in ids[kind]:
+                    raise ValueError(f"key {key.label} names unknown {kind} {ref!r}")
             if key.hash in hashes:
                 raise ValueError(f"key hash {key.hash[:8]}... is listed twice")
             hashes.add(key.hash)
@@ -229,17 +253,15 @@ class CompiledPolicy:
 
     groups: Mapping[str, CompiledGroup]
     source: str = "<memory>"
-    #: Keys by hash; empty means the gateway does not authenticate callers.
-    keys: Mapping[str, VirtualKey] = field(default_factory=dict)
-    teams: Mapping[str, Team] = field(default_factory=dict)
-    agents: Mapping[str, Agent] = field(default_factory=dict)
+    #: Keys and the objects they name; no keys means no caller is authenticated.
+    directory: Directory = field(default_factory=Directory)
     general: GeneralSettings = field(default_factory=GeneralSettings)
     #: Access group name → model group names in it.
     access_groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def auth_required(self) -> bool:
-        return bool(self.keys)
+        return bool(self.directory.keys)
 
     @property
     def clusters(self) -> frozenset[str]:
@@ -362,9 +384,14 @@ def compile_policy(
     return CompiledPolicy(
         groups=groups,
         source=source,
-        keys={k.hash: k for k in policy.keys},
-        teams={t.id: t for t in policy.teams},
-        agents={a.id: a for a in policy.agents},
+        directory=Directory(
+            keys={k.hash: k for k in policy.keys},
+            teams={t.id: t for t in policy.teams},
+            agents={a.id: a for a in policy.agents},
+            users={u.id: u for u in policy.users},
+            orgs={o.id: o for o in policy.orgs},
+            projects={p.id: p for p in policy.projects},
+        ),
         general=policy.general_settings,
         access_groups={name: frozenset(m) for name, m in members.items()},
     )

@@ -57,6 +57,10 @@ ALLOWED = [
     ("wildcard pattern", "sk-gina-wildcard", "only-a", "only-a-dep"),
     ("access group", "sk-hank-access-group", "auto", "dep-a"),
     ("provider wildcard", "sk-ivy-provider", "claude", "dep-claude"),
+    ("user models on a personal key", "sk-nina-user", "only-a", "only-a-dep"),
+    ("org models", "sk-oscar-org", "claude", "dep-claude"),
+    ("org through the team", "sk-rita-team-org", "claude", "dep-claude"),
+    ("project models", "sk-quinn-project", "auto", "dep-a"),
 ]
 
 # (name, key, model, extra body, extra headers, path)
@@ -220,6 +224,11 @@ DENIED = [
         403,
         "key_model_access_denied",
     ),
+    ("user model not listed", "sk-nina-user", "auto", 403, "user_model_access_denied"),
+    ("org model not listed", "sk-oscar-org", "auto", 403, "org_model_access_denied"),
+    ("team's org model not listed", "sk-rita-team-org", "auto", 403, "org_model_access_denied"),
+    ("blocked project", "sk-pia-project-blocked", "auto", 403, "project_blocked"),
+    ("project model not listed", "sk-quinn-project", "claude", 403, "project_model_access_denied"),
     ("alias of another team is not an alias", "sk-alice-all", "fast", 404, "model_not_found"),
 ]
 
@@ -278,6 +287,9 @@ def test_hash_and_new_key(capsys: pytest.CaptureFixture[str]) -> None:
             "keys[0].expires: Input should have timezone info",
         ),
         ("teams: [{id: t, model_aliases: {x: nowhere}}]", "unknown model group 'nowhere'"),
+        ("keys: [{hash: " + "a" * 64 + ", project: ghost}]", "names unknown project 'ghost'"),
+        ("teams: [{id: t, org: ghost}]", "names unknown org 'ghost'"),
+        ("users: [{id: u}, {id: u}]", "user ids must be unique"),
         ("keys: [{hash: " + "a" * 64 + "}, {hash: " + "A" * 64 + "}]", "listed twice"),
     ],
 )
