@@ -52,7 +52,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
 
-    def _decide(self, request: pb.CheckRequest) -> pb.CheckResponse:
+    async def _decide(self, request: pb.CheckRequest) -> pb.CheckResponse:
         gateway = self._gateway
         http = request.attributes.request.http
         headers = {k.lower(): v for k, v in http.headers.items()}
@@ -69,6 +69,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 ok_response=pb.OkHttpResponse(headers_to_remove=head_decision.remove_headers),
             )
         decision = decide(head, body, policy, gateway.config, gateway.rng, now=now)
+        await gateway.check_budgets(decision)
         dep = decision.deployment
         gateway.metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
         gateway.metrics.routed.labels(dep.group, dep.id).inc()
@@ -88,7 +89,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         context: grpc.aio.ServicerContext[pb.CheckRequest, pb.CheckResponse],
     ) -> pb.CheckResponse:
         try:
-            return self._decide(request)
+            return await self._decide(request)
         except GatewayError as err:
             self._gateway.metrics.rejected.labels(str(err.status), err.code).inc()
             return denied_response(err)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
+from extproc.budgets import BudgetRef, applicable_budgets
 from extproc.errors import (
     MissingParameterError,
     ModelNotFoundError,
@@ -78,6 +79,8 @@ class RouteDecision:
     request: LLMRequest
     caller: Caller | None
     deployment: CompiledDeployment
+    #: Budgets to check against spend from the store before admitting the request.
+    budgets: tuple[BudgetRef, ...]
     set_headers: tuple[tuple[str, str], ...]
     remove_headers: tuple[str, ...]
     body: bytes
@@ -183,6 +186,17 @@ def decide(
         trace_id=head.headers.get(TRACE_ID_HEADER),
         tool_names=endpoint.tool_names(request.body),
     )
+    budgets: tuple[BudgetRef, ...] = ()
+    if not group.zero_cost:
+        end_user = request.user
+        budgets = applicable_budgets(
+            caller,
+            end_user=policy.end_users.get(end_user) if end_user else None,
+            default_end_user_budget=policy.general.default_end_user_max_budget,
+            end_user_id=end_user,
+            tags=[policy.tag_budgets[t] for t in request.tags if t in policy.tag_budgets],
+            global_budget=policy.general.max_budget,
+        )
     deployment = pick_deployment(group, rng)
     body = replace_member(raw_body, request.model_span, deployment.model)
     set_headers: list[tuple[str, str]] = [(config.cluster_header, deployment.cluster)]
@@ -196,6 +210,7 @@ def decide(
         request=request,
         caller=caller,
         deployment=deployment,
+        budgets=budgets,
         set_headers=tuple(set_headers),
         remove_headers=remove,
         body=body,

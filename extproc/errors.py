@@ -15,6 +15,7 @@ invent status codes of their own::
     │   ├── ModelNotFoundError        404 code=model_not_found
     │   └── UnknownRouteError         404 code=unknown_route
     ├── PayloadTooLargeError          413 code=payload_too_large
+    ├── BudgetExceededError           429 budget_exceeded (code names the budget kind)
     ├── UnsupportedMediaTypeError     415 code=unsupported_content_encoding
     ├── InternalError                 500 code=internal_error (a bug; logged with traceback)
     └── ServiceUnavailableError       503 code=service_unavailable (store down, fail closed)
@@ -30,6 +31,7 @@ from typing import ClassVar
 __all__ = [
     "AuthenticationError",
     "BadRequestError",
+    "BudgetExceededError",
     "GatewayError",
     "InternalError",
     "InvalidJSONError",
@@ -133,6 +135,12 @@ class PayloadTooLargeError(GatewayError):
 class UnsupportedMediaTypeError(GatewayError):
     status = 415
     default_code = "unsupported_content_encoding"
+
+
+class BudgetExceededError(GatewayError):
+    status = 429
+    err_type = "budget_exceeded"
+    default_code = "budget_exceeded"
 
 
 class ServiceUnavailableError(GatewayError):

@@ -109,7 +109,7 @@ class _Stream:
             self.finished = True
         return reply
 
-    def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+    async def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         gateway = self._gateway
         self._size += len(msg.body)
         if self._size > gateway.config.max_body_bytes:
@@ -130,6 +130,7 @@ class _Stream:
         decision = decide(
             self._head, raw, self._policy, gateway.config, gateway.rng, now=gateway.clock()
         )
+        await gateway.check_budgets(decision)
         self._record(decision)
         self.finished = True
         common = pb.CommonResponse(
@@ -146,14 +147,14 @@ class _Stream:
         metrics.routed.labels(dep.group, dep.id).inc()
         metrics.decision_seconds.observe(time.perf_counter() - self._started)
 
-    def handle(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
+    async def handle(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
         """Answer one message; every refusal becomes an immediate response."""
         phase = msg.WhichOneof("request")
         try:
             if phase == "request_headers":
                 return self.on_request_headers(msg.request_headers)
             if phase == "request_body":
-                return self.on_request_body(msg.request_body)
+                return await self.on_request_body(msg.request_body)
         except GatewayError as err:
             return self._refuse(err, phase or "unknown")
         except Exception:
@@ -193,7 +194,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         metrics.streams_active.inc()
         try:
             async for msg in request_iterator:
-                yield stream.handle(msg)
+                yield await stream.handle(msg)
         finally:
             # Envoy ends the stream as soon as it needs no more phases, and resets it
             # when the client goes away mid-request (grpc.aio then just ends the

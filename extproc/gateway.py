@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from extproc.decision import GatewayConfig
+from extproc.budgets import check_budgets
+from extproc.decision import GatewayConfig, RouteDecision
+from extproc.errors import ServiceUnavailableError
 from extproc.metrics import Metrics
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
 from extproc.settings import Settings
-from extproc.store import Store, open_store
+from extproc.store import Store, StoreError, open_store
 
 __all__ = ["Gateway"]
 
@@ -46,6 +49,7 @@ class Gateway:
         self.rng: Callable[[], float] = rng or random.SystemRandom().random
         self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self.ready = True
+        self._last_store_log = float("-inf")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -77,6 +81,32 @@ class Gateway:
             if current is not None and current != seen:
                 seen = current
                 self.reload_policy()
+
+    async def check_budgets(self, decision: RouteDecision) -> None:
+        """Read the spend of every budget the request falls under (one store round trip)
+        and refuse it if one is reached; a store failure goes to the fail mode."""
+        if not decision.budgets:
+            return
+        try:
+            spends = await self.store.get_many([b.store_key for b in decision.budgets])
+        except StoreError as exc:
+            mode = self.settings.fail_mode
+            self.metrics.fail_mode_used.labels(mode).inc()
+            self._log_store_failure(exc)
+            if mode == "closed":
+                raise ServiceUnavailableError(
+                    "The gateway cannot check budgets right now; try again shortly.",
+                    code="store_unavailable",
+                ) from None
+            return
+        check_budgets(decision.budgets, spends)
+
+    def _log_store_failure(self, exc: StoreError) -> None:
+        """At most one log line per 10 s: a dead store must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_store_log >= 10.0:
+            self._last_store_log = now
+            log.warning("store unavailable, fail mode %s: %s", self.settings.fail_mode, exc)
 
     def reload_policy(self, path: Path | None = None) -> bool:
         """Load the policy again; on error keep the old one and log why."""

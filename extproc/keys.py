@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
@@ -85,6 +86,8 @@ class VirtualKey(BaseModel):
     agent: str | None = None
     blocked: bool = False
     expires: AwareDatetime | None = None
+    #: Dollars; spend at or above it is refused with a 429.
+    max_budget: Decimal | None = Field(default=None, ge=0)
     #: Paths this key may call (``*`` wildcards, ``llm_api_routes``); empty = all.
     allowed_routes: tuple[str, ...] = ()
     metadata: KeyMetadata = KeyMetadata()
@@ -112,6 +115,7 @@ class Team(BaseModel):
     #: Names the team's callers may use for a model group (alias → group).
     model_aliases: dict[str, str] = Field(default_factory=dict)
     org: str | None = None
+    max_budget: Decimal | None = Field(default=None, ge=0)
     metadata: KeyMetadata = KeyMetadata()
 
 
@@ -122,6 +126,7 @@ class User(BaseModel):
 
     id: str = Field(min_length=1, max_length=128)
     models: tuple[str, ...] = ()
+    max_budget: Decimal | None = Field(default=None, ge=0)
 
 
 class Organization(BaseModel):
@@ -129,6 +134,7 @@ class Organization(BaseModel):
 
     id: str = Field(min_length=1, max_length=128)
     models: tuple[str, ...] = ()
+    max_budget: Decimal | None = Field(default=None, ge=0)
 
 
 class Project(BaseModel):
@@ -137,6 +143,7 @@ class Project(BaseModel):
     id: str = Field(min_length=1, max_length=128)
     blocked: bool = False
     models: tuple[str, ...] = ()
+    max_budget: Decimal | None = Field(default=None, ge=0)
 
 
 class Agent(BaseModel):
@@ -159,6 +166,10 @@ class GeneralSettings(BaseModel):
     enforce_user_param: bool = False
     #: Tags come from key metadata only; client-sent tags are a 400.
     reject_clientside_metadata_tags: bool = False
+    #: Dollars the whole gateway may spend.
+    max_budget: Decimal | None = Field(default=None, ge=0)
+    #: Budget for end users that have no entry of their own.
+    default_end_user_max_budget: Decimal | None = Field(default=None, ge=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from extproc.budgets import EndUser, TagBudget
 from extproc.keys import (
     Agent,
     Directory,
@@ -155,6 +156,8 @@ class Policy(_Model):
     users: tuple[User, ...] = ()
     orgs: tuple[Organization, ...] = ()
     projects: tuple[Project, ...] = ()
+    end_users: tuple[EndUser, ...] = ()
+    tags: tuple[TagBudget, ...] = ()
     general_settings: GeneralSettings = GeneralSettings()
 
     @model_validator(mode="after")
@@ -240,6 +243,18 @@ class CompiledGroup:
     #: Running sums of the weights, for weighted picks by bisection.
     cumulative_weights: tuple[float, ...]
 
+    @property
+    def zero_cost(self) -> bool:
+        """Every deployment is priced at zero: budget checks are skipped (LiteLLM)."""
+        return all(
+            d.prices is not None
+            and not d.prices.input_cost_per_token
+            and not d.prices.output_cost_per_token
+            and not d.prices.cache_read_input_token_cost
+            and not d.prices.cache_creation_input_token_cost
+            for d in self.deployments
+        )
+
     def pick_weighted(self, u: float) -> CompiledDeployment:
         """The deployment at ``u`` in [0, 1) of the weight line."""
         total = self.cumulative_weights[-1]
@@ -256,6 +271,8 @@ class CompiledPolicy:
     #: Keys and the objects they name; no keys means no caller is authenticated.
     directory: Directory = field(default_factory=Directory)
     general: GeneralSettings = field(default_factory=GeneralSettings)
+    end_users: Mapping[str, EndUser] = field(default_factory=dict)
+    tag_budgets: Mapping[str, TagBudget] = field(default_factory=dict)
     #: Access group name → model group names in it.
     access_groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
@@ -393,6 +410,8 @@ def compile_policy(
             projects={p.id: p for p in policy.projects},
         ),
         general=policy.general_settings,
+        end_users={e.id: e for e in policy.end_users},
+        tag_budgets={t.name: t for t in policy.tags},
         access_groups={name: frozenset(m) for name, m in members.items()},
     )
 
