@@ -13,8 +13,8 @@ The committed files in ``envoy/`` are this module's output for the example polic
 * routes: a request carrying the routing header goes to that cluster; an LLM path
   without it (the server was down and Envoy failed open) gets a 503, anything else a
   404, both as OpenAI-style JSON;
-* ``local_reply_config`` turns Envoy's own errors (413, ext_proc failure, no healthy
-  upstream) into OpenAI-style JSON, leaving the server's errors as they are.
+* ``local_reply_config`` turns local 413 and 5xx replies (ext_proc failure, no
+  healthy upstream) into OpenAI-style JSON.
 """
 
 from __future__ import annotations
@@ -190,37 +190,32 @@ def _ext_authz_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]
 
 
 def _local_reply_config() -> dict[str, Any]:
-    """Envoy's own error replies as OpenAI-style JSON; the server's are left alone."""
-    not_ours = {
-        "header_filter": {
-            "header": {"name": ERROR_HEADER, "present_match": True, "invert_match": True}
-        }
-    }
+    """Every local reply of these statuses as OpenAI-style JSON.
+
+    Access-log filters cannot see response headers, so a mapper cannot tell the
+    server's own 5xx from Envoy's: both are rewritten here, the details (our
+    ``extproc_<code>``) go into the message and the server's ``x-extproc-error``
+    header is kept. The server's 4xx replies are never rewritten.
+    """
 
     def mapper(status: int, err_type: str, code: str, message: str) -> dict[str, Any]:
         return {
             "filter": {
-                "and_filter": {
-                    "filters": [
-                        {
-                            "status_code_filter": {
-                                "comparison": {
-                                    "op": "EQ",
-                                    "value": {
-                                        "default_value": status,
-                                        "runtime_key": f"extproc.local_reply.{status}",
-                                    },
-                                }
-                            }
+                "status_code_filter": {
+                    "comparison": {
+                        "op": "EQ",
+                        "value": {
+                            "default_value": status,
+                            "runtime_key": f"extproc.local_reply.{status}",
                         },
-                        not_ours,
-                    ]
+                    }
                 }
             },
             "headers_to_add": [
                 {
                     "header": {"key": ERROR_HEADER, "value": code},
-                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    # the server's own code, when it set one, stays
+                    "append_action": "ADD_IF_ABSENT",
                 }
             ],
             "body_format_override": {

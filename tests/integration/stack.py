@@ -149,10 +149,11 @@ def start_stack(
     *,
     mode: Literal["ext_proc", "ext_authz"] = "ext_proc",
     policy: Path = VALID_POLICY,
+    server_env: dict[str, str] | None = None,
 ) -> Iterator[Stack]:
     with (
         start_mocks(workdir) as mocks,
-        start_server(workdir, policy) as (server, grpc_port, admin_port),
+        start_server(workdir, policy, server_env) as (server, grpc_port, admin_port),
         start_envoy(workdir, mocks, grpc_port, mode=mode) as (envoy, url, envoy_admin),
     ):
         wait_for_extproc_healthy(envoy_admin)

@@ -1,0 +1,127 @@
+"""Budget checks against spend read from the store, and the fail mode."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from extproc.budgets import MICRO, spend_key
+from extproc.decision import GatewayConfig, RouteDecision, decide
+from extproc.errors import GatewayError
+from extproc.gateway import Gateway
+from extproc.keys import hash_key
+from extproc.policy import CompiledPolicy, load_policy
+from extproc.request import RequestHead
+from extproc.settings import Settings
+from extproc.store import MemoryStore, StoreError
+
+POLICY = Path(__file__).resolve().parent.parent / "policies" / "budgets.yaml"
+ENV = {"TEST_KEY_A": "sk-a"}
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+SAM = hash_key("sk-sam-budget")
+
+
+@pytest.fixture(scope="module")
+def policy() -> CompiledPolicy:
+    return load_policy(POLICY, env=ENV)
+
+
+def route(policy: CompiledPolicy, key: str, **body: object) -> RouteDecision:
+    head = RequestHead("POST", "/v1/chat/completions", {"authorization": f"Bearer {key}"})
+    raw = json.dumps({"model": "auto", "messages": [], **body}).encode()
+    return decide(head, raw, policy, GatewayConfig(), lambda: 0.1, now=NOW)
+
+
+def test_applicable_budgets_in_order(policy: CompiledPolicy) -> None:
+    decision = route(
+        policy, "sk-sam-budget", user="someone", metadata={"tags": ["marketing", "other"]}
+    )
+    assert [(b.kind, b.ident, str(b.limit)) for b in decision.budgets] == [
+        ("key", SAM, "10"),
+        ("org", "o-budget", "100"),
+        ("end_user", "someone", "1"),  # the default end-user budget
+        ("tag", "marketing", "2"),
+        ("global", "all", "1000"),
+    ]
+    assert ("end_user", "vip", "50") in [
+        (b.kind, b.ident, str(b.limit)) for b in route(policy, "sk-sam-budget", user="vip").budgets
+    ]
+    assert [b.kind for b in route(policy, "sk-tess-team-budget").budgets] == ["team", "global"]
+
+
+def test_zero_cost_group_skips_budgets(policy: CompiledPolicy) -> None:
+    assert route(policy, "sk-sam-budget", model="free").budgets == ()
+
+
+async def seeded(policy: CompiledPolicy, spends: dict[str, float], **settings: str) -> Gateway:
+    store = MemoryStore()
+    for key, dollars in spends.items():
+        await store.incr(key, int(dollars * int(MICRO)), ttl_s=3600)
+    return Gateway(Settings(policy_path=POLICY, **settings), policy, store)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("spends", "key", "body", "code"),
+    [
+        ({spend_key("key", SAM): 10}, "sk-sam-budget", {}, "key_budget_exceeded"),
+        ({spend_key("team", "t-budget"): 5.5}, "sk-tess-team-budget", {}, "team_budget_exceeded"),
+        ({spend_key("org", "o-budget"): 100}, "sk-sam-budget", {}, "org_budget_exceeded"),
+        (
+            {spend_key("end_user", "u1"): 1},
+            "sk-sam-budget",
+            {"user": "u1"},
+            "end_user_budget_exceeded",
+        ),
+        (
+            {spend_key("tag", "marketing"): 2},
+            "sk-sam-budget",
+            {"metadata": {"tags": ["marketing"]}},
+            "tag_budget_exceeded",
+        ),
+        ({spend_key("global", "all"): 1000}, "sk-tess-team-budget", {}, "global_budget_exceeded"),
+    ],
+)
+async def test_spend_at_budget_is_a_429(
+    policy: CompiledPolicy,
+    spends: dict[str, float],
+    key: str,
+    body: dict[str, object],
+    code: str,
+) -> None:
+    gateway = await seeded(policy, spends)
+    with pytest.raises(GatewayError) as info:
+        await gateway.check_budgets(route(policy, key, **body))
+    assert (info.value.status, info.value.code) == (429, code)
+    assert key not in info.value.message
+
+
+async def test_spend_under_budget_passes(policy: CompiledPolicy) -> None:
+    gateway = await seeded(policy, {spend_key("key", SAM): 9.999999})
+    await gateway.check_budgets(route(policy, "sk-sam-budget"))
+
+
+class DownStore(MemoryStore):
+    name = "down"
+
+    async def get_many(self, keys: Sequence[str]) -> list[int | None]:
+        raise StoreError("connection refused")
+
+
+@pytest.mark.parametrize(("mode", "status"), [("open", None), ("closed", 503)])
+async def test_store_down_follows_fail_mode(
+    policy: CompiledPolicy, mode: str, status: int | None
+) -> None:
+    gateway = Gateway(Settings(policy_path=POLICY, fail_mode=mode), policy, DownStore())  # type: ignore[arg-type]
+    decision = route(policy, "sk-sam-budget")
+    for _ in range(3):
+        if status is None:
+            await gateway.check_budgets(decision)
+        else:
+            with pytest.raises(GatewayError) as info:
+                await gateway.check_budgets(decision)
+            assert (info.value.status, info.value.code) == (status, "store_unavailable")
+    assert gateway.metrics.fail_mode_used.labels(mode)._value.get() == 3
