@@ -23,6 +23,7 @@ __all__ = [
     "BudgetRef",
     "EndUser",
     "TagBudget",
+    "alert_key",
     "applicable_budgets",
     "check_budgets",
     "spend_key",
@@ -55,11 +56,18 @@ class BudgetRef:
     kind: str
     ident: str
     label: str
-    limit: Decimal
+    limit: Decimal | None
+    #: Crossing it raises one alert per window, never a refusal.
+    soft: Decimal | None = None
 
     @property
     def store_key(self) -> str:
         return spend_key(self.kind, self.ident)
+
+
+def alert_key(ref: BudgetRef) -> str:
+    """The store key that makes a soft-budget alert fire once per window."""
+    return f"alert:soft:{ref.kind}:{ref.ident}"
 
 
 def spend_key(kind: str, ident: str) -> str:
@@ -82,14 +90,18 @@ def applicable_budgets(
     """The budgets this request is checked against, in LiteLLM's order."""
     refs: list[BudgetRef] = []
 
-    def add(kind: str, ident: str, label: str, limit: Decimal | None) -> None:
-        if limit is not None:
-            refs.append(BudgetRef(kind, ident, label, limit))
+    def add(
+        kind: str, ident: str, label: str, limit: Decimal | None, soft: Decimal | None = None
+    ) -> None:
+        if limit is not None or soft is not None:
+            refs.append(BudgetRef(kind, ident, label, limit, soft))
 
     if caller is not None:
-        add("key", caller.key.hash, f"API key {caller.key.label}", caller.key.max_budget)
+        key = caller.key
+        add("key", key.hash, f"API key {key.label}", key.max_budget, key.soft_budget)
         if caller.team is not None:
-            add("team", caller.team.id, f"team {caller.team.id}", caller.team.max_budget)
+            team = caller.team
+            add("team", team.id, f"team {team.id}", team.max_budget, team.soft_budget)
         elif caller.user is not None:
             add("user", caller.user.id, f"user {caller.user.id}", caller.user.max_budget)
         if caller.org is not None:
@@ -115,12 +127,17 @@ def applicable_budgets(
     return tuple(refs)
 
 
-def check_budgets(refs: Sequence[BudgetRef], spends: Sequence[int | None]) -> None:
-    """Raise a 429 for the first budget whose spend has reached its limit."""
+def check_budgets(refs: Sequence[BudgetRef], spends: Sequence[int | None]) -> tuple[BudgetRef, ...]:
+    """Raise a 429 for the first budget whose spend has reached its limit; return the
+    budgets whose soft limit has been crossed (for alerts)."""
+    crossed: list[BudgetRef] = []
     for ref, spent in zip(refs, spends, strict=True):
         spend = Decimal(spent or 0) / MICRO
-        if spend >= ref.limit:
+        if ref.soft is not None and spend >= ref.soft:
+            crossed.append(ref)
+        if ref.limit is not None and spend >= ref.limit:
             raise BudgetExceededError(
                 f"Budget exceeded for {ref.label}: spend ${spend:.6f}, budget ${ref.limit}.",
                 code=f"{ref.kind}_budget_exceeded",
             )
+    return tuple(crossed)

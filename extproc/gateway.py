@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from extproc.budgets import check_budgets
+from extproc.budgets import BudgetRef, alert_key, check_budgets
 from extproc.decision import GatewayConfig, RouteDecision
 from extproc.errors import ServiceUnavailableError
 from extproc.metrics import Metrics
@@ -26,6 +26,9 @@ from extproc.store import Store, StoreError, open_store
 __all__ = ["Gateway"]
 
 log = logging.getLogger("extproc")
+
+#: Until budgets have windows of their own, a soft-budget alert fires once a day.
+SOFT_ALERT_WINDOW_S = 86_400.0
 
 
 class Gateway:
@@ -99,7 +102,18 @@ class Gateway:
                     code="store_unavailable",
                 ) from None
             return
-        check_budgets(decision.budgets, spends)
+        for ref in check_budgets(decision.budgets, spends):
+            await self._soft_budget_alert(ref)
+
+    async def _soft_budget_alert(self, ref: BudgetRef) -> None:
+        """Log and count a crossed soft budget once per window, across processes."""
+        try:
+            first = await self.store.incr(alert_key(ref), 1, SOFT_ALERT_WINDOW_S) == 1
+        except StoreError:
+            return  # an alert is never worth failing a request
+        if first:
+            self.metrics.soft_budget_alerts.labels(ref.kind).inc()
+            log.warning("soft budget crossed for %s (soft budget $%s)", ref.label, ref.soft)
 
     def _log_store_failure(self, exc: StoreError) -> None:
         """At most one log line per 10 s: a dead store must not flood the log."""

@@ -88,6 +88,8 @@ class VirtualKey(BaseModel):
     expires: AwareDatetime | None = None
     #: Dollars; spend at or above it is refused with a 429.
     max_budget: Decimal | None = Field(default=None, ge=0)
+    #: Dollars; crossing it raises an alert (log + metric), never a refusal.
+    soft_budget: Decimal | None = Field(default=None, ge=0)
     #: Paths this key may call (``*`` wildcards, ``llm_api_routes``); empty = all.
     allowed_routes: tuple[str, ...] = ()
     metadata: KeyMetadata = KeyMetadata()
@@ -116,6 +118,7 @@ class Team(BaseModel):
     model_aliases: dict[str, str] = Field(default_factory=dict)
     org: str | None = None
     max_budget: Decimal | None = Field(default=None, ge=0)
+    soft_budget: Decimal | None = Field(default=None, ge=0)
     metadata: KeyMetadata = KeyMetadata()
 
 

@@ -58,6 +58,12 @@ class Metrics:
             ["mode"],
             registry=self.registry,
         )
+        self.soft_budget_alerts = Counter(
+            "extproc_soft_budget_alerts",
+            "Soft budgets crossed (one per budget and window), by budget kind.",
+            ["kind"],
+            registry=self.registry,
+        )
         self.policy_reloads = Counter(
             "extproc_policy_reloads",
             "Policy reload attempts, by result.",

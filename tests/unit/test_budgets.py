@@ -125,3 +125,20 @@ async def test_store_down_follows_fail_mode(
                 await gateway.check_budgets(decision)
             assert (info.value.status, info.value.code) == (status, "store_unavailable")
     assert gateway.metrics.fail_mode_used.labels(mode)._value.get() == 3
+
+
+async def test_soft_budget_alerts_once_per_window(
+    policy: CompiledPolicy, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await seeded(policy, {spend_key("key", SAM): 6})
+    decision = route(policy, "sk-sam-budget")
+    for _ in range(3):
+        await gateway.check_budgets(decision)  # over the soft budget: never refused
+    assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 1
+    assert caplog.text.count("soft budget crossed for API key sam") == 1
+
+
+async def test_under_soft_budget_no_alert(policy: CompiledPolicy) -> None:
+    gateway = await seeded(policy, {spend_key("key", SAM): 4.99})
+    await gateway.check_budgets(route(policy, "sk-sam-budget"))
+    assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 0
