@@ -69,7 +69,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 ok_response=pb.OkHttpResponse(headers_to_remove=head_decision.remove_headers),
             )
         decision = decide(head, body, policy, gateway.config, gateway.rng, now=now)
-        await gateway.check_budgets(decision)
+        await gateway.admit(decision)
         dep = decision.deployment
         gateway.metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
         gateway.metrics.routed.labels(dep.group, dep.id).inc()

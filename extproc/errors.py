@@ -16,6 +16,7 @@ invent status codes of their own::
     │   └── UnknownRouteError         404 code=unknown_route
     ├── PayloadTooLargeError          413 code=payload_too_large
     ├── BudgetExceededError           429 budget_exceeded (code names the budget kind)
+    ├── RateLimitError                429 rate_limit_error (rpm/tpm, with retry-after)
     ├── UnsupportedMediaTypeError     415 code=unsupported_content_encoding
     ├── InternalError                 500 code=internal_error (a bug; logged with traceback)
     └── ServiceUnavailableError       503 code=service_unavailable (store down, fail closed)
@@ -41,6 +42,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "RateLimitError",
     "ServiceUnavailableError",
     "UnknownRouteError",
     "UnsupportedMediaTypeError",
@@ -141,6 +143,12 @@ class BudgetExceededError(GatewayError):
     status = 429
     err_type = "budget_exceeded"
     default_code = "budget_exceeded"
+
+
+class RateLimitError(GatewayError):
+    status = 429
+    err_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
 
 
 class ServiceUnavailableError(GatewayError):

@@ -130,7 +130,7 @@ class _Stream:
         decision = decide(
             self._head, raw, self._policy, gateway.config, gateway.rng, now=gateway.clock()
         )
-        await gateway.check_budgets(decision)
+        await gateway.admit(decision)
         self._record(decision)
         self.finished = True
         common = pb.CommonResponse(

@@ -20,6 +20,7 @@ from extproc.decision import GatewayConfig, RouteDecision
 from extproc.errors import ServiceUnavailableError
 from extproc.metrics import Metrics
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
+from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.settings import Settings
 from extproc.store import Store, StoreError, open_store
 
@@ -85,6 +86,38 @@ class Gateway:
                 seen = current
                 self.reload_policy()
 
+    async def admit(self, decision: RouteDecision) -> None:
+        """The store-backed checks of a routed request: budgets, then rate limits."""
+        await self.check_budgets(decision)
+        await self.check_rate_limits(decision)
+
+    async def check_rate_limits(self, decision: RouteDecision) -> None:
+        """Per-key tpm (read) and rpm (count, then compare); store failures go to the
+        fail mode like budgets."""
+        key = decision.caller.key if decision.caller is not None else None
+        if key is None or (key.rpm_limit is None and key.tpm_limit is None):
+            return
+        try:
+            if key.tpm_limit is not None:
+                (tokens,) = await self.store.get_many([tpm_key(key)])
+                check_tpm(key, tokens)
+            if key.rpm_limit is not None:
+                count, left = await self.store.incr_window(rpm_key(key), 1, WINDOW_S)
+                check_rpm(key, count, left)
+        except StoreError as exc:
+            self._store_failed(exc)
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """Apply the fail mode: count and (rate-limited) log; raise a 503 if closed."""
+        mode = self.settings.fail_mode
+        self.metrics.fail_mode_used.labels(mode).inc()
+        self._log_store_failure(exc)
+        if mode == "closed":
+            raise ServiceUnavailableError(
+                "The gateway cannot check its limits right now; try again shortly.",
+                code="store_unavailable",
+            ) from None
+
     async def check_budgets(self, decision: RouteDecision) -> None:
         """Read the spend of every budget the request falls under (one store round trip)
         and refuse it if one is reached; a store failure goes to the fail mode."""
@@ -93,14 +126,7 @@ class Gateway:
         try:
             spends = await self.store.get_many([b.store_key for b in decision.budgets])
         except StoreError as exc:
-            mode = self.settings.fail_mode
-            self.metrics.fail_mode_used.labels(mode).inc()
-            self._log_store_failure(exc)
-            if mode == "closed":
-                raise ServiceUnavailableError(
-                    "The gateway cannot check budgets right now; try again shortly.",
-                    code="store_unavailable",
-                ) from None
+            self._store_failed(exc)
             return
         for ref in check_budgets(decision.budgets, spends):
             await self._soft_budget_alert(ref)

@@ -90,6 +90,9 @@ class VirtualKey(BaseModel):
     max_budget: Decimal | None = Field(default=None, ge=0)
     #: Dollars; crossing it raises an alert (log + metric), never a refusal.
     soft_budget: Decimal | None = Field(default=None, ge=0)
+    #: Requests / tokens per one-minute window, shared by every server process.
+    rpm_limit: int | None = Field(default=None, ge=0)
+    tpm_limit: int | None = Field(default=None, ge=0)
     #: Paths this key may call (``*`` wildcards, ``llm_api_routes``); empty = all.
     allowed_routes: tuple[str, ...] = ()
     metadata: KeyMetadata = KeyMetadata()

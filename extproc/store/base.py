@@ -30,6 +30,10 @@ class Store(Protocol):
         """
         ...
 
+    async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
+        """Like :meth:`incr`, also returning the seconds left before the key expires."""
+        ...
+
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         """Current values (None where absent or expired)."""
         ...

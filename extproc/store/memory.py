@@ -28,11 +28,14 @@ class MemoryStore:
         return entry
 
     async def incr(self, key: str, amount: int, ttl_s: float) -> int:
+        return (await self.incr_window(key, amount, ttl_s))[0]
+
+    async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
         now = self._clock()
         entry = self._live(key, now)
         entry = (amount, now + ttl_s) if entry is None else (entry[0] + amount, entry[1])
         self._values[key] = entry
-        return entry[0]
+        return entry[0], entry[1] - now
 
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         now = self._clock()

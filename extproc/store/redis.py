@@ -13,12 +13,15 @@ from extproc.store.base import StoreError
 __all__ = ["RedisStore"]
 
 # Rule: PEXPIRE only when the INCRBY created the key (fixed window from first use).
+# Returns {value, milliseconds left}.
 _INCR_WITH_TTL = """
 local value = redis.call('INCRBY', KEYS[1], ARGV[1])
-if value == tonumber(ARGV[1]) then
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  ttl = tonumber(ARGV[2])
 end
-return value
+return {value, ttl}
 """
 
 
@@ -59,11 +62,16 @@ class RedisStore:
             return await self._client.evalsha(self._sha, len(keys), *keys, *args)
 
     async def incr(self, key: str, amount: int, ttl_s: float) -> int:
+        return (await self.incr_window(key, amount, ttl_s))[0]
+
+    async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
         try:
-            value = await self._eval(_INCR_WITH_TTL, [key], [amount, max(1, int(ttl_s * 1000))])
+            value, ttl_ms = await self._eval(
+                _INCR_WITH_TTL, [key], [amount, max(1, int(ttl_s * 1000))]
+            )
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis incr failed: {type(exc).__name__}") from exc
-        return int(value)
+        return int(value), int(ttl_ms) / 1000
 
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         if not keys:

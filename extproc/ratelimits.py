@@ -1,0 +1,51 @@
+"""Per-key request and token rate limits over fixed one-minute windows in the store.
+
+A window starts at the key's first request and lasts :data:`WINDOW_S`; the counter is
+incremented before it is compared (atomic in the store, so several server processes
+share one limit exactly), and a refused request tells the caller when the window
+resets. Keys carry a Redis Cluster hash tag per virtual key.
+"""
+
+from __future__ import annotations
+
+import math
+
+from extproc.errors import RateLimitError
+from extproc.keys import VirtualKey
+
+__all__ = ["WINDOW_S", "check_rpm", "check_tpm", "rpm_key", "tpm_key"]
+
+WINDOW_S = 60.0
+
+
+def rpm_key(key: VirtualKey) -> str:
+    return f"ratelimit:{{key:{key.hash}}}:rpm"
+
+
+def tpm_key(key: VirtualKey) -> str:
+    """Tokens used in the current window; charged from response usage."""
+    return f"ratelimit:{{key:{key.hash}}}:tpm"
+
+
+def _retry_after(seconds_left: float) -> dict[str, str]:
+    return {"retry-after": str(max(1, math.ceil(seconds_left)))}
+
+
+def check_rpm(key: VirtualKey, count: int, seconds_left: float) -> None:
+    """Raise a 429 when this request made the window's count pass ``rpm_limit``."""
+    if key.rpm_limit is not None and count > key.rpm_limit:
+        raise RateLimitError(
+            f"Rate limit reached for API key {key.label}: {key.rpm_limit} requests per minute.",
+            code="rpm_limit_exceeded",
+            headers=_retry_after(seconds_left),
+        )
+
+
+def check_tpm(key: VirtualKey, tokens: int | None) -> None:
+    """Raise a 429 when the window's tokens have reached ``tpm_limit``."""
+    if key.tpm_limit is not None and (tokens or 0) >= key.tpm_limit:
+        raise RateLimitError(
+            f"Rate limit reached for API key {key.label}: {key.tpm_limit} tokens per minute.",
+            code="tpm_limit_exceeded",
+            headers=_retry_after(WINDOW_S),
+        )

@@ -1,0 +1,49 @@
+"""Per-key rpm/tpm over fixed windows, on the memory store with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from extproc.errors import GatewayError
+from extproc.gateway import Gateway
+from extproc.policy import CompiledPolicy, load_policy
+from extproc.ratelimits import tpm_key
+from extproc.settings import Settings
+from extproc.store import MemoryStore
+from tests.unit.test_budgets import POLICY, route
+from tests.unit.test_store import FakeClock
+
+
+@pytest.fixture(scope="module")
+def policy() -> CompiledPolicy:
+    return load_policy(POLICY, env={"TEST_KEY_A": "sk-a"})
+
+
+async def test_rpm_window_and_retry_after(policy: CompiledPolicy) -> None:
+    clock = FakeClock()
+    gateway = Gateway(Settings(policy_path=POLICY), policy, MemoryStore(clock))
+    decision = route(policy, "sk-uma-rpm")
+    for _ in range(10):
+        await gateway.admit(decision)
+    clock.now += 20
+    with pytest.raises(GatewayError) as info:
+        await gateway.admit(decision)
+    err = info.value
+    assert (err.status, err.code) == (429, "rpm_limit_exceeded")
+    assert err.response_headers()["retry-after"] == "40"
+    clock.now += 40  # the window has run out
+    await gateway.admit(decision)
+
+
+async def test_tpm_reached(policy: CompiledPolicy) -> None:
+    store = MemoryStore()
+    gateway = Gateway(Settings(policy_path=POLICY), policy, store)
+    decision = route(policy, "sk-vic-tpm")
+    assert decision.caller is not None
+    await store.incr(tpm_key(decision.caller.key), 999, 60)
+    await gateway.admit(decision)
+    await store.incr(tpm_key(decision.caller.key), 1, 60)
+    with pytest.raises(GatewayError) as info:
+        await gateway.admit(decision)
+    assert (info.value.status, info.value.code) == (429, "tpm_limit_exceeded")
+    assert "retry-after" in info.value.response_headers()
