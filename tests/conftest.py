@@ -10,11 +10,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import Proc, free_port, port_open, running
+from tests.helpers import port_open, redis_proc, running
 
 
 def _docker_engine() -> bool:
@@ -44,27 +43,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             port = container.get_exposed_port(6379)
             yield f"redis://{host}:{port}/0"
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
+    local = redis_proc(tmp_path_factory.mktemp("redis"))
+    if local is None:
         pytest.skip("neither a Docker engine nor redis-server is available")
-    port = free_port()
-    workdir: Path = tmp_path_factory.mktemp("redis")
-    proc = Proc(
-        "redis",
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        workdir / "redis.log",
-    )
+    proc, port = local
     with running(proc, lambda: port_open(port)):
         yield f"redis://127.0.0.1:{port}/0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,28 @@ def running(proc: Proc, ready: Callable[[], bool], timeout: float = 30.0) -> Ite
         yield proc
     finally:
         proc.stop()
+
+
+def redis_proc(workdir: Path) -> tuple[Proc, int] | None:
+    """A local redis-server on a free port that keeps nothing on disk (None if absent)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = free_port()
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+    ]
+    return Proc("redis", argv, workdir / "redis.log"), port
 
 
 def extproc_argv(*args: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 from pathlib import Path
 from typing import Literal
@@ -13,31 +12,17 @@ import redis
 
 from extproc.budgets import MICRO, spend_key
 from extproc.keys import hash_key
-from tests.helpers import Proc, free_port, port_open, running
+from tests.helpers import Proc, port_open, redis_proc, running
 from tests.integration.stack import POLICIES, post, start_stack
 
 BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
 
 def _redis(tmp_path: Path) -> tuple[Proc, int]:
-    binary = shutil.which("redis-server")
-    if binary is None:
+    local = redis_proc(tmp_path)
+    if local is None:
         pytest.skip("redis-server is not installed")
-    port = free_port()
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(tmp_path),
-    ]
-    return Proc("redis", argv, tmp_path / "redis.log"), port
+    return local
 
 
 @pytest.mark.parametrize("mode", ["ext_proc", "ext_authz"])

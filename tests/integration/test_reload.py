@@ -25,15 +25,21 @@ NEW_GROUP = """
 BODY = json.dumps({"model": "added-later", "messages": [{"role": "user", "content": "hi"}]})
 
 
+def _copy_policy(tmp_path: Path) -> Path:
+    """An editable copy of the test policy, with the secret file it references."""
+    policy = tmp_path / "policy.yaml"
+    shutil.copy(VALID_POLICY, policy)
+    (tmp_path / "secrets").mkdir()
+    shutil.copy(VALID_POLICY.parent / "secrets" / "azure.key", tmp_path / "secrets")
+    return policy
+
+
 def _status(url: str) -> int:
     return post(f"{url}/v1/chat/completions", BODY.encode())[0]
 
 
 async def test_file_edit_applies_within_2s_and_bad_file_keeps_old(tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    shutil.copy(VALID_POLICY, policy)
-    (tmp_path / "secrets").mkdir()
-    shutil.copy(VALID_POLICY.parent / "secrets" / "azure.key", tmp_path / "secrets")
+    policy = _copy_policy(tmp_path)
     with (
         start_mocks(tmp_path) as mocks,
         start_server(tmp_path, policy) as (server, grpc_port, _),
@@ -73,10 +79,7 @@ async def test_file_edit_applies_within_2s_and_bad_file_keeps_old(tmp_path: Path
 
 
 def test_sighup_reloads(tmp_path: Path) -> None:
-    policy = tmp_path / "policy.yaml"
-    shutil.copy(VALID_POLICY, policy)
-    (tmp_path / "secrets").mkdir()
-    shutil.copy(VALID_POLICY.parent / "secrets" / "azure.key", tmp_path / "secrets")
+    policy = _copy_policy(tmp_path)
     with (
         start_mocks(tmp_path) as mocks,
         start_server(tmp_path, policy, {"EXTPROC_POLICY_POLL_S": "0"}) as (server, port, _),
