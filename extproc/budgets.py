@@ -1,8 +1,10 @@
 """Dollar budgets: which ones apply to a request, and whether spend has reached them.
 
 The read side only: spend is read from the store (integer micro-dollars under
-:func:`spend_key`) and compared with each budget that applies, in LiteLLM's order
-(key, team, user, end user, org, project, tags, global). Charging spend, windows and
+:attr:`BudgetRef.store_key`) and compared with each budget that applies, in LiteLLM's
+order (key, team, team member, user, end user, org, project, tags, global). A budget
+with a ``budget_duration`` has windows (:mod:`extproc.windows`): calendar windows put
+the period in the store key, rolling ones rely on the key's TTL. Charging spend and
 reservations come with the spend-accounting work; :func:`spend_key` is the one place
 that names the store keys.
 """
@@ -11,17 +13,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from extproc.errors import BudgetExceededError
 from extproc.keys import Caller
+from extproc.windows import Duration, DurationText, Period, cached_duration, calendar_period
 
 __all__ = [
     "MICRO",
     "BudgetRef",
     "EndUser",
+    "GlobalBudget",
     "TagBudget",
     "alert_key",
     "applicable_budgets",
@@ -40,6 +46,7 @@ class EndUser(BaseModel):
 
     id: str = Field(min_length=1, max_length=256)
     max_budget: Decimal | None = Field(default=None, ge=0)
+    budget_duration: DurationText | None = None
 
 
 class TagBudget(BaseModel):
@@ -47,6 +54,8 @@ class TagBudget(BaseModel):
 
     name: str = Field(min_length=1, max_length=128)
     max_budget: Decimal | None = Field(default=None, ge=0)
+    #: A rolling window: starts at the tag's first spend (LiteLLM's tag budgets).
+    budget_duration: DurationText | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +68,33 @@ class BudgetRef:
     limit: Decimal | None
     #: Crossing it raises one alert per window, never a refusal.
     soft: Decimal | None = None
+    duration: Duration | None = None
+    #: The calendar window ``now`` is in; None for lifetime and rolling budgets.
+    period: Period | None = None
 
     @property
     def store_key(self) -> str:
-        return spend_key(self.kind, self.ident)
+        base = spend_key(self.kind, self.ident)
+        if self.duration is None:
+            return base
+        if self.period is None:
+            return f"{base}:{self.duration.text}"
+        return f"{base}:{self.duration.text}:{self.period.ident}"
+
+    @property
+    def window_s(self) -> float | None:
+        """How long a window lasts (the TTL for spend keys), None for lifetime budgets."""
+        if self.duration is None:
+            return None
+        if self.period is not None:
+            return (self.period.end - self.period.start).total_seconds()
+        return float(self.duration.seconds)
+
+    def retry_after(self, now: datetime) -> int | None:
+        """Whole seconds until a calendar window resets; None when unknown."""
+        if self.period is None:
+            return None
+        return max(1, int(self.period.seconds_left(now) + 0.999))
 
 
 def alert_key(ref: BudgetRef) -> str:
@@ -78,66 +110,125 @@ def spend_key(kind: str, ident: str) -> str:
     return f"spend:{kind}:{ident}"
 
 
+@dataclass(frozen=True, slots=True)
+class GlobalBudget:
+    """Gateway-wide budget settings that :func:`applicable_budgets` needs."""
+
+    max_budget: Decimal | None = None
+    duration: str | None = None
+    default_end_user_budget: Decimal | None = None
+    default_end_user_duration: str | None = None
+
+
 def applicable_budgets(
     caller: Caller | None,
     *,
     end_user: EndUser | None,
-    default_end_user_budget: Decimal | None,
     end_user_id: str | None,
     tags: Iterable[TagBudget],
-    global_budget: Decimal | None,
+    gateway: GlobalBudget,
+    now: datetime,
+    tz: ZoneInfo,
 ) -> tuple[BudgetRef, ...]:
-    """The budgets this request is checked against, in LiteLLM's order."""
+    """The budgets this request is checked against, in LiteLLM's order, each with the
+    window ``now`` falls in."""
     refs: list[BudgetRef] = []
 
     def add(
-        kind: str, ident: str, label: str, limit: Decimal | None, soft: Decimal | None = None
+        kind: str,
+        ident: str,
+        label: str,
+        limit: Decimal | None,
+        duration: str | None,
+        *,
+        soft: Decimal | None = None,
+        rolling: bool = False,
     ) -> None:
-        if limit is not None or soft is not None:
-            refs.append(BudgetRef(kind, ident, label, limit, soft))
+        if limit is None and soft is None:
+            return
+        parsed = cached_duration(duration) if duration else None
+        period = None if parsed is None or rolling else calendar_period(parsed, now, tz)
+        refs.append(BudgetRef(kind, ident, label, limit, soft, parsed, period))
 
     if caller is not None:
         key = caller.key
-        add("key", key.hash, f"API key {key.label}", key.max_budget, key.soft_budget)
-        if caller.team is not None:
-            team = caller.team
-            add("team", team.id, f"team {team.id}", team.max_budget, team.soft_budget)
+        add(
+            "key",
+            key.hash,
+            f"API key {key.label}",
+            key.max_budget,
+            key.budget_duration,
+            soft=key.soft_budget,
+        )
+        team = caller.team
+        if team is not None:
+            add(
+                "team",
+                team.id,
+                f"team {team.id}",
+                team.max_budget,
+                team.budget_duration,
+                soft=team.soft_budget,
+            )
+            if key.user is not None:
+                limit, duration = team.member_budget(key.user)
+                add(
+                    "team_member",
+                    f"{team.id}:{key.user}",
+                    f"user {key.user} in team {team.id}",
+                    limit,
+                    duration,
+                )
         elif caller.user is not None:
-            add("user", caller.user.id, f"user {caller.user.id}", caller.user.max_budget)
+            user = caller.user
+            add("user", user.id, f"user {user.id}", user.max_budget, user.budget_duration)
         if caller.org is not None:
-            add("org", caller.org.id, f"organization {caller.org.id}", caller.org.max_budget)
+            org = caller.org
+            add("org", org.id, f"organization {org.id}", org.max_budget, org.budget_duration)
         if caller.project is not None:
+            project = caller.project
             add(
                 "project",
-                caller.project.id,
-                f"project {caller.project.id}",
-                caller.project.max_budget,
+                project.id,
+                f"project {project.id}",
+                project.max_budget,
+                project.budget_duration,
             )
     if end_user_id is not None:
-        limit = end_user.max_budget if end_user is not None else None
+        own = end_user is not None and end_user.max_budget is not None
         add(
             "end_user",
             end_user_id,
             f"end user {end_user_id[:64]}",
-            limit if limit is not None else default_end_user_budget,
+            end_user.max_budget if own and end_user else gateway.default_end_user_budget,
+            end_user.budget_duration if own and end_user else gateway.default_end_user_duration,
         )
     for tag in tags:
-        add("tag", tag.name, f"tag {tag.name}", tag.max_budget)
-    add("global", "all", "the gateway", global_budget)
+        add("tag", tag.name, f"tag {tag.name}", tag.max_budget, tag.budget_duration, rolling=True)
+    add("global", "all", "the gateway", gateway.max_budget, gateway.duration)
     return tuple(refs)
 
 
-def check_budgets(refs: Sequence[BudgetRef], spends: Sequence[int | None]) -> tuple[BudgetRef, ...]:
-    """Raise a 429 for the first budget whose spend has reached its limit; return the
-    budgets whose soft limit has been crossed (for alerts)."""
+def check_budgets(
+    refs: Sequence[BudgetRef], spends: Sequence[int | None], now: datetime
+) -> tuple[BudgetRef, ...]:
+    """Raise a 429 for the first budget whose spend has reached its limit (with
+    ``retry-after`` when its window's reset is known); return the budgets whose soft
+    limit has been crossed (for alerts)."""
     crossed: list[BudgetRef] = []
     for ref, spent in zip(refs, spends, strict=True):
         spend = Decimal(spent or 0) / MICRO
         if ref.soft is not None and spend >= ref.soft:
             crossed.append(ref)
         if ref.limit is not None and spend >= ref.limit:
+            wait = ref.retry_after(now)
+            headers = {"retry-after": str(wait)} if wait is not None else None
+            window = f" per {ref.duration.text}" if ref.duration else ""
+            resets = f" It resets at {ref.period.end.isoformat()}." if ref.period else ""
             raise BudgetExceededError(
-                f"Budget exceeded for {ref.label}: spend ${spend:.6f}, budget ${ref.limit}.",
+                f"Budget exceeded for {ref.label}: spend ${spend:.6f}, "
+                f"budget ${ref.limit}{window}.{resets}",
                 code=f"{ref.kind}_budget_exceeded",
+                headers=headers,
             )
     return tuple(crossed)

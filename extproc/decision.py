@@ -192,10 +192,11 @@ def decide(
         budgets = applicable_budgets(
             caller,
             end_user=policy.end_users.get(end_user) if end_user else None,
-            default_end_user_budget=policy.general.default_end_user_max_budget,
             end_user_id=end_user,
             tags=[policy.tag_budgets[t] for t in request.tags if t in policy.tag_budgets],
-            global_budget=policy.general.max_budget,
+            gateway=policy.global_budget,
+            now=now,
+            tz=policy.budget_zone,
         )
     deployment = pick_deployment(group, rng)
     body = replace_member(raw_body, request.model_span, deployment.model)

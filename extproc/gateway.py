@@ -128,7 +128,7 @@ class Gateway:
         except StoreError as exc:
             self._store_failed(exc)
             return
-        for ref in check_budgets(decision.budgets, spends):
+        for ref in check_budgets(decision.budgets, spends, self.clock()):
             await self._soft_budget_alert(ref)
 
     async def _soft_budget_alert(self, ref: BudgetRef) -> None:

@@ -23,6 +23,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 
 from extproc.endpoints import lookup_endpoint
 from extproc.errors import AuthenticationError, BadRequestError, PermissionDeniedError
+from extproc.windows import DurationText, zone
 
 __all__ = [
     "TRACE_ID_HEADER",
@@ -34,6 +35,7 @@ __all__ = [
     "Organization",
     "Project",
     "Team",
+    "TeamMember",
     "User",
     "VirtualKey",
     "authenticate",
@@ -90,9 +92,13 @@ class VirtualKey(BaseModel):
     max_budget: Decimal | None = Field(default=None, ge=0)
     #: Dollars; crossing it raises an alert (log + metric), never a refusal.
     soft_budget: Decimal | None = Field(default=None, ge=0)
+    #: Budget window (``1d``, ``7d``, ``1mo``...), reset on calendar boundaries.
+    budget_duration: DurationText | None = None
     #: Requests / tokens per one-minute window, shared by every server process.
     rpm_limit: int | None = Field(default=None, ge=0)
     tpm_limit: int | None = Field(default=None, ge=0)
+    #: Requests of this key in flight at once, across every server process.
+    max_parallel_requests: int | None = Field(default=None, ge=1)
     #: Paths this key may call (``*`` wildcards, ``llm_api_routes``); empty = all.
     allowed_routes: tuple[str, ...] = ()
     metadata: KeyMetadata = KeyMetadata()
@@ -111,6 +117,16 @@ class VirtualKey(BaseModel):
         return self.alias or f"hash:{self.hash[:8]}"
 
 
+class TeamMember(BaseModel):
+    """A user's budget within one team (spend through the team's keys they own)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user: str = Field(min_length=1, max_length=128)
+    max_budget: Decimal | None = Field(default=None, ge=0)
+    budget_duration: DurationText | None = None
+
+
 class Team(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -122,7 +138,20 @@ class Team(BaseModel):
     org: str | None = None
     max_budget: Decimal | None = Field(default=None, ge=0)
     soft_budget: Decimal | None = Field(default=None, ge=0)
+    budget_duration: DurationText | None = None
+    #: Every member's budget within the team (LiteLLM's team_member_budget) ...
+    member_max_budget: Decimal | None = Field(default=None, ge=0)
+    member_budget_duration: DurationText | None = None
+    #: ... unless the member has an entry of its own here.
+    members: tuple[TeamMember, ...] = ()
     metadata: KeyMetadata = KeyMetadata()
+
+    def member_budget(self, user: str) -> tuple[Decimal | None, str | None]:
+        """The budget and window of ``user``'s spend within this team."""
+        for member in self.members:
+            if member.user == user:
+                return member.max_budget, member.budget_duration
+        return self.member_max_budget, self.member_budget_duration
 
 
 class User(BaseModel):
@@ -133,6 +162,7 @@ class User(BaseModel):
     id: str = Field(min_length=1, max_length=128)
     models: tuple[str, ...] = ()
     max_budget: Decimal | None = Field(default=None, ge=0)
+    budget_duration: DurationText | None = None
 
 
 class Organization(BaseModel):
@@ -141,6 +171,7 @@ class Organization(BaseModel):
     id: str = Field(min_length=1, max_length=128)
     models: tuple[str, ...] = ()
     max_budget: Decimal | None = Field(default=None, ge=0)
+    budget_duration: DurationText | None = None
 
 
 class Project(BaseModel):
@@ -150,6 +181,7 @@ class Project(BaseModel):
     blocked: bool = False
     models: tuple[str, ...] = ()
     max_budget: Decimal | None = Field(default=None, ge=0)
+    budget_duration: DurationText | None = None
 
 
 class Agent(BaseModel):
@@ -174,8 +206,18 @@ class GeneralSettings(BaseModel):
     reject_clientside_metadata_tags: bool = False
     #: Dollars the whole gateway may spend.
     max_budget: Decimal | None = Field(default=None, ge=0)
+    budget_duration: DurationText | None = None
     #: Budget for end users that have no entry of their own.
     default_end_user_max_budget: Decimal | None = Field(default=None, ge=0)
+    default_end_user_budget_duration: DurationText | None = None
+    #: IANA time zone in which calendar budget windows reset (LiteLLM's ``timezone``).
+    budget_reset_timezone: str = "UTC"
+
+    @field_validator("budget_reset_timezone")
+    @classmethod
+    def _check_zone(cls, value: str) -> str:
+        zone(value)
+        return value
 
 
 @dataclass(frozen=True, slots=True)

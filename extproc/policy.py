@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from extproc.budgets import EndUser, TagBudget
+from extproc.budgets import EndUser, GlobalBudget, TagBudget
 from extproc.keys import (
     Agent,
     Directory,
@@ -34,6 +35,7 @@ from extproc.keys import (
     VirtualKey,
 )
 from extproc.providers import auth_header_for
+from extproc.windows import zone
 
 __all__ = [
     "CompiledDeployment",
@@ -275,6 +277,20 @@ class CompiledPolicy:
     tag_budgets: Mapping[str, TagBudget] = field(default_factory=dict)
     #: Access group name → model group names in it.
     access_groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    @property
+    def global_budget(self) -> GlobalBudget:
+        general = self.general
+        return GlobalBudget(
+            general.max_budget,
+            general.budget_duration,
+            general.default_end_user_max_budget,
+            general.default_end_user_budget_duration,
+        )
+
+    @property
+    def budget_zone(self) -> ZoneInfo:
+        return zone(self.general.budget_reset_timezone)
 
     @property
     def auth_required(self) -> bool:

@@ -142,3 +142,75 @@ async def test_under_soft_budget_no_alert(policy: CompiledPolicy) -> None:
     gateway = await seeded(policy, {spend_key("key", SAM): 4.99})
     await gateway.check_budgets(route(policy, "sk-sam-budget"))
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 0
+
+
+WALT = hash_key("sk-walt-member")
+YURI = hash_key("sk-yuri-daily")
+
+
+def test_team_member_budgets(policy: CompiledPolicy) -> None:
+    walt = route(policy, "sk-walt-member").budgets
+    assert [(b.kind, b.ident, str(b.limit)) for b in walt] == [
+        ("team_member", "t-members:walt", "1"),  # the team's default member budget
+        ("global", "all", "1000"),
+    ]
+    assert walt[0].duration is not None
+    assert walt[0].duration.text == "7d"
+    xena = route(policy, "sk-xena-member").budgets
+    assert (xena[0].ident, str(xena[0].limit), xena[0].duration) == ("t-members:xena", "4", None)
+
+
+async def test_team_member_over_budget(policy: CompiledPolicy) -> None:
+    member = route(policy, "sk-walt-member").budgets[0]
+    gateway = await seeded(policy, {member.store_key: 1})
+    with pytest.raises(GatewayError) as info:
+        await gateway.check_budgets(route(policy, "sk-walt-member"))
+    assert (info.value.status, info.value.code) == (429, "team_member_budget_exceeded")
+    await gateway.check_budgets(route(policy, "sk-xena-member"))  # her own budget: 4
+
+
+def test_calendar_window_is_in_the_store_key(policy: CompiledPolicy) -> None:
+    (daily, _) = route(policy, "sk-yuri-daily").budgets
+    # 12:00 UTC is 07:00 in New York: the window is that local day.
+    assert daily.store_key == f"spend:key:{YURI}:1d:20261123T050000"
+    assert daily.window_s == 86_400
+    assert daily.retry_after(NOW) == 17 * 3600
+
+
+async def test_daily_budget_resets_at_local_midnight(policy: CompiledPolicy) -> None:
+    (daily, _) = route(policy, "sk-yuri-daily").budgets
+    gateway = await seeded(policy, {daily.store_key: 3})
+    gateway.clock = lambda: NOW
+    with pytest.raises(GatewayError) as info:
+        await gateway.check_budgets(route(policy, "sk-yuri-daily"))
+    assert info.value.code == "key_budget_exceeded"
+    assert info.value.headers["retry-after"] == str(17 * 3600)
+    assert "resets at 2026-11-24T05:00:00+00:00" in info.value.message
+    # the next local day reads a fresh key: yesterday's spend does not count
+    tomorrow = NOW.replace(day=24, hour=5, minute=0)
+    head = RequestHead("POST", "/v1/chat/completions", {"authorization": "Bearer sk-yuri-daily"})
+    raw = json.dumps({"model": "auto", "messages": []}).encode()
+    fresh = decide(head, raw, policy, GatewayConfig(), lambda: 0.1, now=tomorrow)
+    assert fresh.budgets[0].store_key != daily.store_key
+    gateway.clock = lambda: tomorrow
+    await gateway.check_budgets(fresh)
+
+
+def test_tag_budget_window_rolls_from_first_spend(tmp_path: Path) -> None:
+    text = POLICY.read_text().replace(
+        "{name: marketing, max_budget: 2}", "{name: marketing, max_budget: 2, budget_duration: 1h}"
+    )
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    rolled = load_policy(path, env=ENV)
+    tag = next(
+        b
+        for b in route(rolled, "sk-sam-budget", metadata={"tags": ["marketing"]}).budgets
+        if b.kind == "tag"
+    )
+    # no period in the key: the store's TTL (set at the first spend) is the window
+    assert (tag.store_key, tag.window_s, tag.retry_after(NOW)) == (
+        "spend:tag:marketing:1h",
+        3600.0,
+        None,
+    )
