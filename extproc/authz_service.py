@@ -20,6 +20,7 @@ from google.rpc import code_pb2, status_pb2
 from extproc.decision import decide, decide_head
 from extproc.errors import GatewayError, InternalError
 from extproc.gateway import Gateway
+from extproc.parallel import LEASE_FIELD
 from extproc.request import RequestHead
 
 __all__ = ["AuthorizationService"]
@@ -69,19 +70,23 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 ok_response=pb.OkHttpResponse(headers_to_remove=head_decision.remove_headers),
             )
         decision = decide(head, body, policy, gateway.config, gateway.rng, now=now)
-        await gateway.admit(decision)
+        lease = await gateway.admit(decision)
         dep = decision.deployment
         gateway.metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
         gateway.metrics.routed.labels(dep.group, dep.id).inc()
         # The body is not rewritten here, so its length stays what the client sent.
         set_headers = [(k, v) for k, v in decision.set_headers if k != "content-length"]
-        return pb.CheckResponse(
+        reply = pb.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=pb.OkHttpResponse(
                 headers=[_option(k, v) for k, v in set_headers],
                 headers_to_remove=decision.remove_headers,
             ),
         )
+        if lease is not None:
+            # Filed under the ext_authz filter's namespace; logged back at stream end.
+            reply.dynamic_metadata.update({LEASE_FIELD: lease.token})
+        return reply
 
     async def Check(  # noqa: N802 - the gRPC method name
         self,

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from extproc.errors import ERROR_HEADER
+from extproc.parallel import AUTHZ_NAMESPACE, LEASE_FIELD, LEASE_NAMESPACE
 
 __all__ = ["LLM_PATH_REGEX", "Upstream", "render_envoy_config"]
 
@@ -158,6 +159,9 @@ def _ext_proc_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]:
             "status_on_error": {"code": 503},
             "message_timeout": "2s",
             "allow_mode_override": True,
+            # The server's parallel-request lease rides in this namespace to the
+            # lease access log (extproc.parallel); other namespaces are dropped.
+            "metadata_options": {"receiving_namespaces": {"untyped": [LEASE_NAMESPACE]}},
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "request_body_mode": "BUFFERED",
@@ -184,6 +188,39 @@ def _ext_authz_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]
                 "max_request_bytes": max_body,
                 "allow_partial_message": False,
                 "pack_as_bytes": True,
+            },
+        },
+    }
+
+
+def _lease_access_log(mode: str) -> dict[str, Any]:
+    """Send the end of every stream that holds a parallel-request lease to the server.
+
+    Access logs run once the stream is over, however it ended (done, client gone,
+    upstream reset, timeout), so this is where a lease is given back. Only streams
+    carrying a lease are logged; ``buffer_size_bytes: 0`` sends each entry at once.
+    """
+    namespace = LEASE_NAMESPACE if mode == "ext_proc" else AUTHZ_NAMESPACE
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": namespace,
+                    "path": [{"key": LEASE_FIELD}],
+                    "value": {"present_match": True},
+                },
+                "match_if_key_not_found": False,
+            }
+        },
+        "typed_config": {
+            _TYPE: _API + "extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {
+                "log_name": "extproc-leases",
+                "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}},
+                "transport_api_version": "V3",
+                "buffer_size_bytes": 0,
+                "buffer_flush_interval": "0.1s",
             },
         },
     }
@@ -327,7 +364,8 @@ def render_envoy_config(
                     "path": access_log_path,
                     "log_format": {"json_format": _ACCESS_LOG_FORMAT},
                 },
-            }
+            },
+            _lease_access_log(mode),
         ],
         "local_reply_config": _local_reply_config(),
         "route_config": {

@@ -22,6 +22,7 @@ from envoy.type.v3 import http_status_pb2
 from extproc.decision import RouteDecision, decide, decide_head
 from extproc.errors import GatewayError, InternalError, PayloadTooLargeError
 from extproc.gateway import Gateway
+from extproc.parallel import LEASE_FIELD, LEASE_NAMESPACE, Lease
 from extproc.request import RequestHead
 
 __all__ = ["ExternalProcessorService"]
@@ -70,7 +71,16 @@ def _head_from_proto(headers: pb.HttpHeaders) -> RequestHead:
 class _Stream:
     """One HTTP request's trip through the phases; typed state, no dict of extras."""
 
-    __slots__ = ("_chunks", "_gateway", "_head", "_policy", "_size", "_started", "finished")
+    __slots__ = (
+        "_chunks",
+        "_gateway",
+        "_head",
+        "_policy",
+        "_size",
+        "_started",
+        "finished",
+        "lease",
+    )
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
@@ -82,6 +92,8 @@ class _Stream:
         self._started = 0.0
         #: True once the request phases are answered (routed, refused or passed).
         self.finished = False
+        #: The parallel-request lease taken at admission, until Envoy has it.
+        self.lease: Lease | None = None
 
     def _refuse(self, err: GatewayError, phase: str) -> pb.ProcessingResponse:
         metrics = self._gateway.metrics
@@ -90,6 +102,9 @@ class _Stream:
         metrics.requests.labels(endpoint.name if endpoint else "other", "", "rejected").inc()
         log.debug("refused in %s: %s %s", phase, err.status, err.code)
         self.finished = True
+        if self.lease is not None:
+            self._gateway.release_soon(self.lease)
+            self.lease = None
         return immediate_response(err)
 
     def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
@@ -130,7 +145,7 @@ class _Stream:
         decision = decide(
             self._head, raw, self._policy, gateway.config, gateway.rng, now=gateway.clock()
         )
-        await gateway.admit(decision)
+        self.lease = await gateway.admit(decision)
         self._record(decision)
         self.finished = True
         common = pb.CommonResponse(
@@ -138,7 +153,11 @@ class _Stream:
             body_mutation=pb.BodyMutation(body=decision.body),
             clear_route_cache=True,
         )
-        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+        reply = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+        if self.lease is not None:
+            # Envoy logs it back when the HTTP stream ends (see extproc.parallel).
+            reply.dynamic_metadata.update({LEASE_NAMESPACE: {LEASE_FIELD: self.lease.token}})
+        return reply
 
     def _record(self, decision: RouteDecision) -> None:
         metrics = self._gateway.metrics
@@ -194,8 +213,14 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
         metrics.streams_active.inc()
         try:
             async for msg in request_iterator:
-                yield await stream.handle(msg)
+                reply = await stream.handle(msg)
+                yield reply
+                # Delivered: from here on Envoy owns the lease and logs it back.
+                stream.lease = None
         finally:
+            if stream.lease is not None:
+                # The stream broke before Envoy got the lease: nobody will log it.
+                self._gateway.release_soon(stream.lease)
             # Envoy ends the stream as soon as it needs no more phases, and resets it
             # when the client goes away mid-request (grpc.aio then just ends the
             # iterator, or closes this generator): a normal end, never logged as an

@@ -19,6 +19,7 @@ from extproc.budgets import BudgetRef, alert_key, check_budgets
 from extproc.decision import GatewayConfig, RouteDecision
 from extproc.errors import ServiceUnavailableError
 from extproc.metrics import Metrics
+from extproc.parallel import Lease, check_parallel
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
 from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.settings import Settings
@@ -54,6 +55,7 @@ class Gateway:
         self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self.ready = True
         self._last_store_log = float("-inf")
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -86,10 +88,47 @@ class Gateway:
                 seen = current
                 self.reload_policy()
 
-    async def admit(self, decision: RouteDecision) -> None:
-        """The store-backed checks of a routed request: budgets, then rate limits."""
+    async def admit(self, decision: RouteDecision) -> Lease | None:
+        """The store-backed checks of a routed request: budgets, rate limits, then a
+        parallel-request lease (returned: the caller hands it to Envoy to log back)."""
         await self.check_budgets(decision)
         await self.check_rate_limits(decision)
+        return await self.take_lease(decision)
+
+    async def take_lease(self, decision: RouteDecision) -> Lease | None:
+        """A slot of the key's ``max_parallel_requests``, or a 429; None when the key
+        has no such limit (or the store is down and the fail mode is open)."""
+        key = decision.caller.key if decision.caller is not None else None
+        if key is None or key.max_parallel_requests is None:
+            return None
+        lease = Lease.new(key)
+        try:
+            acquired, in_flight = await self.store.acquire_lease(
+                lease.store_key, lease.member, key.max_parallel_requests, self.settings.lease_ttl_s
+            )
+        except StoreError as exc:
+            self._store_failed(exc)
+            return None
+        check_parallel(key, acquired, in_flight)
+        self.metrics.leases.labels("acquired").inc()
+        return lease
+
+    def release_soon(self, lease: Lease) -> None:
+        """Release from code that cannot await (a closing stream): in a task of its own,
+        so the release survives the cancellation that is closing the stream."""
+        task = asyncio.get_running_loop().create_task(self.release(lease))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def release(self, lease: Lease) -> None:
+        """Give a lease back; a store failure only delays it until the lease TTL."""
+        try:
+            await self.store.release_lease(lease.store_key, lease.member)
+        except StoreError as exc:
+            self.metrics.leases.labels("release_failed").inc()
+            self._log_store_failure(exc)
+            return
+        self.metrics.leases.labels("released").inc()
 
     async def check_rate_limits(self, decision: RouteDecision) -> None:
         """Per-key tpm (read) and rpm (count, then compare); store failures go to the

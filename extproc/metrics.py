@@ -70,3 +70,10 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.leases = Counter(
+            "extproc_parallel_leases",
+            "max_parallel_requests leases: acquired, released, release_failed, "
+            "unknown (a logged token this server did not write).",
+            ["event"],
+            registry=self.registry,
+        )

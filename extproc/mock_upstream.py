@@ -68,13 +68,20 @@ def _sse(data: Any, event: str | None = None) -> bytes:
     return f"{head}data: {json.dumps(data)}\n\n".encode()
 
 
+def _delay_s(request: web.Request, header: str) -> float:
+    """A test-controlled pause (``x-mock-delay-ms``, ``x-mock-chunk-delay-ms``), <= 30 s."""
+    raw = request.headers.get(header, "0")
+    return min(int(raw), 30_000) / 1000 if raw.isascii() and raw.isdigit() else 0.0
+
+
 async def _stream(request: web.Request, chunks: list[bytes]) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
     resp.headers["x-mock-upstream"] = request.app[_SITE].name
     await resp.prepare(request)
+    pause = _delay_s(request, "x-mock-chunk-delay-ms")
     for chunk in chunks:
         await resp.write(chunk)
-        await asyncio.sleep(0)
+        await asyncio.sleep(pause)
     await resp.write_eof()
     return resp
 
@@ -369,6 +376,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         return _openai_error(
             400, "The body must be a JSON object.", "invalid_request_error", "invalid_json"
         )
+    await asyncio.sleep(_delay_s(request, "x-mock-delay-ms"))
     return await handler(request, body)
 
 

@@ -8,12 +8,14 @@ import signal
 
 import grpc
 from aiohttp import web
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import _async as health_aio  # the servicer `health.aio` re-exports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.admin import make_admin_app
+from extproc.als_service import AccessLogService
 from extproc.authz_service import AuthorizationService
 from extproc.extproc_service import ExternalProcessorService
 from extproc.gateway import Gateway
@@ -45,6 +47,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationService(gateway), server
     )
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogService(gateway), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.grpc_address)

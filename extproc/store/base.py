@@ -38,4 +38,18 @@ class Store(Protocol):
         """Current values (None where absent or expired)."""
         ...
 
+    async def acquire_lease(
+        self, key: str, member: str, limit: int, ttl_s: float
+    ) -> tuple[bool, int]:
+        """Add ``member`` to the lease set ``key`` unless it holds ``limit`` live leases.
+
+        Returns (acquired, leases now live). Rule: a lease expires ``ttl_s`` after it
+        was taken, so a process that dies holding one cannot keep the slot forever.
+        """
+        ...
+
+    async def release_lease(self, key: str, member: str) -> None:
+        """Drop ``member`` from ``key`` (no-op when it is gone already)."""
+        ...
+
     async def close(self) -> None: ...

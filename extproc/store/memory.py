@@ -16,6 +16,7 @@ class MemoryStore:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._values: dict[str, tuple[int, float]] = {}
+        self._leases: dict[str, dict[str, float]] = {}
 
     async def ping(self) -> None:
         return None
@@ -45,5 +46,25 @@ class MemoryStore:
             out.append(None if entry is None else entry[0])
         return out
 
+    async def acquire_lease(
+        self, key: str, member: str, limit: int, ttl_s: float
+    ) -> tuple[bool, int]:
+        now = self._clock()
+        leases = self._leases.setdefault(key, {})
+        for name in [m for m, expiry in leases.items() if expiry <= now]:
+            del leases[name]
+        if len(leases) >= limit:
+            return False, len(leases)
+        leases[member] = now + ttl_s
+        return True, len(leases)
+
+    async def release_lease(self, key: str, member: str) -> None:
+        leases = self._leases.get(key)
+        if leases is not None:
+            leases.pop(member, None)
+            if not leases:
+                del self._leases[key]
+
     async def close(self) -> None:
         self._values.clear()
+        self._leases.clear()

@@ -24,6 +24,22 @@ end
 return {value, ttl}
 """
 
+# A lease set: members scored by their expiry (server time, ms). Expired leases are
+# dropped first, so a crashed process leaks a slot for at most the lease TTL.
+# Returns {1, in_flight} when acquired, {0, in_flight} when the set is full.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[2]) then
+  return {0, n}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, n + 1}
+"""
+
 
 class RedisStore:
     """Counters in Redis; every failure surfaces as :class:`StoreError`."""
@@ -33,7 +49,7 @@ class RedisStore:
     def __init__(self, client: Any, timeout_s: float = 0.25) -> None:
         self._client = client
         self._timeout_s = timeout_s
-        self._sha: str | None = None
+        self._shas: dict[str, str] = {}
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = 0.25) -> RedisStore:
@@ -52,14 +68,15 @@ class RedisStore:
             raise StoreError(f"redis ping failed: {type(exc).__name__}") from exc
 
     async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        if self._sha is None:
-            self._sha = await self._client.script_load(script)
+        sha = self._shas.get(script)
+        if sha is None:
+            sha = self._shas[script] = await self._client.script_load(script)
         try:
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+            return await self._client.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:
             # SCRIPT FLUSH or a failover emptied the script cache: load it again.
-            self._sha = await self._client.script_load(script)
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+            sha = self._shas[script] = await self._client.script_load(script)
+            return await self._client.evalsha(sha, len(keys), *keys, *args)
 
     async def incr(self, key: str, amount: int, ttl_s: float) -> int:
         return (await self.incr_window(key, amount, ttl_s))[0]
@@ -81,6 +98,23 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis mget failed: {type(exc).__name__}") from exc
         return [None if v is None else int(v) for v in values]
+
+    async def acquire_lease(
+        self, key: str, member: str, limit: int, ttl_s: float
+    ) -> tuple[bool, int]:
+        try:
+            ok, count = await self._eval(
+                _ACQUIRE, [key], [member, limit, max(1, int(ttl_s * 1000))]
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis lease failed: {type(exc).__name__}") from exc
+        return bool(ok), int(count)
+
+    async def release_lease(self, key: str, member: str) -> None:
+        try:
+            await self._client.zrem(key, member)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis release failed: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -56,3 +58,40 @@ async def test_redis_down_raises_store_error() -> None:
 def test_unknown_scheme() -> None:
     with pytest.raises(ValueError, match="unsupported"):
         open_store("mongodb://x")
+
+
+async def test_memory_leases_limit_release_and_expiry() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    assert await store.acquire_lease("p", "a", 2, ttl_s=10) == (True, 1)
+    assert await store.acquire_lease("p", "b", 2, ttl_s=10) == (True, 2)
+    assert await store.acquire_lease("p", "c", 2, ttl_s=10) == (False, 2)
+    await store.release_lease("p", "a")
+    await store.release_lease("p", "a")  # twice is harmless
+    assert await store.acquire_lease("p", "c", 2, ttl_s=10) == (True, 2)
+    clock.now += 10  # a holder that never released: its lease runs out
+    assert await store.acquire_lease("p", "d", 2, ttl_s=10) == (True, 1)
+
+
+async def test_redis_leases_atomic_and_script_flush(redis_url: str) -> None:
+    store = open_store(redis_url)
+    client = aioredis.from_url(redis_url)
+    await client.delete("t:p")
+    results = await asyncio.gather(
+        *(store.acquire_lease("t:p", f"m{i}", 5, ttl_s=30) for i in range(50))
+    )
+    assert sum(ok for ok, _ in results) == 5
+    assert await client.zcard("t:p") == 5
+    assert 0 < await client.pttl("t:p") <= 30_000
+    await client.script_flush()
+    assert await store.acquire_lease("t:p", "late", 5, ttl_s=30) == (False, 5)
+    await store.release_lease("t:p", "m0")
+    await store.release_lease("t:p", "not-a-member")
+    assert await store.acquire_lease("t:p", "late", 5, ttl_s=30) == (True, 5)
+    await client.delete("t:p")
+    # expired leases (TTL 1 ms) are dropped before counting
+    assert await store.acquire_lease("t:p", "x", 1, ttl_s=0.001) == (True, 1)
+    await asyncio.sleep(0.01)
+    assert await store.acquire_lease("t:p", "y", 1, ttl_s=30) == (True, 1)
+    await client.aclose()
+    await store.close()

@@ -1,0 +1,76 @@
+"""Per-key ``max_parallel_requests``: a lease per admitted request, shared by every
+server process through the store.
+
+The request takes a lease when it is admitted and gives it back when Envoy has
+finished with the HTTP stream: completed, failed, cancelled by the client or reset.
+The end of a stream is only visible to Envoy, so the server hands the lease to Envoy
+as dynamic metadata (``lease``, in :data:`LEASE_NAMESPACE` for ext_proc and the
+ext_authz filter's own namespace for ext_authz) and Envoy's gRPC access logger sends
+it back when the stream ends (see ``envoy_config``): that works the same on both
+paths, and on any server process. A lease also expires after ``lease_ttl_s``
+(longer than the route timeout), so a lost log entry or a crashed process frees the
+slot in the end.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from extproc.errors import RateLimitError
+from extproc.keys import VirtualKey
+
+__all__ = [
+    "AUTHZ_NAMESPACE",
+    "LEASE_FIELD",
+    "LEASE_NAMESPACE",
+    "Lease",
+    "check_parallel",
+    "parallel_key",
+]
+
+#: Dynamic-metadata namespace the ext_proc server writes leases into.
+LEASE_NAMESPACE = "extproc"
+#: The ext_authz filter files a Check's dynamic metadata under its own name.
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+LEASE_FIELD = "lease"
+_TOKEN = re.compile(r"(parallel:\{key:[0-9a-f]{64}\})\|([0-9a-f]{32})")
+
+
+def parallel_key(key: VirtualKey) -> str:
+    """The store's lease set of one key (hash-tagged: one Redis Cluster slot per key)."""
+    return f"parallel:{{key:{key.hash}}}"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One admitted request's slot in its key's lease set."""
+
+    store_key: str
+    member: str
+
+    @classmethod
+    def new(cls, key: VirtualKey) -> Lease:
+        return cls(parallel_key(key), secrets.token_hex(16))
+
+    @property
+    def token(self) -> str:
+        """The form Envoy carries in dynamic metadata and logs back."""
+        return f"{self.store_key}|{self.member}"
+
+    @classmethod
+    def parse(cls, token: str) -> Lease | None:
+        """A lease from a logged token; None for anything this server did not write."""
+        match = _TOKEN.fullmatch(token)
+        return cls(match.group(1), match.group(2)) if match else None
+
+
+def check_parallel(key: VirtualKey, acquired: bool, in_flight: int) -> None:
+    """Raise a 429 when the key already has ``max_parallel_requests`` in flight."""
+    if not acquired:
+        raise RateLimitError(
+            f"Max parallel request limit reached for API key {key.label}: "
+            f"{in_flight} requests in flight, limit {key.max_parallel_requests}.",
+            code="parallel_request_limit_exceeded",
+        )

@@ -1,0 +1,123 @@
+"""max_parallel_requests through real Envoys: a slot per request in flight, given back
+when Envoy logs the end of the stream (completed, or the client went away)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import urllib.parse
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from tests.helpers import wait_until
+from tests.integration.stack import POLICIES, post, start_stack
+
+POLICY = POLICIES / "budgets.yaml"
+BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
+ZED = {"authorization": "Bearer sk-zed-parallel"}
+
+
+def slow(ms: int) -> dict[str, str]:
+    return {**ZED, "x-mock-delay-ms": str(ms)}
+
+
+async def burst(urls: list[str], n: int, headers: dict[str, str]) -> list[tuple[int, str]]:
+    async def one(i: int) -> tuple[int, str]:
+        status, _, body = await asyncio.to_thread(
+            post, f"{urls[i % len(urls)]}/v1/chat/completions", BODY, headers
+        )
+        code = json.loads(body)["error"]["code"] if status != 200 else ""
+        return status, code
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def lease_events(admin_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as resp:  # noqa: S310
+        text = resp.read().decode()
+    pattern = r'^extproc_parallel_leases_total\{event="(\w+)"\} ([0-9.e+]+)$'
+    return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.MULTILINE)}
+
+
+def all_released(admin_url: str) -> bool:
+    events = lease_events(admin_url)
+    return events.get("acquired", 0) > 0 and events.get("released") == events["acquired"]
+
+
+def abandon_stream(url: str) -> None:
+    """Start a slow streamed request, read the first bytes, then vanish (RST)."""
+    parts = urllib.parse.urlsplit(url)
+    body = json.dumps(
+        {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer sk-zed-parallel\r\nx-mock-chunk-delay-ms: 2000\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+
+@pytest.mark.parametrize("mode", ["ext_proc", "ext_authz"])
+async def test_parallel_limit_and_release(
+    tmp_path: Path, mode: Literal["ext_proc", "ext_authz"]
+) -> None:
+    with start_stack(tmp_path, mode=mode, policy=POLICY) as stack:
+        # six at once, each held 1.5 s by the upstream: two get through
+        results = await burst([stack.url], 6, slow(1500))
+        assert Counter(results) == {
+            (200, ""): 2,
+            (429, "parallel_request_limit_exceeded"): 4,
+        }
+        # both slots come back when the streams end ...
+        wait_until(lambda: all_released(stack.admin_url), 5, "leases released")
+        assert Counter(await burst([stack.url], 2, slow(300))) == {(200, ""): 2}
+        # ... and when the client goes away mid-stream
+        wait_until(lambda: all_released(stack.admin_url), 5, "leases released")
+        await asyncio.gather(
+            asyncio.to_thread(abandon_stream, stack.url),
+            asyncio.to_thread(abandon_stream, stack.url),
+        )
+        wait_until(lambda: all_released(stack.admin_url), 5, "abandoned leases released")
+        assert Counter(await burst([stack.url], 3, slow(300))) == {
+            (200, ""): 2,
+            (429, "parallel_request_limit_exceeded"): 1,
+        }
+        events = lease_events(stack.admin_url)
+        assert events.get("unknown", 0) == 0
+        assert "Traceback" not in stack.server_log()
+
+
+async def test_parallel_limit_shared_across_processes(tmp_path: Path, redis_url: str) -> None:
+    env = {"EXTPROC_STORE_URL": redis_url}
+    with contextlib.ExitStack() as stacks:
+        started = []
+        for name in ("one", "two"):
+            (tmp_path / name).mkdir()
+            started.append(
+                stacks.enter_context(start_stack(tmp_path / name, policy=POLICY, server_env=env))
+            )
+        urls = [s.url for s in started]
+        results = await burst(urls, 10, slow(1500))
+        assert Counter(results) == {
+            (200, ""): 2,
+            (429, "parallel_request_limit_exceeded"): 8,
+        }
+
+        def released_everywhere() -> bool:
+            events = [lease_events(s.admin_url) for s in started]
+            acquired = sum(e.get("acquired", 0) for e in events)
+            return acquired == 2 and sum(e.get("released", 0) for e in events) == acquired
+
+        wait_until(released_everywhere, 5, "leases released")
+        assert Counter(await burst(urls, 2, slow(300))) == {(200, ""): 2}
