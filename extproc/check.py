@@ -15,6 +15,9 @@ __all__ = ["CheckReport", "check_envoy_config"]
 
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_GRPC_ACCESS_LOG = (
+    "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+)
 _EARLY_MUTATION = (
     "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3."
     "HeaderMutation"
@@ -115,6 +118,13 @@ def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) ->
                         f"ext_authz cannot rewrite the body: deployment {dep.id!r} will "
                         f"receive model {dep.group!r}, not {dep.model!r}"
                     )
+    if any(k.max_parallel_requests for k in policy.directory.keys.values()):
+        loggers = [n for n in typed if n["@type"] == _GRPC_ACCESS_LOG]
+        if not any("envoy_grpc" in str(n.get("common_config")) for n in loggers):
+            report.errors.append(
+                "keys use max_parallel_requests, but no http_grpc access logger sends "
+                "stream ends to the server: leases would only be freed by their TTL"
+            )
     header = settings.cluster_header
     uses_header = any(
         isinstance(n.get("route"), dict) and n["route"].get("cluster_header") == header

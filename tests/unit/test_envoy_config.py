@@ -17,6 +17,7 @@ from extproc.settings import DEFAULT_POLICY, Settings
 from tests.helpers import ROOT
 
 ENVOY_DIR = ROOT / "envoy"
+POLICIES = ROOT / "tests" / "policies"
 MOCK_ENV = {
     "EXTPROC_MOCK_KEY_A": "a",
     "EXTPROC_MOCK_KEY_B": "b",
@@ -124,3 +125,13 @@ def test_compose_mock_ports_match_compose_envoy_config() -> None:
         assert sock["address"] == "mock"
         wanted[cluster["name"]] = sock["port_value"]
     assert served == wanted
+
+
+def test_check_requires_the_lease_log_for_parallel_limits() -> None:
+    policy = load_policy(POLICIES / "budgets.yaml", env={"TEST_KEY_A": "a"})
+    text = render_envoy_config({"mock_a": Upstream("127.0.0.1", 1)})
+    assert check_envoy_config(text, policy, Settings()).ok
+    without = text.replace("envoy.access_loggers.http_grpc", "envoy.access_loggers.stdout")
+    without = without.replace("grpc.v3.HttpGrpcAccessLogConfig", "stream.v3.StdoutAccessLog")
+    report = check_envoy_config(without, policy, Settings())
+    assert any("max_parallel_requests" in e for e in report.errors)
