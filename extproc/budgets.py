@@ -98,8 +98,8 @@ class BudgetRef:
 
 
 def alert_key(ref: BudgetRef) -> str:
-    """The store key that makes a soft-budget alert fire once per window."""
-    return f"alert:soft:{ref.kind}:{ref.ident}"
+    """The store key that makes a soft-budget alert fire once per budget window."""
+    return f"alert:soft:{ref.store_key}"
 
 
 def spend_key(kind: str, ident: str) -> str:

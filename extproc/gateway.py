@@ -29,7 +29,7 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("extproc")
 
-#: Until budgets have windows of their own, a soft-budget alert fires once a day.
+#: A soft budget without a window of its own alerts at most once a day.
 SOFT_ALERT_WINDOW_S = 86_400.0
 
 
@@ -173,7 +173,10 @@ class Gateway:
     async def _soft_budget_alert(self, ref: BudgetRef) -> None:
         """Log and count a crossed soft budget once per window, across processes."""
         try:
-            first = await self.store.incr(alert_key(ref), 1, SOFT_ALERT_WINDOW_S) == 1
+            # Rule: once per window: a calendar window's alert key names the window,
+            # and lives as long as it.
+            ttl = ref.window_s or SOFT_ALERT_WINDOW_S
+            first = await self.store.incr(alert_key(ref), 1, ttl) == 1
         except StoreError:
             return  # an alert is never worth failing a request
         if first:

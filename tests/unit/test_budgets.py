@@ -214,3 +214,31 @@ def test_tag_budget_window_rolls_from_first_spend(tmp_path: Path) -> None:
         3600.0,
         None,
     )
+
+
+async def test_soft_alert_once_per_calendar_window(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        POLICY.read_text().replace(
+            "alias: sam, max_budget: 10, soft_budget: 5,",
+            "alias: sam, max_budget: 10, soft_budget: 5, budget_duration: 1d,",
+        )
+    )
+    daily = load_policy(path, env=ENV)
+    gateway = await seeded(daily, {})
+    for day in (23, 23, 24, 24):
+        now = NOW.replace(day=day)
+        decision = decide(
+            RequestHead("POST", "/v1/chat/completions", {"authorization": "Bearer sk-sam-budget"}),
+            json.dumps({"model": "auto", "messages": []}).encode(),
+            daily,
+            GatewayConfig(),
+            lambda: 0.1,
+            now=now,
+        )
+        if (await gateway.store.get_many([decision.budgets[0].store_key]))[0] is None:
+            await gateway.store.incr(decision.budgets[0].store_key, 6_000_000, 86_400)
+        gateway.clock = lambda now=now: now  # type: ignore[misc]
+        await gateway.check_budgets(decision)
+    # over the soft budget on two days: one alert each day
+    assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 2
