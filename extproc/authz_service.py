@@ -20,7 +20,6 @@ from google.rpc import code_pb2, status_pb2
 from extproc.decision import decide, decide_head
 from extproc.errors import GatewayError, InternalError
 from extproc.gateway import Gateway
-from extproc.parallel import LEASE_FIELD
 from extproc.request import RequestHead
 
 __all__ = ["AuthorizationService"]
@@ -70,7 +69,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 ok_response=pb.OkHttpResponse(headers_to_remove=head_decision.remove_headers),
             )
         decision = decide(head, body, policy, gateway.config, gateway.rng, now=now)
-        lease = await gateway.admit(decision)
+        admission = await gateway.admit(decision)
         dep = decision.deployment
         gateway.metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
         gateway.metrics.routed.labels(dep.group, dep.id).inc()
@@ -83,9 +82,11 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 headers_to_remove=decision.remove_headers,
             ),
         )
-        if lease is not None:
-            # Filed under the ext_authz filter's namespace; logged back at stream end.
-            reply.dynamic_metadata.update({LEASE_FIELD: lease.token})
+        metadata = admission.metadata()
+        if metadata:
+            # Filed under the ext_authz filter's namespace: the lease is logged back at
+            # stream end, the session count becomes response headers.
+            reply.dynamic_metadata.update(metadata)
         return reply
 
     async def Check(  # noqa: N802 - the gRPC method name

@@ -21,6 +21,7 @@ from extproc.errors import (
     UnknownRouteError,
     UnsupportedMediaTypeError,
 )
+from extproc.iterations import SessionCap, session_cap
 from extproc.jsonbody import replace_member
 from extproc.keys import (
     TRACE_ID_HEADER,
@@ -84,6 +85,8 @@ class RouteDecision:
     set_headers: tuple[tuple[str, str], ...]
     remove_headers: tuple[str, ...]
     body: bytes
+    #: The session cap this call counts against, if any.
+    iterations: SessionCap | None = None
 
 
 def _authenticate(head: RequestHead, policy: CompiledPolicy, now: datetime) -> Caller | None:
@@ -215,4 +218,5 @@ def decide(
         set_headers=tuple(set_headers),
         remove_headers=remove,
         body=body,
+        iterations=session_cap(caller, request.session_id, group.max_iterations),
     )

@@ -27,7 +27,14 @@ from typing import Any, Literal
 import yaml
 
 from extproc.errors import ERROR_HEADER
-from extproc.parallel import AUTHZ_NAMESPACE, LEASE_FIELD, LEASE_NAMESPACE
+from extproc.iterations import LIMIT_HEADER, REMAINING_HEADER
+from extproc.parallel import (
+    AUTHZ_NAMESPACE,
+    ITERATIONS_LIMIT_FIELD,
+    ITERATIONS_REMAINING_FIELD,
+    LEASE_FIELD,
+    LEASE_NAMESPACE,
+)
 
 __all__ = ["LLM_PATH_REGEX", "Upstream", "render_envoy_config"]
 
@@ -226,6 +233,26 @@ def _lease_access_log(mode: str) -> dict[str, Any]:
     }
 
 
+def _session_headers(mode: str) -> list[dict[str, Any]]:
+    """A capped session's count, from the server's dynamic metadata, on the response.
+
+    Empty when the request had no cap (no metadata), and then not added. The server's
+    own 429 carries the headers itself.
+    """
+    namespace = LEASE_NAMESPACE if mode == "ext_proc" else AUTHZ_NAMESPACE
+    return [
+        {
+            "header": {"key": header, "value": f"%DYNAMIC_METADATA({namespace}:{field})%"},
+            "append_action": "ADD_IF_ABSENT",
+            "keep_empty_value": False,
+        }
+        for header, field in (
+            (LIMIT_HEADER, ITERATIONS_LIMIT_FIELD),
+            (REMAINING_HEADER, ITERATIONS_REMAINING_FIELD),
+        )
+    ]
+
+
 def _local_reply_config() -> dict[str, Any]:
     """Every local reply of these statuses as OpenAI-style JSON.
 
@@ -370,7 +397,14 @@ def render_envoy_config(
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "name": "llm",
-            "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
+            "virtual_hosts": [
+                {
+                    "name": "llm",
+                    "domains": ["*"],
+                    "routes": routes,
+                    "response_headers_to_add": _session_headers(mode),
+                }
+            ],
         },
         # Rule: strip a client-sent routing header before the route is first chosen.
         # A header_mutation *filter* is too late: the connection manager has already

@@ -22,7 +22,7 @@ from envoy.type.v3 import http_status_pb2
 from extproc.decision import RouteDecision, decide, decide_head
 from extproc.errors import GatewayError, InternalError, PayloadTooLargeError
 from extproc.gateway import Gateway
-from extproc.parallel import LEASE_FIELD, LEASE_NAMESPACE, Lease
+from extproc.parallel import LEASE_NAMESPACE, Lease
 from extproc.request import RequestHead
 
 __all__ = ["ExternalProcessorService"]
@@ -145,7 +145,8 @@ class _Stream:
         decision = decide(
             self._head, raw, self._policy, gateway.config, gateway.rng, now=gateway.clock()
         )
-        self.lease = await gateway.admit(decision)
+        admission = await gateway.admit(decision)
+        self.lease = admission.lease
         self._record(decision)
         self.finished = True
         common = pb.CommonResponse(
@@ -154,9 +155,11 @@ class _Stream:
             clear_route_cache=True,
         )
         reply = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
-        if self.lease is not None:
-            # Envoy logs it back when the HTTP stream ends (see extproc.parallel).
-            reply.dynamic_metadata.update({LEASE_NAMESPACE: {LEASE_FIELD: self.lease.token}})
+        metadata = admission.metadata()
+        if metadata:
+            # The lease is logged back at stream end (extproc.parallel); the session
+            # count becomes response headers (envoy_config's response_headers_to_add).
+            reply.dynamic_metadata.update({LEASE_NAMESPACE: metadata})
         return reply
 
     def _record(self, decision: RouteDecision) -> None:

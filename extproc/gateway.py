@@ -12,25 +12,51 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from extproc.budgets import BudgetRef, alert_key, check_budgets
 from extproc.decision import GatewayConfig, RouteDecision
 from extproc.errors import ServiceUnavailableError
+from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.metrics import Metrics
-from extproc.parallel import Lease, check_parallel
+from extproc.parallel import (
+    ITERATIONS_LIMIT_FIELD,
+    ITERATIONS_REMAINING_FIELD,
+    LEASE_FIELD,
+    Lease,
+    check_parallel,
+)
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
 from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.settings import Settings
-from extproc.store import Store, StoreError, open_store
+from extproc.store import MemoryStore, Store, StoreError, open_store
 
-__all__ = ["Gateway"]
+__all__ = ["Admission", "Gateway"]
 
 log = logging.getLogger("extproc")
 
 #: A soft budget without a window of its own alerts at most once a day.
 SOFT_ALERT_WINDOW_S = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What admission hands the adapter: a lease for Envoy, the session's count."""
+
+    lease: Lease | None = None
+    iterations: IterationCount | None = None
+
+    def metadata(self) -> dict[str, str]:
+        """The dynamic metadata Envoy gets (strings: Envoy formats them verbatim)."""
+        out: dict[str, str] = {}
+        if self.lease is not None:
+            out[LEASE_FIELD] = self.lease.token
+        if self.iterations is not None:
+            out[ITERATIONS_LIMIT_FIELD] = str(self.iterations.limit)
+            out[ITERATIONS_REMAINING_FIELD] = str(self.iterations.remaining)
+        return out
 
 
 class Gateway:
@@ -56,6 +82,9 @@ class Gateway:
         self.ready = True
         self._last_store_log = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
+        #: In-process counters for session caps while the store is down.
+        self._local = MemoryStore()
+        self._store_retry_at = float("-inf")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -88,12 +117,37 @@ class Gateway:
                 seen = current
                 self.reload_policy()
 
-    async def admit(self, decision: RouteDecision) -> Lease | None:
-        """The store-backed checks of a routed request: budgets, rate limits, then a
-        parallel-request lease (returned: the caller hands it to Envoy to log back)."""
+    async def admit(self, decision: RouteDecision) -> Admission:
+        """The store-backed checks of a routed request: budgets, the session cap, rate
+        limits, then a parallel-request lease (the adapter hands it to Envoy)."""
         await self.check_budgets(decision)
+        iterations = await self.count_iteration(decision.iterations)
         await self.check_rate_limits(decision)
-        return await self.take_lease(decision)
+        return Admission(await self.take_lease(decision), iterations)
+
+    async def count_iteration(self, cap: SessionCap | None) -> IterationCount | None:
+        """Count this call of a capped session (one store round trip) and compare.
+
+        When the store fails, the fail mode decides: ``closed`` answers 503, ``open``
+        counts in this process (LiteLLM's fallback) and tries the store again after
+        ``store_retry_s``, so counting goes back to it once it is up.
+        """
+        if cap is None:
+            return None
+        ttl = self.settings.max_iterations_ttl
+        now = time.monotonic()
+        if now >= self._store_retry_at:
+            try:
+                count, left = await self.store.incr_window(cap.store_key, 1, ttl)
+                return check_iterations(cap, count, left)
+            except StoreError as exc:
+                self._store_retry_at = now + self.settings.store_retry_s
+                self._store_failed(exc)
+        elif self.settings.fail_mode == "closed":
+            self._store_failed(StoreError("store marked down after a recent failure"))
+        self.metrics.iterations_fallback.inc()
+        count, left = await self._local.incr_window(cap.store_key, 1, ttl)
+        return check_iterations(cap, count, left)
 
     async def take_lease(self, decision: RouteDecision) -> Lease | None:
         """A slot of the key's ``max_parallel_requests``, or a 429; None when the key

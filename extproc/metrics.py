@@ -77,3 +77,8 @@ class Metrics:
             ["event"],
             registry=self.registry,
         )
+        self.iterations_fallback = Counter(
+            "extproc_iterations_fallback",
+            "Session-cap counts made in process because the store failed.",
+            registry=self.registry,
+        )

@@ -23,6 +23,8 @@ from extproc.keys import VirtualKey
 
 __all__ = [
     "AUTHZ_NAMESPACE",
+    "ITERATIONS_LIMIT_FIELD",
+    "ITERATIONS_REMAINING_FIELD",
     "LEASE_FIELD",
     "LEASE_NAMESPACE",
     "Lease",
@@ -35,6 +37,9 @@ LEASE_NAMESPACE = "extproc"
 #: The ext_authz filter files a Check's dynamic metadata under its own name.
 AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 LEASE_FIELD = "lease"
+#: Where a capped session's count travels to the response headers (same namespace).
+ITERATIONS_LIMIT_FIELD = "iterations_limit"
+ITERATIONS_REMAINING_FIELD = "iterations_remaining"
 _TOKEN = re.compile(r"(parallel:\{key:[0-9a-f]{64}\})\|([0-9a-f]{32})")
 
 

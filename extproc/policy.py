@@ -138,6 +138,8 @@ class ModelGroup(_Model):
     deployments: tuple[Deployment, ...] = Field(min_length=1)
     #: Access groups this model group belongs to; keys and teams can list them.
     access_groups: tuple[str, ...] = ()
+    #: Session cap for callers whose agent and key set none.
+    max_iterations: int | None = Field(default=None, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -244,6 +246,7 @@ class CompiledGroup:
     deployments: tuple[CompiledDeployment, ...]
     #: Running sums of the weights, for weighted picks by bisection.
     cumulative_weights: tuple[float, ...]
+    max_iterations: int | None = None
 
     @property
     def zero_cost(self) -> bool:
@@ -407,7 +410,9 @@ def compile_policy(
                 )
             )
         weights = tuple(itertools.accumulate(d.weight for d in compiled))
-        groups[group.name] = CompiledGroup(group.name, tuple(compiled), weights)
+        groups[group.name] = CompiledGroup(
+            group.name, tuple(compiled), weights, group.max_iterations
+        )
     if errors:
         raise PolicyError(source, errors)
     members: dict[str, set[str]] = {}

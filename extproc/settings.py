@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DEFAULT_POLICY", "Settings"]
@@ -55,6 +55,16 @@ class Settings(BaseSettings):
     #: How long a max_parallel_requests lease lives at most (longer than Envoy's
     #: route timeout, 600 s): the bound on a slot leaked by a lost end-of-stream log.
     lease_ttl_s: float = Field(default=660.0, gt=0)
+    #: Seconds a session's iteration counter lives, from its first call (LiteLLM's
+    #: ``LITELLM_MAX_ITERATIONS_TTL`` is honoured when ours is not set).
+    max_iterations_ttl: float = Field(
+        default=3600.0,
+        gt=0,
+        validation_alias=AliasChoices("EXTPROC_MAX_ITERATIONS_TTL", "LITELLM_MAX_ITERATIONS_TTL"),
+    )
+    #: After a store failure, how long iteration caps count in process before the
+    #: store is tried again.
+    store_retry_s: float = Field(default=1.0, ge=0)
     #: Use uvloop when it is installed.
     uvloop: bool = True
 
