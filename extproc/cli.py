@@ -131,6 +131,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         mode=args.mode,
         listen=Upstream(args.listen_host, args.port),
         server=Upstream(args.server_host, settings.grpc_port),
+        extra_servers=[Upstream(args.server_host, port) for port in args.extra_server_port],
         admin=Upstream("127.0.0.1", args.envoy_admin_port),
         cluster_header=settings.cluster_header,
         failure_mode_allow=args.failure_mode_allow,
@@ -217,6 +218,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=10000)
     p.add_argument("--listen-host", default="127.0.0.1")
     p.add_argument("--server-host", default="127.0.0.1")
+    p.add_argument(
+        "--extra-server-port",
+        type=int,
+        action="append",
+        default=[],
+        help="one more server process on --server-host (repeat; one per core)",
+    )
     p.add_argument("--envoy-admin-port", type=int, default=9901)
     p.add_argument("--mock-base-port", type=int, default=18001)
     p.add_argument("--mock-host", default="127.0.0.1")

@@ -20,7 +20,7 @@ The committed files in ``envoy/`` are this module's output for the example polic
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -132,8 +132,20 @@ def _cluster(name: str, upstream: Upstream, *, http2: bool = False) -> dict[str,
     return cluster
 
 
-def _extproc_cluster(upstream: Upstream, service: str) -> dict[str, Any]:
+def _extproc_cluster(
+    upstream: Upstream, service: str, extra: Sequence[Upstream] = ()
+) -> dict[str, Any]:
     cluster = _cluster(_EXTPROC_CLUSTER, upstream, http2=True)
+    # Several server processes (one per core) are endpoints of the one cluster.
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    for more in extra:
+        endpoints.append(
+            {
+                "endpoint": {
+                    "address": {"socket_address": {"address": more.host, "port_value": more.port}}
+                }
+            }
+        )
     cluster["health_checks"] = [
         {
             "timeout": "1s",
@@ -343,6 +355,7 @@ def render_envoy_config(
     mode: Literal["ext_proc", "ext_authz"] = "ext_proc",
     listen: Upstream = Upstream("127.0.0.1", 10000),
     server: Upstream = Upstream("127.0.0.1", 50051),
+    extra_servers: Sequence[Upstream] = (),
     admin: Upstream | None = Upstream("127.0.0.1", 9901),
     cluster_header: str = "x-extproc-cluster",
     failure_mode_allow: bool = False,
@@ -451,7 +464,7 @@ def render_envoy_config(
                 }
             ],
             "clusters": [
-                _extproc_cluster(server, service),
+                _extproc_cluster(server, service, extra_servers),
                 *(_cluster(name, up) for name, up in sorted(clusters.items())),
             ],
         },

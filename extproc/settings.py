@@ -24,7 +24,9 @@ _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 class Settings(BaseSettings):
     """Environment settings; every field can be set as ``EXTPROC_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="EXTPROC_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="EXTPROC_", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=50051, ge=0, le=65535)

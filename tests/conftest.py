@@ -7,13 +7,15 @@ tests never touch a Redis they did not start.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import port_open, redis_proc, running
+from tests.helpers import cluster_port, port_open, redis_proc, running, wait_until
 
 
 def _docker_engine() -> bool:
@@ -49,3 +51,54 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc, port = local
     with running(proc, lambda: port_open(port)):
         yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 3-node Redis Cluster (three primaries) of local redis-server processes."""
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        pytest.skip("redis-cli is needed to create a Redis Cluster")
+    workdir = tmp_path_factory.mktemp("redis-cluster")
+    nodes = []
+    for _ in range(3):
+        port = cluster_port()
+        node = redis_proc(
+            workdir,
+            port,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"nodes-{port}.conf",
+            "--cluster-node-timeout",
+            "2000",
+        )
+        if node is None:
+            pytest.skip("redis-server is needed for a Redis Cluster")
+        nodes.append(node)
+    with contextlib.ExitStack() as stack:
+        for proc, port in nodes:
+            stack.enter_context(running(proc, functools.partial(port_open, port)))
+        addresses = [f"127.0.0.1:{port}" for _, port in nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+        def ready() -> bool:
+            for _, port in nodes:
+                info = subprocess.run(
+                    [cli, "-p", str(port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    timeout=5,
+                ).stdout
+                if "cluster_state:ok" not in info:
+                    return False
+            return True
+
+        wait_until(ready, 30, "the Redis Cluster to be ready")
+        yield f"redis+cluster://{addresses[0]}"

@@ -108,12 +108,21 @@ def running(proc: Proc, ready: Callable[[], bool], timeout: float = 30.0) -> Ite
         proc.stop()
 
 
-def redis_proc(workdir: Path) -> tuple[Proc, int] | None:
+def cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10_000 < 65_536 and not port_open(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def redis_proc(workdir: Path, port: int | None = None, *extra: str) -> tuple[Proc, int] | None:
     """A local redis-server on a free port that keeps nothing on disk (None if absent)."""
     binary = shutil.which("redis-server")
     if binary is None:
         return None
-    port = free_port()
+    port = port or free_port()
     argv = [
         binary,
         "--port",
@@ -126,8 +135,9 @@ def redis_proc(workdir: Path) -> tuple[Proc, int] | None:
         "no",
         "--dir",
         str(workdir),
+        *extra,
     ]
-    return Proc("redis", argv, workdir / "redis.log"), port
+    return Proc(f"redis-{port}", argv, workdir / f"redis-{port}.log"), port
 
 
 def extproc_argv(*args: str) -> list[str]:

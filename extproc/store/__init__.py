@@ -9,10 +9,13 @@ __all__ = ["MemoryStore", "Store", "StoreError", "open_store"]
 
 
 def open_store(url: str) -> Store:
-    """A store for ``memory://`` or ``redis://``/``rediss://`` URLs."""
+    """A store for ``memory://``, ``redis://``/``rediss://``/``unix://`` or
+    ``redis+cluster://`` (Redis Cluster) URLs."""
     if url.startswith("memory://"):
         return MemoryStore()
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    ):
         from extproc.store.redis import RedisStore  # noqa: PLC0415 - redis only when used
 
         return RedisStore.from_url(url)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from extproc.store.base import StoreError
@@ -46,13 +47,27 @@ class RedisStore:
 
     name = "redis"
 
-    def __init__(self, client: Any, timeout_s: float = 0.25) -> None:
+    def __init__(self, client: Any, timeout_s: float = 0.25, *, cluster: bool = False) -> None:
         self._client = client
         self._timeout_s = timeout_s
+        #: Redis Cluster: multi-key reads are split by slot (every script uses one key).
+        self._cluster = cluster
         self._shas: dict[str, str] = {}
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = 0.25) -> RedisStore:
+        """``redis://``, ``rediss://``, ``unix://``; ``redis+cluster://host:port`` (any
+        node) for Redis Cluster."""
+        for scheme in ("redis+cluster://", "rediss+cluster://"):
+            if url.startswith(scheme):
+                seed = scheme.replace("+cluster", "") + url.removeprefix(scheme)
+                cluster = RedisCluster.from_url(
+                    seed,
+                    socket_timeout=timeout_s,
+                    socket_connect_timeout=timeout_s,
+                    decode_responses=False,
+                )
+                return cls(cluster, timeout_s, cluster=True)
         client = aioredis.from_url(
             url,
             socket_timeout=timeout_s,
@@ -94,7 +109,10 @@ class RedisStore:
         if not keys:
             return []
         try:
-            values = await self._client.mget(list(keys))
+            if self._cluster:
+                values = await self._client.mget_nonatomic(list(keys))
+            else:
+                values = await self._client.mget(list(keys))
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis mget failed: {type(exc).__name__}") from exc
         return [None if v is None else int(v) for v in values]

@@ -123,6 +123,7 @@ def start_envoy(
     mode: Literal["ext_proc", "ext_authz"] = "ext_proc",
     failure_mode_allow: bool = False,
     name: str = "envoy",
+    extra_grpc_ports: tuple[int, ...] = (),
 ) -> Iterator[tuple[Proc, str, str]]:
     port, admin = free_port(), free_port()
     config = workdir / f"{name}.yaml"
@@ -132,6 +133,7 @@ def start_envoy(
             mode=mode,
             listen=Upstream("127.0.0.1", port),
             server=Upstream("127.0.0.1", grpc_port),
+            extra_servers=[Upstream("127.0.0.1", p) for p in extra_grpc_ports],
             admin=Upstream("127.0.0.1", admin),
             failure_mode_allow=failure_mode_allow,
             access_log_path=str(workdir / f"{name}-access.log"),
@@ -177,9 +179,11 @@ def wait_for_extproc_healthy(envoy_admin: str) -> None:
                 text = resp.read().decode()
         except OSError:
             return False
-        return any(
-            line.startswith("extproc::") and line.endswith("::health_flags::healthy")
+        flags = [
+            line
             for line in text.splitlines()
-        )
+            if line.startswith("extproc::") and "::health_flags::" in line
+        ]
+        return bool(flags) and all(line.endswith("::healthy") for line in flags)
 
     wait_until(healthy, 20, "Envoy to see the server healthy")

@@ -95,3 +95,14 @@ async def test_redis_leases_atomic_and_script_flush(redis_url: str) -> None:
     assert await store.acquire_lease("t:p", "y", 1, ttl_s=30) == (True, 1)
     await client.aclose()
     await store.close()
+
+
+async def test_redis_cluster_store(redis_cluster_url: str) -> None:
+    store = open_store(redis_cluster_url)
+    keys = [f"{{t:{i}}}:n" for i in range(12)]  # spread over the cluster's slots
+    for i, key in enumerate(keys):
+        assert await store.incr(key, i + 1, ttl_s=30) == i + 1
+    assert await store.get_many(keys) == [i + 1 for i in range(len(keys))]
+    assert await store.acquire_lease("{t:p}", "m", 1, ttl_s=30) == (True, 1)
+    assert await store.acquire_lease("{t:p}", "n", 1, ttl_s=30) == (False, 1)
+    await store.close()

@@ -1,0 +1,148 @@
+"""Session iteration caps through real Envoys with the openai SDK, and exactness across
+two server processes behind one Envoy sharing one Redis (and a Redis Cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import openai
+import pytest
+
+from tests.integration.stack import (
+    POLICIES,
+    post,
+    start_envoy,
+    start_mocks,
+    start_server,
+    wait_for_extproc_healthy,
+)
+
+POLICY = POLICIES / "iterations.yaml"
+LIMIT, REMAINING = "x-session-iterations-limit", "x-session-iterations-remaining"
+
+
+def client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+@pytest.mark.parametrize("mode", ["ext_proc", "ext_authz"])
+def test_cap_through_envoy_with_the_openai_sdk(
+    tmp_path: Path, mode: Literal["ext_proc", "ext_authz"]
+) -> None:
+    from tests.integration.stack import start_stack  # noqa: PLC0415
+
+    with start_stack(tmp_path, mode=mode, policy=POLICY) as stack:
+        agent = client(stack.url, "sk-iter-agent")  # the agent's cap: 3
+        session = {"x-litellm-session-id": "task-1"}
+        seen = []
+        for _ in range(3):
+            raw = agent.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": "hi"}], extra_headers=session
+            )
+            raw.parse()
+            seen.append((raw.headers[LIMIT], raw.headers[REMAINING]))
+        assert seen == [("3", "2"), ("3", "1"), ("3", "0")]
+        with pytest.raises(openai.RateLimitError) as info:
+            agent.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "hi"}], extra_headers=session
+            )
+        err = info.value
+        assert err.code == "max_iterations_exceeded"
+        assert "session task-1. Current count: 4, max_iterations: 3" in err.message
+        assert 3500 <= int(err.response.headers["retry-after"]) <= 3600
+        assert (err.response.headers[LIMIT], err.response.headers[REMAINING]) == ("3", "0")
+        # another session, and calls without one, are not capped by it
+        raw = agent.chat.completions.with_raw_response.create(
+            model="auto",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"metadata": {"session_id": "task-2"}},
+        )
+        assert raw.headers[REMAINING] == "2"
+        plain = agent.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert LIMIT not in plain.headers
+        # a streamed call of a capped session carries the headers too
+        stream = agent.chat.completions.with_raw_response.create(
+            model="auto",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers={"x-litellm-session-id": "task-3"},
+        )
+        assert stream.headers[REMAINING] == "2"
+        assert "".join(c.choices[0].delta.content or "" for c in stream.parse() if c.choices)
+        # a session id that is not printable is a 400, never a store key
+        status, _, body = post(
+            f"{stack.url}/v1/chat/completions",
+            json.dumps({"model": "auto", "messages": []}).encode(),
+            {"authorization": "Bearer sk-iter-agent", "x-litellm-session-id": "a" * 300},
+        )
+        assert (status, json.loads(body)["error"]["code"]) == (400, "invalid_session_id")
+
+
+def routed(admin_port: int) -> float:
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("extproc_routed_total{")
+    )
+
+
+@contextlib.contextmanager
+def two_servers_one_envoy(tmp_path: Path, store_url: str) -> Iterator[tuple[str, list[int]]]:
+    env = {"EXTPROC_STORE_URL": store_url}
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    with (
+        start_mocks(tmp_path) as mocks,
+        start_server(tmp_path / "s1", POLICY, env) as (_, port_1, admin_1),
+        start_server(tmp_path / "s2", POLICY, env) as (_, port_2, admin_2),
+        start_envoy(tmp_path, mocks, port_1, extra_grpc_ports=(port_2,)) as (_, url, admin),
+    ):
+        wait_for_extproc_healthy(admin)
+        yield url, [admin_1, admin_2]
+
+
+async def exact_run(url: str, calls: int = 200) -> Counter[tuple[int, str]]:
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "x"}]}).encode()
+    headers = {
+        "authorization": "Bearer sk-iter-team-a1",  # wide-agent: cap 50
+        "x-litellm-session-id": f"exact-{uuid.uuid4().hex}",
+    }
+    gate = asyncio.Semaphore(64)
+
+    async def one() -> tuple[int, str]:
+        async with gate:
+            status, _, raw = await asyncio.to_thread(
+                post, f"{url}/v1/chat/completions", body, headers
+            )
+        return status, json.loads(raw)["error"]["code"] if status != 200 else ""
+
+    return Counter(await asyncio.gather(*(one() for _ in range(calls))))
+
+
+async def test_exact_across_two_processes_on_redis(tmp_path: Path, redis_url: str) -> None:
+    with two_servers_one_envoy(tmp_path, redis_url) as (url, admins):
+        counts = await exact_run(url)
+        assert all(routed(port) > 0 for port in admins)  # both processes admitted calls
+    assert counts == {(200, ""): 50, (429, "max_iterations_exceeded"): 150}
+
+
+async def test_exact_across_two_processes_on_redis_cluster(
+    tmp_path: Path, redis_cluster_url: str
+) -> None:
+    with two_servers_one_envoy(tmp_path, redis_cluster_url) as (url, admins):
+        counts = await exact_run(url)
+        assert all(routed(port) > 0 for port in admins)
+    assert counts == {(200, ""): 50, (429, "max_iterations_exceeded"): 150}
