@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import urllib.request
 import uuid
 from collections import Counter
@@ -15,6 +16,7 @@ from typing import Literal
 
 import openai
 import pytest
+import redis
 
 from tests.integration.stack import (
     POLICIES,
@@ -88,10 +90,13 @@ def test_cap_through_envoy_with_the_openai_sdk(
         assert (status, json.loads(body)["error"]["code"]) == (400, "invalid_session_id")
 
 
+def routed_metrics(admin_url: str) -> str:
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as resp:  # noqa: S310
+        return str(resp.read().decode())
+
+
 def routed(admin_port: int) -> float:
-    url = f"http://127.0.0.1:{admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
+    text = routed_metrics(f"http://127.0.0.1:{admin_port}")
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -146,3 +151,46 @@ async def test_exact_across_two_processes_on_redis_cluster(
         counts = await exact_run(url)
         assert all(routed(port) > 0 for port in admins)
     assert counts == {(200, ""): 50, (429, "max_iterations_exceeded"): 150}
+
+
+def test_redis_killed_mid_run_falls_back_then_returns(tmp_path: Path) -> None:
+    from tests.helpers import port_open, redis_proc, running, wait_until  # noqa: PLC0415
+    from tests.integration.stack import start_stack  # noqa: PLC0415
+
+    local = redis_proc(tmp_path)
+    if local is None:
+        pytest.skip("redis-server is not installed")
+    proc, port = local
+    env = {"EXTPROC_STORE_URL": f"redis://127.0.0.1:{port}/0", "EXTPROC_STORE_RETRY_S": "0.2"}
+    headers = {"authorization": "Bearer sk-iter-team-a1", "x-litellm-session-id": "survivor"}
+    url_path = "/v1/chat/completions"
+    body = json.dumps({"model": "auto", "messages": []}).encode()
+    counter = "{session_iterations:team:team-a:survivor}:count"
+    with (
+        running(proc, lambda: port_open(port)) as redis_server,
+        start_stack(tmp_path, policy=POLICY, server_env=env) as stack,
+    ):
+        statuses = [post(stack.url + url_path, body, headers)[0] for _ in range(5)]
+        assert redis.Redis(port=port).get(counter) == b"5"
+        redis_server.stop(signal.SIGKILL)
+        statuses += [post(stack.url + url_path, body, headers)[0] for _ in range(10)]
+        assert statuses == [200] * 15  # no 5xx: counted in process meanwhile
+        restarted = redis_proc(tmp_path, port)
+        assert restarted is not None
+        with running(restarted[0], lambda: port_open(port)):
+
+            def back() -> bool:
+                post(stack.url + url_path, body, headers)
+                return redis.Redis(port=port).get(counter) is not None
+
+            wait_until(back, 10, "counting to go back to Redis")
+        metrics = routed_metrics(stack.admin_url)
+        log = stack.server_log()
+    fallback = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("extproc_iterations_fallback_total ")
+    ]
+    assert float(fallback[0].split()[1]) >= 10
+    assert "Traceback" not in log
+    assert log.count("store unavailable") <= 2  # at most once per 10 s interval

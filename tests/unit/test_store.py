@@ -106,3 +106,20 @@ async def test_redis_cluster_store(redis_cluster_url: str) -> None:
     assert await store.acquire_lease("{t:p}", "m", 1, ttl_s=30) == (True, 1)
     assert await store.acquire_lease("{t:p}", "n", 1, ttl_s=30) == (False, 1)
     await store.close()
+
+
+async def test_redis_slow_past_timeout_is_a_store_error() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)  # accepts, never answers: a hung Redis
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", timeout_s=0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(StoreError):
+        await store.incr_window("k", 1, 10)
+    assert loop.time() - started < 2
+    await store.close()
+    server.close()
