@@ -39,10 +39,14 @@ from tests.helpers import (  # noqa: E402
     free_port,
     http_ok,
     port_open,
+    redis_proc,
     running,
 )
 
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say hello in one word."}]}
+#: A call of a capped session: the server counts it in the store (one round trip).
+CAPPED = {**BODY, "model": "bench-capped"}
+SESSION = {"x-litellm-session-id": "bench-session"}
 KEY = "sk-bench-upstream"
 
 
@@ -77,13 +81,22 @@ def plain_envoy_config(listen: int, admin: int, upstream: int) -> str:
     return str(yaml.safe_dump(full, sort_keys=False))
 
 
-def run_wrk(url: str, duration: int, connections: int, workdir: Path) -> dict[str, float]:
+def run_wrk(
+    url: str,
+    duration: int,
+    connections: int,
+    workdir: Path,
+    *,
+    body: dict[str, Any],
+    headers: dict[str, str],
+) -> dict[str, float]:
     script = workdir / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(json.dumps(BODY))}\n"
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         'wrk.headers["Authorization"] = "Bearer sk-client"\n'
+        + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in headers.items())
     )
     out = subprocess.run(
         [
@@ -121,14 +134,20 @@ def run_wrk(url: str, duration: int, connections: int, workdir: Path) -> dict[st
     }
 
 
-async def _loadgen(url: str, duration: int, connections: int) -> dict[str, float]:
+async def _loadgen(
+    url: str, duration: int, connections: int, body_json: str, extra_json: str
+) -> dict[str, float]:
     import aiohttp  # noqa: PLC0415
 
     latencies: list[float] = []
     errors = 0
     stop_at = time.perf_counter() + duration
-    body = json.dumps(BODY).encode()
-    headers = {"content-type": "application/json", "authorization": "Bearer sk-client"}
+    body = body_json.encode()
+    headers = {
+        "content-type": "application/json",
+        "authorization": "Bearer sk-client",
+        **json.loads(extra_json),
+    }
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal errors
@@ -157,15 +176,19 @@ async def _loadgen(url: str, duration: int, connections: int) -> dict[str, float
     }
 
 
-def run_python_loadgen(url: str, duration: int, connections: int) -> dict[str, float]:
+def run_python_loadgen(
+    url: str, duration: int, connections: int, body: dict[str, Any], headers: dict[str, str]
+) -> dict[str, float]:
     """The aiohttp load generator in its own process, so it has its own core."""
     code = (
         "import asyncio, json, sys; sys.path.insert(0, sys.argv[1]);"
         "from bench.bench import _loadgen;"
-        "print(json.dumps(asyncio.run(_loadgen(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))))"
+        "print(json.dumps(asyncio.run(_loadgen(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),"
+        " sys.argv[5], sys.argv[6]))))"
     )
+    argv = [str(ROOT), url, str(duration), str(connections), json.dumps(body), json.dumps(headers)]
     out = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT), url, str(duration), str(connections)],
+        [sys.executable, "-c", code, *argv],
         capture_output=True,
         text=True,
         check=True,
@@ -189,6 +212,12 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument(
+        "--store",
+        choices=("redis", "memory"),
+        default="redis" if shutil.which("redis-server") else "memory",
+        help="the server's store: a private redis-server (default when installed) or memory",
+    )
     args = parser.parse_args()
     use_wrk = args.loadgen == "wrk" or (args.loadgen == "auto" and shutil.which("wrk"))
     workdir = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
@@ -202,23 +231,29 @@ def main() -> int:
         workdir / "mock.log",
         env=env,
     )
+    redis_port = free_port()
+    redis_server = redis_proc(workdir, redis_port) if args.store == "redis" else None
+    store_url = f"redis://127.0.0.1:{redis_port}/0" if redis_server else "memory://"
     server = Proc(
         "server",
         extproc_argv("serve"),
         workdir / "server.log",
         env={
             **env,
+            "EXTPROC_STORE_URL": store_url,
             "EXTPROC_POLICY_PATH": str(ROOT / "bench" / "policy.yaml"),
             "EXTPROC_GRPC_PORT": str(grpc_port),
             "EXTPROC_ADMIN_PORT": str(admin_port),
             "EXTPROC_LOG_LEVEL": "WARNING",
         },
     )
-    setups: list[tuple[str, str, int, int]] = []
-    for label, mode in (
-        ("Envoy alone", None),
-        ("Envoy + ext_proc", "ext_proc"),
-        ("Envoy + ext_authz", "ext_authz"),
+    setups: list[tuple[str, str, int, int, dict[str, Any], dict[str, str]]] = []
+    for label, mode, body, headers in (
+        ("Envoy alone", None, BODY, {}),
+        ("Envoy + ext_proc", "ext_proc", BODY, {}),
+        ("ext_proc, capped session", "ext_proc", CAPPED, SESSION),
+        ("Envoy + ext_authz", "ext_authz", BODY, {}),
+        ("ext_authz, capped session", "ext_authz", CAPPED, SESSION),
     ):
         listen, admin = free_port(), free_port()
         if mode is None:
@@ -232,39 +267,44 @@ def main() -> int:
                 admin=Upstream("127.0.0.1", admin),
                 access_log_path="/dev/null",
             )
-        setups.append((label, config, listen, admin))
+        setups.append((label, config, listen, admin, body, headers))
 
     rows: list[dict[str, Any]] = []
-    with (
-        running(mock, lambda: port_open(mock_port)),
-        running(server, lambda: http_ok(f"http://127.0.0.1:{admin_port}/healthz")),
-    ):
-        for i, (label, config, listen, admin) in enumerate(setups):
+    with contextlib.ExitStack() as stack:
+        if redis_server is not None:
+            stack.enter_context(running(redis_server[0], lambda: port_open(redis_port)))
+        stack.enter_context(running(mock, lambda: port_open(mock_port)))
+        stack.enter_context(
+            running(server, lambda: http_ok(f"http://127.0.0.1:{admin_port}/healthz"))
+        )
+        for i, (label, config, listen, admin, body, headers) in enumerate(setups):
             with envoy(workdir, f"envoy{i}", config, admin):
                 url = f"http://127.0.0.1:{listen}"
                 time.sleep(2.5)  # the ext_proc cluster's first health check
                 warm = 2
                 if use_wrk:
-                    run_wrk(url, warm, args.connections, workdir)
-                    result = run_wrk(url, args.duration, args.connections, workdir)
+                    run_wrk(url, warm, args.connections, workdir, body=body, headers=headers)
+                    result = run_wrk(
+                        url, args.duration, args.connections, workdir, body=body, headers=headers
+                    )
                 else:
-                    run_python_loadgen(url, warm, args.connections)
-                    result = run_python_loadgen(url, args.duration, args.connections)
+                    run_python_loadgen(url, warm, args.connections, body, headers)
+                    result = run_python_loadgen(url, args.duration, args.connections, body, headers)
                 rows.append({"setup": label, **result})
     base = rows[0]["rps"]
     tool = "wrk -t2" if use_wrk else "aiohttp load generator"
     print(
         f"\n{tool}, {args.connections} connections, {args.duration}s per setup, "
-        "small chat-completion POST, loopback\n"
+        f"small chat-completion POST, loopback, store {args.store}\n"
     )
     print(
-        f"| {'setup':<20} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'non-2xx':>7} | "
+        f"| {'setup':<26} | {'req/s':>9} | {'p50 ms':>7} | {'p99 ms':>7} | {'non-2xx':>7} | "
         f"{'vs Envoy alone':>14} |"
     )
-    print(f"|{'-' * 22}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 16}|")
+    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 16}|")
     for row in rows:
         print(
-            f"| {row['setup']:<20} | {row['rps']:>9.0f} | {row['p50']:>7.2f} | "
+            f"| {row['setup']:<26} | {row['rps']:>9.0f} | {row['p50']:>7.2f} | "
             f"{row['p99']:>7.2f} | {row['errors']:>7.0f} | {row['rps'] / base:>13.2f}x |"
         )
     return 0
