@@ -34,8 +34,9 @@ from extproc.keys import (
     User,
     VirtualKey,
 )
+from extproc.pricing import Prices, bundled_prices
 from extproc.providers import auth_header_for
-from extproc.windows import zone
+from extproc.windows import DurationText, zone
 
 __all__ = [
     "CompiledDeployment",
@@ -85,13 +86,11 @@ class CredentialRef(_Model):
         return self
 
 
-class Prices(_Model):
-    """Prices in dollars per token (LiteLLM's price-table field names)."""
+class ProviderBudget(_Model):
+    """A provider's budget (LiteLLM's ``provider_budget_config`` entry)."""
 
-    input_cost_per_token: Decimal = Field(default=Decimal(0), ge=0)
-    output_cost_per_token: Decimal = Field(default=Decimal(0), ge=0)
-    cache_read_input_token_cost: Decimal | None = Field(default=None, ge=0)
-    cache_creation_input_token_cost: Decimal | None = Field(default=None, ge=0)
+    budget_limit: Decimal = Field(ge=0)
+    time_period: DurationText = "1d"
 
 
 class Deployment(_Model):
@@ -107,7 +106,11 @@ class Deployment(_Model):
     rpm: int | None = Field(default=None, ge=0)
     tpm: int | None = Field(default=None, ge=0)
     context_window: int | None = Field(default=None, gt=0)
+    #: Dollars per token; the bundled price table's entry for ``model`` when unset.
     prices: Prices | None = None
+    #: A budget of this deployment (LiteLLM's litellm_params max_budget/budget_duration).
+    max_budget: Decimal | None = Field(default=None, ge=0)
+    budget_duration: DurationText | None = None
 
     @field_validator("id")
     @classmethod
@@ -163,6 +166,8 @@ class Policy(_Model):
     end_users: tuple[EndUser, ...] = ()
     tags: tuple[TagBudget, ...] = ()
     general_settings: GeneralSettings = GeneralSettings()
+    #: Provider budgets, by provider name (LiteLLM's ``provider_budget_config``).
+    provider_budgets: dict[str, ProviderBudget] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
@@ -237,7 +242,10 @@ class CompiledDeployment:
     rpm: int | None = None
     tpm: int | None = None
     context_window: int | None = None
+    #: The policy's prices, else the bundled table's; None when neither knows it.
     prices: Prices | None = None
+    max_budget: Decimal | None = None
+    budget_duration: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,14 +259,7 @@ class CompiledGroup:
     @property
     def zero_cost(self) -> bool:
         """Every deployment is priced at zero: budget checks are skipped (LiteLLM)."""
-        return all(
-            d.prices is not None
-            and not d.prices.input_cost_per_token
-            and not d.prices.output_cost_per_token
-            and not d.prices.cache_read_input_token_cost
-            and not d.prices.cache_creation_input_token_cost
-            for d in self.deployments
-        )
+        return all(d.prices is not None and d.prices.is_zero for d in self.deployments)
 
     def pick_weighted(self, u: float) -> CompiledDeployment:
         """The deployment at ``u`` in [0, 1) of the weight line."""
@@ -280,6 +281,7 @@ class CompiledPolicy:
     tag_budgets: Mapping[str, TagBudget] = field(default_factory=dict)
     #: Access group name → model group names in it.
     access_groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    provider_budgets: Mapping[str, ProviderBudget] = field(default_factory=dict)
 
     @property
     def global_budget(self) -> GlobalBudget:
@@ -406,7 +408,9 @@ def compile_policy(
                     rpm=dep.rpm,
                     tpm=dep.tpm,
                     context_window=dep.context_window,
-                    prices=dep.prices,
+                    prices=dep.prices if dep.prices is not None else bundled_prices(dep.model),
+                    max_budget=dep.max_budget,
+                    budget_duration=dep.budget_duration,
                 )
             )
         weights = tuple(itertools.accumulate(d.weight for d in compiled))
@@ -434,6 +438,7 @@ def compile_policy(
         end_users={e.id: e for e in policy.end_users},
         tag_budgets={t.name: t for t in policy.tags},
         access_groups={name: frozenset(m) for name, m in members.items()},
+        provider_budgets=dict(policy.provider_budgets),
     )
 
 

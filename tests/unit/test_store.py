@@ -110,9 +110,12 @@ async def test_redis_cluster_store(redis_cluster_url: str) -> None:
 
 
 async def test_redis_slow_past_timeout_is_a_store_error() -> None:
+    done = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(5)  # accepts, never answers: a hung Redis
+        await done.wait()  # accepts, never answers: a hung Redis
         writer.close()
+        await writer.wait_closed()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -123,4 +126,6 @@ async def test_redis_slow_past_timeout_is_a_store_error() -> None:
         await store.incr_window("k", 1, 10)
     assert loop.time() - started < 2
     await store.close()
+    done.set()
     server.close()
+    await server.wait_closed()

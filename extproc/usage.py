@@ -1,0 +1,216 @@
+"""Token usage read from LLM responses: JSON bodies and SSE streams, OpenAI and Anthropic.
+
+Pure parsing, no I/O: the adapters feed response bytes in whatever pieces Envoy hands
+them over and ask for the :class:`Usage` at the end. One normal form for both APIs:
+
+- ``input_tokens``: input tokens billed at the input price (OpenAI's ``prompt_tokens``
+  minus the cached ones; Anthropic's ``input_tokens``, which already excludes cache);
+- ``cached_input_tokens``: cache reads; ``cache_creation_tokens``: cache writes
+  (Anthropic);
+- ``output_tokens``: everything billed at the output price, reasoning included;
+  ``reasoning_tokens`` is kept for reporting.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["ResponseReader", "SSEBuffer", "Usage", "usage_from_object"]
+
+Api = Literal["openai", "anthropic"]
+#: The most response bytes kept to parse a JSON body (usage sits at the end).
+MAX_JSON_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_input(self) -> int:
+        return self.input_tokens + self.cached_input_tokens + self.cache_creation_tokens
+
+
+def _int(source: Any, key: str) -> int:
+    value = source.get(key) if isinstance(source, dict) else None
+    # bool is an int subclass; a count is never true/false
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _openai(usage: dict[str, Any]) -> Usage:
+    """Chat/completions/embeddings (``prompt_tokens``...) and Responses (``input_tokens``...)."""
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        prompt, output = _int(usage, "prompt_tokens"), _int(usage, "completion_tokens")
+        in_details, out_details = "prompt_tokens_details", "completion_tokens_details"
+    else:
+        prompt, output = _int(usage, "input_tokens"), _int(usage, "output_tokens")
+        in_details, out_details = "input_tokens_details", "output_tokens_details"
+    cached = min(prompt, _int(usage.get(in_details), "cached_tokens"))
+    return Usage(
+        input_tokens=prompt - cached,
+        output_tokens=output,
+        cached_input_tokens=cached,
+        reasoning_tokens=_int(usage.get(out_details), "reasoning_tokens"),
+    )
+
+
+def _anthropic(usage: dict[str, Any]) -> Usage:
+    return Usage(
+        input_tokens=_int(usage, "input_tokens"),
+        output_tokens=_int(usage, "output_tokens"),
+        cached_input_tokens=_int(usage, "cache_read_input_tokens"),
+        cache_creation_tokens=_int(usage, "cache_creation_input_tokens"),
+    )
+
+
+def usage_from_object(api: Api, obj: Any) -> Usage | None:
+    """The usage of a whole JSON response (None when it reports none)."""
+    if not isinstance(obj, dict):
+        return None
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    return _anthropic(usage) if api == "anthropic" else _openai(usage)
+
+
+class SSEBuffer:
+    """Splits a byte stream into complete SSE events (``\\n\\n``/``\\r\\n\\r\\n``)."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        data = (self._pending + chunk).replace(b"\r\n", b"\n")
+        *events, self._pending = data.split(b"\n\n")
+        return [e for e in events if e.strip()]
+
+    def flush(self) -> list[bytes]:
+        rest, self._pending = self._pending, b""
+        return [rest] if rest.strip() else []
+
+    @property
+    def pending(self) -> bytes:
+        return self._pending
+
+
+def event_data(event: bytes) -> Any:
+    """The JSON of an SSE event's ``data:`` lines (None for ``[DONE]`` or non-JSON)."""
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    payload = b"\n".join(lines)
+    if payload.strip() == b"[DONE]":
+        return None
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return None
+
+
+class ResponseReader:
+    """Reads one response's usage from its body pieces, JSON or SSE.
+
+    For SSE only events that can hold usage are decoded (a cheap substring test
+    first), so long streams cost little. A gzip/deflate body (which the gateway does
+    not ask for: it drops ``accept-encoding`` upstream) is inflated on the way.
+    """
+
+    __slots__ = (
+        "_anthropic_input",
+        "_anthropic_output",
+        "_api",
+        "_body",
+        "_inflate",
+        "_size",
+        "_sse",
+        "usage",
+    )
+
+    def __init__(self, api: Api, *, sse: bool, encoding: str = "") -> None:
+        self._api = api
+        self._sse = SSEBuffer() if sse else None
+        self._body: list[bytes] = []
+        self._size = 0
+        self._inflate: Any = None
+        if encoding in ("gzip", "x-gzip"):
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._inflate = zlib.decompressobj()
+        self._anthropic_input: Usage | None = None
+        self._anthropic_output = 0
+        self.usage: Usage | None = None
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Take the next body piece; returns the complete SSE events it finished."""
+        if self._inflate is not None:
+            try:
+                chunk = self._inflate.decompress(chunk)
+            except zlib.error:
+                self._inflate, chunk = None, b""
+        if self._sse is None:
+            if self._size + len(chunk) <= MAX_JSON_BYTES:
+                self._body.append(chunk)
+                self._size += len(chunk)
+            return []
+        events = self._sse.feed(chunk)
+        for event in events:
+            self._event(event)
+        return events
+
+    def finish(self) -> Usage | None:
+        """The usage once the body has ended (None when the response reported none)."""
+        if self._sse is not None:
+            for event in self._sse.flush():
+                self._event(event)
+        elif self._body:
+            try:
+                obj = json.loads(b"".join(self._body))
+            except ValueError:
+                obj = None
+            self._body.clear()
+            self.usage = usage_from_object(self._api, obj)
+        return self.usage
+
+    def _event(self, event: bytes) -> None:
+        if b"usage" not in event:
+            return
+        data = event_data(event)
+        if not isinstance(data, dict):
+            return
+        if self._api == "anthropic":
+            self._anthropic(data)
+            return
+        if isinstance(data.get("usage"), dict):  # chat/completions final chunk
+            self.usage = usage_from_object("openai", data)
+        response = data.get("response")  # Responses API: response.completed
+        if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+            self.usage = usage_from_object("openai", response)
+
+    def _anthropic(self, data: dict[str, Any]) -> None:
+        kind = data.get("type")
+        if kind == "message_start":
+            self._anthropic_input = usage_from_object("anthropic", data.get("message"))
+        elif kind == "message_delta" and isinstance(data.get("usage"), dict):
+            # message_delta's output_tokens is cumulative; newer APIs repeat input here
+            delta = _anthropic(data["usage"])
+            self._anthropic_output = delta.output_tokens
+            if delta.total_input and self._anthropic_input is None:
+                self._anthropic_input = delta
+        else:
+            return
+        start = self._anthropic_input or Usage()
+        self.usage = Usage(
+            input_tokens=start.input_tokens,
+            output_tokens=max(self._anthropic_output, start.output_tokens),
+            cached_input_tokens=start.cached_input_tokens,
+            cache_creation_tokens=start.cache_creation_tokens,
+        )

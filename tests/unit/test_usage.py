@@ -1,0 +1,163 @@
+"""Usage parsing against recorded OpenAI traffic and the Anthropic/Responses shapes."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extproc.usage import ResponseReader, SSEBuffer, Usage
+
+RECORDED = Path(__file__).resolve().parent.parent / "fixtures" / "openai-recorded"
+
+
+def recorded(name: str) -> tuple[dict[str, Any], bytes]:
+    data = yaml.safe_load((RECORDED / f"{name}.yaml").read_text())
+    response = data["interactions"][0]["response"]
+    return response, response["body"].encode()
+
+
+def read(api: Any, body: bytes, *, sse: bool, piece: int = 0, encoding: str = "") -> Usage | None:
+    reader = ResponseReader(api, sse=sse, encoding=encoding)
+    step = piece or len(body) or 1
+    for i in range(0, len(body), step):
+        reader.feed(body[i : i + step])
+    return reader.finish()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("chat-basic", Usage(input_tokens=8, output_tokens=377, reasoning_tokens=320)),
+        ("chat-tools", Usage(input_tokens=162, output_tokens=287, reasoning_tokens=256)),
+        ("completion-basic", Usage(input_tokens=31, output_tokens=25)),
+        ("embeddings-basic", Usage(input_tokens=7)),
+    ],
+)
+@pytest.mark.parametrize("piece", [0, 1, 7, 100])
+def test_recorded_json(name: str, expected: Usage, piece: int) -> None:
+    _, body = recorded(name)
+    assert read("openai", body, sse=False, piece=piece) == expected
+
+
+@pytest.mark.parametrize("name", ["chat-streaming", "completion-streaming"])
+def test_recorded_streams_without_include_usage_report_none(name: str) -> None:
+    _, body = recorded(name)
+    assert read("openai", body, sse=True, piece=13) is None
+
+
+def with_usage_chunk(body: bytes) -> bytes:
+    """The recorded stream as it looks with stream_options.include_usage: one last chunk
+    with empty choices and the usage, before [DONE]."""
+    usage = {
+        "prompt_tokens": 8,
+        "completion_tokens": 90,
+        "total_tokens": 98,
+        "prompt_tokens_details": {"cached_tokens": 3, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 64},
+    }
+    chunk = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "choices": [], "usage": usage}
+    head, done, _ = body.rpartition(b"data: [DONE]")
+    assert done
+    return head + b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("piece", [1, 5, 64, 4096])
+def test_recorded_stream_with_usage_chunk(piece: int) -> None:
+    _, body = recorded("chat-streaming")
+    usage = read("openai", with_usage_chunk(body), sse=True, piece=piece)
+    assert usage == Usage(
+        input_tokens=5, output_tokens=90, cached_input_tokens=3, reasoning_tokens=64
+    )
+
+
+def sse(*events: tuple[str | None, dict[str, Any]]) -> bytes:
+    out = b""
+    for name, data in events:
+        head = f"event: {name}\n" if name else ""
+        out += f"{head}data: {json.dumps(data)}\n\n".encode()
+    return out
+
+
+def test_responses_api_json_and_stream() -> None:
+    usage = {
+        "input_tokens": 120,
+        "input_tokens_details": {"cached_tokens": 100},
+        "output_tokens": 50,
+        "output_tokens_details": {"reasoning_tokens": 20},
+        "total_tokens": 170,
+    }
+    expected = Usage(
+        input_tokens=20, output_tokens=50, cached_input_tokens=100, reasoning_tokens=20
+    )
+    body = json.dumps({"object": "response", "usage": usage}).encode()
+    assert read("openai", body, sse=False) == expected
+    stream = sse(
+        ("response.created", {"type": "response.created", "response": {"usage": None}}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "hi"}),
+        ("response.completed", {"type": "response.completed", "response": {"usage": usage}}),
+    )
+    assert read("openai", stream, sse=True, piece=9) == expected
+
+
+def test_anthropic_json_and_stream() -> None:
+    usage = {
+        "input_tokens": 12,
+        "output_tokens": 40,
+        "cache_read_input_tokens": 1000,
+        "cache_creation_input_tokens": 200,
+    }
+    expected = Usage(
+        input_tokens=12, output_tokens=40, cached_input_tokens=1000, cache_creation_tokens=200
+    )
+    assert (
+        read("anthropic", json.dumps({"type": "message", "usage": usage}).encode(), sse=False)
+        == expected
+    )
+    start = {**usage, "output_tokens": 1}
+    stream = sse(
+        ("message_start", {"type": "message_start", "message": {"usage": start}}),
+        ("content_block_delta", {"type": "content_block_delta", "delta": {"text": "usage"}}),
+        ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 25}}),
+        ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 40}}),
+        ("message_stop", {"type": "message_stop"}),
+    )
+    for piece in (1, 3, 50, 10_000):
+        assert read("anthropic", stream, sse=True, piece=piece) == expected
+
+
+def test_gzip_body_is_inflated() -> None:
+    _, body = recorded("chat-basic")
+    assert read("openai", gzip.compress(body), sse=False, piece=50, encoding="gzip") == Usage(
+        input_tokens=8, output_tokens=377, reasoning_tokens=320
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b'{"usage": "lots"}',
+        b'{"usage": {"prompt_tokens": "8", "completion_tokens": -1}}',
+        b'{"usage": {"prompt_tokens": true}}',
+        b"[1, 2]",
+        b'{"error": {"message": "x"}}',
+    ],
+)
+def test_junk_reports_no_or_zero_usage(body: bytes) -> None:
+    usage = read("openai", body, sse=False)
+    assert usage is None or usage == Usage()
+
+
+def test_sse_buffer_keeps_partial_events_and_crlf() -> None:
+    buf = SSEBuffer()
+    assert buf.feed(b"data: 1\r\n\r\ndata: ") == [b"data: 1"]
+    assert buf.pending == b"data: "
+    assert buf.feed(b"2\n\n") == [b"data: 2"]
+    assert buf.feed(b"data: 3") == []
+    assert buf.flush() == [b"data: 3"]
