@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from extproc.errors import BudgetExceededError
 from extproc.keys import Caller
+from extproc.store.base import SPEND_TAG
 from extproc.windows import Duration, DurationText, Period, cached_duration, calendar_period
 
 __all__ = [
@@ -99,15 +100,17 @@ class BudgetRef:
 
 def alert_key(ref: BudgetRef) -> str:
     """The store key that makes a soft-budget alert fire once per budget window."""
-    return f"alert:soft:{ref.store_key}"
+    return f"alert:soft:{ref.store_key.removeprefix(SPEND_TAG + ':')}"
 
 
 def spend_key(kind: str, ident: str) -> str:
     """The store key holding the spend of one budget owner, in micro-dollars.
 
-    Rule: the id is the key hash for keys, never a plaintext key.
+    Rule: the id is the key hash for keys, never a plaintext key. Every spend key
+    carries the ``{spend}`` hash tag, so one script can reserve against all of a
+    request's budgets at once (one slot on Redis Cluster).
     """
-    return f"spend:{kind}:{ident}"
+    return f"{SPEND_TAG}:{kind}:{ident}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-__all__ = ["Store", "StoreError"]
+__all__ = ["RESV_EXPIRY", "RESV_HASH", "SPEND_TAG", "Store", "StoreError"]
+
+#: Every budget key carries this hash tag: a reservation touches all of a request's
+#: budgets atomically, and on Redis Cluster that needs them in one slot.
+SPEND_TAG = "{spend}"
+RESV_HASH = f"{SPEND_TAG}:reservations"
+RESV_EXPIRY = f"{SPEND_TAG}:reservations:expiry"
 
 
 class StoreError(Exception):
@@ -50,6 +56,36 @@ class Store(Protocol):
 
     async def release_lease(self, key: str, member: str) -> None:
         """Drop ``member`` from ``key`` (no-op when it is gone already)."""
+        ...
+
+    async def reserve(
+        self,
+        rid: str,
+        keys: Sequence[str],
+        *,
+        limits: Sequence[int | None],
+        amount: int,
+        ttls_s: Sequence[float | None],
+        hold_s: float,
+    ) -> tuple[int | None, list[int]]:
+        """Reserve ``amount`` against every budget key, atomically, or none of them.
+
+        Expired reservations are given back first. If a key's value (settled plus
+        reserved) has reached its limit, nothing changes and the result is (index of
+        that key, every key's value); else ``amount`` is added to each key (its TTL
+        set when the key is new) and remembered under ``rid`` for ``hold_s``: (None, []).
+        """
+        ...
+
+    async def settle(
+        self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
+    ) -> None:
+        """Replace reservation ``rid`` by the real ``cost`` (charged in full when the
+        reservation has expired meanwhile)."""
+        ...
+
+    async def cancel(self, rid: str) -> None:
+        """Give reservation ``rid`` back (no-op when settled or expired)."""
         ...
 
     async def close(self) -> None: ...

@@ -1,22 +1,62 @@
-"""The embedded store: one process, state in a dict."""
+"""The embedded store: one process, state in a dict (settled spend journaled)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from extproc.store.base import SPEND_TAG
+from extproc.store.journal import SpendJournal
 
 __all__ = ["MemoryStore"]
 
 
+@dataclass(slots=True)
+class _Reservation:
+    amount: int
+    keys: tuple[str, ...]
+    expiry: float
+
+
 class MemoryStore:
-    """In-process counters with expiry; ``clock`` is injectable for tests."""
+    """In-process counters with expiry; ``clock`` is injectable for tests.
+
+    With a ``journal`` path, settled spend survives a restart (see ``journal``).
+    """
 
     name = "memory"
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, journal: Path | None = None
+    ) -> None:
         self._clock = clock
         self._values: dict[str, tuple[int, float]] = {}
         self._leases: dict[str, dict[str, float]] = {}
+        self._reservations: dict[str, _Reservation] = {}
+        self._journal = SpendJournal(journal) if journal is not None else None
+        if self._journal is not None:
+            self._replay(self._journal)
+
+    def _replay(self, journal: SpendJournal) -> None:
+        wall, now = time.time(), self._clock()
+        for key, amount, expiry in journal.replay():
+            if expiry is not None and expiry <= wall:
+                continue
+            ttl = math.inf if expiry is None else expiry - wall
+            self._add(key, amount, ttl, now)
+
+    def _add(self, key: str, amount: int, ttl_s: float, now: float) -> int:
+        entry = self._live(key, now)
+        entry = (amount, now + ttl_s) if entry is None else (entry[0] + amount, entry[1])
+        self._values[key] = entry
+        return entry[0]
+
+    def _wall_expiry(self, key: str, now: float) -> float | None:
+        expiry = self._values[key][1]
+        return None if math.isinf(expiry) else time.time() + (expiry - now)
 
     async def ping(self) -> None:
         return None
@@ -33,10 +73,8 @@ class MemoryStore:
 
     async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
         now = self._clock()
-        entry = self._live(key, now)
-        entry = (amount, now + ttl_s) if entry is None else (entry[0] + amount, entry[1])
-        self._values[key] = entry
-        return entry[0], entry[1] - now
+        value = self._add(key, amount, ttl_s, now)
+        return value, self._values[key][1] - now
 
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         now = self._clock()
@@ -65,6 +103,73 @@ class MemoryStore:
             if not leases:
                 del self._leases[key]
 
+    async def reserve(
+        self,
+        rid: str,
+        keys: Sequence[str],
+        *,
+        limits: Sequence[int | None],
+        amount: int,
+        ttls_s: Sequence[float | None],
+        hold_s: float,
+    ) -> tuple[int | None, list[int]]:
+        now = self._clock()
+        for expired in [r for r, res in self._reservations.items() if res.expiry <= now]:
+            self._drop(expired, now)
+        spends = [(self._live(key, now) or (0, 0.0))[0] for key in keys]
+        for index, (spent, limit) in enumerate(zip(spends, limits, strict=True)):
+            if limit is not None and spent >= limit:
+                return index, spends
+        for key, ttl in zip(keys, ttls_s, strict=True):
+            self._add(key, amount, math.inf if ttl is None else ttl, now)
+        self._reservations[rid] = _Reservation(amount, tuple(keys), now + hold_s)
+        return None, []
+
+    def _take_back(self, key: str, amount: int, now: float) -> None:
+        entry = self._live(key, now)
+        if entry is not None:
+            self._values[key] = (max(0, entry[0] - amount), entry[1])
+
+    def _drop(self, rid: str, now: float) -> bool:
+        res = self._reservations.pop(rid, None)
+        if res is None:
+            return False
+        for key in res.keys:
+            self._take_back(key, res.amount, now)
+        return True
+
+    async def settle(
+        self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
+    ) -> None:
+        now = self._clock()
+        res = self._reservations.pop(rid, None)
+        held = res.amount if res is not None else 0
+        for key, ttl in zip(keys, ttls_s, strict=True):
+            if res is not None and self._live(key, now) is not None:
+                self._values[key] = (
+                    max(0, self._values[key][0] + cost - held),
+                    self._values[key][1],
+                )
+            else:
+                self._add(key, cost, math.inf if ttl is None else ttl, now)
+            if self._journal is not None and cost:
+                self._journal.record(key, cost, self._wall_expiry(key, now))
+
+    async def cancel(self, rid: str) -> None:
+        self._drop(rid, self._clock())
+
     async def close(self) -> None:
+        if self._journal is not None:
+            now = self._clock()
+            held: dict[str, int] = {}
+            for res in self._reservations.values():
+                for key in res.keys:
+                    held[key] = held.get(key, 0) + res.amount
+            self._journal.compact(
+                (key, self._values[key][0] - held.get(key, 0), self._wall_expiry(key, now))
+                for key in list(self._values)
+                if key.startswith(SPEND_TAG) and self._live(key, now) is not None
+            )
         self._values.clear()
         self._leases.clear()
+        self._reservations.clear()

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
-from extproc.store.base import StoreError
+from extproc.store.base import RESV_EXPIRY, RESV_HASH, StoreError
 
 __all__ = ["RedisStore"]
 
@@ -42,6 +42,125 @@ return {1, n + 1}
 """
 
 
+# Budget reservations. Every budget key shares the hash tag of KEYS[1] and KEYS[2]
+# (``{spend}``), so one script can touch them all, on Redis Cluster too. A reservation
+# is a hash entry "amount\nkey\nkey..." plus its expiry in a sorted set; expired ones
+# are given back first, a few per call, so a crashed process cannot hold budget
+# forever. Spend values are settled + reserved micro-dollars.
+_RESV_LIB = """
+local function split(s)
+  local out = {}
+  for part in string.gmatch(s, '[^\\n]+') do out[#out + 1] = part end
+  return out
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function take_back(key, amount)
+  if redis.call('EXISTS', key) == 1 then
+    if redis.call('DECRBY', key, amount) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+  end
+end
+local function drop(resv, expiry, id)
+  local entry = redis.call('HGET', resv, id)
+  if entry then
+    local parts = split(entry)
+    for i = 2, #parts do take_back(parts[i], tonumber(parts[1])) end
+    redis.call('HDEL', resv, id)
+  end
+  redis.call('ZREM', expiry, id)
+  return entry
+end
+local function add(key, amount, ttl)
+  redis.call('INCRBY', key, amount)
+  if ttl > 0 and redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ttl) end
+end
+"""
+
+# KEYS: resv hash, expiry zset, budget keys...; ARGV: id, amount, hold ms, n,
+# limits (-1: none)..., ttls ms (0: none)... → {0} or {index of the exhausted budget,
+# spends...}
+_RESERVE = (
+    _RESV_LIB
+    + """
+local now = now_ms()
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 32)) do
+  drop(KEYS[1], KEYS[2], id)
+end
+local n = tonumber(ARGV[4])
+local spends = {}
+for i = 1, n do
+  spends[i] = tonumber(redis.call('GET', KEYS[i + 2]) or '0')
+end
+for i = 1, n do
+  local limit = tonumber(ARGV[4 + i])
+  if limit >= 0 and spends[i] >= limit then
+    local out = {i}
+    for j = 1, n do out[j + 1] = spends[j] end
+    return out
+  end
+end
+local amount = tonumber(ARGV[2])
+local entry = ARGV[2]
+for i = 1, n do
+  add(KEYS[i + 2], amount, tonumber(ARGV[4 + n + i]))
+  entry = entry .. '\\n' .. KEYS[i + 2]
+end
+redis.call('HSET', KEYS[1], ARGV[1], entry)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+return {0}
+"""
+)
+
+# KEYS: resv hash, expiry zset, budget keys...; ARGV: id, real cost, ttls ms...
+# A live reservation is replaced by the real cost; an expired one (already given
+# back) is charged in full.
+_SETTLE = (
+    _RESV_LIB
+    + """
+local cost = tonumber(ARGV[2])
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if entry then
+  local parts = split(entry)
+  local held = tonumber(parts[1])
+  for i = 2, #parts do
+    if redis.call('EXISTS', parts[i]) == 1 then
+      if redis.call('INCRBY', parts[i], cost - held) < 0 then
+        redis.call('SET', parts[i], 0, 'KEEPTTL')
+      end
+    else
+      add(parts[i], cost, tonumber(ARGV[i + 1]))
+    end
+  end
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+else
+  for i = 3, #KEYS do add(KEYS[i], cost, tonumber(ARGV[i])) end
+end
+return 1
+"""
+)
+
+# KEYS: resv hash, expiry zset; ARGV: id
+_CANCEL = (
+    _RESV_LIB
+    + """
+if drop(KEYS[1], KEYS[2], ARGV[1]) then return 1 end
+return 0
+"""
+)
+
+
+#: Connections per server process to one Redis (requests beyond wait for one).
+MAX_CONNECTIONS = 64
+
+
+def _ms(seconds: float | None) -> int:
+    """Milliseconds for a script argument; 0 means none."""
+    return 0 if seconds is None else max(1, int(seconds * 1000))
+
+
 class RedisStore:
     """Counters in Redis; every failure surfaces as :class:`StoreError`."""
 
@@ -68,13 +187,17 @@ class RedisStore:
                     decode_responses=False,
                 )
                 return cls(cluster, timeout_s, cluster=True)
-        client = aioredis.from_url(
+        # Rule: a burst of requests waits briefly for a pooled connection instead of
+        # failing with "too many connections" (the non-blocking pool's behaviour).
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=max(1.0, timeout_s * 4),
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             decode_responses=False,
         )
-        return cls(client, timeout_s)
+        return cls(aioredis.Redis.from_pool(pool), timeout_s)  # owns (and closes) the pool
 
     async def ping(self) -> None:
         try:
@@ -133,6 +256,43 @@ class RedisStore:
             await self._client.zrem(key, member)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis release failed: {type(exc).__name__}") from exc
+
+    async def reserve(
+        self,
+        rid: str,
+        keys: Sequence[str],
+        *,
+        limits: Sequence[int | None],
+        amount: int,
+        ttls_s: Sequence[float | None],
+        hold_s: float,
+    ) -> tuple[int | None, list[int]]:
+        n = len(keys)
+        args: list[Any] = [rid, amount, _ms(hold_s), n]
+        args += [-1 if limit is None else limit for limit in limits]
+        args += [_ms(ttl) for ttl in ttls_s]
+        try:
+            out = await self._eval(_RESERVE, [RESV_HASH, RESV_EXPIRY, *keys], args)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis reserve failed: {type(exc).__name__}") from exc
+        if int(out[0]) == 0:
+            return None, []
+        return int(out[0]) - 1, [int(v) for v in out[1:]]
+
+    async def settle(
+        self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
+    ) -> None:
+        args: list[Any] = [rid, cost, *(_ms(ttl) for ttl in ttls_s)]
+        try:
+            await self._eval(_SETTLE, [RESV_HASH, RESV_EXPIRY, *keys], args)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis settle failed: {type(exc).__name__}") from exc
+
+    async def cancel(self, rid: str) -> None:
+        try:
+            await self._eval(_CANCEL, [RESV_HASH, RESV_EXPIRY], [rid])
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis cancel failed: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -172,7 +172,7 @@ async def test_team_member_over_budget(policy: CompiledPolicy) -> None:
 def test_calendar_window_is_in_the_store_key(policy: CompiledPolicy) -> None:
     (daily, _) = route(policy, "sk-yuri-daily").budgets
     # 12:00 UTC is 07:00 in New York: the window is that local day.
-    assert daily.store_key == f"spend:key:{YURI}:1d:20261123T050000"
+    assert daily.store_key == f"{{spend}}:key:{YURI}:1d:20261123T050000"
     assert daily.window_s == 86_400
     assert daily.retry_after(NOW) == 17 * 3600
 
@@ -210,7 +210,7 @@ def test_tag_budget_window_rolls_from_first_spend(tmp_path: Path) -> None:
     )
     # no period in the key: the store's TTL (set at the first spend) is the window
     assert (tag.store_key, tag.window_s, tag.retry_after(NOW)) == (
-        "spend:tag:marketing:1h",
+        "{spend}:tag:marketing:1h",
         3600.0,
         None,
     )

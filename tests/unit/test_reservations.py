@@ -1,0 +1,184 @@
+"""Budget reservations in both stores: atomic reserve, settle, cancel, expiry, journal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from extproc.store import MemoryStore, Store, open_store
+from tests.unit.test_store import FakeClock
+
+A, B = "{spend}:key:a", "{spend}:global:all"
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    url = request.getfixturevalue("redis_url")
+    client = aioredis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    opened = open_store(url)
+    yield opened
+    await opened.close()
+
+
+async def values(store: Store) -> list[int | None]:
+    return await store.get_many([A, B])
+
+
+async def test_reserve_settle_cancel(store: Store) -> None:
+    ok, _ = await store.reserve(
+        "r1", [A, B], limits=[100, None], amount=30, ttls_s=[None, 60], hold_s=60
+    )
+    assert ok is None
+    assert await values(store) == [30, 30]
+    await store.settle("r1", [A, B], 12, [None, 60])  # the real cost replaces the hold
+    assert await values(store) == [12, 12]
+    await store.settle("r1", [A, B], 12, [None, 60])  # settled twice: charged again
+    assert await values(store) == [24, 24]
+    assert (
+        await store.reserve(
+            "r2", [A, B], limits=[100, None], amount=50, ttls_s=[None, 60], hold_s=60
+        )
+    )[0] is None
+    await store.cancel("r2")
+    await store.cancel("r2")  # harmless
+    assert await values(store) == [24, 24]
+
+
+async def test_refused_when_a_budget_is_reached(store: Store) -> None:
+    await store.reserve("r1", [A, B], limits=[50, 1000], amount=50, ttls_s=[None, None], hold_s=60)
+    index, spends = await store.reserve(
+        "r2", [B, A], limits=[1000, 50], amount=1, ttls_s=[None, None], hold_s=60
+    )
+    assert (index, spends) == (1, [50, 50])
+    assert await values(store) == [50, 50]  # nothing changed
+
+
+async def test_concurrent_reservations_never_pass_the_budget(store: Store) -> None:
+    limit, cost = 1000, 7
+    results = await asyncio.gather(
+        *(
+            store.reserve(f"r{i}", [A], limits=[limit], amount=cost, ttls_s=[None], hold_s=60)
+            for i in range(400)
+        )
+    )
+    admitted = sum(index is None for index, _ in results)
+    # admitted while spend < limit: at most one request past the limit
+    assert admitted == -(-limit // cost)
+    assert (await store.get_many([A]))[0] == admitted * cost
+
+
+async def test_memory_reservation_expires() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    await store.reserve("r1", [A], limits=[10], amount=10, ttls_s=[None], hold_s=5)
+    assert (await store.reserve("r2", [A], limits=[10], amount=1, ttls_s=[None], hold_s=5))[0] == 0
+    clock.now += 5  # the holder never settled: its hold is given back
+    assert (await store.reserve("r2", [A], limits=[10], amount=1, ttls_s=[None], hold_s=5))[
+        0
+    ] is None
+    assert await store.get_many([A]) == [1]
+    await store.settle("r1", [A], 4, [None])  # late settle of an expired hold: full cost
+    assert await store.get_many([A]) == [5]
+
+
+async def test_redis_reservation_expires(redis_url: str) -> None:
+    store = open_store(redis_url)
+    client = aioredis.from_url(redis_url)
+    await client.delete(A)
+    await store.reserve("x1", [A], limits=[10], amount=10, ttls_s=[None], hold_s=0.05)
+    await asyncio.sleep(0.1)
+    assert (await store.reserve("x2", [A], limits=[10], amount=1, ttls_s=[None], hold_s=5))[
+        0
+    ] is None
+    assert await store.get_many([A]) == [1]
+    await client.script_flush()  # reloaded transparently
+    await store.settle("x2", [A], 3, [None])
+    assert await store.get_many([A]) == [3]
+    await client.aclose()
+    await store.close()
+
+
+async def test_window_ttl_set_when_created(redis_url: str) -> None:
+    store = open_store(redis_url)
+    client = aioredis.from_url(redis_url)
+    await client.delete(A)
+    await store.reserve("t1", [A], limits=[None], amount=1, ttls_s=[30], hold_s=5)
+    assert 0 < await client.pttl(A) <= 30_000
+    await client.aclose()
+    await store.close()
+
+
+async def test_redis_cluster_reservations(redis_cluster_url: str) -> None:
+    store = open_store(redis_cluster_url)
+    keys = ["{spend}:key:c1", "{spend}:team:c1", "{spend}:global:c1"]
+    assert (
+        await store.reserve("c1", keys, limits=[5, 5, 5], amount=5, ttls_s=[None] * 3, hold_s=5)
+    )[0] is None
+    assert (
+        await store.reserve("c2", keys, limits=[5, 5, 5], amount=1, ttls_s=[None] * 3, hold_s=5)
+    )[0] == 0
+    await store.settle("c1", keys, 2, [None] * 3)
+    assert await store.get_many(keys) == [2, 2, 2]
+    await store.close()
+
+
+async def test_journal_survives_restart(tmp_path: Path) -> None:
+    journal = tmp_path / "spend.jsonl"
+    store = MemoryStore(journal=journal)
+    await store.reserve(
+        "r1", [A, B], limits=[None, None], amount=50, ttls_s=[None, 3600], hold_s=60
+    )
+    await store.settle("r1", [A, B], 20, [None, 3600])
+    await store.reserve("r2", [A], limits=[None], amount=99, ttls_s=[None], hold_s=60)  # in flight
+    await store.close()  # clean: compacted, the in-flight hold is not spend
+    reopened = MemoryStore(journal=journal)
+    assert await reopened.get_many([A, B]) == [20, 20]
+    assert len(journal.read_text().splitlines()) == 2
+
+
+_CRASH = """
+import asyncio, sys, time
+from pathlib import Path
+from extproc.store import MemoryStore
+
+async def main() -> None:
+    store = MemoryStore(journal=Path(sys.argv[1]))
+    for i in range(5):
+        key = ["{spend}:key:a"]
+        await store.reserve(f"r{i}", key, limits=[None], amount=9, ttls_s=[None], hold_s=60)
+        await store.settle(f"r{i}", key, 10, [None])
+    print("settled", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_journal_loses_at_most_a_second_on_kill(tmp_path: Path) -> None:
+    journal = tmp_path / "spend.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASH, str(journal)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "settled"
+    time.sleep(1.5)  # past the flush interval
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    proc.stdout.close()
+    store = MemoryStore(journal=journal)
+    assert asyncio.run(store.get_many([A])) == [50]
+    assert all(json.loads(line)["v"] == 10 for line in journal.read_text().splitlines())
