@@ -8,7 +8,7 @@ ext_authz cannot disagree on the same request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -22,7 +22,7 @@ from extproc.errors import (
     UnsupportedMediaTypeError,
 )
 from extproc.iterations import SessionCap, session_cap
-from extproc.jsonbody import replace_member
+from extproc.jsonbody import replace_member, set_member
 from extproc.keys import (
     TRACE_ID_HEADER,
     Caller,
@@ -32,13 +32,17 @@ from extproc.keys import (
     check_route,
     resolve_model_alias,
 )
-from extproc.policy import CompiledDeployment, CompiledPolicy
+from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
+from extproc.pricing import estimate_prompt_tokens, requested_output_tokens
 from extproc.providers import CLIENT_CREDENTIAL_HEADERS
 from extproc.request import LLMRequest, RequestHead, parse_request
 from extproc.router import pick_deployment
 from extproc.settings import Settings
 
 __all__ = ["GatewayConfig", "HeadDecision", "RouteDecision", "decide", "decide_head"]
+
+#: Endpoints whose streams carry usage only when asked (``stream_options``).
+_USAGE_OPT_IN = frozenset({"chat_completions", "completions"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +54,8 @@ class GatewayConfig:
     tags_header: str = "x-litellm-tags"
     unknown_paths: Literal["pass", "reject"] = "pass"
     max_body_bytes: int = 8 * 1024 * 1024
+    #: Output tokens reserved for a call that names no max_tokens.
+    default_max_tokens: int = 4096
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewayConfig:
@@ -59,6 +65,7 @@ class GatewayConfig:
             tags_header=settings.tags_header,
             unknown_paths=settings.unknown_paths,
             max_body_bytes=settings.max_body_bytes,
+            default_max_tokens=settings.default_max_tokens,
         )
 
 
@@ -87,6 +94,13 @@ class RouteDecision:
     body: bytes
     #: The session cap this call counts against, if any.
     iterations: SessionCap | None = None
+    group: CompiledGroup | None = None
+    #: High estimates for the reservation, settled to the response's usage.
+    prompt_tokens: int = 0
+    max_output_tokens: int = 0
+    #: The gateway added ``stream_options.include_usage``: the client did not ask for
+    #: the usage chunk, so it is taken out of the stream it gets.
+    asks_usage: bool = False
 
 
 def _authenticate(head: RequestHead, policy: CompiledPolicy, now: datetime) -> Caller | None:
@@ -145,8 +159,15 @@ def decide(
     rng: Callable[[], float],
     *,
     now: datetime,
+    exclude: Collection[str] = (),
+    inject_usage: bool = True,
 ) -> RouteDecision:
-    """Check and route one LLM request to a deployment of its model group."""
+    """Check and route one LLM request to a deployment of its model group.
+
+    ``exclude``: deployment ids the budget filter removed. ``inject_usage``: for a
+    streamed chat/completions call that does not ask for usage, ask for it upstream
+    (``stream_options.include_usage``); off where the body cannot be rewritten.
+    """
     endpoint = head.endpoint
     if endpoint is None:
         raise UnknownRouteError(f"{head.path.split('?', 1)[0]} is not an LLM endpoint.")
@@ -201,8 +222,15 @@ def decide(
             now=now,
             tz=policy.budget_zone,
         )
-    deployment = pick_deployment(group, rng)
+    deployment = pick_deployment(group, rng, exclude)
     body = replace_member(raw_body, request.model_span, deployment.model)
+    asks_usage = False
+    if inject_usage and request.stream and endpoint.name in _USAGE_OPT_IN:
+        options = request.body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage") is True):
+            merged = {**options} if isinstance(options, dict) else {}
+            body = set_member(body, "stream_options", {**merged, "include_usage": True})
+            asks_usage = True
     set_headers: list[tuple[str, str]] = [(config.cluster_header, deployment.cluster)]
     if deployment.auth_value is not None:
         set_headers.append((deployment.auth_header, deployment.auth_value))
@@ -210,6 +238,8 @@ def decide(
     remove = tuple(h for h in CLIENT_CREDENTIAL_HEADERS if h != deployment.auth_header)
     if deployment.auth_value is None:
         remove += (deployment.auth_header,)
+    # Usage is read from the response: ask the upstream for an uncompressed one.
+    remove += ("accept-encoding",)
     return RouteDecision(
         request=request,
         caller=caller,
@@ -219,4 +249,12 @@ def decide(
         remove_headers=remove,
         body=body,
         iterations=session_cap(caller, request.session_id, group.max_iterations),
+        group=group,
+        prompt_tokens=estimate_prompt_tokens(raw_body),
+        max_output_tokens=(
+            0
+            if endpoint.name == "embeddings"
+            else requested_output_tokens(request.body, config.default_max_tokens)
+        ),
+        asks_usage=asks_usage,
     )

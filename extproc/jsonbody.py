@@ -12,7 +12,7 @@ import json
 import re
 from typing import Any
 
-__all__ = ["loads_object", "member_span", "replace_member"]
+__all__ = ["add_member", "loads_object", "member_span", "replace_member", "set_member"]
 
 _STRUCTURAL = re.compile(rb'["{}\[\],:]')
 _NOT_WS = re.compile(rb"[^ \t\r\n]")
@@ -97,3 +97,17 @@ def replace_member(raw: bytes, span: tuple[int, int], value: Any) -> bytes:
     """``raw`` with the bytes at ``span`` replaced by ``value`` as JSON."""
     encoded = json.dumps(value, ensure_ascii=False).encode("utf-8")
     return raw[: span[0]] + encoded + raw[span[1] :]
+
+
+def add_member(raw: bytes, name: str, value: Any) -> bytes:
+    """``raw`` (a valid JSON object with at least one member) with ``name: value``
+    appended before its closing brace."""
+    end = raw.rindex(b"}")
+    member = json.dumps({name: value}, ensure_ascii=False).encode("utf-8")[1:-1]
+    return raw[:end] + b"," + member + raw[end:]
+
+
+def set_member(raw: bytes, name: str, value: Any) -> bytes:
+    """``raw`` with top-level member ``name`` set to ``value`` (replaced or appended)."""
+    span = member_span(raw, name)
+    return add_member(raw, name, value) if span is None else replace_member(raw, span, value)

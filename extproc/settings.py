@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     #: After a store failure, how long iteration caps count in process before the
     #: store is tried again.
     store_retry_s: float = Field(default=1.0, ge=0)
+    #: Output tokens reserved against budgets for a call that names no max_tokens.
+    default_max_tokens: int = Field(default=4096, gt=0)
+    #: How long a budget reservation holds at most (longer than the route timeout):
+    #: a process that dies mid-request cannot hold budget longer than this.
+    reservation_ttl_s: float = Field(default=660.0, gt=0)
+    #: Spend journal of the embedded store (settled spend survives restarts); empty
+    #: turns it off.
+    spend_journal: str = str(Path.home() / ".local" / "state" / "extproc" / "spend.jsonl")
+    #: POSTed a JSON event when a soft budget (or ``alert_at`` share) is crossed.
+    alert_webhook_url: str = ""
     #: Use uvloop when it is installed.
     uvloop: bool = True
 

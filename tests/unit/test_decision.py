@@ -170,11 +170,14 @@ def test_route(
     assert headers["content-length"] == str(len(decision.body))
     sent = json.loads(decision.body)
     assert sent["model"] == dep.model
-    # everything but the model is untouched
+    # everything but the model (and the usage opt-in of a stream) is untouched
     original = json.loads(raw)
-    assert {k: v for k, v in sent.items() if k != "model"} == {
-        k: v for k, v in original.items() if k != "model"
+    changed = {"model", "stream_options"} if decision.asks_usage else {"model"}
+    assert {k: v for k, v in sent.items() if k not in changed} == {
+        k: v for k, v in original.items() if k not in changed
     }
+    if decision.asks_usage:
+        assert sent["stream_options"]["include_usage"] is True
     if "deployment" in expect:
         assert dep.id == expect["deployment"]
     if "model" in expect:
@@ -441,3 +444,49 @@ def test_random_input_only_raises_gateway_errors(policy: CompiledPolicy) -> None
             decide(req_head, bytes(raw), policy, CONFIG, rng.random, now=NOW)
         except GatewayError:
             pass
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "asks", "options"),
+    [
+        ("/v1/chat/completions", {"stream": True}, True, {"include_usage": True}),
+        (
+            "/v1/chat/completions",
+            {"stream": True, "stream_options": {"include_obfuscation": False}},
+            True,
+            {"include_obfuscation": False, "include_usage": True},
+        ),
+        (
+            "/v1/chat/completions",
+            {"stream": True, "stream_options": {"include_usage": True}},
+            False,
+            {"include_usage": True},
+        ),
+        (
+            "/v1/completions",
+            {"stream": True, "stream_options": None},
+            True,
+            {"include_usage": True},
+        ),
+        ("/v1/chat/completions", {}, False, None),
+        ("/v1/responses", {"stream": True}, False, None),  # usage comes with the stream
+    ],
+)
+def test_streams_ask_for_usage(
+    policy: CompiledPolicy,
+    path: str,
+    extra: dict[str, Any],
+    asks: bool,
+    options: dict[str, Any] | None,
+) -> None:
+    raw = b'{"model": "auto", "n": 1e400, "prompt": "x", "messages": [], "z": "\\u00e9"'
+    raw += b"".join(b", " + json.dumps({k: v})[1:-1].encode() for k, v in extra.items()) + b"}"
+    decision = decide(head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW)
+    assert decision.asks_usage is asks
+    assert b'"n": 1e400' in decision.body  # untouched bytes stay untouched
+    assert b'"z": "\\u00e9"' in decision.body
+    sent = json.loads(decision.body.replace(b"1e400", b"1"))
+    assert sent.get("stream_options") == options
+    no_inject = decide(head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW, inject_usage=False)
+    assert no_inject.asks_usage is False
+    assert b"include_usage" not in no_inject.body or "stream_options" in extra
