@@ -17,7 +17,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from extproc.decision import decide, decide_head
+from extproc.decision import decide_head
 from extproc.errors import GatewayError, InternalError
 from extproc.gateway import Gateway
 from extproc.request import RequestHead
@@ -68,8 +68,9 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 status=status_pb2.Status(code=code_pb2.OK),
                 ok_response=pb.OkHttpResponse(headers_to_remove=head_decision.remove_headers),
             )
-        decision = decide(head, body, policy, gateway.config, gateway.rng, now=now)
-        admission = await gateway.admit(decision)
+        # ext_authz cannot rewrite the body: no usage opt-in for streams here.
+        decision = await gateway.route(head, body, policy, inject_usage=False)
+        admission = await gateway.admit(decision, policy)
         dep = decision.deployment
         gateway.metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
         gateway.metrics.routed.labels(dep.group, dep.id).inc()
@@ -82,10 +83,11 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 headers_to_remove=decision.remove_headers,
             ),
         )
-        metadata = admission.metadata()
+        metadata = admission.metadata(with_charge=True)
         if metadata:
             # Filed under the ext_authz filter's namespace: the lease is logged back at
-            # stream end, the session count becomes response headers.
+            # stream end, the session count becomes response headers, the charge is
+            # settled by the response-only ext_proc filter (forwarded namespace).
             reply.dynamic_metadata.update(metadata)
         return reply
 

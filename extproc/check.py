@@ -53,6 +53,43 @@ def _cluster_ports(cluster: dict[str, Any]) -> list[tuple[str, int]]:
     return out
 
 
+def _check_response_meters(gates: list[dict[str, Any]], report: CheckReport) -> list[Any]:
+    """Behind ext_authz, the response-only ext_proc filter that settles spend."""
+    has_authz = any(g["@type"] == _EXT_AUTHZ for g in gates)
+    meters = [
+        g
+        for g in gates
+        if has_authz
+        and g["@type"] == _EXT_PROC
+        and (g.get("processing_mode") or {}).get("request_header_mode") == "SKIP"
+    ]
+    if has_authz and not meters:
+        report.warnings.append(
+            "ext_authz without a response-only ext_proc filter: usage is not read, so "
+            "spend is never charged (reservations run out after EXTPROC_RESERVATION_TTL_S)"
+        )
+    for meter in meters:
+        forwarded = (meter.get("metadata_options") or {}).get("forwarding_namespaces") or {}
+        if "envoy.filters.http.ext_authz" not in (forwarded.get("untyped") or []):
+            report.errors.append(
+                "the response ext_proc filter must forward the envoy.filters.http.ext_authz "
+                "metadata namespace (metadata_options.forwarding_namespaces.untyped)"
+            )
+    return meters
+
+
+def _check_lease_log(
+    typed: list[dict[str, Any]], policy: CompiledPolicy, report: CheckReport
+) -> None:
+    if any(k.max_parallel_requests for k in policy.directory.keys.values()):
+        loggers = [n for n in typed if n["@type"] == _GRPC_ACCESS_LOG]
+        if not any("envoy_grpc" in str(n.get("common_config")) for n in loggers):
+            report.errors.append(
+                "keys use max_parallel_requests, but no http_grpc access logger sends "
+                "stream ends to the server: leases would only be freed by their TTL"
+            )
+
+
 def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) -> CheckReport:
     """Errors that would break routing, and warnings that weaken it."""
     report = CheckReport()
@@ -79,7 +116,8 @@ def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) ->
     gates = [n for n in typed if n["@type"] in (_EXT_PROC, _EXT_AUTHZ)]
     if not gates:
         report.errors.append("no ext_proc or ext_authz HTTP filter in the Envoy config")
-    for gate in gates:
+    meters = _check_response_meters(gates, report)
+    for gate in (g for g in gates if not any(g is m for m in meters)):
         kind = "ext_proc" if gate["@type"] == _EXT_PROC else "ext_authz"
         target = ((gate.get("grpc_service") or {}).get("envoy_grpc") or {}).get("cluster_name")
         if target not in clusters:
@@ -118,13 +156,7 @@ def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) ->
                         f"ext_authz cannot rewrite the body: deployment {dep.id!r} will "
                         f"receive model {dep.group!r}, not {dep.model!r}"
                     )
-    if any(k.max_parallel_requests for k in policy.directory.keys.values()):
-        loggers = [n for n in typed if n["@type"] == _GRPC_ACCESS_LOG]
-        if not any("envoy_grpc" in str(n.get("common_config")) for n in loggers):
-            report.errors.append(
-                "keys use max_parallel_requests, but no http_grpc access logger sends "
-                "stream ends to the server: leases would only be freed by their TTL"
-            )
+    _check_lease_log(typed, policy, report)
     header = settings.cluster_header
     uses_header = any(
         isinstance(n.get("route"), dict) and n["route"].get("cluster_header") == header

@@ -181,11 +181,38 @@ def _ext_proc_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]:
             # The server's parallel-request lease rides in this namespace to the
             # lease access log (extproc.parallel); other namespaces are dropped.
             "metadata_options": {"receiving_namespaces": {"untyped": [LEASE_NAMESPACE]}},
+            # Response headers: status and type of each routed call's response; its
+            # reply streams the body (mode_override) when there is usage to read.
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "request_body_mode": "BUFFERED",
                 "request_trailer_mode": "SKIP",
-                "response_header_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+
+
+def _response_meter_filter() -> dict[str, Any]:
+    """Behind ext_authz: an ext_proc filter for the response only, which reads usage and
+    settles the charge the Check left in the ext_authz filter's dynamic metadata."""
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            _TYPE: _API + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}, "timeout": "5s"},
+            # Accounting never fails a call: if the server is gone, the response passes.
+            "failure_mode_allow": True,
+            "message_timeout": "2s",
+            "allow_mode_override": True,
+            "metadata_options": {"forwarding_namespaces": {"untyped": [AUTHZ_NAMESPACE]}},
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "request_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SEND",
                 "response_body_mode": "NONE",
                 "response_trailer_mode": "SKIP",
             },
@@ -371,6 +398,7 @@ def render_envoy_config(
     else:
         service = "envoy.service.auth.v3.Authorization"
         gate = _ext_authz_filter(failure_mode_allow, max_body_bytes)
+    gates = [gate] if mode == "ext_proc" else [gate, _response_meter_filter()]
     routes = [
         {
             "match": {"prefix": "/", "headers": [{"name": cluster_header, "present_match": True}]},
@@ -434,7 +462,7 @@ def render_envoy_config(
             }
         ],
         "http_filters": [
-            gate,
+            *gates,
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {_TYPE: _API + "extensions.filters.http.router.v3.Router"},

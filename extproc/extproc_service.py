@@ -19,9 +19,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
-from extproc.decision import RouteDecision, decide, decide_head
+from extproc.accounting import Charge
+from extproc.decision import RouteDecision, decide_head
 from extproc.errors import GatewayError, InternalError, PayloadTooLargeError
 from extproc.gateway import Gateway
+from extproc.metering import ResponseMeter, charge_from_metadata
 from extproc.parallel import LEASE_NAMESPACE, Lease
 from extproc.request import RequestHead
 
@@ -32,6 +34,7 @@ log = logging.getLogger("extproc.ext_proc")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _BODY_NONE = processing_mode_pb2.ProcessingMode.NONE
 _SKIP = processing_mode_pb2.ProcessingMode.SKIP
+_STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 
 
 def _header_mutation(
@@ -78,8 +81,10 @@ class _Stream:
         "_policy",
         "_size",
         "_started",
+        "charge",
         "finished",
         "lease",
+        "meter",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -94,6 +99,9 @@ class _Stream:
         self.finished = False
         #: The parallel-request lease taken at admission, until Envoy has it.
         self.lease: Lease | None = None
+        #: The budget reservation until the response settles it.
+        self.charge: Charge | None = None
+        self.meter: ResponseMeter | None = None
 
     def _refuse(self, err: GatewayError, phase: str) -> pb.ProcessingResponse:
         metrics = self._gateway.metrics
@@ -142,11 +150,11 @@ class _Stream:
             )
         raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
-        decision = decide(
-            self._head, raw, self._policy, gateway.config, gateway.rng, now=gateway.clock()
-        )
-        admission = await gateway.admit(decision)
+        decision = await gateway.route(self._head, raw, self._policy)
+        admission = await gateway.admit(decision, self._policy)
         self.lease = admission.lease
+        # Held on this stream until the response settles it (or the stream dies).
+        self.charge = admission.charge
         self._record(decision)
         self.finished = True
         common = pb.CommonResponse(
@@ -155,12 +163,62 @@ class _Stream:
             clear_route_cache=True,
         )
         reply = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
-        metadata = admission.metadata()
+        metadata = admission.metadata(with_charge=False)
         if metadata:
             # The lease is logged back at stream end (extproc.parallel); the session
             # count becomes response headers (envoy_config's response_headers_to_add).
             reply.dynamic_metadata.update({LEASE_NAMESPACE: metadata})
         return reply
+
+    def on_response_headers(
+        self, msg: pb.HttpHeaders, metadata: base_pb2.Metadata
+    ) -> pb.ProcessingResponse:
+        """Start metering the response: its status, type and encoding decide how."""
+        reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        if self.charge is None:
+            # Behind ext_authz, the charge arrives as forwarded dynamic metadata.
+            self.charge = charge_from_metadata(metadata)
+        charge = self.charge
+        if charge is None:
+            return reply
+        headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
+        status = headers.get(":status", "")
+        if not status.startswith("2"):
+            # A failed call costs nothing: give its reservation back.
+            self.charge = None
+            self._gateway.cancel_soon(charge)
+            return reply
+        self.meter = ResponseMeter(
+            charge,
+            content_type=headers.get("content-type", ""),
+            encoding=headers.get("content-encoding", ""),
+        )
+        if msg.end_of_stream:
+            return reply
+        reply.mode_override.response_body_mode = _STREAMED
+        if self.meter.rewrites:
+            # The body loses the usage chunk the client did not ask for.
+            reply.response_headers.response.header_mutation.remove_headers.append("content-length")
+        return reply
+
+    async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        meter = self.meter
+        reply = pb.ProcessingResponse(response_body=pb.BodyResponse())
+        if meter is None:
+            return reply
+        body = meter.feed(msg.body, end=msg.end_of_stream)
+        if body is not None:
+            reply.response_body.response.body_mutation.body = body
+        if msg.end_of_stream and self.charge is not None:
+            charge, self.charge, self.meter = self.charge, None, None
+            await self._gateway.settle(charge, meter.usage(), self._policy)
+        return reply
+
+    async def end_of_headers_only_response(self) -> None:
+        """A 2xx response without a body: settle with what we know (no usage)."""
+        if self.charge is not None and self.meter is not None:
+            charge, self.charge = self.charge, None
+            await self._gateway.settle(charge, self.meter.usage(), self._policy)
 
     def _record(self, decision: RouteDecision) -> None:
         metrics = self._gateway.metrics
@@ -177,6 +235,13 @@ class _Stream:
                 return self.on_request_headers(msg.request_headers)
             if phase == "request_body":
                 return await self.on_request_body(msg.request_body)
+            if phase == "response_headers":
+                reply = self.on_response_headers(msg.response_headers, msg.metadata_context)
+                if msg.response_headers.end_of_stream:
+                    await self.end_of_headers_only_response()
+                return reply
+            if phase == "response_body":
+                return await self.on_response_body(msg.response_body)
         except GatewayError as err:
             return self._refuse(err, phase or "unknown")
         except Exception:
@@ -224,6 +289,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             if stream.lease is not None:
                 # The stream broke before Envoy got the lease: nobody will log it.
                 self._gateway.release_soon(stream.lease)
+            if stream.charge is not None:
+                # Reset, abandoned or failed before the response ended: no charge.
+                self._gateway.cancel_soon(stream.charge)
             # Envoy ends the stream as soon as it needs no more phases, and resets it
             # when the client goes away mid-request (grpc.aio then just ends the
             # iterator, or closes this generator): a normal end, never logged as an

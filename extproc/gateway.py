@@ -11,17 +11,28 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
-from extproc.budgets import BudgetRef, alert_key, check_budgets
-from extproc.decision import GatewayConfig, RouteDecision
+from extproc.accounting import (
+    Charge,
+    deployment_budgets,
+    exhausted_deployments,
+    limit_micros,
+    no_deployment_left,
+)
+from extproc.alerts import Alerter
+from extproc.budgets import BudgetRef, check_budgets
+from extproc.decision import GatewayConfig, RouteDecision, decide
 from extproc.errors import ServiceUnavailableError
 from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.metrics import Metrics
 from extproc.parallel import (
+    CHARGE_FIELD,
     ITERATIONS_LIMIT_FIELD,
     ITERATIONS_REMAINING_FIELD,
     LEASE_FIELD,
@@ -29,16 +40,16 @@ from extproc.parallel import (
     check_parallel,
 )
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
+from extproc.pricing import cost_micros
 from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
+from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, open_store
+from extproc.usage import Usage
 
 __all__ = ["Admission", "Gateway"]
 
 log = logging.getLogger("extproc")
-
-#: A soft budget without a window of its own alerts at most once a day.
-SOFT_ALERT_WINDOW_S = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,15 +58,21 @@ class Admission:
 
     lease: Lease | None = None
     iterations: IterationCount | None = None
+    charge: Charge | None = None
 
-    def metadata(self) -> dict[str, str]:
-        """The dynamic metadata Envoy gets (strings: Envoy formats them verbatim)."""
+    def metadata(self, *, with_charge: bool) -> dict[str, str]:
+        """The dynamic metadata Envoy gets (strings: Envoy formats them verbatim).
+
+        ``with_charge``: the reservation travels along (ext_authz, whose response is
+        metered by another filter, maybe in another process)."""
         out: dict[str, str] = {}
         if self.lease is not None:
             out[LEASE_FIELD] = self.lease.token
         if self.iterations is not None:
             out[ITERATIONS_LIMIT_FIELD] = str(self.iterations.limit)
             out[ITERATIONS_REMAINING_FIELD] = str(self.iterations.remaining)
+        if with_charge and self.charge is not None and self.charge.keys:
+            out[CHARGE_FIELD] = self.charge.token()
         return out
 
 
@@ -85,6 +102,7 @@ class Gateway:
         #: In-process counters for session caps while the store is down.
         self._local = MemoryStore()
         self._store_retry_at = float("-inf")
+        self.alerts = Alerter(store, self.metrics, settings.alert_webhook_url)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -92,7 +110,8 @@ class Gateway:
         policy = load_policy(
             settings.policy_path, allow_inline_credentials=settings.allow_inline_credentials
         )
-        return cls(settings, policy, open_store(settings.store_url))
+        journal = Path(settings.spend_journal) if settings.spend_journal else None
+        return cls(settings, policy, open_store(settings.store_url, journal=journal))
 
     @property
     def policy(self) -> CompiledPolicy:
@@ -117,13 +136,181 @@ class Gateway:
                 seen = current
                 self.reload_policy()
 
-    async def admit(self, decision: RouteDecision) -> Admission:
-        """The store-backed checks of a routed request: budgets, the session cap, rate
-        limits, then a parallel-request lease (the adapter hands it to Envoy)."""
-        await self.check_budgets(decision)
-        iterations = await self.count_iteration(decision.iterations)
-        await self.check_rate_limits(decision)
-        return Admission(await self.take_lease(decision), iterations)
+    async def route(
+        self,
+        head: RequestHead,
+        raw: bytes,
+        policy: CompiledPolicy,
+        *,
+        inject_usage: bool = True,
+    ) -> RouteDecision:
+        """:func:`decide`, then the budget filter: deployments whose provider or
+        deployment budget is spent are skipped before the pick (one MGET, only for
+        groups that have such budgets)."""
+        now = self.clock()
+        decision = decide(
+            head, raw, policy, self.config, self.rng, now=now, inject_usage=inject_usage
+        )
+        group = decision.group
+        if group is None or group.zero_cost:
+            return decision
+        refs = {d.id: deployment_budgets(d, policy, now) for d in group.deployments}
+        keys = sorted({ref.store_key for dep_refs in refs.values() for ref in dep_refs})
+        if not keys:
+            return decision
+        try:
+            values = await self.store.get_many(keys)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return decision
+        exhausted = exhausted_deployments(group, refs, dict(zip(keys, values, strict=True)))
+        if decision.deployment.id not in exhausted:
+            return decision
+        if len(exhausted) == len(group.deployments):
+            raise no_deployment_left(group, exhausted)
+        return decide(
+            head,
+            raw,
+            policy,
+            self.config,
+            self.rng,
+            now=now,
+            exclude=exhausted.keys(),
+            inject_usage=inject_usage,
+        )
+
+    async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
+        """The store-backed checks of a routed request: the budget reservation, the
+        session cap, rate limits, then a parallel-request lease (the adapter hands the
+        lease and the charge to Envoy or keeps them for the response)."""
+        charge = await self.reserve(decision, policy)
+        try:
+            iterations = await self.count_iteration(decision.iterations)
+            await self.check_rate_limits(decision)
+            lease = await self.take_lease(decision)
+        except BaseException:
+            if charge is not None:
+                self.cancel_soon(charge)
+            raise
+        return Admission(lease, iterations, charge)
+
+    async def reserve(self, decision: RouteDecision, policy: CompiledPolicy) -> Charge:
+        """Reserve the call's estimated cost against every budget it falls under, in one
+        store round trip; a 429 for the first budget already spent."""
+        now = self.clock()
+        dep = decision.deployment
+        refs = decision.budgets
+        if decision.group is not None and not decision.group.zero_cost:
+            refs += deployment_budgets(dep, policy, now)
+        estimate = 0
+        if dep.prices is not None:
+            guess = Usage(
+                input_tokens=decision.prompt_tokens, output_tokens=decision.max_output_tokens
+            )
+            estimate = cost_micros(dep.prices, guess)
+        key = decision.caller.key if decision.caller is not None else None
+        charge = Charge.new(
+            api=decision.request.endpoint.api,
+            endpoint=decision.request.endpoint.name,
+            dep=dep,
+            stream=decision.request.stream,
+            strip_usage=decision.asks_usage,
+            estimate=estimate,
+            refs=refs,
+            now=now,
+            tpm_key=tpm_key(key) if key is not None and key.tpm_limit is not None else None,
+        )
+        if not refs:
+            return charge
+        try:
+            index, spends = await self.store.reserve(
+                charge.rid,
+                charge.keys,
+                limits=[limit_micros(ref.limit) for ref in refs],
+                amount=estimate,
+                ttls_s=charge.ttls,
+                hold_s=self.settings.reservation_ttl_s,
+            )
+        except StoreError as exc:
+            # Open: admitted unreserved; the settle still charges the real cost.
+            self._store_failed(exc)
+            return charge
+        if index is not None:
+            check_budgets(refs[index : index + 1], spends[index : index + 1], now)
+        await self._budget_alerts(refs, spends, estimate, policy.general.budget_alert_at)
+        return charge
+
+    async def _budget_alerts(
+        self,
+        refs: tuple[BudgetRef, ...],
+        spends: list[int],
+        estimate: int,
+        share: Decimal | None,
+    ) -> None:
+        for ref, spent in zip(refs, spends, strict=True):
+            after = spent + estimate
+            soft = limit_micros(ref.soft)
+            if soft is not None and after >= soft:
+                await self.alerts.crossed(ref, after, "soft_budget")
+            limit = limit_micros(ref.limit)
+            if share is not None and limit is not None and after >= limit * share:
+                await self.alerts.crossed(ref, after, "budget_threshold")
+
+    async def settle(
+        self, charge: Charge, usage: Usage | None, policy: CompiledPolicy | None = None
+    ) -> int:
+        """Charge the call's real cost (its estimate when the response had no usage),
+        count spend and tokens; returns the micro-dollars charged."""
+        dep = (policy or self._policy).deployment(charge.deployment)
+        cost = charge.cost(usage, dep)
+        metrics = self.metrics
+        if usage is None:
+            metrics.usage_missing.labels(charge.endpoint).inc()
+        else:
+            for kind, count in (
+                ("input", usage.input_tokens),
+                ("cached_input", usage.cached_input_tokens),
+                ("cache_creation", usage.cache_creation_tokens),
+                ("output", usage.output_tokens),
+                ("reasoning", usage.reasoning_tokens),
+            ):
+                if count:
+                    metrics.tokens.labels(charge.group, charge.deployment, kind).inc(count)
+        metrics.spend.labels(charge.group, charge.deployment).inc(float(cost) / 1_000_000)
+        try:
+            if charge.keys:
+                await self.store.settle(charge.rid, charge.keys, cost, charge.ttls)
+            if charge.tpm_key is not None and usage is not None:
+                tokens = usage.total_input + usage.output_tokens
+                await self.store.incr(charge.tpm_key, tokens, WINDOW_S)
+        except StoreError as exc:
+            metrics.settlements.labels("failed").inc()
+            self._log_store_failure(exc)
+            return cost
+        metrics.settlements.labels("settled").inc()
+        return cost
+
+    async def cancel(self, charge: Charge) -> None:
+        """Give a failed, reset or abandoned call's reservation back."""
+        if not charge.keys:
+            return
+        try:
+            await self.store.cancel(charge.rid)
+        except StoreError as exc:
+            # the hold runs out after EXTPROC_RESERVATION_TTL_S anyway
+            self.metrics.settlements.labels("failed").inc()
+            self._log_store_failure(exc)
+            return
+        self.metrics.settlements.labels("cancelled").inc()
+
+    def cancel_soon(self, charge: Charge) -> None:
+        """:meth:`cancel` from code that cannot await (a closing stream)."""
+        self._spawn(self.cancel(charge))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def count_iteration(self, cap: SessionCap | None) -> IterationCount | None:
         """Count this call of a capped session (one store round trip) and compare.
@@ -170,9 +357,7 @@ class Gateway:
     def release_soon(self, lease: Lease) -> None:
         """Release from code that cannot await (a closing stream): in a task of its own,
         so the release survives the cancellation that is closing the stream."""
-        task = asyncio.get_running_loop().create_task(self.release(lease))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.release(lease))
 
     async def release(self, lease: Lease) -> None:
         """Give a lease back; a store failure only delays it until the lease TTL."""
@@ -210,32 +395,6 @@ class Gateway:
                 "The gateway cannot check its limits right now; try again shortly.",
                 code="store_unavailable",
             ) from None
-
-    async def check_budgets(self, decision: RouteDecision) -> None:
-        """Read the spend of every budget the request falls under (one store round trip)
-        and refuse it if one is reached; a store failure goes to the fail mode."""
-        if not decision.budgets:
-            return
-        try:
-            spends = await self.store.get_many([b.store_key for b in decision.budgets])
-        except StoreError as exc:
-            self._store_failed(exc)
-            return
-        for ref in check_budgets(decision.budgets, spends, self.clock()):
-            await self._soft_budget_alert(ref)
-
-    async def _soft_budget_alert(self, ref: BudgetRef) -> None:
-        """Log and count a crossed soft budget once per window, across processes."""
-        try:
-            # Rule: once per window: a calendar window's alert key names the window,
-            # and lives as long as it.
-            ttl = ref.window_s or SOFT_ALERT_WINDOW_S
-            first = await self.store.incr(alert_key(ref), 1, ttl) == 1
-        except StoreError:
-            return  # an alert is never worth failing a request
-        if first:
-            self.metrics.soft_budget_alerts.labels(ref.kind).inc()
-            log.warning("soft budget crossed for %s (soft budget $%s)", ref.label, ref.soft)
 
     def _log_store_failure(self, exc: StoreError) -> None:
         """At most one log line per 10 s: a dead store must not flood the log."""

@@ -210,6 +210,8 @@ class GeneralSettings(BaseModel):
     #: Budget for end users that have no entry of their own.
     default_end_user_max_budget: Decimal | None = Field(default=None, ge=0)
     default_end_user_budget_duration: DurationText | None = None
+    #: Also alert when spend reaches this share of a max budget (e.g. 0.8).
+    budget_alert_at: Decimal | None = Field(default=None, gt=0, le=1)
     #: IANA time zone in which calendar budget windows reset (LiteLLM's ``timezone``).
     budget_reset_timezone: str = "UTC"
 

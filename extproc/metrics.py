@@ -82,3 +82,40 @@ class Metrics:
             "Session-cap counts made in process because the store failed.",
             registry=self.registry,
         )
+        self.alert_webhooks = Counter(
+            "extproc_alert_webhooks",
+            "Budget alert webhook posts, by result (sent, refused, failed).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.spend = Counter(
+            "extproc_spend_dollars",
+            "Dollars charged, by model group and deployment.",
+            ["model_group", "deployment"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "extproc_tokens",
+            "Tokens charged, by model group, deployment and kind "
+            "(input, cached_input, cache_creation, output, reasoning).",
+            ["model_group", "deployment", "kind"],
+            registry=self.registry,
+        )
+        self.usage_missing = Counter(
+            "extproc_usage_missing",
+            "Successful responses without usage, charged by their estimate, by endpoint.",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.settlements = Counter(
+            "extproc_settlements",
+            "Budget reservations ended, by outcome (settled, cancelled, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.budget_remaining = Gauge(
+            "extproc_budget_remaining_dollars",
+            "Dollars left in provider, deployment and tag budgets (refreshed on scrape).",
+            ["kind", "name"],
+            registry=self.registry,
+        )

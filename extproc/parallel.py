@@ -23,6 +23,7 @@ from extproc.keys import VirtualKey
 
 __all__ = [
     "AUTHZ_NAMESPACE",
+    "CHARGE_FIELD",
     "ITERATIONS_LIMIT_FIELD",
     "ITERATIONS_REMAINING_FIELD",
     "LEASE_FIELD",
@@ -40,6 +41,8 @@ LEASE_FIELD = "lease"
 #: Where a capped session's count travels to the response headers (same namespace).
 ITERATIONS_LIMIT_FIELD = "iterations_limit"
 ITERATIONS_REMAINING_FIELD = "iterations_remaining"
+#: The budget reservation to settle on the response path (ext_authz → response filter).
+CHARGE_FIELD = "charge"
 _TOKEN = re.compile(r"(parallel:\{key:[0-9a-f]{64}\})\|([0-9a-f]{32})")
 
 

@@ -308,6 +308,13 @@ class CompiledPolicy:
     def deployments(self) -> list[CompiledDeployment]:
         return [d for g in self.groups.values() for d in g.deployments]
 
+    def deployment(self, dep_id: str) -> CompiledDeployment | None:
+        for group in self.groups.values():
+            for dep in group.deployments:
+                if dep.id == dep_id:
+                    return dep
+        return None
+
 
 def _format_loc(loc: Sequence[int | str]) -> str:
     out = ""

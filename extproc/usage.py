@@ -166,11 +166,19 @@ class ResponseReader:
             self._event(event)
         return events
 
+    def flush(self) -> list[bytes]:
+        """At the end of the body: the last SSE event, if it had no blank line after it."""
+        if self._sse is None:
+            return []
+        events = self._sse.flush()
+        for event in events:
+            self._event(event)
+        return events
+
     def finish(self) -> Usage | None:
         """The usage once the body has ended (None when the response reported none)."""
         if self._sse is not None:
-            for event in self._sse.flush():
-                self._event(event)
+            self.flush()
         elif self._body:
             try:
                 obj = json.loads(b"".join(self._body))

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from extproc.store.base import Store, StoreError
 from extproc.store.memory import MemoryStore
 
 __all__ = ["MemoryStore", "Store", "StoreError", "open_store"]
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, journal: Path | None = None) -> Store:
     """A store for ``memory://``, ``redis://``/``rediss://``/``unix://`` or
     ``redis+cluster://`` (Redis Cluster) URLs."""
     if url.startswith("memory://"):
-        return MemoryStore()
+        return MemoryStore(journal=journal)
     if url.startswith(
         ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
     ):

@@ -73,7 +73,8 @@ class Store(Protocol):
         Expired reservations are given back first. If a key's value (settled plus
         reserved) has reached its limit, nothing changes and the result is (index of
         that key, every key's value); else ``amount`` is added to each key (its TTL
-        set when the key is new) and remembered under ``rid`` for ``hold_s``: (None, []).
+        set when the key is new) and remembered under ``rid`` for ``hold_s``: (None,
+        every key's value before the addition).
         """
         ...
 

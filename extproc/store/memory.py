@@ -123,7 +123,7 @@ class MemoryStore:
         for key, ttl in zip(keys, ttls_s, strict=True):
             self._add(key, amount, math.inf if ttl is None else ttl, now)
         self._reservations[rid] = _Reservation(amount, tuple(keys), now + hold_s)
-        return None, []
+        return None, spends
 
     def _take_back(self, key: str, amount: int, now: float) -> None:
         entry = self._live(key, now)

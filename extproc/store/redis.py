@@ -79,8 +79,8 @@ end
 """
 
 # KEYS: resv hash, expiry zset, budget keys...; ARGV: id, amount, hold ms, n,
-# limits (-1: none)..., ttls ms (0: none)... → {0} or {index of the exhausted budget,
-# spends...}
+# limits (-1: none)..., ttls ms (0: none)... → {0 or the 1-based index of the
+# exhausted budget, spends before this call...}
 _RESERVE = (
     _RESV_LIB
     + """
@@ -109,7 +109,9 @@ for i = 1, n do
 end
 redis.call('HSET', KEYS[1], ARGV[1], entry)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-return {0}
+local out = {0}
+for j = 1, n do out[j + 1] = spends[j] end
+return out
 """
 )
 
@@ -275,9 +277,8 @@ class RedisStore:
             out = await self._eval(_RESERVE, [RESV_HASH, RESV_EXPIRY, *keys], args)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis reserve failed: {type(exc).__name__}") from exc
-        if int(out[0]) == 0:
-            return None, []
-        return int(out[0]) - 1, [int(v) for v in out[1:]]
+        spends = [int(v) for v in out[1:]]
+        return (None if int(out[0]) == 0 else int(out[0]) - 1), spends
 
     async def settle(
         self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -94,20 +94,20 @@ async def test_spend_at_budget_is_a_429(
 ) -> None:
     gateway = await seeded(policy, spends)
     with pytest.raises(GatewayError) as info:
-        await gateway.check_budgets(route(policy, key, **body))
+        await gateway.reserve(route(policy, key, **body), gateway.policy)
     assert (info.value.status, info.value.code) == (429, code)
     assert key not in info.value.message
 
 
 async def test_spend_under_budget_passes(policy: CompiledPolicy) -> None:
     gateway = await seeded(policy, {spend_key("key", SAM): 9.999999})
-    await gateway.check_budgets(route(policy, "sk-sam-budget"))
+    await gateway.reserve(route(policy, "sk-sam-budget"), gateway.policy)
 
 
 class DownStore(MemoryStore):
     name = "down"
 
-    async def get_many(self, keys: Sequence[str]) -> list[int | None]:
+    async def reserve(self, *args: Any, **kwargs: Any) -> tuple[int | None, list[int]]:
         raise StoreError("connection refused")
 
 
@@ -119,10 +119,10 @@ async def test_store_down_follows_fail_mode(
     decision = route(policy, "sk-sam-budget")
     for _ in range(3):
         if status is None:
-            await gateway.check_budgets(decision)
+            await gateway.reserve(decision, gateway.policy)
         else:
             with pytest.raises(GatewayError) as info:
-                await gateway.check_budgets(decision)
+                await gateway.reserve(decision, gateway.policy)
             assert (info.value.status, info.value.code) == (status, "store_unavailable")
     assert gateway.metrics.fail_mode_used.labels(mode)._value.get() == 3
 
@@ -133,14 +133,14 @@ async def test_soft_budget_alerts_once_per_window(
     gateway = await seeded(policy, {spend_key("key", SAM): 6})
     decision = route(policy, "sk-sam-budget")
     for _ in range(3):
-        await gateway.check_budgets(decision)  # over the soft budget: never refused
+        await gateway.reserve(decision, gateway.policy)  # over the soft budget: not refused
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 1
     assert caplog.text.count("soft budget crossed for API key sam") == 1
 
 
 async def test_under_soft_budget_no_alert(policy: CompiledPolicy) -> None:
     gateway = await seeded(policy, {spend_key("key", SAM): 4.99})
-    await gateway.check_budgets(route(policy, "sk-sam-budget"))
+    await gateway.reserve(route(policy, "sk-sam-budget"), gateway.policy)
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 0
 
 
@@ -164,9 +164,9 @@ async def test_team_member_over_budget(policy: CompiledPolicy) -> None:
     member = route(policy, "sk-walt-member").budgets[0]
     gateway = await seeded(policy, {member.store_key: 1})
     with pytest.raises(GatewayError) as info:
-        await gateway.check_budgets(route(policy, "sk-walt-member"))
+        await gateway.reserve(route(policy, "sk-walt-member"), gateway.policy)
     assert (info.value.status, info.value.code) == (429, "team_member_budget_exceeded")
-    await gateway.check_budgets(route(policy, "sk-xena-member"))  # her own budget: 4
+    await gateway.reserve(route(policy, "sk-xena-member"), gateway.policy)  # her own: 4
 
 
 def test_calendar_window_is_in_the_store_key(policy: CompiledPolicy) -> None:
@@ -182,7 +182,7 @@ async def test_daily_budget_resets_at_local_midnight(policy: CompiledPolicy) -> 
     gateway = await seeded(policy, {daily.store_key: 3})
     gateway.clock = lambda: NOW
     with pytest.raises(GatewayError) as info:
-        await gateway.check_budgets(route(policy, "sk-yuri-daily"))
+        await gateway.reserve(route(policy, "sk-yuri-daily"), gateway.policy)
     assert info.value.code == "key_budget_exceeded"
     assert info.value.headers["retry-after"] == str(17 * 3600)
     assert "resets at 2026-11-24T05:00:00+00:00" in info.value.message
@@ -193,7 +193,7 @@ async def test_daily_budget_resets_at_local_midnight(policy: CompiledPolicy) -> 
     fresh = decide(head, raw, policy, GatewayConfig(), lambda: 0.1, now=tomorrow)
     assert fresh.budgets[0].store_key != daily.store_key
     gateway.clock = lambda: tomorrow
-    await gateway.check_budgets(fresh)
+    await gateway.reserve(fresh, gateway.policy)
 
 
 def test_tag_budget_window_rolls_from_first_spend(tmp_path: Path) -> None:
@@ -239,6 +239,6 @@ async def test_soft_alert_once_per_calendar_window(tmp_path: Path) -> None:
         if (await gateway.store.get_many([decision.budgets[0].store_key]))[0] is None:
             await gateway.store.incr(decision.budgets[0].store_key, 6_000_000, 86_400)
         gateway.clock = lambda now=now: now  # type: ignore[misc]
-        await gateway.check_budgets(decision)
+        await gateway.reserve(decision, gateway.policy)
     # over the soft budget on two days: one alert each day
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 2

@@ -24,15 +24,15 @@ async def test_rpm_window_and_retry_after(policy: CompiledPolicy) -> None:
     gateway = Gateway(Settings(policy_path=POLICY), policy, MemoryStore(clock))
     decision = route(policy, "sk-uma-rpm")
     for _ in range(10):
-        await gateway.admit(decision)
+        await gateway.admit(decision, gateway.policy)
     clock.now += 20
     with pytest.raises(GatewayError) as info:
-        await gateway.admit(decision)
+        await gateway.admit(decision, gateway.policy)
     err = info.value
     assert (err.status, err.code) == (429, "rpm_limit_exceeded")
     assert err.response_headers()["retry-after"] == "40"
     clock.now += 40  # the window has run out
-    await gateway.admit(decision)
+    await gateway.admit(decision, gateway.policy)
 
 
 async def test_tpm_reached(policy: CompiledPolicy) -> None:
@@ -41,9 +41,9 @@ async def test_tpm_reached(policy: CompiledPolicy) -> None:
     decision = route(policy, "sk-vic-tpm")
     assert decision.caller is not None
     await store.incr(tpm_key(decision.caller.key), 999, 60)
-    await gateway.admit(decision)
+    await gateway.admit(decision, gateway.policy)
     await store.incr(tpm_key(decision.caller.key), 1, 60)
     with pytest.raises(GatewayError) as info:
-        await gateway.admit(decision)
+        await gateway.admit(decision, gateway.policy)
     assert (info.value.status, info.value.code) == (429, "tpm_limit_exceeded")
     assert "retry-after" in info.value.response_headers()

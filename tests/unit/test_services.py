@@ -11,7 +11,7 @@ import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc import extproc_service
+from extproc import gateway as gateway_module
 from extproc.authz_service import AuthorizationService
 from extproc.extproc_service import ExternalProcessorService
 from extproc.gateway import Gateway
@@ -128,7 +128,7 @@ async def test_unexpected_exception_is_a_500_not_a_crash(
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(extproc_service, "decide", boom)
+    monkeypatch.setattr(gateway_module, "decide", boom)
     replies = await run_stream(gateway, headers_msg(post_headers()), body_msg(b'{"model": "auto"}'))
     assert replies[-1].immediate_response.status.code == 500
     assert gateway.metrics.internal_errors.labels("request_body")._value.get() == 1

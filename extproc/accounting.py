@@ -1,0 +1,224 @@
+"""Spend accounting: reserve at admission, settle with the response's usage.
+
+The core of it is independent of where usage comes from. A :class:`Charge` is made
+when a call is admitted and holds everything needed to settle it later, in any server
+process: the reservation id, the budget keys and windows, the estimate, the
+deployment (for its prices). Today usage arrives on the ext_proc response phases (the
+ext_proc adapter, and a response-only ext_proc filter behind ext_authz); an adapter
+fed by Envoy's access-log stream would call the same :meth:`Charge.cost`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from extproc.budgets import BudgetRef
+from extproc.errors import BudgetExceededError
+from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
+from extproc.pricing import MICROS_PER_DOLLAR, cost_micros
+from extproc.store.base import SPEND_TAG
+from extproc.usage import Api, Usage
+from extproc.windows import cached_duration
+
+__all__ = [
+    "Charge",
+    "deployment_budgets",
+    "exhausted_deployments",
+    "limit_micros",
+    "no_deployment_left",
+]
+
+
+def limit_micros(limit: Decimal | None) -> int | None:
+    return None if limit is None else int(limit * MICROS_PER_DOLLAR)
+
+
+def deployment_budgets(
+    dep: CompiledDeployment, policy: CompiledPolicy, now: datetime
+) -> tuple[BudgetRef, ...]:
+    """The provider and deployment budgets a call to ``dep`` spends from.
+
+    Their windows roll from the first spend, as in LiteLLM's router budget limiter.
+    """
+    del now  # rolling windows: the store's TTL marks where they start
+    refs: list[BudgetRef] = []
+    provider = policy.provider_budgets.get(dep.provider)
+    if provider is not None:
+        refs.append(
+            BudgetRef(
+                "provider",
+                dep.provider,
+                f"provider {dep.provider}",
+                provider.budget_limit,
+                duration=cached_duration(provider.time_period),
+            )
+        )
+    if dep.max_budget is not None:
+        refs.append(
+            BudgetRef(
+                "deployment",
+                dep.id,
+                f"deployment {dep.id}",
+                dep.max_budget,
+                duration=cached_duration(dep.budget_duration) if dep.budget_duration else None,
+            )
+        )
+    return tuple(refs)
+
+
+def exhausted_deployments(
+    group: CompiledGroup,
+    refs: dict[str, tuple[BudgetRef, ...]],
+    spends: dict[str, int | None],
+) -> dict[str, list[tuple[BudgetRef, int]]]:
+    """Deployment id → its provider/deployment budgets whose spend reached the limit."""
+    out: dict[str, list[tuple[BudgetRef, int]]] = {}
+    for dep in group.deployments:
+        for ref in refs.get(dep.id, ()):
+            spent = spends.get(ref.store_key) or 0
+            limit = limit_micros(ref.limit)
+            if limit is not None and spent >= limit:
+                out.setdefault(dep.id, []).append((ref, spent))
+    return out
+
+
+def no_deployment_left(
+    group: CompiledGroup, exhausted: dict[str, list[tuple[BudgetRef, int]]]
+) -> BudgetExceededError:
+    """LiteLLM's 'No deployments available - crossed budget', naming the budgets."""
+    seen: dict[str, str] = {}
+    for hits in exhausted.values():
+        for ref, spent in hits:
+            window = f" per {ref.duration.text}" if ref.duration else ""
+            seen[ref.label] = (
+                f"{ref.label}: spent ${Decimal(spent) / MICROS_PER_DOLLAR:.6f} of "
+                f"${ref.limit}{window}"
+            )
+    return BudgetExceededError(
+        f"No deployments available for model group {group.name[:256]!r} - crossed budget: "
+        + "; ".join(seen.values())
+        + ".",
+        code="deployment_budgets_exhausted",
+    )
+
+
+def _period_ttl(ref: BudgetRef, now: datetime) -> float | None:
+    """The spend key's TTL: the rest of a calendar window (plus a day to read it back),
+    a rolling window's length, or none for a lifetime budget."""
+    if ref.duration is None:
+        return None
+    if ref.period is not None:
+        return ref.period.seconds_left(now) + 86_400
+    return float(ref.duration.seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One admitted call's reservation and how to settle it."""
+
+    rid: str
+    api: Api
+    endpoint: str
+    group: str
+    deployment: str
+    stream: bool
+    #: The gateway asked for the usage chunk; the client does not get it.
+    strip_usage: bool
+    estimate: int
+    keys: tuple[str, ...]
+    ttls: tuple[float | None, ...]
+    #: The key's tokens-per-minute counter, when it has a tpm limit.
+    tpm_key: str | None = None
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        api: Api,
+        endpoint: str,
+        dep: CompiledDeployment,
+        stream: bool,
+        strip_usage: bool,
+        estimate: int,
+        refs: Sequence[BudgetRef],
+        now: datetime,
+        tpm_key: str | None = None,
+    ) -> Charge:
+        return cls(
+            rid=uuid.uuid4().hex,
+            api=api,
+            endpoint=endpoint,
+            group=dep.group,
+            deployment=dep.id,
+            stream=stream,
+            strip_usage=strip_usage,
+            estimate=estimate,
+            keys=tuple(ref.store_key for ref in refs),
+            ttls=tuple(_period_ttl(ref, now) for ref in refs),
+            tpm_key=tpm_key,
+        )
+
+    def cost(self, usage: Usage | None, dep: CompiledDeployment | None) -> int:
+        """Micro-dollars to charge: the usage at the deployment's prices; the
+        estimate when the response reported no usage (never free)."""
+        if usage is None:
+            return self.estimate
+        if dep is None or dep.prices is None:
+            return 0
+        return cost_micros(dep.prices, usage)
+
+    def token(self) -> str:
+        """Compact JSON for Envoy's dynamic metadata (ext_authz → response filter)."""
+        return json.dumps(
+            [
+                self.rid,
+                self.api,
+                self.endpoint,
+                self.group,
+                self.deployment,
+                self.stream,
+                self.strip_usage,
+                self.estimate,
+                self.keys,
+                self.ttls,
+                self.tpm_key,
+            ],
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> Charge | None:
+        """A charge from :meth:`token`; None for anything malformed or foreign."""
+        try:
+            raw: Any = json.loads(text)
+            rid, api, endpoint, group, dep, stream, strip, estimate, keys, ttls, tpm = raw
+        except (ValueError, TypeError):
+            return None
+        ok = (
+            isinstance(rid, str)
+            and len(rid) == 32
+            and api in ("openai", "anthropic")
+            and isinstance(endpoint, str)
+            and isinstance(group, str)
+            and isinstance(dep, str)
+            and isinstance(stream, bool)
+            and isinstance(strip, bool)
+            and isinstance(estimate, int)
+            and isinstance(keys, list)
+            and isinstance(ttls, list)
+            and len(keys) == len(ttls)
+            and all(isinstance(k, str) and k.startswith(SPEND_TAG + ":") for k in keys)
+            and all(t is None or isinstance(t, int | float) for t in ttls)
+            and (tpm is None or (isinstance(tpm, str) and tpm.startswith("ratelimit:")))
+        )
+        if not ok:
+            return None
+        return cls(
+            rid, api, endpoint, group, dep, stream, strip, estimate, tuple(keys), tuple(ttls), tpm
+        )

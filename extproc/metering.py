@@ -1,0 +1,63 @@
+"""The response side of a call: read its usage, take out what the client did not ask
+for, and hand the usage to the gateway to settle the charge.
+
+Adapter-neutral: fed body pieces by the ext_proc response phases today.
+"""
+
+from __future__ import annotations
+
+from envoy.config.core.v3 import base_pb2
+
+from extproc.accounting import Charge
+from extproc.parallel import AUTHZ_NAMESPACE, CHARGE_FIELD
+from extproc.usage import ResponseReader, Usage, event_data
+
+__all__ = ["ResponseMeter", "charge_from_metadata"]
+
+
+def charge_from_metadata(metadata: base_pb2.Metadata) -> Charge | None:
+    """The charge the ext_authz decision left in the stream's dynamic metadata."""
+    if AUTHZ_NAMESPACE not in metadata.filter_metadata:
+        return None
+    value = metadata.filter_metadata[AUTHZ_NAMESPACE].fields.get(CHARGE_FIELD)
+    if value is None or value.WhichOneof("kind") != "string_value":
+        return None
+    return Charge.parse(value.string_value)
+
+
+def _usage_only(event: bytes) -> bool:
+    """The usage chunk of a chat/completions stream: ``choices: []`` plus ``usage``."""
+    if b'"usage"' not in event:
+        return False
+    data = event_data(event)
+    return (
+        isinstance(data, dict) and data.get("choices") == [] and isinstance(data.get("usage"), dict)
+    )
+
+
+class ResponseMeter:
+    __slots__ = ("_reader", "rewrites")
+
+    def __init__(self, charge: Charge, *, content_type: str, encoding: str) -> None:
+        sse = content_type.lower().startswith("text/event-stream")
+        encoding = encoding.strip().lower()
+        self._reader = ResponseReader(charge.api, sse=sse, encoding=encoding)
+        #: The usage chunk the gateway asked for is taken out of the client's stream
+        #: (only from uncompressed SSE; the gateway does not ask for compression).
+        self.rewrites = charge.strip_usage and sse and encoding in ("", "identity")
+
+    def feed(self, chunk: bytes, *, end: bool) -> bytes | None:
+        """Read a body piece; returns what the client gets instead, when rewriting.
+
+        While rewriting, a partial event is held back until it is complete, so only
+        whole events are ever passed on or dropped.
+        """
+        events = self._reader.feed(chunk)
+        if end:
+            events += self._reader.flush()
+        if not self.rewrites:
+            return None
+        return b"".join(event + b"\n\n" for event in events if not _usage_only(event))
+
+    def usage(self) -> Usage | None:
+        return self._reader.finish()
