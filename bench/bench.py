@@ -242,6 +242,7 @@ def main() -> int:
             **env,
             "EXTPROC_STORE_URL": store_url,
             "EXTPROC_POLICY_PATH": str(ROOT / "bench" / "policy.yaml"),
+            "EXTPROC_SPEND_JOURNAL": str(workdir / "spend.jsonl"),
             "EXTPROC_GRPC_PORT": str(grpc_port),
             "EXTPROC_ADMIN_PORT": str(admin_port),
             "EXTPROC_LOG_LEVEL": "WARNING",

@@ -12,12 +12,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
+import re
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp import web
 
 __all__ = ["MockSite", "make_mock_app", "run_mock"]
@@ -86,13 +90,21 @@ async def _stream(request: web.Request, chunks: list[bytes]) -> web.StreamRespon
     return resp
 
 
-def _usage(prompt: int, completion: int) -> dict[str, Any]:
+def _knob(request: web.Request, name: str) -> int:
+    """A test-controlled count (``x-mock-cached-tokens``, ``x-mock-reasoning-tokens``)."""
+    raw = request.headers.get(f"x-mock-{name}", "0")
+    return min(int(raw), 10_000_000) if raw.isascii() and raw.isdigit() else 0
+
+
+def _usage(request: web.Request, prompt: int, completion: int) -> dict[str, Any]:
+    """OpenAI usage; cached tokens are part of the prompt, reasoning of the completion."""
+    cached, reasoning = _knob(request, "cached-tokens"), _knob(request, "reasoning-tokens")
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens": prompt + cached,
+        "completion_tokens": completion + reasoning,
+        "total_tokens": prompt + cached + completion + reasoning,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0},
     }
 
 
@@ -116,7 +128,7 @@ async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamRespons
                         "finish_reason": "stop",
                     }
                 ],
-                "usage": _usage(prompt, completion),
+                "usage": _usage(request, prompt, completion),
             },
             headers={"x-mock-upstream": request.app[_SITE].name},
         )
@@ -142,7 +154,7 @@ async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamRespons
     ]
     chunks.append(_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
     if include_usage:
-        chunks.append(_sse({**base, "choices": [], "usage": _usage(prompt, completion)}))
+        chunks.append(_sse({**base, "choices": [], "usage": _usage(request, prompt, completion)}))
     chunks.append(b"data: [DONE]\n\n")
     return await _stream(request, chunks)
 
@@ -159,11 +171,7 @@ async def _completions(request: web.Request, body: dict[str, Any]) -> web.Stream
                 "choices": [
                     {"text": "".join(_WORDS), "index": 0, "logprobs": None, "finish_reason": "stop"}
                 ],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt + completion,
-                },
+                "usage": _usage(request, prompt, completion),
             },
             headers={"x-mock-upstream": request.app[_SITE].name},
         )
@@ -173,6 +181,8 @@ async def _completions(request: web.Request, body: dict[str, Any]) -> web.Stream
         )
         for w in _WORDS
     ]
+    if (body.get("stream_options") or {}).get("include_usage"):
+        chunks.append(_sse({**base, "choices": [], "usage": _usage(request, prompt, completion)}))
     chunks.append(b"data: [DONE]\n\n")
     return await _stream(request, chunks)
 
@@ -207,12 +217,13 @@ async def _responses(request: web.Request, body: dict[str, Any]) -> web.StreamRe
         "role": "assistant",
         "content": [{"type": "output_text", "text": text, "annotations": []}],
     }
+    cached, reasoning = _knob(request, "cached-tokens"), _knob(request, "reasoning-tokens")
     usage = {
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": prompt + completion,
+        "input_tokens": prompt + cached,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": completion + reasoning,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": prompt + cached + completion + reasoning,
     }
     final = {
         "id": resp_id,
@@ -276,8 +287,8 @@ async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamRes
                 "usage": {
                     "input_tokens": prompt,
                     "output_tokens": completion,
-                    "cache_creation_input_tokens": 0,
-                    "cache_read_input_tokens": 0,
+                    "cache_creation_input_tokens": _knob(request, "cache-creation-tokens"),
+                    "cache_read_input_tokens": _knob(request, "cached-tokens"),
                 },
             },
             headers={"x-mock-upstream": request.app[_SITE].name},
@@ -295,8 +306,8 @@ async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamRes
             "usage": {
                 "input_tokens": prompt,
                 "output_tokens": 1,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
+                "cache_creation_input_tokens": _knob(request, "cache-creation-tokens"),
+                "cache_read_input_tokens": _knob(request, "cached-tokens"),
             },
         },
     }
@@ -377,7 +388,32 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             400, "The body must be a JSON object.", "invalid_request_error", "invalid_json"
         )
     await asyncio.sleep(_delay_s(request, "x-mock-delay-ms"))
+    replay = request.headers.get("x-mock-replay")
+    if replay is not None:
+        return await _replay(request, replay)
     return await handler(request, body)
+
+
+_CASSETTE = re.compile(r"^[a-z0-9-]{1,64}$")
+
+
+async def _replay(request: web.Request, name: str) -> web.StreamResponse:
+    """Answer with a recorded response (go-vcr cassette) from EXTPROC_MOCK_REPLAY_DIR."""
+    directory = os.environ.get("EXTPROC_MOCK_REPLAY_DIR", "")
+    path = Path(directory) / f"{name}.yaml"
+    if not directory or not _CASSETTE.match(name) or not path.is_file():
+        return _openai_error(404, f"no recording {name[:64]!r}", "invalid_request_error", "replay")
+    recorded = yaml.safe_load(path.read_text(encoding="utf-8"))["interactions"][0]["response"]
+    content_type = (recorded["headers"].get("Content-Type") or ["application/json"])[0]
+    body = recorded["body"].encode()
+    if content_type.startswith("text/event-stream"):
+        events = [e + b"\n\n" for e in body.split(b"\n\n") if e.strip()]
+        return await _stream(request, events)
+    return web.Response(
+        status=int(recorded["code"]),
+        body=body,
+        headers={"content-type": content_type, "x-mock-upstream": request.app[_SITE].name},
+    )
 
 
 async def _seen(request: web.Request) -> web.Response:

@@ -102,3 +102,12 @@ def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
 
         wait_until(ready, 30, "the Redis Cluster to be ready")
         yield f"redis+cluster://{addresses[0]}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _journal_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Processes the tests start keep their spend journal out of the home directory."""
+    path = tmp_path_factory.mktemp("journal") / "spend.jsonl"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EXTPROC_SPEND_JOURNAL", str(path))
+        yield

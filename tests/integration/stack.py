@@ -25,6 +25,7 @@ from tests.helpers import (
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 VALID_POLICY = POLICIES / "valid.yaml"
+RECORDED = POLICIES.parent / "fixtures" / "openai-recorded"
 KEYS = {"TEST_KEY_A": "sk-test-a", "TEST_KEY_B": "sk-test-b", "TEST_KEY_C": "sk-test-c"}
 # cluster -> env var holding the key the mock demands (None: any key)
 MOCKS: dict[str, str | None] = {"mock_a": "TEST_KEY_A", "mock_b": "TEST_KEY_B", "mock_c": None}
@@ -79,6 +80,7 @@ class Stack:
     admin_url: str
     envoy_admin_url: str
     procs: list[Proc] = field(default_factory=list)
+    mode: Literal["ext_proc", "ext_authz"] = "ext_proc"
 
     def server_log(self) -> str:
         return self.server.log() if self.server else ""
@@ -91,7 +93,8 @@ def start_mocks(workdir: Path) -> Iterator[Mocks]:
     for name, key_var in MOCKS.items():
         spec = f"{name}=127.0.0.1:{ports[name]}" + (f":{key_var}" if key_var else "")
         args += ["--upstream", spec]
-    proc = Proc("mock", extproc_argv("mock", *args), workdir / "mock.log", env=KEYS)
+    env = {**KEYS, "EXTPROC_MOCK_REPLAY_DIR": str(RECORDED)}
+    proc = Proc("mock", extproc_argv("mock", *args), workdir / "mock.log", env=env)
     with running(proc, lambda: all(port_open(p) for p in ports.values())):
         yield Mocks(ports, proc)
 
@@ -104,6 +107,8 @@ def start_server(
     env = {
         **KEYS,
         "EXTPROC_POLICY_PATH": str(policy),
+        # Rule: tests never write outside their own directories.
+        "EXTPROC_SPEND_JOURNAL": str(workdir / "spend.jsonl"),
         "EXTPROC_GRPC_PORT": str(grpc_port),
         "EXTPROC_ADMIN_PORT": str(admin_port),
         "EXTPROC_LOG_LEVEL": "INFO",
@@ -166,6 +171,7 @@ def start_stack(
             server=server,
             admin_url=f"http://127.0.0.1:{admin_port}",
             envoy_admin_url=envoy_admin,
+            mode=mode,
         )
 
 

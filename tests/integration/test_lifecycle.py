@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -55,7 +56,8 @@ def test_up_serves_and_stops_every_child(tmp_path: Path) -> None:
 
 
 def _run_up(argv: list[str], log: BinaryIO, port: int, tmp_path: Path) -> int:
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    env = {**os.environ, "EXTPROC_SPEND_JOURNAL": str(tmp_path / "spend.jsonl")}
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
 

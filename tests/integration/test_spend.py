@@ -1,0 +1,312 @@
+"""Spend accounting through real Envoys: usage read from every API's JSON and SSE
+responses, charged at the deployment's prices, reservations under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import socket
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+import redis
+
+from extproc.keys import hash_key
+from extproc.mock_upstream import _WORDS, _prompt_tokens
+from tests.helpers import wait_until
+from tests.integration.stack import (
+    POLICIES,
+    Stack,
+    post,
+    start_envoy,
+    start_mocks,
+    start_server,
+    start_stack,
+    wait_for_extproc_healthy,
+)
+
+POLICY = POLICIES / "spend.yaml"
+ANN = f"{{spend}}:key:{hash_key('sk-spend-ann')}"
+BOB = f"{{spend}}:key:{hash_key('sk-spend-bob')}"
+MSGS: list[Any] = [{"role": "user", "content": "How much does this cost?"}]
+# dep-a: $ per token
+IN, OUT, CACHED = Decimal("0.000001"), Decimal("0.000002"), Decimal("0.0000005")
+
+
+def micros(dollars: Decimal) -> int:
+    return math.ceil(dollars * 1_000_000)
+
+
+def chat_cost(body: dict[str, Any], cached: int = 0, reasoning: int = 0) -> int:
+    prompt, completion = _prompt_tokens(body), len(_WORDS)
+    return micros(prompt * IN + cached * CACHED + (completion + reasoning) * OUT)
+
+
+@pytest.fixture(params=["ext_proc", "ext_authz"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> Iterator[Stack]:
+    env = {"EXTPROC_STORE_URL": redis_url}
+    with start_stack(tmp_path, mode=request.param, policy=POLICY, server_env=env) as running:
+        yield running
+
+
+@pytest.fixture
+def spend(redis_url: str) -> Iterator[Any]:
+    client = redis.Redis.from_url(redis_url)
+
+    def read(key: str = ANN) -> int:
+        value = client.get(key)
+        return int(value) if value is not None else 0
+
+    yield read
+    client.close()
+
+
+def metric(stack: Stack, name: str) -> float:
+    with urllib.request.urlopen(f"{stack.admin_url}/metrics", timeout=5) as resp:  # noqa: S310
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
+
+
+def oai(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-spend-ann", max_retries=0)
+
+
+def test_chat_json_with_cached_and_reasoning_tokens(stack: Stack, spend: Any) -> None:
+    before = spend()
+    reply = oai(stack).chat.completions.create(
+        model="auto",
+        messages=MSGS,
+        extra_headers={"x-mock-cached-tokens": "40", "x-mock-reasoning-tokens": "7"},
+    )
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens_details is not None
+    assert reply.usage.prompt_tokens_details.cached_tokens == 40
+    body = {"model": "auto", "messages": MSGS}
+    assert spend() - before == chat_cost(body, cached=40, reasoning=7)
+
+
+def test_chat_stream_usage_asked_for_the_client(stack: Stack, spend: Any) -> None:
+    before, missing = spend(), metric(stack, "extproc_usage_missing_total")
+    chunks = list(oai(stack).chat.completions.create(model="auto", messages=MSGS, stream=True))
+    # the client did not ask for usage: no usage chunk, every chunk has a choice
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(_WORDS)
+    charged = spend() - before
+    if stack.mode == "ext_proc":
+        # the gateway asked upstream for usage: the real cost
+        assert charged == chat_cost({"model": "auto", "messages": MSGS})
+        assert metric(stack, "extproc_usage_missing_total") == missing
+    else:
+        # ext_authz cannot change the body: charged by the estimate, counted
+        assert charged > chat_cost({"model": "auto", "messages": MSGS})
+        assert metric(stack, "extproc_usage_missing_total") == missing + 1
+
+
+def test_chat_stream_with_usage_kept_for_the_client(stack: Stack, spend: Any) -> None:
+    before = spend()
+    chunks = list(
+        oai(stack).chat.completions.create(
+            model="auto",
+            messages=MSGS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1  # the client asked: it gets the usage chunk
+    assert spend() - before == chat_cost({"model": "auto", "messages": MSGS})
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_completions(stack: Stack, spend: Any, streamed: bool) -> None:
+    before = spend()
+    client = oai(stack)
+    if streamed:
+        list(client.completions.create(model="auto", prompt="Say hi", stream=True))
+    else:
+        client.completions.create(model="auto", prompt="Say hi")
+    expected = chat_cost({"model": "auto", "prompt": "Say hi"})
+    if streamed and stack.mode == "ext_authz":
+        assert spend() - before > expected  # estimate: no usage in the stream
+    else:
+        assert spend() - before == expected
+
+
+def test_embeddings(stack: Stack, spend: Any) -> None:
+    before = spend()
+    oai(stack).embeddings.create(model="auto", input=["one", "two"])
+    prompt = _prompt_tokens({"model": "auto", "input": ["one", "two"]})
+    assert spend() - before == micros(prompt * IN)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_responses_api(stack: Stack, spend: Any, streamed: bool) -> None:
+    before = spend()
+    client = oai(stack)
+    headers = {"x-mock-cached-tokens": "10", "x-mock-reasoning-tokens": "3"}
+    if streamed:
+        events = list(
+            client.responses.create(model="auto", input="hi", stream=True, extra_headers=headers)
+        )
+        assert events[-1].type == "response.completed"
+    else:
+        client.responses.create(model="auto", input="hi", extra_headers=headers)
+    prompt = _prompt_tokens({"input": "hi"})
+    expected = micros(prompt * IN + 10 * CACHED + (len(_WORDS) + 3) * OUT)
+    assert spend() - before == expected
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_anthropic_messages(stack: Stack, spend: Any, streamed: bool) -> None:
+    before = spend()
+    client = anthropic.Anthropic(base_url=stack.url, api_key="sk-spend-ann", max_retries=0)
+    headers = {"x-mock-cached-tokens": "1000", "x-mock-cache-creation-tokens": "200"}
+    kwargs: dict[str, Any] = {
+        "model": "claude",
+        "max_tokens": 64,
+        "messages": MSGS,
+        "extra_headers": headers,
+    }
+    if streamed:
+        with client.messages.stream(**kwargs) as events:
+            final = events.get_final_message()
+    else:
+        final = client.messages.create(**kwargs)
+    assert final.usage.cache_read_input_tokens == 1000
+    prompt = _prompt_tokens({"messages": MSGS})
+    expected = micros(
+        prompt * Decimal("0.000003")
+        + 1000 * Decimal("0.0000003")
+        + 200 * Decimal("0.00000375")
+        + len(_WORDS) * Decimal("0.000015")
+    )
+    assert spend() - before == expected
+
+
+def test_recorded_openai_response_is_charged(stack: Stack, spend: Any) -> None:
+    before = spend()
+    raw = oai(stack).chat.completions.with_raw_response.create(
+        model="auto",
+        messages=MSGS,
+        extra_headers={"x-mock-replay": "chat-basic"},
+    )
+    assert raw.parse().usage is not None
+    # recorded usage: 8 prompt, 377 completion (320 of them reasoning)
+    assert spend() - before == micros(8 * IN + 377 * OUT)
+
+
+def test_upstream_error_is_not_charged(stack: Stack, spend: Any) -> None:
+    before, cancelled = spend(), metric(stack, 'extproc_settlements_total{outcome="cancelled"}')
+    with pytest.raises(openai.BadRequestError) as info:
+        oai(stack).chat.completions.create(
+            model="auto",
+            messages=MSGS,
+            extra_headers={"x-mock-replay": "chat-bad-request"},
+        )
+    assert info.value.status_code == 400  # the real OpenAI error body, passed through
+    wait_until(
+        lambda: metric(stack, 'extproc_settlements_total{outcome="cancelled"}') > cancelled,
+        5,
+        "the reservation to be cancelled",
+    )
+    assert spend() == before
+
+
+def test_abandoned_stream_gives_the_reservation_back(stack: Stack, spend: Any) -> None:
+    before = spend()
+    parts = urllib.parse.urlsplit(stack.url)
+    body = json.dumps({"model": "auto", "stream": True, "messages": MSGS}).encode()
+    request = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        "authorization: Bearer sk-spend-ann\r\nx-mock-chunk-delay-ms: 1000\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert spend() > before  # reserved while the stream runs
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    wait_until(lambda: spend() == before, 10, "the reservation to be given back")
+
+
+def test_budget_filter_skips_spent_deployments(stack: Stack, redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.delete("{spend}:deployment:dep-cheap:1h", "{spend}:provider:acme:1d")
+    body = json.dumps({"model": "budgeted", "messages": MSGS}).encode()
+    headers = {"authorization": "Bearer sk-spend-ann"}
+    url = f"{stack.url}/v1/chat/completions"
+    served: Counter[str] = Counter()
+    for _ in range(40):
+        status, resp_headers, payload = post(url, body, headers)
+        if status != 200:
+            break
+        served[resp_headers["x-mock-upstream"]] += 1
+    # both budgets ($0.00005, ~3 calls each) run out; then nothing is left
+    assert status == 429
+    error = json.loads(payload)["error"]
+    assert error["code"] == "deployment_budgets_exhausted"
+    assert "deployment dep-cheap" in error["message"]
+    assert "provider acme" in error["message"]
+    assert "sk-" not in error["message"]
+    assert set(served) == {"mock_a", "mock_b"}
+    assert client.ttl("{spend}:deployment:dep-cheap:1h") > 3000  # rolling window from first spend
+    client.close()
+
+
+@contextlib.contextmanager
+def two_servers(tmp_path: Path, redis_url: str) -> Iterator[str]:
+    env = {"EXTPROC_STORE_URL": redis_url}
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s2").mkdir()
+    with (
+        start_mocks(tmp_path) as mocks,
+        start_server(tmp_path / "s1", POLICY, env) as (_, port_1, _),
+        start_server(tmp_path / "s2", POLICY, env) as (_, port_2, _),
+        start_envoy(tmp_path, mocks, port_1, extra_grpc_ports=(port_2,)) as (_, url, admin),
+    ):
+        wait_for_extproc_healthy(admin)
+        yield url
+
+
+async def test_no_overshoot_under_concurrency(tmp_path: Path, redis_url: str) -> None:
+    """$1.00, about a cent a call, 500 concurrent calls through two server processes."""
+    client = redis.Redis.from_url(redis_url)
+    client.delete(BOB)
+    body = {"model": "pricey", "messages": MSGS, "max_tokens": len(_WORDS)}
+    raw = json.dumps(body).encode()
+    headers = {"authorization": "Bearer sk-spend-bob"}
+    gate = asyncio.Semaphore(100)
+    with two_servers(tmp_path, redis_url) as url:
+
+        async def one() -> tuple[int, str]:
+            async with gate:
+                status, _, payload = await asyncio.to_thread(
+                    post, f"{url}/v1/chat/completions", raw, headers
+                )
+            return status, json.loads(payload)["error"]["code"] if status != 200 else ""
+
+        results = Counter(await asyncio.gather(*(one() for _ in range(500))))
+    per_call = micros(_prompt_tokens(body) * Decimal("0.000001") + len(_WORDS) * Decimal("0.0016"))
+    spent = int(client.get(BOB) or 0)
+    client.close()
+    admitted = results[(200, "")]
+    print(f"admitted {admitted} of 500, spent {spent} micro-dollars, {per_call} per call")
+    assert set(results) == {(200, ""), (429, "key_budget_exceeded")}
+    assert spent == admitted * per_call  # every admitted call charged exactly once
+    assert spent <= 1_000_000 + per_call  # never past the budget by more than one call
+    assert spent >= 900_000  # and the budget is not wasted on stale reservations
