@@ -1,11 +1,17 @@
-"""The admin HTTP server (aiohttp): health and metrics, loopback by default."""
+"""The admin HTTP server (aiohttp): health, metrics, budget read-outs; loopback by default."""
 
 from __future__ import annotations
+
+import contextlib
+from decimal import Decimal
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from extproc.errors import error_body
 from extproc.gateway import Gateway
+from extproc.pricing import MICROS_PER_DOLLAR
+from extproc.readouts import BudgetStatus, all_budgets, budget_statuses, provider_budgets_body
 from extproc.store import StoreError
 
 __all__ = ["make_admin_app"]
@@ -33,8 +39,49 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=status)
 
 
+async def _statuses(gateway: Gateway) -> list[BudgetStatus]:
+    now = gateway.clock()
+    return await budget_statuses(gateway.store, all_budgets(gateway.policy, now), now)
+
+
+def _store_down(exc: StoreError) -> web.Response:
+    body = error_body(
+        f"The store cannot be read right now: {exc}",
+        "service_unavailable_error",
+        "store_unavailable",
+    )
+    return web.Response(status=503, body=body, content_type="application/json")
+
+
+async def _provider_budgets(request: web.Request) -> web.Response:
+    """LiteLLM's ``GET /provider/budgets``."""
+    try:
+        statuses = await _statuses(request.app[GATEWAY_KEY])
+    except StoreError as exc:
+        return _store_down(exc)
+    return web.json_response(provider_budgets_body(statuses))
+
+
+async def _budgets(request: web.Request) -> web.Response:
+    """Every budget of the policy: limit, spend, remaining, window and reset."""
+    try:
+        statuses = await _statuses(request.app[GATEWAY_KEY])
+    except StoreError as exc:
+        return _store_down(exc)
+    return web.json_response({"budgets": [s.as_dict() for s in statuses]})
+
+
 async def _metrics(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
+    # Remaining provider/deployment/tag budgets are read when scraped; a store
+    # failure leaves the last values (the scrape itself still answers).
+    with contextlib.suppress(StoreError):
+        gauge = gateway.metrics.budget_remaining
+        for status in await _statuses(gateway):
+            ref = status.ref
+            if ref.kind in ("provider", "deployment", "tag") and ref.limit is not None:
+                remaining = ref.limit - Decimal(status.spend_micros) / MICROS_PER_DOLLAR
+                gauge.labels(ref.kind, ref.ident).set(float(max(remaining, Decimal(0))))
     payload = generate_latest(gateway.metrics.registry)
     return web.Response(body=payload, headers={"content-type": CONTENT_TYPE_LATEST})
 
@@ -45,4 +92,6 @@ def make_admin_app(gateway: Gateway) -> web.Application:
     app[GATEWAY_KEY] = gateway
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/budgets", _budgets)
+    app.router.add_get("/provider/budgets", _provider_budgets)
     return app

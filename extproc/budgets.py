@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, ConfigDict, Field
 
 from extproc.errors import BudgetExceededError
-from extproc.keys import Caller
+from extproc.keys import Caller, Team
 from extproc.store.base import SPEND_TAG
 from extproc.windows import Duration, DurationText, Period, cached_duration, calendar_period
 
@@ -33,7 +33,9 @@ __all__ = [
     "alert_key",
     "applicable_budgets",
     "check_budgets",
+    "make_ref",
     "spend_key",
+    "team_member_ref",
 ]
 
 #: Micro-dollars per dollar: spend is stored as an integer count of these.
@@ -113,6 +115,35 @@ def spend_key(kind: str, ident: str) -> str:
     return f"{SPEND_TAG}:{kind}:{ident}"
 
 
+def make_ref(
+    kind: str,
+    ident: str,
+    label: str,
+    limit: Decimal | None,
+    *,
+    duration: str | None,
+    now: datetime,
+    tz: ZoneInfo,
+    soft: Decimal | None = None,
+    rolling: bool = False,
+) -> BudgetRef | None:
+    """A budget in the window ``now`` falls in; None when it has no limit at all."""
+    if limit is None and soft is None:
+        return None
+    parsed = cached_duration(duration) if duration else None
+    period = None if parsed is None or rolling else calendar_period(parsed, now, tz)
+    return BudgetRef(kind, ident, label, limit, soft, parsed, period)
+
+
+def team_member_ref(team: Team, user: str, now: datetime, tz: ZoneInfo) -> BudgetRef | None:
+    """``user``'s budget within ``team`` (their own entry, else the team default)."""
+    limit, duration = team.member_budget(user)
+    label = f"user {user} in team {team.id}"
+    return make_ref(
+        "team_member", f"{team.id}:{user}", label, limit, duration=duration, now=now, tz=tz
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class GlobalBudget:
     """Gateway-wide budget settings that :func:`applicable_budgets` needs."""
@@ -147,11 +178,11 @@ def applicable_budgets(
         soft: Decimal | None = None,
         rolling: bool = False,
     ) -> None:
-        if limit is None and soft is None:
-            return
-        parsed = cached_duration(duration) if duration else None
-        period = None if parsed is None or rolling else calendar_period(parsed, now, tz)
-        refs.append(BudgetRef(kind, ident, label, limit, soft, parsed, period))
+        ref = make_ref(
+            kind, ident, label, limit, duration=duration, now=now, tz=tz, soft=soft, rolling=rolling
+        )
+        if ref is not None:
+            refs.append(ref)
 
     if caller is not None:
         key = caller.key
@@ -174,14 +205,9 @@ def applicable_budgets(
                 soft=team.soft_budget,
             )
             if key.user is not None:
-                limit, duration = team.member_budget(key.user)
-                add(
-                    "team_member",
-                    f"{team.id}:{key.user}",
-                    f"user {key.user} in team {team.id}",
-                    limit,
-                    duration,
-                )
+                member = team_member_ref(team, key.user, now, tz)
+                if member is not None:
+                    refs.append(member)
         elif caller.user is not None:
             user = caller.user
             add("user", user.id, f"user {user.id}", user.max_budget, user.budget_duration)

@@ -103,6 +103,17 @@ class MemoryStore:
             if not leases:
                 del self._leases[key]
 
+    async def get_many_with_ttl(self, keys: Sequence[str]) -> list[tuple[int | None, float | None]]:
+        now = self._clock()
+        out: list[tuple[int | None, float | None]] = []
+        for key in keys:
+            entry = self._live(key, now)
+            if entry is None:
+                out.append((None, None))
+            else:
+                out.append((entry[0], None if math.isinf(entry[1]) else entry[1] - now))
+        return out
+
     async def reserve(
         self,
         rid: str,

@@ -259,6 +259,23 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis release failed: {type(exc).__name__}") from exc
 
+    async def get_many_with_ttl(self, keys: Sequence[str]) -> list[tuple[int | None, float | None]]:
+        if not keys:
+            return []
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+                pipe.pttl(key)
+            raw = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {type(exc).__name__}") from exc
+        out: list[tuple[int | None, float | None]] = []
+        for value, ttl_ms in zip(raw[::2], raw[1::2], strict=True):
+            ttl = int(ttl_ms) / 1000 if int(ttl_ms) >= 0 else None
+            out.append((None if value is None else int(value), ttl))
+        return out
+
     async def reserve(
         self,
         rid: str,

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import socket
+import time
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -310,3 +311,57 @@ async def test_no_overshoot_under_concurrency(tmp_path: Path, redis_url: str) ->
     assert spent == admitted * per_call  # every admitted call charged exactly once
     assert spent <= 1_000_000 + per_call  # never past the budget by more than one call
     assert spent >= 900_000  # and the budget is not wasted on stale reservations
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310
+        return json.load(resp)
+
+
+def test_budget_read_outs(stack: Stack, spend: Any) -> None:
+    oai(stack).chat.completions.create(model="auto", messages=MSGS)
+    post(
+        f"{stack.url}/v1/chat/completions",
+        json.dumps({"model": "budgeted", "messages": MSGS}).encode(),
+        {"authorization": "Bearer sk-spend-ann", "x-extproc-test": "1"},
+    )
+    providers = _get(f"{stack.admin_url}/provider/budgets")["providers"]
+    assert set(providers) == {"acme"}
+    acme = providers["acme"]
+    assert (acme["budget_limit"], acme["time_period"]) == (0.00005, "1d")
+    assert acme["spend"] >= 0
+    budgets = _get(f"{stack.admin_url}/budgets")["budgets"]
+    ann = next(b for b in budgets if b["name"] == "API key ann")
+    assert ann["max_budget"] == 100
+    assert ann["spend"] == pytest.approx(spend() / 1_000_000)
+    assert ann["remaining"] == pytest.approx(100 - spend() / 1_000_000)
+    assert {b["kind"] for b in budgets} >= {"key", "provider", "deployment"}
+    assert all("sk-spend" not in json.dumps(b) for b in budgets)
+    text = urllib.request.urlopen(f"{stack.admin_url}/metrics", timeout=5).read().decode()  # noqa: S310
+    assert 'extproc_budget_remaining_dollars{kind="provider",name="acme"}' in text
+    assert 'extproc_spend_dollars_total{deployment="dep-a",model_group="auto"}' in text
+    assert 'extproc_tokens_total{deployment="dep-a",kind="output",model_group="auto"}' in text
+
+
+def test_memory_store_spend_survives_a_killed_server(tmp_path: Path) -> None:
+    """The embedded store journals settled spend: SIGKILL loses at most ~1 s of it."""
+    import signal  # noqa: PLC0415
+
+    def ann_spend(admin_url: str) -> float:
+        budgets = _get(f"{admin_url}/budgets")["budgets"]
+        return float(next(b["spend"] for b in budgets if b["name"] == "API key ann"))
+
+    with start_stack(tmp_path, policy=POLICY) as first:
+        client = oai(first)
+        for _ in range(3):
+            client.chat.completions.create(model="auto", messages=MSGS)
+        spent = ann_spend(first.admin_url)
+        assert spent > 0
+        time.sleep(1.5)  # past the journal's flush interval
+        assert first.server is not None
+        first.server.stop(signal.SIGKILL)
+    restart = tmp_path / "again"
+    restart.mkdir()
+    journal = {"EXTPROC_SPEND_JOURNAL": str(tmp_path / "spend.jsonl")}
+    with start_server(restart, POLICY, journal) as (_, _, admin_port):
+        assert ann_spend(f"http://127.0.0.1:{admin_port}") == pytest.approx(spent)

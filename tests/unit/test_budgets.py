@@ -242,3 +242,22 @@ async def test_soft_alert_once_per_calendar_window(tmp_path: Path) -> None:
         await gateway.reserve(decision, gateway.policy)
     # over the soft budget on two days: one alert each day
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 2
+
+
+async def test_alert_at_a_share_of_the_max_budget(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        POLICY.read_text().replace(
+            "budget_reset_timezone: America/New_York}",
+            "budget_reset_timezone: America/New_York, budget_alert_at: 0.8}",
+        )
+    )
+    shared = load_policy(path, env=ENV)
+    tess = route(shared, "sk-tess-team-budget")  # team budget $5, no soft budget
+    gateway = await seeded(shared, {spend_key("team", "t-budget"): 3.9})
+    await gateway.reserve(tess, shared)
+    assert gateway.metrics.soft_budget_alerts.labels("team")._value.get() == 0
+    await gateway.store.incr(spend_key("team", "t-budget"), 200_000, 3600)  # $4.10: 82%
+    await gateway.reserve(route(shared, "sk-tess-team-budget"), shared)
+    await gateway.reserve(route(shared, "sk-tess-team-budget"), shared)
+    assert gateway.metrics.soft_budget_alerts.labels("team")._value.get() == 1

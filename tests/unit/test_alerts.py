@@ -1,0 +1,59 @@
+"""Budget alerts: once per window, webhook with retries, failures never raised."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from extproc.alerts import Alerter
+from extproc.budgets import BudgetRef
+from extproc.metrics import Metrics
+from extproc.store import MemoryStore
+from tests.helpers import free_port
+
+REF = BudgetRef("team", "t1", "team t1", Decimal(10), soft=Decimal(5))
+
+
+async def test_webhook_retried_until_it_answers() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        return web.Response(status=503 if len(seen) == 1 else 204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    async with TestServer(app, host="127.0.0.1") as server:
+        metrics = Metrics()
+        alerter = Alerter(MemoryStore(), metrics, str(server.make_url("/hook")))
+        for _ in range(3):  # once per window, however often it is crossed
+            await alerter.crossed(REF, 6_000_000, "soft_budget")
+        await alerter.drain()
+    assert len(seen) == 2  # a 503, then the retry that got through
+    assert seen[-1]["event"] == "soft_budget"
+    assert seen[-1]["budget"] == {
+        "kind": "team",
+        "name": "team t1",
+        "spend": 6.0,
+        "soft_budget": 5.0,
+        "max_budget": 10.0,
+        "threshold": 5.0,
+        "window": None,
+        "window_resets_at": None,
+    }
+    assert metrics.alert_webhooks.labels("sent")._value.get() == 1
+    assert metrics.soft_budget_alerts.labels("team")._value.get() == 1
+
+
+async def test_webhook_down_is_logged_never_raised(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    alerter = Alerter(MemoryStore(), metrics, f"http://127.0.0.1:{free_port()}/hook")
+    await alerter.crossed(REF, 12_000_000, "budget_threshold")
+    await alerter.drain()
+    assert metrics.alert_webhooks.labels("failed")._value.get() == 1
+    assert "alert webhook failed after 3 attempts" in caplog.text
+    assert "budget threshold crossed for team t1" in caplog.text
