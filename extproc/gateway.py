@@ -307,6 +307,12 @@ class Gateway:
         """:meth:`cancel` from code that cannot await (a closing stream)."""
         self._spawn(self.cancel(charge))
 
+    async def drain(self) -> None:
+        """Wait for background store work (cancels, releases, webhooks) to finish."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.alerts.drain()
+
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
