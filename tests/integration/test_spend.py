@@ -86,8 +86,16 @@ def oai(stack: Stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-spend-ann", max_retries=0)
 
 
+ANN_BUDGETS = [
+    ANN,
+    "{spend}:team:t-spend",
+    "{spend}:team_member:t-spend:u-ann",
+    "{spend}:global:all",
+]
+
+
 def test_chat_json_with_cached_and_reasoning_tokens(stack: Stack, spend: Any) -> None:
-    before = spend()
+    before = [spend(key) for key in ANN_BUDGETS]
     reply = oai(stack).chat.completions.create(
         model="auto",
         messages=MSGS,
@@ -97,7 +105,9 @@ def test_chat_json_with_cached_and_reasoning_tokens(stack: Stack, spend: Any) ->
     assert reply.usage.prompt_tokens_details is not None
     assert reply.usage.prompt_tokens_details.cached_tokens == 40
     body = {"model": "auto", "messages": MSGS}
-    assert spend() - before == chat_cost(body, cached=40, reasoning=7)
+    cost = chat_cost(body, cached=40, reasoning=7)
+    # the key, its team, the user's share of the team and the gateway: all charged
+    assert [spend(key) - was for key, was in zip(ANN_BUDGETS, before, strict=True)] == [cost] * 4
 
 
 def test_chat_stream_usage_asked_for_the_client(stack: Stack, spend: Any) -> None:

@@ -10,6 +10,7 @@ from extproc.policy import CompiledPolicy, load_policy
 from extproc.ratelimits import tpm_key
 from extproc.settings import Settings
 from extproc.store import MemoryStore
+from extproc.usage import Usage
 from tests.unit.test_budgets import POLICY, route
 from tests.unit.test_store import FakeClock
 
@@ -47,3 +48,17 @@ async def test_tpm_reached(policy: CompiledPolicy) -> None:
         await gateway.admit(decision, gateway.policy)
     assert (info.value.status, info.value.code) == (429, "tpm_limit_exceeded")
     assert "retry-after" in info.value.response_headers()
+
+
+async def test_tpm_counts_settled_usage(policy: CompiledPolicy) -> None:
+    gateway = Gateway(Settings(policy_path=POLICY), policy, MemoryStore())
+    decision = route(policy, "sk-vic-tpm")  # 1000 tokens a minute
+    admission = await gateway.admit(decision, gateway.policy)
+    assert admission.charge is not None
+    await gateway.settle(admission.charge, Usage(input_tokens=600, output_tokens=300))
+    second = await gateway.admit(decision, gateway.policy)  # 900 < 1000
+    assert second.charge is not None
+    await gateway.settle(second.charge, Usage(input_tokens=50, cached_input_tokens=50))
+    with pytest.raises(GatewayError) as info:  # 1000 reached
+        await gateway.admit(decision, gateway.policy)
+    assert info.value.code == "tpm_limit_exceeded"
