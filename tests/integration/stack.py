@@ -193,3 +193,23 @@ def wait_for_extproc_healthy(envoy_admin: str) -> None:
         return bool(flags) and all(line.endswith("::healthy") for line in flags)
 
     wait_until(healthy, 20, "Envoy to see the server healthy")
+
+
+@contextlib.contextmanager
+def start_two_servers(
+    workdir: Path, policy: Path, server_env: dict[str, str]
+) -> Iterator[tuple[str, list[int]]]:
+    """Two server processes (sharing the store in ``server_env``) behind one Envoy.
+
+    Yields the Envoy URL and the servers' admin ports.
+    """
+    (workdir / "s1").mkdir()
+    (workdir / "s2").mkdir()
+    with (
+        start_mocks(workdir) as mocks,
+        start_server(workdir / "s1", policy, server_env) as (_, port_1, admin_1),
+        start_server(workdir / "s2", policy, server_env) as (_, port_2, admin_2),
+        start_envoy(workdir, mocks, port_1, extra_grpc_ports=(port_2,)) as (_, url, admin),
+    ):
+        wait_for_extproc_healthy(admin)
+        yield url, [admin_1, admin_2]

@@ -10,7 +10,6 @@ import signal
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -21,10 +20,7 @@ import redis
 from tests.integration.stack import (
     POLICIES,
     post,
-    start_envoy,
-    start_mocks,
-    start_server,
-    wait_for_extproc_healthy,
+    start_two_servers,
 )
 
 POLICY = POLICIES / "iterations.yaml"
@@ -104,19 +100,10 @@ def routed(admin_port: int) -> float:
     )
 
 
-@contextlib.contextmanager
-def two_servers_one_envoy(tmp_path: Path, store_url: str) -> Iterator[tuple[str, list[int]]]:
-    env = {"EXTPROC_STORE_URL": store_url}
-    (tmp_path / "s1").mkdir()
-    (tmp_path / "s2").mkdir()
-    with (
-        start_mocks(tmp_path) as mocks,
-        start_server(tmp_path / "s1", POLICY, env) as (_, port_1, admin_1),
-        start_server(tmp_path / "s2", POLICY, env) as (_, port_2, admin_2),
-        start_envoy(tmp_path, mocks, port_1, extra_grpc_ports=(port_2,)) as (_, url, admin),
-    ):
-        wait_for_extproc_healthy(admin)
-        yield url, [admin_1, admin_2]
+def two_servers_one_envoy(
+    tmp_path: Path, store_url: str
+) -> contextlib.AbstractContextManager[tuple[str, list[int]]]:
+    return start_two_servers(tmp_path, POLICY, {"EXTPROC_STORE_URL": store_url})
 
 
 async def exact_run(url: str, calls: int = 200) -> Counter[tuple[int, str]]:

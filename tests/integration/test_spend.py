@@ -4,7 +4,6 @@ responses, charged at the deployment's prices, reservations under concurrency.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import socket
@@ -29,11 +28,9 @@ from tests.integration.stack import (
     POLICIES,
     Stack,
     post,
-    start_envoy,
-    start_mocks,
     start_server,
     start_stack,
-    wait_for_extproc_healthy,
+    start_two_servers,
 )
 
 POLICY = POLICIES / "spend.yaml"
@@ -279,21 +276,6 @@ def test_budget_filter_skips_spent_deployments(stack: Stack, redis_url: str) -> 
     client.close()
 
 
-@contextlib.contextmanager
-def two_servers(tmp_path: Path, redis_url: str) -> Iterator[str]:
-    env = {"EXTPROC_STORE_URL": redis_url}
-    (tmp_path / "s1").mkdir()
-    (tmp_path / "s2").mkdir()
-    with (
-        start_mocks(tmp_path) as mocks,
-        start_server(tmp_path / "s1", POLICY, env) as (_, port_1, _),
-        start_server(tmp_path / "s2", POLICY, env) as (_, port_2, _),
-        start_envoy(tmp_path, mocks, port_1, extra_grpc_ports=(port_2,)) as (_, url, admin),
-    ):
-        wait_for_extproc_healthy(admin)
-        yield url
-
-
 async def test_no_overshoot_under_concurrency(tmp_path: Path, redis_url: str) -> None:
     """$1.00, about a cent a call, 500 concurrent calls through two server processes."""
     client = redis.Redis.from_url(redis_url)
@@ -302,7 +284,7 @@ async def test_no_overshoot_under_concurrency(tmp_path: Path, redis_url: str) ->
     raw = json.dumps(body).encode()
     headers = {"authorization": "Bearer sk-spend-bob"}
     gate = asyncio.Semaphore(100)
-    with two_servers(tmp_path, redis_url) as url:
+    with start_two_servers(tmp_path, POLICY, {"EXTPROC_STORE_URL": redis_url}) as (url, _):
 
         async def one() -> tuple[int, str]:
             async with gate:
