@@ -39,7 +39,17 @@ from extproc.request import LLMRequest, RequestHead, parse_request
 from extproc.router import pick_deployment
 from extproc.settings import Settings
 
-__all__ = ["GatewayConfig", "HeadDecision", "RouteDecision", "decide", "decide_head"]
+__all__ = [
+    "GatewayConfig",
+    "HeadDecision",
+    "Prepared",
+    "RouteDecision",
+    "decide",
+    "decide_head",
+    "prepare",
+    "route_to",
+    "with_group",
+]
 
 #: Endpoints whose streams carry usage only when asked (``stream_options``).
 _USAGE_OPT_IN = frozenset({"chat_completions", "completions"})
@@ -151,23 +161,28 @@ def decide_head(
     return HeadDecision("read_body", strip, _authenticate(head, policy, now))
 
 
-def decide(
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A checked request before a deployment is chosen."""
+
+    head: RequestHead
+    raw: bytes
+    request: LLMRequest
+    caller: Caller | None
+    group: CompiledGroup
+    budgets: tuple[BudgetRef, ...]
+
+
+def prepare(
     head: RequestHead,
     raw_body: bytes,
     policy: CompiledPolicy,
     config: GatewayConfig,
-    rng: Callable[[], float],
     *,
     now: datetime,
-    exclude: Collection[str] = (),
-    inject_usage: bool = True,
-) -> RouteDecision:
-    """Check and route one LLM request to a deployment of its model group.
-
-    ``exclude``: deployment ids the budget filter removed. ``inject_usage``: for a
-    streamed chat/completions call that does not ask for usage, ask for it upstream
-    (``stream_options.include_usage``); off where the body cannot be rewritten.
-    """
+) -> Prepared:
+    """Parse and check one LLM request: everything that does not depend on which
+    deployment serves it (a GatewayError refuses it)."""
     endpoint = head.endpoint
     if endpoint is None:
         raise UnknownRouteError(f"{head.path.split('?', 1)[0]} is not an LLM endpoint.")
@@ -222,7 +237,31 @@ def decide(
             now=now,
             tz=policy.budget_zone,
         )
-    deployment = pick_deployment(group, rng, exclude)
+    return Prepared(head, raw_body, request, caller, group, budgets)
+
+
+def with_group(prepared: Prepared, group: CompiledGroup) -> Prepared:
+    """The same request sent to another group (a fallback)."""
+    return Prepared(
+        prepared.head, prepared.raw, prepared.request, prepared.caller, group, prepared.budgets
+    )
+
+
+def route_to(
+    prepared: Prepared,
+    deployment: CompiledDeployment,
+    config: GatewayConfig,
+    *,
+    inject_usage: bool = True,
+) -> RouteDecision:
+    """The changes that send ``prepared`` to ``deployment``.
+
+    ``inject_usage``: for a streamed chat/completions call that does not ask for
+    usage, ask for it upstream (``stream_options.include_usage``); off where the body
+    cannot be rewritten.
+    """
+    request, raw_body, group = prepared.request, prepared.raw, prepared.group
+    endpoint = request.endpoint
     body = replace_member(raw_body, request.model_span, deployment.model)
     asks_usage = False
     if inject_usage and request.stream and endpoint.name in _USAGE_OPT_IN:
@@ -240,11 +279,12 @@ def decide(
         remove += (deployment.auth_header,)
     # Usage is read from the response: ask the upstream for an uncompressed one.
     remove += ("accept-encoding",)
+    caller = prepared.caller
     return RouteDecision(
         request=request,
         caller=caller,
         deployment=deployment,
-        budgets=budgets,
+        budgets=prepared.budgets,
         set_headers=tuple(set_headers),
         remove_headers=remove,
         body=body,
@@ -258,3 +298,22 @@ def decide(
         ),
         asks_usage=asks_usage,
     )
+
+
+def decide(
+    head: RequestHead,
+    raw_body: bytes,
+    policy: CompiledPolicy,
+    config: GatewayConfig,
+    rng: Callable[[], float],
+    *,
+    now: datetime,
+    exclude: Collection[str] = (),
+    inject_usage: bool = True,
+) -> RouteDecision:
+    """Check and route one LLM request to a deployment of its model group, weighted
+    random among those not in ``exclude`` (the pure path; the gateway adds the
+    store-backed strategies, cooldowns and budget filter)."""
+    prepared = prepare(head, raw_body, policy, config, now=now)
+    deployment = pick_deployment(prepared.group, rng, exclude)
+    return route_to(prepared, deployment, config, inject_usage=inject_usage)
