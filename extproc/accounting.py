@@ -11,6 +11,7 @@ fed by Envoy's access-log stream would call the same :meth:`Charge.cost`.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,6 +136,8 @@ class Charge:
     ttls: tuple[float | None, ...]
     #: The key's tokens-per-minute counter, when it has a tpm limit.
     tpm_key: str | None = None
+    #: Unix time of admission (latency samples).
+    started: float = 0.0
 
     @classmethod
     def new(
@@ -162,6 +165,7 @@ class Charge:
             keys=tuple(ref.store_key for ref in refs),
             ttls=tuple(_period_ttl(ref, now) for ref in refs),
             tpm_key=tpm_key,
+            started=time.time(),
         )
 
     def cost(self, usage: Usage | None, dep: CompiledDeployment | None) -> int:
@@ -188,6 +192,7 @@ class Charge:
                 self.keys,
                 self.ttls,
                 self.tpm_key,
+                round(self.started, 3),
             ],
             separators=(",", ":"),
         )
@@ -197,7 +202,7 @@ class Charge:
         """A charge from :meth:`token`; None for anything malformed or foreign."""
         try:
             raw: Any = json.loads(text)
-            rid, api, endpoint, group, dep, stream, strip, estimate, keys, ttls, tpm = raw
+            rid, api, endpoint, group, dep, stream, strip, estimate, keys, ttls, tpm, started = raw
         except (ValueError, TypeError):
             return None
         ok = (
@@ -216,9 +221,21 @@ class Charge:
             and all(isinstance(k, str) and k.startswith(SPEND_TAG + ":") for k in keys)
             and all(t is None or isinstance(t, int | float) for t in ttls)
             and (tpm is None or (isinstance(tpm, str) and tpm.startswith("ratelimit:")))
+            and isinstance(started, int | float)
         )
         if not ok:
             return None
         return cls(
-            rid, api, endpoint, group, dep, stream, strip, estimate, tuple(keys), tuple(ttls), tpm
+            rid,
+            api,
+            endpoint,
+            group,
+            dep,
+            stream,
+            strip,
+            estimate,
+            tuple(keys),
+            tuple(ttls),
+            tpm,
+            float(started),
         )

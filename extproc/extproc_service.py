@@ -170,7 +170,7 @@ class _Stream:
             reply.dynamic_metadata.update({LEASE_NAMESPACE: metadata})
         return reply
 
-    def on_response_headers(
+    async def on_response_headers(
         self, msg: pb.HttpHeaders, metadata: base_pb2.Metadata
     ) -> pb.ProcessingResponse:
         """Start metering the response: its status, type and encoding decide how."""
@@ -183,6 +183,9 @@ class _Stream:
             return reply
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
         status = headers.get(":status", "")
+        if status.isascii() and status.isdigit():
+            # Health: every answer counts, and may cool the deployment down.
+            await self._gateway.answered(charge, int(status), self._policy)
         if not status.startswith("2"):
             # A failed call costs nothing: give its reservation back.
             self.charge = None
@@ -236,7 +239,7 @@ class _Stream:
             if phase == "request_body":
                 return await self.on_request_body(msg.request_body)
             if phase == "response_headers":
-                reply = self.on_response_headers(msg.response_headers, msg.metadata_context)
+                reply = await self.on_response_headers(msg.response_headers, msg.metadata_context)
                 if msg.response_headers.end_of_stream:
                     await self.end_of_headers_only_response()
                 return reply

@@ -18,16 +18,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from extproc.accounting import (
-    Charge,
-    deployment_budgets,
-    exhausted_deployments,
-    limit_micros,
-    no_deployment_left,
-)
+from extproc.accounting import Charge, deployment_budgets, limit_micros
 from extproc.alerts import Alerter
 from extproc.budgets import BudgetRef, check_budgets
-from extproc.decision import GatewayConfig, RouteDecision, decide
+from extproc.decision import GatewayConfig, RouteDecision, prepare, route_to
 from extproc.errors import ServiceUnavailableError
 from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.metrics import Metrics
@@ -43,6 +37,7 @@ from extproc.policy import CompiledPolicy, PolicyError, load_policy
 from extproc.pricing import cost_micros
 from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.request import RequestHead
+from extproc.routing import Router
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, open_store
 from extproc.usage import Usage
@@ -103,6 +98,13 @@ class Gateway:
         self._local = MemoryStore()
         self._store_retry_at = float("-inf")
         self.alerts = Alerter(store, self.metrics, settings.alert_webhook_url)
+        self.router = Router(
+            store,
+            self.metrics,
+            self.rng,
+            on_read_error=self._store_failed,
+            on_write_error=self._log_store_failure,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
@@ -144,40 +146,13 @@ class Gateway:
         *,
         inject_usage: bool = True,
     ) -> RouteDecision:
-        """:func:`decide`, then the budget filter: deployments whose provider or
-        deployment budget is spent are skipped before the pick (one MGET, only for
-        groups that have such budgets)."""
+        """Check the request, then choose its deployment with what the store knows:
+        context windows (and fallbacks), cooldowns, the budget filter, the group's
+        strategy (one store round trip)."""
         now = self.clock()
-        decision = decide(
-            head, raw, policy, self.config, self.rng, now=now, inject_usage=inject_usage
-        )
-        group = decision.group
-        if group is None or group.zero_cost:
-            return decision
-        refs = {d.id: deployment_budgets(d, policy, now) for d in group.deployments}
-        keys = sorted({ref.store_key for dep_refs in refs.values() for ref in dep_refs})
-        if not keys:
-            return decision
-        try:
-            values = await self.store.get_many(keys)
-        except StoreError as exc:
-            self._store_failed(exc)
-            return decision
-        exhausted = exhausted_deployments(group, refs, dict(zip(keys, values, strict=True)))
-        if decision.deployment.id not in exhausted:
-            return decision
-        if len(exhausted) == len(group.deployments):
-            raise no_deployment_left(group, exhausted)
-        return decide(
-            head,
-            raw,
-            policy,
-            self.config,
-            self.rng,
-            now=now,
-            exclude=exhausted.keys(),
-            inject_usage=inject_usage,
-        )
+        prepared = prepare(head, raw, policy, self.config, now=now)
+        prepared, deployment = await self.router.choose(prepared, policy, now)
+        return route_to(prepared, deployment, self.config, inject_usage=inject_usage)
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
         """The store-backed checks of a routed request: the budget reservation, the
@@ -192,7 +167,18 @@ class Gateway:
             if charge is not None:
                 self.cancel_soon(charge)
             raise
+        if decision.group is not None:
+            ttl = self.settings.reservation_ttl_s
+            await self.router.admitted(decision.deployment, decision.group, ttl)
         return Admission(lease, iterations, charge)
+
+    async def answered(self, charge: Charge, status: int, policy: CompiledPolicy) -> None:
+        """The upstream's status for a call: health counts, maybe a cooldown."""
+        dep = policy.deployment(charge.deployment)
+        group = policy.groups.get(charge.group)
+        if dep is not None and group is not None:
+            ttft = max(0.0, time.time() - charge.started) if charge.stream else None
+            await self.router.answered(dep, group, status, ttft_s=ttft)
 
     async def reserve(self, decision: RouteDecision, policy: CompiledPolicy) -> Charge:
         """Reserve the call's estimated cost against every budget it falls under, in one
@@ -277,6 +263,16 @@ class Gateway:
                 if count:
                     metrics.tokens.labels(charge.group, charge.deployment, kind).inc(count)
         metrics.spend.labels(charge.group, charge.deployment).inc(float(cost) / 1_000_000)
+        per_token = None
+        if usage is not None and not charge.stream:
+            per_token = max(0.0, time.time() - charge.started) / max(1, usage.output_tokens)
+        await self.router.finished(
+            charge.deployment,
+            (policy or self._policy).groups.get(charge.group),
+            self.settings.reservation_ttl_s,
+            tokens=usage.total_input + usage.output_tokens if usage is not None else 0,
+            seconds_per_token=per_token,
+        )
         try:
             if charge.keys:
                 await self.store.settle(charge.rid, charge.keys, cost, charge.ttls)
@@ -292,6 +288,11 @@ class Gateway:
 
     async def cancel(self, charge: Charge) -> None:
         """Give a failed, reset or abandoned call's reservation back."""
+        await self.router.finished(
+            charge.deployment,
+            self._policy.groups.get(charge.group),
+            self.settings.reservation_ttl_s,
+        )
         if not charge.keys:
             return
         try:

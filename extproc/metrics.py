@@ -119,3 +119,21 @@ class Metrics:
             ["kind", "name"],
             registry=self.registry,
         )
+        self.upstream_answers = Counter(
+            "extproc_upstream_answers",
+            "Upstream answers seen on the response path, by deployment and status.",
+            ["deployment", "status"],
+            registry=self.registry,
+        )
+        self.cooldowns = Counter(
+            "extproc_cooldowns",
+            "Deployments put into cooldown, by deployment.",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self.cooling = Gauge(
+            "extproc_deployment_cooling_down",
+            "1 while a deployment is cooling down (refreshed on scrape).",
+            ["deployment"],
+            registry=self.registry,
+        )

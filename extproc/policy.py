@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import yaml
@@ -34,7 +34,7 @@ from extproc.keys import (
     User,
     VirtualKey,
 )
-from extproc.pricing import Prices, bundled_prices
+from extproc.pricing import Prices, bundled_context_window, bundled_prices
 from extproc.providers import auth_header_for
 from extproc.windows import DurationText, zone
 
@@ -111,6 +111,10 @@ class Deployment(_Model):
     #: A budget of this deployment (LiteLLM's litellm_params max_budget/budget_duration).
     max_budget: Decimal | None = Field(default=None, ge=0)
     budget_duration: DurationText | None = None
+    #: Priority for the ``priority`` strategy: lower goes first (LiteLLM's ``order``).
+    order: int | None = Field(default=None, ge=0)
+    #: Seconds this deployment cools down after failing (0: never); else the group's.
+    cooldown_time: float | None = Field(default=None, ge=0)
 
     @field_validator("id")
     @classmethod
@@ -134,6 +138,17 @@ class Deployment(_Model):
         return value
 
 
+RoutingStrategy = Literal[
+    "simple-shuffle",
+    "least-busy",
+    "usage-based-routing",
+    "usage-based-routing-v2",
+    "latency-based-routing",
+    "cost-based-routing",
+    "priority",
+]
+
+
 class ModelGroup(_Model):
     """A model name clients ask for, served by one of its deployments."""
 
@@ -143,6 +158,15 @@ class ModelGroup(_Model):
     access_groups: tuple[str, ...] = ()
     #: Session cap for callers whose agent and key set none.
     max_iterations: int | None = Field(default=None, ge=1)
+    routing_strategy: RoutingStrategy = "simple-shuffle"
+    #: Failures a deployment may have in a minute before it cools down (LiteLLM: 3).
+    allowed_fails: int = Field(default=3, ge=0)
+    #: Seconds a failing deployment is skipped (LiteLLM's default 5).
+    cooldown_time: float = Field(default=5.0, ge=0)
+    #: latency-based: deployments within this share of the fastest count as fastest.
+    lowest_latency_buffer: float = Field(default=0.0, ge=0)
+    #: Groups tried when every deployment's context window is too small for the call.
+    context_window_fallbacks: tuple[str, ...] = ()
 
     @field_validator("name")
     @classmethod
@@ -216,6 +240,12 @@ class Policy(_Model):
             if group.name in seen_groups:
                 raise ValueError(f"model group {group.name!r} is defined twice")
             seen_groups.add(group.name)
+        for group in self.model_groups:
+            for fallback in group.context_window_fallbacks:
+                if fallback not in seen_groups or fallback == group.name:
+                    raise ValueError(
+                        f"model group {group.name!r} falls back to unknown group {fallback!r}"
+                    )
             for dep in group.deployments:
                 if dep.id in seen_ids:
                     raise ValueError(f"deployment id {dep.id!r} is used twice")
@@ -246,6 +276,8 @@ class CompiledDeployment:
     prices: Prices | None = None
     max_budget: Decimal | None = None
     budget_duration: str | None = None
+    order: int | None = None
+    cooldown_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +287,11 @@ class CompiledGroup:
     #: Running sums of the weights, for weighted picks by bisection.
     cumulative_weights: tuple[float, ...]
     max_iterations: int | None = None
+    strategy: str = "simple-shuffle"
+    allowed_fails: int = 3
+    cooldown_time: float = 5.0
+    lowest_latency_buffer: float = 0.0
+    context_window_fallbacks: tuple[str, ...] = ()
 
     @property
     def zero_cost(self) -> bool:
@@ -414,15 +451,25 @@ def compile_policy(
                     auth_value=value,
                     rpm=dep.rpm,
                     tpm=dep.tpm,
-                    context_window=dep.context_window,
+                    context_window=dep.context_window or bundled_context_window(dep.model),
                     prices=dep.prices if dep.prices is not None else bundled_prices(dep.model),
                     max_budget=dep.max_budget,
                     budget_duration=dep.budget_duration,
+                    order=dep.order,
+                    cooldown_time=dep.cooldown_time,
                 )
             )
         weights = tuple(itertools.accumulate(d.weight for d in compiled))
         groups[group.name] = CompiledGroup(
-            group.name, tuple(compiled), weights, group.max_iterations
+            group.name,
+            tuple(compiled),
+            weights,
+            group.max_iterations,
+            strategy=group.routing_strategy.removesuffix("-v2"),
+            allowed_fails=group.allowed_fails,
+            cooldown_time=group.cooldown_time,
+            lowest_latency_buffer=group.lowest_latency_buffer,
+            context_window_fallbacks=group.context_window_fallbacks,
         )
     if errors:
         raise PolicyError(source, errors)

@@ -99,6 +99,13 @@ def bundled_prices(model: str) -> Prices | None:
     return Prices(**fields)
 
 
+def bundled_context_window(model: str) -> int | None:
+    """The bundled table's ``max_input_tokens`` for a model, if listed."""
+    entry = bundled_entry(model)
+    value = entry.get("max_input_tokens") if entry else None
+    return value if isinstance(value, int) else None
+
+
 def estimate_prompt_tokens(raw_body: bytes) -> int:
     """A deliberately high estimate of the input tokens: a token per 4 bytes of body.
 

@@ -93,4 +93,28 @@ class Store(Protocol):
         """(value, seconds until it expires or None) for each key (read-outs only)."""
         ...
 
+    async def incr_many(
+        self, items: Sequence[tuple[str, int]], ttl_s: float, *, refresh_ttl: bool = False
+    ) -> list[int]:
+        """Add to several counters of one slot (one hash tag), never below zero.
+
+        The TTL is set when a counter is created, or on every call with
+        ``refresh_ttl`` (a counter that lives while it is used).
+        """
+        ...
+
+    async def set_flag(self, key: str, ttl_s: float) -> None:
+        """Set ``key`` to 1 for ``ttl_s`` seconds (a cooldown)."""
+        ...
+
+    async def push_sample(self, key: str, value: float, keep: int, ttl_s: float) -> None:
+        """Prepend ``value`` to the list ``key``, keeping the newest ``keep``."""
+        ...
+
+    async def snapshot(
+        self, keys: Sequence[str], lists: Sequence[str]
+    ) -> tuple[list[tuple[int | None, float | None]], list[list[float]]]:
+        """In one round trip: (value, seconds to expiry) of each key, and each list."""
+        ...
+
     async def close(self) -> None: ...

@@ -36,6 +36,7 @@ class MemoryStore:
         self._values: dict[str, tuple[int, float]] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._reservations: dict[str, _Reservation] = {}
+        self._lists: dict[str, tuple[list[float], float]] = {}
         self._journal = SpendJournal(journal) if journal is not None else None
         if self._journal is not None:
             self._replay(self._journal)
@@ -102,6 +103,40 @@ class MemoryStore:
             leases.pop(member, None)
             if not leases:
                 del self._leases[key]
+
+    async def incr_many(
+        self, items: Sequence[tuple[str, int]], ttl_s: float, *, refresh_ttl: bool = False
+    ) -> list[int]:
+        now = self._clock()
+        out = []
+        for key, amount in items:
+            value = max(0, self._add(key, amount, ttl_s, now))
+            expiry = now + ttl_s if refresh_ttl else self._values[key][1]
+            self._values[key] = (value, expiry)
+            out.append(value)
+        return out
+
+    async def set_flag(self, key: str, ttl_s: float) -> None:
+        self._values[key] = (1, self._clock() + ttl_s)
+
+    async def push_sample(self, key: str, value: float, keep: int, ttl_s: float) -> None:
+        now = self._clock()
+        samples = self._live_list(key, now)
+        self._lists[key] = ([value, *samples][:keep], now + ttl_s)
+
+    def _live_list(self, key: str, now: float) -> list[float]:
+        entry = self._lists.get(key)
+        if entry is None or entry[1] <= now:
+            self._lists.pop(key, None)
+            return []
+        return entry[0]
+
+    async def snapshot(
+        self, keys: Sequence[str], lists: Sequence[str]
+    ) -> tuple[list[tuple[int | None, float | None]], list[list[float]]]:
+        now = self._clock()
+        values = await self.get_many_with_ttl(keys)
+        return values, [list(self._live_list(key, now)) for key in lists]
 
     async def get_many_with_ttl(self, keys: Sequence[str]) -> list[tuple[int | None, float | None]]:
         now = self._clock()

@@ -163,6 +163,24 @@ def _ms(seconds: float | None) -> int:
     return 0 if seconds is None else max(1, int(seconds * 1000))
 
 
+# KEYS: counters of one slot; ARGV: ttl ms, refresh (0/1), amounts...
+_INCR_MANY = """
+local out = {}
+for i = 1, #KEYS do
+  local value = redis.call('INCRBY', KEYS[i], ARGV[i + 2])
+  if value < 0 then
+    redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+    value = 0
+  end
+  if ARGV[2] == '1' or redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  end
+  out[i] = value
+end
+return out
+"""
+
+
 class RedisStore:
     """Counters in Redis; every failure surfaces as :class:`StoreError`."""
 
@@ -258,6 +276,57 @@ class RedisStore:
             await self._client.zrem(key, member)
         except (RedisError, OSError) as exc:
             raise StoreError(f"redis release failed: {type(exc).__name__}") from exc
+
+    async def incr_many(
+        self, items: Sequence[tuple[str, int]], ttl_s: float, *, refresh_ttl: bool = False
+    ) -> list[int]:
+        if not items:
+            return []
+        keys = [key for key, _ in items]
+        args: list[Any] = [_ms(ttl_s), 1 if refresh_ttl else 0, *(amount for _, amount in items)]
+        try:
+            out = await self._eval(_INCR_MANY, keys, args)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis incr failed: {type(exc).__name__}") from exc
+        return [int(v) for v in out]
+
+    async def set_flag(self, key: str, ttl_s: float) -> None:
+        try:
+            await self._client.set(key, 1, px=_ms(ttl_s))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis set failed: {type(exc).__name__}") from exc
+
+    async def push_sample(self, key: str, value: float, keep: int, ttl_s: float) -> None:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.lpush(key, repr(value))
+            pipe.ltrim(key, 0, keep - 1)
+            pipe.pexpire(key, _ms(ttl_s))
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis push failed: {type(exc).__name__}") from exc
+
+    async def snapshot(
+        self, keys: Sequence[str], lists: Sequence[str]
+    ) -> tuple[list[tuple[int | None, float | None]], list[list[float]]]:
+        if not keys and not lists:
+            return [], []
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+                pipe.pttl(key)
+            for key in lists:
+                pipe.lrange(key, 0, -1)
+            raw = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis read failed: {type(exc).__name__}") from exc
+        values: list[tuple[int | None, float | None]] = []
+        for value, ttl_ms in zip(raw[: 2 * len(keys) : 2], raw[1 : 2 * len(keys) : 2], strict=True):
+            ttl = int(ttl_ms) / 1000 if int(ttl_ms) >= 0 else None
+            values.append((None if value is None else int(value), ttl))
+        samples = [[float(v) for v in items] for items in raw[2 * len(keys) :]]
+        return values, samples
 
     async def get_many_with_ttl(self, keys: Sequence[str]) -> list[tuple[int | None, float | None]]:
         if not keys:
