@@ -30,6 +30,11 @@ class EndpointSpec(Protocol):
         """The end-user id the body names, if any."""
         ...
 
+    @property
+    def user_param(self) -> str:
+        """Where the end-user id lives, for error messages (``user``, ``metadata.user_id``)."""
+        ...
+
     def stream(self, body: dict[str, Any]) -> bool:
         """Whether the client asked for a streamed response."""
         ...
@@ -64,6 +69,11 @@ class JsonEndpoint:
     can_stream: bool = True
     #: (container, key): where the end-user id lives; container None is top level.
     user_field: tuple[str | None, str] = (None, "user")
+
+    @property
+    def user_param(self) -> str:
+        container, key = self.user_field
+        return f"{container}.{key}" if container else key
 
     def user(self, body: dict[str, Any]) -> str | None:
         container, key = self.user_field

@@ -88,6 +88,23 @@ class LLMRequest:
     api_key: str | None
 
 
+#: The longest end-user id accepted (it names a budget and a store key).
+MAX_USER_BYTES = 256
+
+
+def _check_user(value: str | None, param: str) -> str | None:
+    """An end-user id is printable text: it becomes part of store keys and messages."""
+    if not value:
+        return None  # "user": "" names no one
+    if not value.isprintable() or len(value.encode("utf-8")) > MAX_USER_BYTES:
+        raise InvalidParameterError(
+            f"'{param}' must be 1-{MAX_USER_BYTES} bytes of printable text",
+            code="invalid_user",
+            param=param,
+        )
+    return value
+
+
 def _check_session_id(value: str, source: str) -> str:
     # Rule: isprintable() first; it also refuses lone surrogates, which cannot be encoded.
     if not value or not value.isprintable() or len(value.encode("utf-8")) > MAX_SESSION_ID_BYTES:
@@ -187,7 +204,7 @@ def parse_request(
         raw_body=raw_body,
         body=body,
         stream=endpoint.stream(body),
-        user=endpoint.user(body),
+        user=_check_user(endpoint.user(body), endpoint.user_param),
         session_id=_session_id(head, body, session_headers),
         tags=_tags(head, body, tags_header),
         api_key=head.caller_key(),

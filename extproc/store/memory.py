@@ -19,6 +19,8 @@ class _Reservation:
     amount: int
     keys: tuple[str, ...]
     expiry: float
+    #: Each key's expiry when reserved: the identity of the window the hold is in.
+    windows: tuple[float, ...] = ()
 
 
 class MemoryStore:
@@ -168,20 +170,26 @@ class MemoryStore:
                 return index, spends
         for key, ttl in zip(keys, ttls_s, strict=True):
             self._add(key, amount, math.inf if ttl is None else ttl, now)
-        self._reservations[rid] = _Reservation(amount, tuple(keys), now + hold_s)
+        windows = tuple(self._values[key][1] for key in keys)
+        self._reservations[rid] = _Reservation(amount, tuple(keys), now + hold_s, windows)
         return None, spends
 
-    def _take_back(self, key: str, amount: int, now: float) -> None:
+    def _held(self, res: _Reservation | None, key: str, now: float) -> bool:
+        """Whether ``res`` holds an amount in ``key``'s current window (not one that has
+        rolled over since: a new window never held it)."""
+        if res is None or key not in res.keys:
+            return False
         entry = self._live(key, now)
-        if entry is not None:
-            self._values[key] = (max(0, entry[0] - amount), entry[1])
+        return entry is not None and entry[1] == res.windows[res.keys.index(key)]
 
     def _drop(self, rid: str, now: float) -> bool:
         res = self._reservations.pop(rid, None)
         if res is None:
             return False
         for key in res.keys:
-            self._take_back(key, res.amount, now)
+            if self._held(res, key, now):
+                value, expiry = self._values[key]
+                self._values[key] = (max(0, value - res.amount), expiry)
         return True
 
     async def settle(
@@ -191,7 +199,7 @@ class MemoryStore:
         res = self._reservations.pop(rid, None)
         held = res.amount if res is not None else 0
         for key, ttl in zip(keys, ttls_s, strict=True):
-            if res is not None and self._live(key, now) is not None:
+            if self._held(res, key, now):
                 self._values[key] = (
                     max(0, self._values[key][0] + cost - held),
                     self._values[key][1],

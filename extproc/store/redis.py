@@ -44,33 +44,34 @@ return {1, n + 1}
 
 # Budget reservations. Every budget key shares the hash tag of KEYS[1] and KEYS[2]
 # (``{spend}``), so one script can touch them all, on Redis Cluster too. A reservation
-# is a hash entry "amount\nkey\nkey..." plus its expiry in a sorted set; expired ones
-# are given back first, a few per call, so a crashed process cannot hold budget
-# forever. Spend values are settled + reserved micro-dollars.
+# is a hash entry (JSON: amount, keys, and each key's PEXPIRETIME when reserved — its
+# window's identity) plus its expiry in a sorted set; expired ones are given back
+# first, a few per call, so a crashed process cannot hold budget forever. A hold is
+# only ever taken back from, or settled into, the window it was added to: if the key
+# has rolled over since, the old window is gone and the new one never held it.
+# Spend values are settled + reserved micro-dollars.
 _RESV_LIB = """
-local function split(s)
-  local out = {}
-  for part in string.gmatch(s, '[^\\n]+') do out[#out + 1] = part end
-  return out
-end
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function take_back(key, amount)
-  if redis.call('EXISTS', key) == 1 then
-    if redis.call('DECRBY', key, amount) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
-  end
+local function same_window(key, expires)
+  return redis.call('EXISTS', key) == 1 and redis.call('PEXPIRETIME', key) == expires
+end
+local function change(key, amount)
+  if redis.call('INCRBY', key, amount) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
 end
 local function drop(resv, expiry, id)
-  local entry = redis.call('HGET', resv, id)
-  if entry then
-    local parts = split(entry)
-    for i = 2, #parts do take_back(parts[i], tonumber(parts[1])) end
+  local raw = redis.call('HGET', resv, id)
+  if raw then
+    local entry = cjson.decode(raw)
+    for i, key in ipairs(entry.k) do
+      if same_window(key, entry.e[i]) then change(key, -entry.a) end
+    end
     redis.call('HDEL', resv, id)
   end
   redis.call('ZREM', expiry, id)
-  return entry
+  return raw
 end
 local function add(key, amount, ttl)
   redis.call('INCRBY', key, amount)
@@ -102,12 +103,13 @@ for i = 1, n do
   end
 end
 local amount = tonumber(ARGV[2])
-local entry = ARGV[2]
+local keys, windows = {}, {}
 for i = 1, n do
   add(KEYS[i + 2], amount, tonumber(ARGV[4 + n + i]))
-  entry = entry .. '\\n' .. KEYS[i + 2]
+  keys[i] = KEYS[i + 2]
+  windows[i] = redis.call('PEXPIRETIME', KEYS[i + 2])
 end
-redis.call('HSET', KEYS[1], ARGV[1], entry)
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({a = amount, k = keys, e = windows}))
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 local out = {0}
 for j = 1, n do out[j + 1] = spends[j] end
@@ -116,29 +118,25 @@ return out
 )
 
 # KEYS: resv hash, expiry zset, budget keys...; ARGV: id, real cost, ttls ms...
-# A live reservation is replaced by the real cost; an expired one (already given
-# back) is charged in full.
+# A live reservation is replaced by the real cost; where it has expired (already
+# given back) or its window has rolled over, the cost is charged in full.
 _SETTLE = (
     _RESV_LIB
     + """
 local cost = tonumber(ARGV[2])
-local entry = redis.call('HGET', KEYS[1], ARGV[1])
-if entry then
-  local parts = split(entry)
-  local held = tonumber(parts[1])
-  for i = 2, #parts do
-    if redis.call('EXISTS', parts[i]) == 1 then
-      if redis.call('INCRBY', parts[i], cost - held) < 0 then
-        redis.call('SET', parts[i], 0, 'KEEPTTL')
-      end
-    else
-      add(parts[i], cost, tonumber(ARGV[i + 1]))
-    end
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local entry = raw and cjson.decode(raw)
+for i = 3, #KEYS do
+  local key = KEYS[i]
+  local held = nil
+  if entry and entry.k[i - 2] == key and same_window(key, entry.e[i - 2]) then
+    held = entry.a
   end
+  if held then change(key, cost - held) else add(key, cost, tonumber(ARGV[i])) end
+end
+if raw then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
-else
-  for i = 3, #KEYS do add(KEYS[i], cost, tonumber(ARGV[i])) end
 end
 return 1
 """

@@ -268,6 +268,22 @@ ERROR_CASES: list[tuple[str, RequestHead, bytes, int, str, str | None]] = [
         "metadata.session_id",
     ),
     (
+        "end user with a line break (it names a store key)",
+        head(),
+        body(model="auto", user="x\n{spend}:global:all"),
+        400,
+        "invalid_user",
+        "user",
+    ),
+    (
+        "anthropic end user too long",
+        head("/v1/messages"),
+        body(model="auto", max_tokens=5, messages=[], metadata={"user_id": "u" * 300}),
+        400,
+        "invalid_user",
+        "metadata.user_id",
+    ),
+    (
         "session id wrong type",
         head(),
         body(model="auto", metadata={"session_id": 7}),

@@ -182,3 +182,32 @@ def test_journal_loses_at_most_a_second_on_kill(tmp_path: Path) -> None:
     store = MemoryStore(journal=journal)
     assert asyncio.run(store.get_many([A])) == [50]
     assert all(json.loads(line)["v"] == 10 for line in journal.read_text().splitlines())
+
+
+async def test_hold_never_leaves_the_window_it_was_taken_from(store: Store) -> None:
+    """A rolling window that rolls over while a call runs: the old hold is neither
+    taken back from nor settled into the new window."""
+    key = "{spend}:deployment:roll:1m"
+    first = "a" * 32
+    await store.reserve(first, [key], limits=[None], amount=1_000_000, ttls_s=[0.2], hold_s=600)
+    await asyncio.sleep(0.3)  # the window ends while the call streams
+    await store.reserve("b" * 32, [key], limits=[None], amount=300_000, ttls_s=[0.2], hold_s=600)
+    await store.settle("b" * 32, [key], 300_000, [0.2])
+    await store.settle(first, [key], 100_000, [0.2])  # charged in full to the new window
+    assert await store.get_many([key]) == [400_000]
+    await store.reserve("c" * 32, [key], limits=[None], amount=50_000, ttls_s=[0.2], hold_s=600)
+    await asyncio.sleep(0.3)
+    await store.reserve("d" * 32, [key], limits=[None], amount=10, ttls_s=[0.2], hold_s=600)
+    await store.cancel("c" * 32)  # nothing to take back from the new window
+    assert await store.get_many([key]) == [10]
+
+
+async def test_key_names_are_data_not_structure(store: Store) -> None:
+    """A budget key with a line break cannot make a hold name other keys."""
+    victim = "{spend}:key:victim"
+    odd = f"{{spend}}:end_user:x\n{victim}"
+    await store.reserve("v" * 32, [victim], limits=[None], amount=500, ttls_s=[None], hold_s=60)
+    await store.settle("v" * 32, [victim], 500, [None])
+    await store.reserve("o" * 32, [odd], limits=[None], amount=200, ttls_s=[None], hold_s=60)
+    await store.cancel("o" * 32)
+    assert await store.get_many([victim, odd]) == [500, 0]
