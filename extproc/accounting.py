@@ -138,6 +138,9 @@ class Charge:
     tpm_key: str | None = None
     #: Unix time of admission (latency samples).
     started: float = 0.0
+    #: The estimates behind ``estimate``, to price a stream the client abandoned.
+    prompt_tokens: int = 0
+    max_output_tokens: int = 0
 
     @classmethod
     def new(
@@ -152,6 +155,8 @@ class Charge:
         refs: Sequence[BudgetRef],
         now: datetime,
         tpm_key: str | None = None,
+        prompt_tokens: int = 0,
+        max_output_tokens: int = 0,
     ) -> Charge:
         return cls(
             rid=uuid.uuid4().hex,
@@ -166,6 +171,8 @@ class Charge:
             ttls=tuple(_period_ttl(ref, now) for ref in refs),
             tpm_key=tpm_key,
             started=time.time(),
+            prompt_tokens=prompt_tokens,
+            max_output_tokens=max_output_tokens,
         )
 
     def cost(self, usage: Usage | None, dep: CompiledDeployment | None) -> int:
@@ -193,6 +200,8 @@ class Charge:
                 self.ttls,
                 self.tpm_key,
                 round(self.started, 3),
+                self.prompt_tokens,
+                self.max_output_tokens,
             ],
             separators=(",", ":"),
         )
@@ -202,7 +211,22 @@ class Charge:
         """A charge from :meth:`token`; None for anything malformed or foreign."""
         try:
             raw: Any = json.loads(text)
-            rid, api, endpoint, group, dep, stream, strip, estimate, keys, ttls, tpm, started = raw
+            (
+                rid,
+                api,
+                endpoint,
+                group,
+                dep,
+                stream,
+                strip,
+                estimate,
+                keys,
+                ttls,
+                tpm,
+                started,
+                prompt,
+                max_out,
+            ) = raw
         except (ValueError, TypeError):
             return None
         ok = (
@@ -222,6 +246,8 @@ class Charge:
             and all(t is None or isinstance(t, int | float) for t in ttls)
             and (tpm is None or (isinstance(tpm, str) and tpm.startswith("ratelimit:")))
             and isinstance(started, int | float)
+            and isinstance(prompt, int)
+            and isinstance(max_out, int)
         )
         if not ok:
             return None
@@ -238,4 +264,6 @@ class Charge:
             tuple(ttls),
             tpm,
             float(started),
+            prompt,
+            max_out,
         )

@@ -293,8 +293,14 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 # The stream broke before Envoy got the lease: nobody will log it.
                 self._gateway.release_soon(stream.lease)
             if stream.charge is not None:
-                # Reset, abandoned or failed before the response ended: no charge.
-                self._gateway.cancel_soon(stream.charge)
+                if stream.meter is not None:
+                    # The response had started: the provider bills what it generated,
+                    # so a client leaving mid-stream pays for it (not a free answer).
+                    usage = stream.meter.abandoned(stream.charge)
+                    self._gateway.settle_soon(stream.charge, usage)
+                else:
+                    # Reset or abandoned before any response: nothing to charge.
+                    self._gateway.cancel_soon(stream.charge)
             # Envoy ends the stream as soon as it needs no more phases, and resets it
             # when the client goes away mid-request (grpc.aio then just ends the
             # iterator, or closes this generator): a normal end, never logged as an

@@ -205,6 +205,8 @@ class Gateway:
             refs=refs,
             now=now,
             tpm_key=tpm_key(key) if key is not None and key.tpm_limit is not None else None,
+            prompt_tokens=decision.prompt_tokens,
+            max_output_tokens=decision.max_output_tokens,
         )
         if not refs:
             return charge
@@ -223,7 +225,9 @@ class Gateway:
             return charge
         if index is not None:
             check_budgets(refs[index : index + 1], spends[index : index + 1], now)
-        await self._budget_alerts(refs, spends, estimate, policy.general.budget_alert_at)
+        # Rule: no await between a successful reservation and handing the charge back,
+        # so a cancelled request cannot strand its hold (alerts run on their own).
+        self._spawn(self._budget_alerts(refs, spends, estimate, policy.general.budget_alert_at))
         return charge
 
     async def _budget_alerts(
@@ -303,6 +307,13 @@ class Gateway:
             self._log_store_failure(exc)
             return
         self.metrics.settlements.labels("cancelled").inc()
+
+    def settle_soon(self, charge: Charge, usage: Usage | None) -> None:
+        """:meth:`settle` from code that cannot await (a stream the client left)."""
+        self._spawn(self._settle_quietly(charge, usage))
+
+    async def _settle_quietly(self, charge: Charge, usage: Usage | None) -> None:
+        await self.settle(charge, usage)
 
     def cancel_soon(self, charge: Charge) -> None:
         """:meth:`cancel` from code that cannot await (a closing stream)."""

@@ -36,12 +36,14 @@ def _usage_only(event: bytes) -> bool:
 
 
 class ResponseMeter:
-    __slots__ = ("_reader", "rewrites")
+    __slots__ = ("_events", "_reader", "_sse", "rewrites")
 
     def __init__(self, charge: Charge, *, content_type: str, encoding: str) -> None:
         sse = content_type.lower().startswith("text/event-stream")
         encoding = encoding.strip().lower()
         self._reader = ResponseReader(charge.api, sse=sse, encoding=encoding)
+        self._sse = sse
+        self._events = 0
         #: The usage chunk the gateway asked for is taken out of the client's stream
         #: (only from uncompressed SSE; the gateway does not ask for compression).
         self.rewrites = charge.strip_usage and sse and encoding in ("", "identity")
@@ -55,9 +57,23 @@ class ResponseMeter:
         events = self._reader.feed(chunk)
         if end:
             events += self._reader.flush()
+        self._events += len(events)
         if not self.rewrites:
             return None
         return b"".join(event + b"\n\n" for event in events if not _usage_only(event))
 
     def usage(self) -> Usage | None:
         return self._reader.finish()
+
+    def abandoned(self, charge: Charge) -> Usage | None:
+        """The usage to charge when the client left mid-response: what the provider
+        reported so far, else the prompt plus an output token per streamed event (the
+        provider bills what it generated); None (the estimate) for a JSON body, which
+        was generated in full."""
+        usage = self._reader.usage
+        if usage is not None and usage.output_tokens:
+            return usage
+        if not self._sse:
+            return None
+        output = min(self._events, charge.max_output_tokens or self._events)
+        return Usage(input_tokens=charge.prompt_tokens, output_tokens=output)

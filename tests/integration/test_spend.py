@@ -235,7 +235,9 @@ def test_upstream_error_is_not_charged(stack: Stack, spend: Any) -> None:
     assert spend() == before
 
 
-def test_abandoned_stream_gives_the_reservation_back(stack: Stack, spend: Any) -> None:
+def test_abandoned_stream_is_charged_for_what_was_streamed(stack: Stack, spend: Any) -> None:
+    """A client that leaves mid-stream pays for what was generated so far (the
+    provider bills it), not for the whole reservation and not nothing."""
     before = spend()
     parts = urllib.parse.urlsplit(stack.url)
     body = json.dumps({"model": "auto", "stream": True, "messages": MSGS}).encode()
@@ -247,9 +249,11 @@ def test_abandoned_stream_gives_the_reservation_back(stack: Stack, spend: Any) -
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
         sock.sendall(request)
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
-        assert spend() > before  # reserved while the stream runs
+        held = spend() - before
+        assert held > 8000  # the reservation: 4096 output tokens at $0.000002
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    wait_until(lambda: spend() == before, 10, "the reservation to be given back")
+    wait_until(lambda: 0 < spend() - before < 1000, 10, "the hold to settle to what streamed")
+    assert spend() - before <= chat_cost({"model": "auto", "messages": MSGS}) + 200
 
 
 def test_budget_filter_skips_spent_deployments(stack: Stack, redis_url: str) -> None:

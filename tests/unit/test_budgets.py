@@ -134,6 +134,7 @@ async def test_soft_budget_alerts_once_per_window(
     decision = route(policy, "sk-sam-budget")
     for _ in range(3):
         await gateway.reserve(decision, gateway.policy)  # over the soft budget: not refused
+    await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 1
     assert caplog.text.count("soft budget crossed for API key sam") == 1
 
@@ -141,6 +142,7 @@ async def test_soft_budget_alerts_once_per_window(
 async def test_under_soft_budget_no_alert(policy: CompiledPolicy) -> None:
     gateway = await seeded(policy, {spend_key("key", SAM): 4.99})
     await gateway.reserve(route(policy, "sk-sam-budget"), gateway.policy)
+    await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 0
 
 
@@ -241,6 +243,7 @@ async def test_soft_alert_once_per_calendar_window(tmp_path: Path) -> None:
         gateway.clock = lambda now=now: now  # type: ignore[misc]
         await gateway.reserve(decision, gateway.policy)
     # over the soft budget on two days: one alert each day
+    await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 2
 
 
@@ -256,8 +259,11 @@ async def test_alert_at_a_share_of_the_max_budget(tmp_path: Path) -> None:
     tess = route(shared, "sk-tess-team-budget")  # team budget $5, no soft budget
     gateway = await seeded(shared, {spend_key("team", "t-budget"): 3.9})
     await gateway.reserve(tess, shared)
+    await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("team")._value.get() == 0
     await gateway.store.incr(spend_key("team", "t-budget"), 200_000, 3600)  # $4.10: 82%
     await gateway.reserve(route(shared, "sk-tess-team-budget"), shared)
+    await gateway.drain()
     await gateway.reserve(route(shared, "sk-tess-team-budget"), shared)
+    await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("team")._value.get() == 1
