@@ -159,17 +159,20 @@ class Gateway:
         session cap, rate limits, then a parallel-request lease (the adapter hands the
         lease and the charge to Envoy or keeps them for the response)."""
         charge = await self.reserve(decision, policy)
+        lease: Lease | None = None
         try:
             iterations = await self.count_iteration(decision.iterations)
             await self.check_rate_limits(decision)
             lease = await self.take_lease(decision)
+            if decision.group is not None:
+                ttl = self.settings.reservation_ttl_s
+                await self.router.admitted(decision.deployment, decision.group, ttl)
         except BaseException:
-            if charge is not None:
-                self.cancel_soon(charge)
+            # refused or cancelled after the reservation: nothing may stay held
+            self.cancel_soon(charge)
+            if lease is not None:
+                self.release_soon(lease)
             raise
-        if decision.group is not None:
-            ttl = self.settings.reservation_ttl_s
-            await self.router.admitted(decision.deployment, decision.group, ttl)
         return Admission(lease, iterations, charge)
 
     async def answered(self, charge: Charge, status: int, policy: CompiledPolicy) -> None:

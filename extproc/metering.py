@@ -54,13 +54,20 @@ class ResponseMeter:
         While rewriting, a partial event is held back until it is complete, so only
         whole events are ever passed on or dropped.
         """
+        was_rewriting = self.rewrites and not self._reader.overflowed
         events = self._reader.feed(chunk)
         if end:
             events += self._reader.flush()
         self._events += len(events)
-        if not self.rewrites:
+        if not was_rewriting:
             return None
-        return b"".join(event + b"\n\n" for event in events if not _usage_only(event))
+        out = b"".join(event + b"\n\n" for event in events if not _usage_only(event))
+        if self._reader.overflowed:
+            # Not an SSE stream we can split: give back what was held, then pass the
+            # rest on untouched.
+            self.rewrites = False
+            out += self._reader.take_pending()
+        return out
 
     def usage(self) -> Usage | None:
         return self._reader.finish()

@@ -21,8 +21,12 @@ from typing import Any, Literal
 __all__ = ["ResponseReader", "SSEBuffer", "Usage", "usage_from_object"]
 
 Api = Literal["openai", "anthropic"]
-#: The most response bytes kept to parse a JSON body (usage sits at the end).
+#: The most response bytes kept to parse a JSON body whole; past it only the tail is
+#: kept and the usage object is found in it (usage sits at the end).
 MAX_JSON_BYTES = 16 * 1024 * 1024
+_TAIL_BYTES = 64 * 1024
+#: The longest SSE event the gateway holds back while splitting a stream.
+MAX_EVENT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,25 +85,67 @@ def usage_from_object(api: Api, obj: Any) -> Usage | None:
 
 
 class SSEBuffer:
-    """Splits a byte stream into complete SSE events (``\\n\\n``/``\\r\\n\\r\\n``)."""
+    """Splits a byte stream into complete SSE events (blank-line separated; CRLF, CR
+    and LF line ends alike), in time linear in the bytes fed.
 
-    __slots__ = ("_pending",)
+    A partial event is held until it completes, up to ``limit`` bytes: past that the
+    stream is not SSE as we know it, and :attr:`overflowed` says so (the caller stops
+    splitting and passes the bytes on as they are).
+    """
 
-    def __init__(self) -> None:
-        self._pending = b""
+    __slots__ = ("_cr", "_limit", "_pending", "_scan", "overflowed")
+
+    def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
+        self._pending = bytearray()
+        self._scan = 0
+        self._cr = False
+        self._limit = limit
+        self.overflowed = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        data = (self._pending + chunk).replace(b"\r\n", b"\n")
-        *events, self._pending = data.split(b"\n\n")
-        return [e for e in events if e.strip()]
+        if self.overflowed:
+            return []
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if chunk.endswith(b"\r"):
+            # maybe the first half of a CRLF: decide with the next piece
+            chunk, self._cr = chunk[:-1], True
+        self._pending += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events: list[bytes] = []
+        start = 0
+        while True:
+            end = self._pending.find(b"\n\n", max(start, self._scan))
+            if end < 0:
+                break
+            event = bytes(self._pending[start:end])
+            if event.strip():
+                events.append(event)
+            start = end + 2
+        if start:
+            del self._pending[:start]
+        # the next search starts where this one stopped (minus a possible "\n")
+        self._scan = max(0, len(self._pending) - 1)
+        if len(self._pending) > self._limit:
+            self.overflowed = True
+        return events
 
     def flush(self) -> list[bytes]:
-        rest, self._pending = self._pending, b""
+        rest = bytes(self._pending)
+        self._pending.clear()
+        self._scan = 0
         return [rest] if rest.strip() else []
+
+    def take_pending(self) -> bytes:
+        """The held bytes, handed back once the buffer has overflowed."""
+        rest = bytes(self._pending) + (b"\r" if self._cr else b"")
+        self._pending.clear()
+        self._cr = False
+        return rest
 
     @property
     def pending(self) -> bytes:
-        return self._pending
+        return bytes(self._pending)
 
 
 def event_data(event: bytes) -> Any:
@@ -114,6 +160,23 @@ def event_data(event: bytes) -> Any:
         return json.loads(payload)
     except ValueError:
         return None
+
+
+def _usage_in_tail(api: Api, tail: bytes) -> Usage | None:
+    """The last ``"usage": {...}`` object in the end of a JSON body."""
+    text = tail.decode("utf-8", "replace")
+    at = text.rfind('"usage"')
+    if at < 0:
+        return None
+    colon = text.find(":", at)
+    start = text.find("{", colon)
+    if colon < 0 or start < 0 or text[colon + 1 : start].strip():
+        return None
+    try:
+        usage, _ = json.JSONDecoder().raw_decode(text, start)
+    except ValueError:
+        return None
+    return usage_from_object(api, {"usage": usage})
 
 
 class ResponseReader:
@@ -132,6 +195,7 @@ class ResponseReader:
         "_inflate",
         "_size",
         "_sse",
+        "_tail_only",
         "usage",
     )
 
@@ -145,6 +209,7 @@ class ResponseReader:
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":
             self._inflate = zlib.decompressobj()
+        self._tail_only = False
         self._anthropic_input: Usage | None = None
         self._anthropic_output = 0
         self.usage: Usage | None = None
@@ -157,14 +222,25 @@ class ResponseReader:
             except zlib.error:
                 self._inflate, chunk = None, b""
         if self._sse is None:
-            if self._size + len(chunk) <= MAX_JSON_BYTES:
-                self._body.append(chunk)
-                self._size += len(chunk)
+            self._body.append(chunk)
+            self._size += len(chunk)
+            if self._size > MAX_JSON_BYTES:
+                # too big to parse whole: keep a tail that holds the usage object
+                tail = b"".join(self._body)[-_TAIL_BYTES:]
+                self._body, self._size, self._tail_only = [tail], len(tail), True
             return []
         events = self._sse.feed(chunk)
         for event in events:
             self._event(event)
         return events
+
+    @property
+    def overflowed(self) -> bool:
+        """An SSE event grew past the limit: the stream is passed on untouched."""
+        return self._sse is not None and self._sse.overflowed
+
+    def take_pending(self) -> bytes:
+        return self._sse.take_pending() if self._sse is not None else b""
 
     def flush(self) -> list[bytes]:
         """At the end of the body: the last SSE event, if it had no blank line after it."""
@@ -180,12 +256,16 @@ class ResponseReader:
         if self._sse is not None:
             self.flush()
         elif self._body:
-            try:
-                obj = json.loads(b"".join(self._body))
-            except ValueError:
-                obj = None
+            raw = b"".join(self._body)
             self._body.clear()
-            self.usage = usage_from_object(self._api, obj)
+            if self._tail_only:
+                self.usage = _usage_in_tail(self._api, raw)
+            else:
+                try:
+                    obj = json.loads(raw)
+                except ValueError:
+                    obj = None
+                self.usage = usage_from_object(self._api, obj)
         return self.usage
 
     def _event(self, event: bytes) -> None:

@@ -161,3 +161,45 @@ def test_sse_buffer_keeps_partial_events_and_crlf() -> None:
     assert buf.feed(b"2\n\n") == [b"data: 2"]
     assert buf.feed(b"data: 3") == []
     assert buf.flush() == [b"data: 3"]
+
+
+def test_sse_buffer_bare_cr_and_split_crlf() -> None:
+    buf = SSEBuffer()
+    # a trailing CR may be half of a CRLF: it is decided by the next piece
+    assert buf.feed(b"data: 1\r\r") == []
+    assert buf.feed(b"data: 2\r") == [b"data: 1"]  # CR line ends are SSE too
+    assert buf.feed(b"\n\r") == []  # "\r\n" split across pieces is one line end
+    assert buf.feed(b"\ndata: 3\n\n") == [b"data: 2", b"data: 3"]
+
+
+def test_sse_buffer_overflow_hands_the_bytes_back() -> None:
+    buf = SSEBuffer(limit=100)
+    assert buf.feed(b"data: ok\n\n" + b"x" * 60) == [b"data: ok"]
+    assert not buf.overflowed
+    assert buf.feed(b"y" * 60) == []
+    assert buf.overflowed
+    assert buf.take_pending() == b"x" * 60 + b"y" * 60
+    assert buf.feed(b"data: later\n\n") == []  # passed through untouched from now on
+
+
+def test_meter_stops_rewriting_a_stream_it_cannot_split() -> None:
+    from extproc.accounting import Charge  # noqa: PLC0415
+    from extproc.metering import ResponseMeter  # noqa: PLC0415
+    from extproc.usage import MAX_EVENT_BYTES  # noqa: PLC0415
+
+    charge = Charge("a" * 32, "openai", "chat_completions", "g", "d", True, True, 1, (), ())
+    meter = ResponseMeter(charge, content_type="text/event-stream", encoding="")
+    assert meter.feed(b'data: {"choices": [], "usage": {}}\n\ndata: {"a"', end=False) == b""
+    blob = b"z" * (MAX_EVENT_BYTES + 1)
+    out = meter.feed(blob, end=False)
+    assert out == b'data: {"a"' + blob  # what was held, then nothing is held any more
+    assert meter.feed(b"more", end=True) is None  # untouched
+
+
+def test_big_json_usage_found_in_the_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+    import extproc.usage as usage_module  # noqa: PLC0415
+
+    monkeypatch.setattr(usage_module, "MAX_JSON_BYTES", 1000)
+    _, body = recorded("embeddings-basic")
+    assert len(body) > 1000
+    assert read("openai", body, sse=False, piece=100) == Usage(input_tokens=7)
