@@ -71,8 +71,21 @@ async def _budgets(request: web.Request) -> web.Response:
     return web.json_response({"budgets": [s.as_dict() for s in statuses]})
 
 
+async def _deployments(request: web.Request) -> web.Response:
+    """Every deployment's cooldown, in-flight count and this minute's answers."""
+    gateway = request.app[GATEWAY_KEY]
+    try:
+        states = await gateway.router.deployment_states(gateway.policy)
+    except StoreError as exc:
+        return _store_down(exc)
+    return web.json_response({"deployments": states})
+
+
 async def _metrics(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
+    with contextlib.suppress(StoreError):
+        for dep_id, state in (await gateway.router.deployment_states(gateway.policy)).items():
+            gateway.metrics.cooling.labels(dep_id).set(1 if state["cooling_down"] else 0)
     # Remaining provider/deployment/tag budgets are read when scraped; a store
     # failure leaves the last values (the scrape itself still answers).
     with contextlib.suppress(StoreError):
@@ -93,5 +106,6 @@ def make_admin_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/budgets", _budgets)
+    app.router.add_get("/deployments", _deployments)
     app.router.add_get("/provider/budgets", _provider_budgets)
     return app

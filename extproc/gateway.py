@@ -66,7 +66,7 @@ class Admission:
         if self.iterations is not None:
             out[ITERATIONS_LIMIT_FIELD] = str(self.iterations.limit)
             out[ITERATIONS_REMAINING_FIELD] = str(self.iterations.remaining)
-        if with_charge and self.charge is not None and self.charge.keys:
+        if with_charge and self.charge is not None:
             out[CHARGE_FIELD] = self.charge.token()
         return out
 

@@ -388,6 +388,22 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             400, "The body must be a JSON object.", "invalid_request_error", "invalid_json"
         )
     await asyncio.sleep(_delay_s(request, "x-mock-delay-ms"))
+    slow = _per_site(request, "x-mock-slow").get(site.name, "")
+    if slow.isascii() and slow.isdigit():
+        await asyncio.sleep(min(int(slow), 30_000) / 1000)
+    fail = _per_site(request, "x-mock-fail").get(site.name)
+    if fail == "reset":
+        if request.transport is not None:
+            request.transport.abort()  # the connection dies without a response
+        raise asyncio.CancelledError
+    if fail is not None and fail.isascii() and fail.isdigit():
+        status = int(fail)
+        return _openai_error(
+            status,
+            f"The mock deployment {site.name} answers {status}.",
+            "rate_limit_error" if status == 429 else "server_error",
+            "rate_limit_exceeded" if status == 429 else "mock_failure",
+        )
     replay = request.headers.get("x-mock-replay")
     if replay is not None:
         return await _replay(request, replay)
@@ -395,6 +411,16 @@ async def _handle(request: web.Request) -> web.StreamResponse:
 
 
 _CASSETTE = re.compile(r"^[a-z0-9-]{1,64}$")
+
+
+def _per_site(request: web.Request, header: str) -> dict[str, str]:
+    """``site=value,site=value`` from a test header: a knob for some deployments only."""
+    out: dict[str, str] = {}
+    for part in request.headers.get(header, "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name and value:
+            out[name] = value
+    return out
 
 
 async def _replay(request: web.Request, name: str) -> web.StreamResponse:

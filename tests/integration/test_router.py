@@ -1,0 +1,124 @@
+"""Routing strategies, cooldowns and context windows through a real Envoy with three
+mock deployments (mock_a, mock_b, mock_c)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import pytest
+
+from tests.integration.stack import POLICIES, Stack, post, start_stack
+
+POLICY = POLICIES / "routing.yaml"
+
+
+@pytest.fixture(scope="module", params=["ext_proc", "ext_authz"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    mode: Literal["ext_proc", "ext_authz"] = request.param
+    with start_stack(tmp_path_factory.mktemp(mode), mode=mode, policy=POLICY) as running:
+        yield running
+
+
+def call(
+    stack: Stack, model: str, headers: dict[str, str] | None = None, text: str = "hi"
+) -> tuple[int, str, dict[str, Any]]:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}]}).encode()
+    status, resp_headers, payload = post(f"{stack.url}/v1/chat/completions", body, headers or {})
+    return status, resp_headers.get("x-mock-upstream", ""), {**resp_headers, "_body": payload}
+
+
+def served(stack: Stack, model: str, n: int, headers: dict[str, str] | None = None) -> Counter[str]:
+    return Counter(
+        upstream if status == 200 else f"{status}"
+        for status, upstream, _ in (call(stack, model, headers) for _ in range(n))
+    )
+
+
+def admin(stack: Stack, path: str) -> Any:
+    with urllib.request.urlopen(f"{stack.admin_url}{path}", timeout=5) as resp:  # noqa: S310
+        return json.load(resp)
+
+
+def test_a_429_cools_the_deployment_for_cooldown_time(stack: Stack) -> None:
+    stack.mocks.clear()
+    failing = {"x-mock-fail": "mock_b=429"}
+    counts = served(stack, "trio", 60, failing)
+    # the first call that lands on trio-b gets its 429; then trio-b is skipped
+    assert counts["429"] == 1
+    assert counts["mock_a"] + counts["mock_c"] == 59
+    assert len(stack.mocks.seen("mock_b")) == 1
+    state = admin(stack, "/deployments")["deployments"]["trio-b"]
+    assert state["cooling_down"] is True
+    assert 0 < state["cooldown_remaining_s"] <= 3
+    time.sleep(3.2)  # cooldown_time: 3 s
+    assert "mock_b" in served(stack, "trio", 30)
+
+
+def test_a_lone_deployment_cools_on_401_and_the_answer_is_a_429(stack: Stack) -> None:
+    status, _, _ = call(stack, "lone", {"x-mock-fail": "mock_c=401"})
+    assert status == 401  # the upstream's own answer, passed on
+    status, _, info = call(stack, "lone")
+    assert status == 429
+    assert json.loads(info["_body"])["error"]["code"] == "deployments_cooling_down"
+    assert 1 <= int(info["retry-after"]) <= 5
+
+
+async def test_least_busy_avoids_the_slow_deployment(stack: Stack) -> None:
+    headers = {"x-mock-slow": "mock_b=1500"}
+    gate = asyncio.Semaphore(4)
+
+    async def one() -> str:
+        async with gate:
+            _, upstream, _ = await asyncio.to_thread(call, stack, "busy", headers)
+        return upstream
+
+    counts = Counter(await asyncio.gather(*(one() for _ in range(24))))
+    assert counts["mock_a"] >= 3 * counts["mock_b"]
+
+
+def test_latency_based_prefers_the_fast_deployment(stack: Stack) -> None:
+    headers = {"x-mock-slow": "mock_b=300"}
+    counts = served(stack, "fast", 20, headers)
+    assert counts["mock_b"] <= 2  # measured once or twice, then avoided
+    assert counts["mock_a"] >= 18
+
+
+def test_cost_based_takes_the_cheapest(stack: Stack) -> None:
+    assert served(stack, "cheap", 10) == {"mock_b": 10}
+
+
+def test_usage_based_respects_rpm(stack: Stack) -> None:
+    if time.time() % 60 > 45:  # keep the calls inside one clock minute
+        time.sleep(61 - time.time() % 60)
+    counts = served(stack, "usage", 11)
+    assert counts == {"mock_a": 5, "mock_b": 5, "429": 1}
+
+
+def test_priority_order_and_failover_after_cooldown(stack: Stack) -> None:
+    assert served(stack, "prio", 5) == {"mock_a": 5}
+    failing = {"x-mock-fail": "mock_a=500"}
+    statuses = [call(stack, "prio", failing)[:2] for _ in range(8)]
+    # more than allowed_fails (3) failures in a minute cool prio-a: prio-b takes over
+    first_b = next(i for i, (s, up) in enumerate(statuses) if up == "mock_b")
+    assert all(s == 500 for s, _ in statuses[:first_b])
+    assert all(up == "mock_b" for _, up in statuses[first_b:])
+    assert first_b <= 4
+
+
+def test_context_window_fallback_and_overflow(stack: Stack) -> None:
+    long_text = "word " * 200  # ~250 tokens: more than small-a's 50
+    status, upstream, _ = call(stack, "small", text=long_text)
+    assert (status, upstream) == (200, "mock_c")  # fell back to the big group
+    status, upstream, _ = call(stack, "small", text="hi")
+    assert (status, upstream) == (200, "mock_a")
+    status, _, info = call(stack, "tiny", text=long_text)
+    error = json.loads(info["_body"])["error"]
+    assert (status, error["code"], error["param"]) == (400, "context_length_exceeded", "messages")

@@ -1,0 +1,120 @@
+"""Routing strategies and LiteLLM's cooldown rules (pure)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import replace
+from decimal import Decimal
+
+import pytest
+
+from extproc.health import DeploymentState, cooldown_reason
+from extproc.policy import CompiledDeployment, CompiledGroup
+from extproc.pricing import Prices
+from extproc.router import choose, over_usage_limits
+
+
+def dep(name: str, **fields: object) -> CompiledDeployment:
+    base = CompiledDeployment(
+        id=name,
+        group="g",
+        provider="openai",
+        cluster=f"c_{name}",
+        model="m",
+        weight=1.0,
+        auth_header="authorization",
+        auth_value=None,
+    )
+    return replace(base, **fields)  # type: ignore[arg-type]
+
+
+def group(strategy: str, *deps: CompiledDeployment, buffer: float = 0.0) -> CompiledGroup:
+    weights = tuple(itertools.accumulate(d.weight for d in deps))
+    return CompiledGroup("g", deps, weights, strategy=strategy, lowest_latency_buffer=buffer)
+
+
+def spread(g: CompiledGroup, states: dict[str, DeploymentState], n: int = 1000) -> Counter[str]:
+    draws = (i / n for i in range(n))  # evenly spaced "random" numbers
+    return Counter(choose(g, g.deployments, states, lambda: next(draws)).id for _ in range(n))
+
+
+def test_simple_shuffle_weight_then_rpm_then_tpm_then_uniform() -> None:
+    weighted = group("simple-shuffle", dep("a", weight=3.0), dep("b", weight=1.0))
+    assert spread(weighted, {}) == {"a": 750, "b": 250}
+    by_rpm = group("simple-shuffle", dep("a", rpm=100), dep("b", rpm=300))
+    assert spread(by_rpm, {}) == {"a": 250, "b": 750}
+    by_tpm = group("simple-shuffle", dep("a", tpm=1000), dep("b", tpm=1000))
+    assert spread(by_tpm, {}) == {"a": 500, "b": 500}
+    uniform = group("simple-shuffle", dep("a"), dep("b"), dep("c"))
+    assert set(spread(uniform, {}).values()) == {333, 334}
+
+
+def test_least_busy() -> None:
+    g = group("least-busy", dep("a"), dep("b"), dep("c"))
+    states = {"a": DeploymentState(inflight=4), "b": DeploymentState(inflight=1)}
+    assert spread(g, states, 10) == {"c": 10}  # nothing in flight at c
+
+
+def test_usage_based_skips_full_deployments_and_prefers_the_least_used() -> None:
+    a, b = dep("a", rpm=10, tpm=10_000), dep("b", rpm=10, tpm=10_000)
+    assert over_usage_limits(a, DeploymentState(rpm=10), 5)
+    assert over_usage_limits(a, DeploymentState(tpm=9_990), 20)
+    assert not over_usage_limits(a, DeploymentState(rpm=9, tpm=9_000), 20)
+    g = group("usage-based-routing", a, b)
+    assert spread(g, {"a": DeploymentState(tpm=500), "b": DeploymentState(tpm=100)}, 10) == {
+        "b": 10
+    }
+
+
+def test_latency_based_prefers_the_fast_within_the_buffer() -> None:
+    g = group("latency-based-routing", dep("a"), dep("b"), dep("c"), buffer=0.5)
+    states = {
+        "a": DeploymentState(latency=(0.010, 0.012)),
+        "b": DeploymentState(latency=(0.014,)),  # within 50% of the fastest
+        "c": DeploymentState(latency=(0.100,)),
+    }
+    assert set(spread(g, states, 100)) == {"a", "b"}
+    # a deployment never measured is tried first
+    assert spread(g, {"a": states["a"], "b": states["b"]}, 10) == {"c": 10}
+    # streams compare time to first token
+    ttft = {
+        d: DeploymentState(latency=(0.01,), ttft=(t,))
+        for d, t in zip("abc", (0.9, 0.2, 0.5), strict=True)
+    }
+    assert choose(g, g.deployments, ttft, lambda: 0.0, stream=True).id == "b"
+
+
+def test_cost_based_and_priority() -> None:
+    cheap = Prices(input_cost_per_token=Decimal("0.000001"), output_cost_per_token=Decimal(0))
+    dear = Prices(input_cost_per_token=Decimal("0.00001"), output_cost_per_token=Decimal(0))
+    g = group("cost-based-routing", dep("a", prices=dear), dep("b", prices=cheap), dep("c"))
+    assert spread(g, {}, 10) == {"b": 10}
+    p = group("priority", dep("a", order=2), dep("b", order=1), dep("c"))
+    assert spread(p, {}, 10) == {"b": 10}
+    assert choose(p, [p.deployments[0], p.deployments[2]], {}, lambda: 0.5).id == "a"
+
+
+@pytest.mark.parametrize(
+    ("status", "size", "failures", "requests", "cools"),
+    [
+        (429, 2, 1, 1, True),  # rate limited, another deployment can serve
+        (429, 1, 1, 1, False),  # a lone deployment is not cooled for a 429
+        (401, 1, 1, 1, True),  # not retryable: cools even alone
+        (404, 1, 1, 1, True),
+        (408, 3, 1, 10, True),
+        (400, 3, 9, 10, False),  # the caller's fault: never
+        (422, 3, 1, 1, False),
+        (500, 3, 1, 1, False),  # one 5xx is within allowed_fails
+        (500, 3, 3, 5, True),  # >50% of >=5 requests this minute
+        (500, 3, 2, 5, False),
+        (503, 3, 4, 100, True),  # more than allowed_fails (3)
+        (500, 1, 50, 50, False),  # a lone deployment: only non-retryable errors
+        (200, 3, 9, 10, False),
+    ],
+)
+def test_cooldown_rules(status: int, size: int, failures: int, requests: int, cools: bool) -> None:
+    reason = cooldown_reason(
+        status, group_size=size, failures=failures, requests=requests, allowed_fails=3
+    )
+    assert (reason is not None) is cools
