@@ -119,6 +119,7 @@ def _parse_upstream(value: str) -> tuple[str, Upstream, str | None]:
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
     import yaml  # noqa: PLC0415
 
+    from extproc.failover import failover_plan  # noqa: PLC0415
     from extproc.launcher import mock_plan  # noqa: PLC0415
     from extproc.policy import parse_policy  # noqa: PLC0415
 
@@ -135,6 +136,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
         admin=Upstream("127.0.0.1", args.envoy_admin_port),
         cluster_header=settings.cluster_header,
         failure_mode_allow=args.failure_mode_allow,
+        failover=failover_plan(policy.failover_groups(), policy.router_settings.default_fallbacks),
     )
     if args.out:
         args.out.write_text(text, encoding="utf-8")

@@ -21,6 +21,7 @@ from extproc.errors import (
     UnknownRouteError,
     UnsupportedMediaTypeError,
 )
+from extproc.failover import DEPLOYMENT_HEADER, FailoverRoute
 from extproc.iterations import SessionCap, session_cap
 from extproc.jsonbody import replace_member, set_member
 from extproc.keys import (
@@ -253,8 +254,10 @@ def route_to(
     config: GatewayConfig,
     *,
     inject_usage: bool = True,
+    failover: FailoverRoute | None = None,
 ) -> RouteDecision:
-    """The changes that send ``prepared`` to ``deployment``.
+    """The changes that send ``prepared`` to ``deployment`` (through its composite
+    cluster when it can fail over: Envoy retries other deployments in the same call).
 
     ``inject_usage``: for a streamed chat/completions call that does not ask for
     usage, ask for it upstream (``stream_options.include_usage``); off where the body
@@ -271,6 +274,12 @@ def route_to(
             body = set_member(body, "stream_options", {**merged, "include_usage": True})
             asks_usage = True
     set_headers: list[tuple[str, str]] = [(config.cluster_header, deployment.cluster)]
+    if failover is not None:
+        set_headers = [
+            (config.cluster_header, failover.composite),
+            # the first attempt is already rewritten for this deployment
+            (DEPLOYMENT_HEADER, deployment.id),
+        ]
     if deployment.auth_value is not None:
         set_headers.append((deployment.auth_header, deployment.auth_value))
     set_headers.append(("content-length", str(len(body))))
@@ -316,4 +325,10 @@ def decide(
     store-backed strategies, cooldowns and budget filter)."""
     prepared = prepare(head, raw_body, policy, config, now=now)
     deployment = pick_deployment(prepared.group, rng, exclude)
-    return route_to(prepared, deployment, config, inject_usage=inject_usage)
+    return route_to(
+        prepared,
+        deployment,
+        config,
+        inject_usage=inject_usage,
+        failover=policy.failover.get(deployment.id),
+    )

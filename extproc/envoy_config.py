@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from extproc.errors import ERROR_HEADER
+from extproc.failover import FailoverRoute, deployment_cluster_name
 from extproc.iterations import LIMIT_HEADER, REMAINING_HEADER
 from extproc.parallel import (
     AUTHZ_NAMESPACE,
@@ -239,6 +240,106 @@ def _ext_authz_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]
     }
 
 
+#: Envoy retries an attempt that got one of these (never once response bytes left).
+RETRY_ON = "5xx,reset,connect-failure,retriable-status-codes"
+
+
+def _attempt_filter() -> dict[str, Any]:
+    """The upstream ext_proc filter of a composite cluster: it runs once per attempt
+    and gives the attempt its deployment's credentials and model name."""
+    return {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            _TYPE: _API + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}, "timeout": "5s"},
+            "message_timeout": "2s",
+            "status_on_error": {"code": 503},
+            "allow_mode_override": True,
+            # which deployment this attempt goes to (its endpoint's metadata)
+            "request_attributes": ["xds.upstream_host_metadata"],
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "response_body_mode": "NONE",
+                "response_trailer_mode": "SKIP",
+            },
+        },
+    }
+
+
+def _failover(
+    plan: Mapping[str, FailoverRoute],
+    clusters: Mapping[str, Upstream],
+    cluster_header: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Routes (one per composite cluster, retrying as many times as it has attempts)
+    and clusters (per-deployment copies with metadata, and the composites)."""
+    routes: list[dict[str, Any]] = []
+    out: dict[str, dict[str, Any]] = {}
+    for route in sorted(plan.values(), key=lambda r: r.composite):
+        names = []
+        for dep_id, cluster in route.attempts:
+            name = deployment_cluster_name(dep_id)
+            names.append(name)
+            if name not in out and cluster in clusters:
+                copy = _cluster(name, clusters[cluster])
+                endpoint = copy["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+                endpoint["metadata"] = {
+                    "filter_metadata": {LEASE_NAMESPACE: {"deployment": dep_id}}
+                }
+                out[name] = copy
+        out[route.composite] = {
+            "name": route.composite,
+            "connect_timeout": "2s",
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {
+                "name": "envoy.clusters.composite",
+                "typed_config": {
+                    _TYPE: _API + "extensions.clusters.composite.v3.ClusterConfig",
+                    "clusters": [{"name": n} for n in names],
+                },
+            },
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    _TYPE: _API + "extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http_protocol_options": {}},
+                    "http_filters": [
+                        _attempt_filter(),
+                        {
+                            "name": "envoy.filters.http.upstream_codec",
+                            "typed_config": {
+                                _TYPE: _API + "extensions.filters.http.upstream_codec.v3."
+                                "UpstreamCodec"
+                            },
+                        },
+                    ],
+                }
+            },
+        }
+        routes.append(
+            {
+                "match": {
+                    "prefix": "/",
+                    "headers": [
+                        {"name": cluster_header, "string_match": {"exact": route.composite}}
+                    ],
+                },
+                "route": {
+                    "cluster_header": cluster_header,
+                    "timeout": "600s",
+                    "retry_policy": {
+                        "retry_on": RETRY_ON,
+                        "retriable_status_codes": [429],
+                        "num_retries": route.retries,
+                    },
+                },
+            }
+        )
+    return routes, list(out.values())
+
+
 def _lease_access_log(mode: str) -> dict[str, Any]:
     """Send the end of every stream that holds a parallel-request lease to the server.
 
@@ -388,8 +489,10 @@ def render_envoy_config(
     failure_mode_allow: bool = False,
     max_body_bytes: int = 8 * 1024 * 1024,
     access_log_path: str = "/dev/stdout",
+    failover: Mapping[str, FailoverRoute] | None = None,
 ) -> str:
-    """The Envoy bootstrap YAML for ``clusters`` (policy cluster name → upstream)."""
+    """The Envoy bootstrap YAML for ``clusters`` (policy cluster name → upstream), with
+    a composite cluster and a retrying route per ``failover`` entry."""
     if _EXTPROC_CLUSTER in clusters:
         raise ValueError(f"the cluster name {_EXTPROC_CLUSTER!r} is reserved for the server")
     if mode == "ext_proc":
@@ -399,7 +502,9 @@ def render_envoy_config(
         service = "envoy.service.auth.v3.Authorization"
         gate = _ext_authz_filter(failure_mode_allow, max_body_bytes)
     gates = [gate] if mode == "ext_proc" else [gate, _response_meter_filter()]
+    failover_routes, failover_clusters = _failover(failover or {}, clusters, cluster_header)
     routes = [
+        *failover_routes,
         {
             "match": {"prefix": "/", "headers": [{"name": cluster_header, "present_match": True}]},
             # LLM calls are long; streams may run for minutes.
@@ -494,6 +599,7 @@ def render_envoy_config(
             "clusters": [
                 _extproc_cluster(server, service, extra_servers),
                 *(_cluster(name, up) for name, up in sorted(clusters.items())),
+                *failover_clusters,
             ],
         },
     }

@@ -8,6 +8,7 @@ off with ``mode_override``). Other phases, if a config enables them, get empty r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -20,8 +21,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
 from extproc.accounting import Charge
+from extproc.attempts import Attempt, attempt_deployment
 from extproc.decision import RouteDecision, decide_head
 from extproc.errors import GatewayError, InternalError, PayloadTooLargeError
+from extproc.failover import SERVED_BY_HEADER
 from extproc.gateway import Gateway
 from extproc.metering import ResponseMeter, charge_from_metadata
 from extproc.parallel import LEASE_NAMESPACE, Lease
@@ -81,6 +84,7 @@ class _Stream:
         "_policy",
         "_size",
         "_started",
+        "attempt",
         "charge",
         "finished",
         "lease",
@@ -102,6 +106,8 @@ class _Stream:
         #: The budget reservation until the response settles it.
         self.charge: Charge | None = None
         self.meter: ResponseMeter | None = None
+        #: Set when this stream is one upstream attempt of a failover cluster.
+        self.attempt: Attempt | None = None
 
     def _refuse(self, err: GatewayError, phase: str) -> pb.ProcessingResponse:
         metrics = self._gateway.metrics
@@ -183,7 +189,13 @@ class _Stream:
             return reply
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
         status = headers.get(":status", "")
-        if status.isascii() and status.isdigit():
+        served = headers.get(SERVED_BY_HEADER)
+        if served is not None:
+            # Failover: the attempts recorded their own health; price what served.
+            reply.response_headers.response.header_mutation.remove_headers.append(SERVED_BY_HEADER)
+            if served != charge.deployment and self._policy.deployment(served) is not None:
+                charge = self.charge = dataclasses.replace(charge, deployment=served)
+        elif status.isascii() and status.isdigit():
             # Health: every answer counts, and may cool the deployment down.
             await self._gateway.answered(charge, int(status), self._policy)
         if not status.startswith("2"):
@@ -223,6 +235,11 @@ class _Stream:
             charge, self.charge = self.charge, None
             await self._gateway.settle(charge, self.meter.usage(), self._policy)
 
+    async def _attempt_phase(
+        self, attempt: Attempt, msg: pb.ProcessingRequest, phase: str | None
+    ) -> pb.ProcessingResponse:
+        return await _attempt_reply(attempt, msg, phase)
+
     def _record(self, decision: RouteDecision) -> None:
         metrics = self._gateway.metrics
         dep = decision.deployment
@@ -234,7 +251,15 @@ class _Stream:
         """Answer one message; every refusal becomes an immediate response."""
         phase = msg.WhichOneof("request")
         try:
+            if self.attempt is not None:
+                return await self._attempt_phase(self.attempt, msg, phase)
             if phase == "request_headers":
+                dep_id = attempt_deployment(msg)
+                if dep_id is not None:
+                    # an upstream attempt of a failover cluster, not a new call
+                    self.attempt = Attempt(self._gateway, dep_id)
+                    self.finished = True
+                    return self.attempt.on_request_headers(msg.request_headers)
                 return self.on_request_headers(msg.request_headers)
             if phase == "request_body":
                 return await self.on_request_body(msg.request_body)
@@ -253,6 +278,16 @@ class _Stream:
             internal = InternalError("The gateway failed to process this request.")
             return self._refuse(internal, phase or "unknown")
         return _passthrough(phase)
+
+
+async def _attempt_reply(
+    attempt: Attempt, msg: pb.ProcessingRequest, phase: str | None
+) -> pb.ProcessingResponse:
+    if phase == "request_body":
+        return attempt.on_request_body(msg.request_body)
+    if phase == "response_headers":
+        return await attempt.on_response_headers(msg.response_headers)
+    return _passthrough(phase)
 
 
 def _passthrough(phase: str | None) -> pb.ProcessingResponse:
@@ -289,6 +324,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 # Delivered: from here on Envoy owns the lease and logs it back.
                 stream.lease = None
         finally:
+            if stream.attempt is not None and not stream.attempt.answered:
+                self._gateway.spawn(stream.attempt.ended_unanswered())
             if stream.lease is not None:
                 # The stream broke before Envoy got the lease: nobody will log it.
                 self._gateway.release_soon(stream.lease)

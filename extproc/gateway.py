@@ -152,7 +152,13 @@ class Gateway:
         now = self.clock()
         prepared = prepare(head, raw, policy, self.config, now=now)
         prepared, deployment = await self.router.choose(prepared, policy, now)
-        return route_to(prepared, deployment, self.config, inject_usage=inject_usage)
+        return route_to(
+            prepared,
+            deployment,
+            self.config,
+            inject_usage=inject_usage,
+            failover=policy.failover.get(deployment.id),
+        )
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
         """The store-backed checks of a routed request: the budget reservation, the
@@ -327,6 +333,10 @@ class Gateway:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.alerts.drain()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run store work in a task of its own (from code that cannot await)."""
+        self._spawn(work)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

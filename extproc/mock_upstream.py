@@ -83,7 +83,11 @@ async def _stream(request: web.Request, chunks: list[bytes]) -> web.StreamRespon
     resp.headers["x-mock-upstream"] = request.app[_SITE].name
     await resp.prepare(request)
     pause = _delay_s(request, "x-mock-chunk-delay-ms")
-    for chunk in chunks:
+    midstream = _per_site(request, "x-mock-fail").get(request.app[_SITE].name) == "midstream"
+    for index, chunk in enumerate(chunks):
+        if midstream and index == 2 and request.transport is not None:
+            request.transport.abort()  # the stream breaks after two events
+            raise asyncio.CancelledError
         await resp.write(chunk)
         await asyncio.sleep(pause)
     await resp.write_eof()

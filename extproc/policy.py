@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from extproc.budgets import EndUser, GlobalBudget, TagBudget
+from extproc.failover import MAX_RETRIES, FailoverGroup, FailoverRoute, failover_plan
 from extproc.keys import (
     Agent,
     Directory,
@@ -138,6 +139,13 @@ class Deployment(_Model):
         return value
 
 
+class RouterSettings(_Model):
+    """Router-wide settings (LiteLLM's ``router_settings``)."""
+
+    #: Fallback groups for every group that names none of its own.
+    default_fallbacks: tuple[str, ...] = ()
+
+
 RoutingStrategy = Literal[
     "simple-shuffle",
     "least-busy",
@@ -167,6 +175,10 @@ class ModelGroup(_Model):
     lowest_latency_buffer: float = Field(default=0.0, ge=0)
     #: Groups tried when every deployment's context window is too small for the call.
     context_window_fallbacks: tuple[str, ...] = ()
+    #: In-request failover: retries on the group's other deployments, then these groups
+    #: (Envoy retries; see extproc.failover). 0 and no fallbacks: no failover.
+    num_retries: int = Field(default=0, ge=0, le=MAX_RETRIES)
+    fallbacks: tuple[str, ...] = ()
 
     @field_validator("name")
     @classmethod
@@ -192,6 +204,15 @@ class Policy(_Model):
     general_settings: GeneralSettings = GeneralSettings()
     #: Provider budgets, by provider name (LiteLLM's ``provider_budget_config``).
     provider_budgets: dict[str, ProviderBudget] = Field(default_factory=dict)
+    router_settings: RouterSettings = RouterSettings()
+
+    def failover_groups(self) -> list[FailoverGroup]:
+        return [
+            FailoverGroup(
+                g.name, [(d.id, d.cluster) for d in g.deployments], g.num_retries, g.fallbacks
+            )
+            for g in self.model_groups
+        ]
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
@@ -240,8 +261,11 @@ class Policy(_Model):
             if group.name in seen_groups:
                 raise ValueError(f"model group {group.name!r} is defined twice")
             seen_groups.add(group.name)
+        for name in self.router_settings.default_fallbacks:
+            if name not in seen_groups:
+                raise ValueError(f"default_fallbacks names unknown group {name!r}")
         for group in self.model_groups:
-            for fallback in group.context_window_fallbacks:
+            for fallback in (*group.context_window_fallbacks, *group.fallbacks):
                 if fallback not in seen_groups or fallback == group.name:
                     raise ValueError(
                         f"model group {group.name!r} falls back to unknown group {fallback!r}"
@@ -319,6 +343,8 @@ class CompiledPolicy:
     #: Access group name → model group names in it.
     access_groups: Mapping[str, frozenset[str]] = field(default_factory=dict)
     provider_budgets: Mapping[str, ProviderBudget] = field(default_factory=dict)
+    #: Deployment id → its composite cluster and attempts (in-request failover).
+    failover: Mapping[str, FailoverRoute] = field(default_factory=dict)
 
     @property
     def global_budget(self) -> GlobalBudget:
@@ -493,6 +519,7 @@ def compile_policy(
         tag_budgets={t.name: t for t in policy.tags},
         access_groups={name: frozenset(m) for name, m in members.items()},
         provider_budgets=dict(policy.provider_budgets),
+        failover=failover_plan(policy.failover_groups(), policy.router_settings.default_fallbacks),
     )
 
 

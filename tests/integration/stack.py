@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from extproc.envoy_config import Upstream, render_envoy_config
+from extproc.failover import FailoverRoute, failover_plan
+from extproc.policy import parse_policy
 from tests.helpers import (
     Proc,
     envoy_argv,
@@ -86,6 +90,12 @@ class Stack:
         return self.server.log() if self.server else ""
 
 
+def failover_for(policy: Path) -> dict[str, FailoverRoute]:
+    """The failover plan of a policy file, as ``extproc envoy-config`` derives it."""
+    parsed = parse_policy(yaml.safe_load(policy.read_text()), str(policy))
+    return failover_plan(parsed.failover_groups(), parsed.router_settings.default_fallbacks)
+
+
 @contextlib.contextmanager
 def start_mocks(workdir: Path) -> Iterator[Mocks]:
     ports = {name: free_port() for name in MOCKS}
@@ -129,6 +139,7 @@ def start_envoy(
     failure_mode_allow: bool = False,
     name: str = "envoy",
     extra_grpc_ports: tuple[int, ...] = (),
+    policy: Path = VALID_POLICY,
 ) -> Iterator[tuple[Proc, str, str]]:
     port, admin = free_port(), free_port()
     config = workdir / f"{name}.yaml"
@@ -142,6 +153,7 @@ def start_envoy(
             admin=Upstream("127.0.0.1", admin),
             failure_mode_allow=failure_mode_allow,
             access_log_path=str(workdir / f"{name}-access.log"),
+            failover=failover_for(policy),
         )
     )
     proc = Proc(name, envoy_argv(config), workdir / f"{name}.log")
@@ -161,7 +173,11 @@ def start_stack(
     with (
         start_mocks(workdir) as mocks,
         start_server(workdir, policy, server_env) as (server, grpc_port, admin_port),
-        start_envoy(workdir, mocks, grpc_port, mode=mode) as (envoy, url, envoy_admin),
+        start_envoy(workdir, mocks, grpc_port, mode=mode, policy=policy) as (
+            envoy,
+            url,
+            envoy_admin,
+        ),
     ):
         wait_for_extproc_healthy(envoy_admin)
         yield Stack(
@@ -209,7 +225,11 @@ def start_two_servers(
         start_mocks(workdir) as mocks,
         start_server(workdir / "s1", policy, server_env) as (_, port_1, admin_1),
         start_server(workdir / "s2", policy, server_env) as (_, port_2, admin_2),
-        start_envoy(workdir, mocks, port_1, extra_grpc_ports=(port_2,)) as (_, url, admin),
+        start_envoy(workdir, mocks, port_1, extra_grpc_ports=(port_2,), policy=policy) as (
+            _,
+            url,
+            admin,
+        ),
     ):
         wait_for_extproc_healthy(admin)
         yield url, [admin_1, admin_2]

@@ -122,3 +122,58 @@ def test_context_window_fallback_and_overflow(stack: Stack) -> None:
     status, _, info = call(stack, "tiny", text=long_text)
     error = json.loads(info["_body"])["error"]
     assert (status, error["code"], error["param"]) == (400, "context_length_exceeded", "messages")
+
+
+@pytest.mark.parametrize(
+    ("group", "failure", "site"),
+    [("ha1", "429", "mock_b"), ("ha2", "500", "mock_a"), ("ha3", "reset", "mock_c")],
+)
+def test_failover_gives_the_client_one_success(
+    stack: Stack, group: str, failure: str, site: str
+) -> None:
+    """One of three deployments answers 429, 500 or resets: Envoy retries the call on
+    another deployment (its own credentials and model name), and the failing one
+    cools down."""
+    stack.mocks.clear()
+    headers = {"x-mock-fail": f"{site}={failure}"}
+    results = [call(stack, group, headers) for _ in range(300)]
+    assert [status for status, _, _ in results] == [200] * 300
+    for _, upstream, info in results:
+        assert upstream != site
+        model = json.loads(info["_body"])["model"]
+        if stack.mode == "ext_proc" or model != group:
+            assert model == f"model-{upstream[-1]}"  # rewritten for the deployment that served
+    # the failed attempts reached the failing deployment; its cooldown stopped the rest
+    assert 1 <= len(stack.mocks.seen(site)) <= 5
+    state = admin(stack, "/deployments")["deployments"][f"{group}-{site[-1]}"]
+    assert state["cooling_down"] is True
+
+
+def test_fallback_group_serves_when_the_group_fails(stack: Stack) -> None:
+    status, upstream, info = call(stack, "solo", {"x-mock-fail": "mock_a=500"})
+    assert (status, upstream) == (200, "mock_b")
+    assert json.loads(info["_body"])["model"] == "backup-model"
+
+
+def test_a_stream_failing_midway_is_not_retried_and_ends_in_an_error(stack: Stack) -> None:
+    import openai  # noqa: PLC0415
+
+    stack.mocks.clear()
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+    stream = client.chat.completions.create(
+        model="solo",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        # paced, so the first events reach the client before the upstream breaks
+        extra_headers={"x-mock-fail": "mock_a=midstream", "x-mock-chunk-delay-ms": "100"},
+    )
+    received: list[Any] = []
+
+    def read_all() -> None:
+        received.extend(stream)
+
+    with pytest.raises(Exception) as info:  # noqa: PT011 - the transport error type varies
+        read_all()
+    assert not isinstance(info.value, AssertionError)
+    assert len(received) <= 2  # what was sent before the break, never a clean end
+    assert stack.mocks.seen("mock_b") == []  # bytes had reached the client: no retry

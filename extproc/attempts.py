@@ -1,0 +1,113 @@
+"""One upstream attempt of a call routed through a composite (failover) cluster.
+
+Envoy's upstream ext_proc filter on the composite cluster opens a stream per attempt
+and names the attempt's deployment in the ``xds.upstream_host_metadata`` attribute.
+The first attempt was already rewritten for its deployment by the request phases; a
+retry going elsewhere gets that deployment's credentials and model name here. Every
+attempt's status counts for the deployment's health (cooldowns), and the answer that
+reaches the client says which deployment served it (for pricing).
+"""
+
+from __future__ import annotations
+
+import re
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER
+from extproc.gateway import Gateway
+from extproc.jsonbody import member_span, replace_member
+from extproc.policy import CompiledDeployment, CompiledPolicy
+from extproc.providers import CLIENT_CREDENTIAL_HEADERS
+
+__all__ = ["Attempt", "attempt_deployment"]
+
+_ATTRIBUTE = "xds.upstream_host_metadata"
+# the attribute is the host metadata in protobuf text format
+_DEPLOYMENT = re.compile(r'key: \\?"deployment\\?" value \{ string_value: \\?"([^"\\]+)\\?"')
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+
+
+def attempt_deployment(msg: pb.ProcessingRequest) -> str | None:
+    """The deployment an upstream attempt goes to; None for a downstream stream."""
+    for attrs in msg.attributes.values():
+        value = attrs.fields.get(_ATTRIBUTE)
+        if value is not None:
+            match = _DEPLOYMENT.search(value.string_value)
+            return match.group(1) if match else ""
+    return None
+
+
+def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode("latin-1")),
+        append_action=_OVERWRITE,
+    )
+
+
+class Attempt:
+    __slots__ = ("_dep", "_gateway", "_policy", "answered")
+
+    def __init__(self, gateway: Gateway, dep_id: str) -> None:
+        self._gateway = gateway
+        self._policy: CompiledPolicy = gateway.policy
+        self._dep: CompiledDeployment | None = self._policy.deployment(dep_id)
+        #: False until the attempt's response headers came: an attempt that ends
+        #: without them was reset or could not connect.
+        self.answered = False
+
+    async def ended_unanswered(self) -> None:
+        """A reset or connect failure counts like a 5xx for the deployment's health."""
+        dep = self._dep
+        group = self._policy.groups.get(dep.group) if dep is not None else None
+        if dep is not None and group is not None:
+            await self._gateway.router.answered(dep, group, 503)
+
+    def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
+        reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+        mutation = reply.request_headers.response.header_mutation
+        mutation.remove_headers.append(DEPLOYMENT_HEADER)
+        dep = self._dep
+        if dep is None or headers.get(DEPLOYMENT_HEADER) == dep.id:
+            return reply  # the first attempt: rewritten already (or unknown: as is)
+        if dep.auth_value is not None:
+            mutation.set_headers.append(_set(dep.auth_header, dep.auth_value))
+        mutation.remove_headers.extend(
+            h for h in CLIENT_CREDENTIAL_HEADERS if h != dep.auth_header or dep.auth_value is None
+        )
+        if not msg.end_of_stream:
+            reply.mode_override.request_body_mode = _BUFFERED  # for the model name
+        return reply
+
+    def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        reply = pb.ProcessingResponse(request_body=pb.BodyResponse())
+        dep = self._dep
+        span = member_span(msg.body, "model") if dep is not None else None
+        if dep is None or span is None:
+            return reply
+        body = replace_member(msg.body, span, dep.model)
+        common = reply.request_body.response
+        common.body_mutation.body = body
+        common.header_mutation.set_headers.append(_set("content-length", str(len(body))))
+        return reply
+
+    async def on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        self.answered = True
+        reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        dep = self._dep
+        if dep is None:
+            return reply
+        status = next(
+            (h.raw_value.decode() or h.value for h in msg.headers.headers if h.key == ":status"), ""
+        )
+        group = self._policy.groups.get(dep.group)
+        if group is not None and status.isascii() and status.isdigit():
+            await self._gateway.router.answered(dep, group, int(status))
+        reply.response_headers.response.header_mutation.set_headers.append(
+            _set(SERVED_BY_HEADER, dep.id)
+        )
+        return reply

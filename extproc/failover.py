@@ -1,0 +1,109 @@
+"""In-request failover, the Envoy way.
+
+For a group that can fail over (``num_retries`` > 0, or ``fallbacks``), every
+deployment ``d`` gets a composite cluster (``envoy.clusters.composite``) whose
+sub-clusters are ``d`` first, then up to ``num_retries`` of the group's other
+deployments, then the deployments of its fallback groups (at most five retries in all).
+The server routes a call to the composite cluster of the deployment its strategy
+chose; the route's retry policy (429, 5xx, resets, connect failures) makes Envoy send
+attempt N to sub-cluster N. Each deployment has a cluster of its own here (a copy of
+its upstream whose endpoint metadata names the deployment), so an upstream ext_proc
+filter on the composite cluster, which runs once per attempt, can tell which
+deployment an attempt goes to and give it that deployment's credentials and model
+name (``extproc_service``'s attempt streams). Once response bytes reached the client
+Envoy never retries, so a stream failing midway ends in an error, not a retry.
+
+The plan is derived from the policy alone, the same way by ``extproc envoy-config``
+and by the server, so the cluster names agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "DEPLOYMENT_HEADER",
+    "MAX_RETRIES",
+    "SERVED_BY_HEADER",
+    "FailoverGroup",
+    "FailoverRoute",
+    "composite_name",
+    "deployment_cluster_name",
+    "failover_plan",
+]
+
+MAX_RETRIES = 5
+#: Set by the server on a call it routes to a composite cluster: the deployment it
+#: chose (the first attempt needs no rewrite). Removed before any upstream sees it.
+DEPLOYMENT_HEADER = "x-extproc-deployment"
+#: Added to the response by the attempt that answered: which deployment served it.
+SERVED_BY_HEADER = "x-extproc-served-by"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _slug(dep_id: str) -> str:
+    digest = hashlib.sha1(dep_id.encode(), usedforsecurity=False).hexdigest()[:8]
+    return f"{_UNSAFE.sub('_', dep_id)[:60]}.{digest}"
+
+
+def composite_name(dep_id: str) -> str:
+    """The composite cluster a call chosen for ``dep_id`` is routed to."""
+    return f"fo.{_slug(dep_id)}"
+
+
+def deployment_cluster_name(dep_id: str) -> str:
+    """The per-deployment copy of its upstream cluster (endpoint metadata names it)."""
+    return f"dep.{_slug(dep_id)}"
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverGroup:
+    """What the plan needs of a model group."""
+
+    name: str
+    #: (deployment id, Envoy cluster) in policy order.
+    deployments: Sequence[tuple[str, str]]
+    #: Retries on the group's other deployments before the fallbacks (LiteLLM's).
+    num_retries: int = 0
+    fallbacks: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverRoute:
+    """One composite cluster: the attempts, in order, as (deployment id, cluster)."""
+
+    composite: str
+    attempts: tuple[tuple[str, str], ...]
+
+    @property
+    def retries(self) -> int:
+        return len(self.attempts) - 1
+
+
+def failover_plan(
+    groups: Iterable[FailoverGroup], default_fallbacks: Sequence[str] = ()
+) -> dict[str, FailoverRoute]:
+    """Deployment id → its failover route, for every deployment that has somewhere
+    to fail over to."""
+    by_name: Mapping[str, FailoverGroup] = {g.name: g for g in groups}
+    plan: dict[str, FailoverRoute] = {}
+    for group in by_name.values():
+        fallbacks = group.fallbacks or [f for f in default_fallbacks if f != group.name]
+        others: list[tuple[str, str]] = []
+        for name in fallbacks:
+            fallback = by_name.get(name)
+            if fallback is not None:
+                others += fallback.deployments
+        for dep in group.deployments:
+            retries = [d for d in group.deployments if d != dep][: group.num_retries]
+            attempts: list[tuple[str, str]] = []
+            for candidate in (dep, *retries, *others):
+                if all(candidate[0] != taken[0] for taken in attempts):
+                    attempts.append(candidate)
+            attempts = attempts[: 1 + MAX_RETRIES]
+            if len(attempts) > 1:
+                plan[dep[0]] = FailoverRoute(composite_name(dep[0]), tuple(attempts))
+    return plan
