@@ -90,6 +90,16 @@ def _check_lease_log(
             )
 
 
+def _check_failover(clusters: dict[str, Any], policy: CompiledPolicy, report: CheckReport) -> None:
+    missing = sorted(r.composite for r in policy.failover.values() if r.composite not in clusters)
+    if missing:
+        report.errors.append(
+            f"the policy fails over through {len(missing)} composite cluster(s) the Envoy "
+            f"config does not define (e.g. {missing[0]}): regenerate it with "
+            "`extproc envoy-config`"
+        )
+
+
 def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) -> CheckReport:
     """Errors that would break routing, and warnings that weaken it."""
     report = CheckReport()
@@ -157,6 +167,7 @@ def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) ->
                         f"receive model {dep.group!r}, not {dep.model!r}"
                     )
     _check_lease_log(typed, policy, report)
+    _check_failover(clusters, policy, report)
     header = settings.cluster_header
     uses_header = any(
         isinstance(n.get("route"), dict) and n["route"].get("cluster_header") == header

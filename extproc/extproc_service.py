@@ -29,6 +29,7 @@ from extproc.gateway import Gateway
 from extproc.metering import ResponseMeter, charge_from_metadata
 from extproc.parallel import LEASE_NAMESPACE, Lease
 from extproc.request import RequestHead
+from extproc.upstream_errors import normalize_error
 
 __all__ = ["ExternalProcessorService"]
 
@@ -38,6 +39,7 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _BODY_NONE = processing_mode_pb2.ProcessingMode.NONE
 _SKIP = processing_mode_pb2.ProcessingMode.SKIP
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+_BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 
 
 def _header_mutation(
@@ -86,6 +88,7 @@ class _Stream:
         "_started",
         "attempt",
         "charge",
+        "error_status",
         "finished",
         "lease",
         "meter",
@@ -108,6 +111,8 @@ class _Stream:
         self.meter: ResponseMeter | None = None
         #: Set when this stream is one upstream attempt of a failover cluster.
         self.attempt: Attempt | None = None
+        #: An upstream 4xx whose body is read to normalize its error code.
+        self.error_status: int | None = None
 
     def _refuse(self, err: GatewayError, phase: str) -> pb.ProcessingResponse:
         metrics = self._gateway.metrics
@@ -202,6 +207,11 @@ class _Stream:
             # A failed call costs nothing: give its reservation back.
             self.charge = None
             self._gateway.cancel_soon(charge)
+            if status.startswith("4") and not msg.end_of_stream:
+                # read the error: provider words for context overflow or content
+                # policy become OpenAI's codes
+                self.error_status = int(status)
+                reply.mode_override.response_body_mode = _BUFFERED
             return reply
         self.meter = ResponseMeter(
             charge,
@@ -219,6 +229,21 @@ class _Stream:
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         meter = self.meter
         reply = pb.ProcessingResponse(response_body=pb.BodyResponse())
+        if self.error_status is not None:
+            normalized = normalize_error(self.error_status, msg.body)
+            if normalized is not None:
+                common = reply.response_body.response
+                common.body_mutation.body = normalized
+                common.header_mutation.set_headers.append(
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(
+                            key="content-length", raw_value=str(len(normalized)).encode()
+                        ),
+                        append_action=_OVERWRITE,
+                    )
+                )
+                self._gateway.metrics.upstream_errors_normalized.inc()
+            return reply
         if meter is None:
             return reply
         body = meter.feed(msg.body, end=msg.end_of_stream)

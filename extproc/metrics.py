@@ -137,3 +137,8 @@ class Metrics:
             ["deployment"],
             registry=self.registry,
         )
+        self.upstream_errors_normalized = Counter(
+            "extproc_upstream_errors_normalized",
+            "Upstream 4xx bodies rewritten to context_length_exceeded or content_policy_violation.",
+            registry=self.registry,
+        )

@@ -428,10 +428,12 @@ def _per_site(request: web.Request, header: str) -> dict[str, str]:
 
 
 async def _replay(request: web.Request, name: str) -> web.StreamResponse:
-    """Answer with a recorded response (go-vcr cassette) from EXTPROC_MOCK_REPLAY_DIR."""
-    directory = os.environ.get("EXTPROC_MOCK_REPLAY_DIR", "")
-    path = Path(directory) / f"{name}.yaml"
-    if not directory or not _CASSETTE.match(name) or not path.is_file():
+    """Answer with a recorded response (go-vcr cassette) from EXTPROC_MOCK_REPLAY_DIR
+    (directories separated like PATH)."""
+    directories = [d for d in os.environ.get("EXTPROC_MOCK_REPLAY_DIR", "").split(os.pathsep) if d]
+    found = [Path(d) / f"{name}.yaml" for d in directories if (Path(d) / f"{name}.yaml").is_file()]
+    path = found[0] if found else None
+    if path is None or not _CASSETTE.match(name):
         return _openai_error(404, f"no recording {name[:64]!r}", "invalid_request_error", "replay")
     recorded = yaml.safe_load(path.read_text(encoding="utf-8"))["interactions"][0]["response"]
     content_type = (recorded["headers"].get("Content-Type") or ["application/json"])[0]

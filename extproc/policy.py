@@ -10,6 +10,7 @@ that request handling reads without further checks.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import os
 import re
@@ -499,6 +500,7 @@ def compile_policy(
         )
     if errors:
         raise PolicyError(source, errors)
+    _add_large_groups(groups)
     members: dict[str, set[str]] = {}
     for group in policy.model_groups:
         for name in group.access_groups:
@@ -521,6 +523,31 @@ def compile_policy(
         provider_budgets=dict(policy.provider_budgets),
         failover=failover_plan(policy.failover_groups(), policy.router_settings.default_fallbacks),
     )
+
+
+def _add_large_groups(groups: dict[str, CompiledGroup]) -> None:
+    """The seed's ``auto-large``: for a group whose deployments' context windows
+    differ, a ``<name>-large`` group of those larger than the smallest, which becomes
+    the group's context-window fallback when it names none (unless the policy already
+    has a group of that name)."""
+    for group in list(groups.values()):
+        windows = [d.context_window for d in group.deployments]
+        if None in windows or len(set(windows)) < 2:
+            continue
+        smallest = min(w for w in windows if w is not None)
+        large = tuple(d for d in group.deployments if (d.context_window or 0) > smallest)
+        name = f"{group.name}-large"
+        if name in groups:
+            continue
+        groups[name] = dataclasses.replace(
+            group,
+            name=name,
+            deployments=large,
+            cumulative_weights=tuple(itertools.accumulate(d.weight for d in large)),
+            context_window_fallbacks=(),
+        )
+        if not group.context_window_fallbacks:
+            groups[group.name] = dataclasses.replace(group, context_window_fallbacks=(name,))
 
 
 def load_policy(

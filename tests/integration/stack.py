@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -103,7 +104,8 @@ def start_mocks(workdir: Path) -> Iterator[Mocks]:
     for name, key_var in MOCKS.items():
         spec = f"{name}=127.0.0.1:{ports[name]}" + (f":{key_var}" if key_var else "")
         args += ["--upstream", spec]
-    env = {**KEYS, "EXTPROC_MOCK_REPLAY_DIR": str(RECORDED)}
+    replay = os.pathsep.join(str(d) for d in (RECORDED, RECORDED.parent / "synthetic"))
+    env = {**KEYS, "EXTPROC_MOCK_REPLAY_DIR": replay}
     proc = Proc("mock", extproc_argv("mock", *args), workdir / "mock.log", env=env)
     with running(proc, lambda: all(port_open(p) for p in ports.values())):
         yield Mocks(ports, proc)

@@ -177,3 +177,23 @@ def test_a_stream_failing_midway_is_not_retried_and_ends_in_an_error(stack: Stac
     assert not isinstance(info.value, AssertionError)
     assert len(received) <= 2  # what was sent before the break, never a clean end
     assert stack.mocks.seen("mock_b") == []  # bytes had reached the client: no retry
+
+
+@pytest.mark.parametrize(
+    ("recording", "code"),
+    [
+        ("anthropic-prompt-too-long", "context_length_exceeded"),
+        ("azure-content-filter", "content_policy_violation"),
+    ],
+)
+def test_upstream_errors_normalized(stack: Stack, recording: str, code: str) -> None:
+    status, _, info = call(stack, "trio", {"x-mock-replay": recording})
+    error = json.loads(info["_body"])["error"]
+    assert (status, error["code"]) == (400, code)
+    assert int(info["content-length"]) == len(info["_body"])
+
+
+def test_large_group_built_from_context_windows(stack: Stack) -> None:
+    """Deployments with different windows: a <group>-large group of the larger ones."""
+    status, upstream, _ = call(stack, "mixed-large")
+    assert (status, upstream) == (200, "mock_c")

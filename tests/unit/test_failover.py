@@ -1,0 +1,63 @@
+"""The failover plan (composite clusters) and the automatic -large group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from extproc.failover import (
+    FailoverGroup,
+    FailoverRoute,
+    composite_name,
+    deployment_cluster_name,
+    failover_plan,
+)
+from extproc.policy import compile_policy, parse_policy
+
+TRIO = FailoverGroup("trio", [("a", "ca"), ("b", "cb"), ("c", "cc")], num_retries=2)
+
+
+def attempts(plan: dict[str, FailoverRoute], dep: str) -> list[str]:
+    return [d for d, _ in plan[dep].attempts]
+
+
+def test_retries_then_fallbacks_capped_at_five() -> None:
+    big = FailoverGroup("big", [(f"x{i}", "cx") for i in range(8)])
+    solo = FailoverGroup("solo", [("s", "cs")], fallbacks=["trio", "big"])
+    plan = failover_plan([TRIO, big, solo])
+    assert attempts(plan, "b") == ["b", "a", "c"]
+    assert attempts(plan, "s") == ["s", "a", "b", "c", "x0", "x1"]  # 1 + at most 5
+    assert "x0" not in plan  # no retries, no fallbacks: no failover
+
+
+def test_default_fallbacks_apply_to_groups_without_their_own() -> None:
+    spare = FailoverGroup("spare", [("z", "cz")])
+    lone = FailoverGroup("lone", [("l", "cl")])
+    plan = failover_plan([lone, spare], default_fallbacks=["spare"])
+    assert attempts(plan, "l") == ["l", "z"]
+    assert "z" not in plan  # a group is not its own fallback
+
+
+def test_cluster_names_are_envoy_safe_and_distinct() -> None:
+    names = {composite_name(i) for i in ("a:b", "a/b", "a_b")}
+    assert len(names) == 3
+    assert all(n.replace(".", "").replace("_", "").replace("-", "").isalnum() for n in names)
+    assert deployment_cluster_name("a:b") != composite_name("a:b")
+
+
+def test_large_group_from_bundled_windows(tmp_path: Path) -> None:
+    policy = parse_policy(
+        {
+            "model_groups": [
+                {
+                    "name": "auto",
+                    "deployments": [
+                        {"id": "small", "cluster": "c1", "model": "gpt-4o"},  # 128k (bundled)
+                        {"id": "large", "cluster": "c2", "model": "gpt-4.1"},  # ~1M
+                    ],
+                }
+            ]
+        }
+    )
+    compiled = compile_policy(policy)
+    assert [d.id for d in compiled.groups["auto-large"].deployments] == ["large"]
+    assert compiled.groups["auto"].context_window_fallbacks == ("auto-large",)
