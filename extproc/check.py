@@ -123,7 +123,13 @@ def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) ->
                 "which the Envoy config does not define"
             )
     typed = [n for n in _walk(config) if isinstance(n.get("@type"), str)]
-    gates = [n for n in typed if n["@type"] in (_EXT_PROC, _EXT_AUTHZ)]
+    # the per-attempt filters of failover clusters are not gates (see _check_failover)
+    gates = [
+        n
+        for n in typed
+        if n["@type"] in (_EXT_PROC, _EXT_AUTHZ)
+        and "xds.upstream_host_metadata" not in (n.get("request_attributes") or [])
+    ]
     if not gates:
         report.errors.append("no ext_proc or ext_authz HTTP filter in the Envoy config")
     meters = _check_response_meters(gates, report)

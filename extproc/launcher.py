@@ -26,6 +26,7 @@ from types import FrameType
 import yaml
 
 from extproc.envoy_config import Upstream, render_envoy_config
+from extproc.failover import failover_plan
 from extproc.policy import Policy, parse_policy
 
 __all__ = ["UpOptions", "envoy_binary", "mock_plan", "run_up"]
@@ -121,6 +122,9 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
             server=Upstream("127.0.0.1", options.grpc_port),
             admin=Upstream("127.0.0.1", options.envoy_admin_port),
             access_log_path=str(workdir / "access.log"),
+            failover=failover_plan(
+                policy.failover_groups(), policy.router_settings.default_fallbacks
+            ),
         ),
         encoding="utf-8",
     )
