@@ -33,6 +33,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_block(count: int) -> int:
+    """The first of ``count`` consecutive ports that are all free right now."""
+    for _ in range(200):
+        first = free_port()
+        if first + count < 65_536 and all(_bindable(first + i) for i in range(1, count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
     """Poll ``predicate`` until it holds or the deadline passes."""
     deadline = time.monotonic() + timeout

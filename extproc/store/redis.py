@@ -210,7 +210,7 @@ class RedisStore:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=MAX_CONNECTIONS,
-            timeout=max(1.0, timeout_s * 4),
+            timeout=max(2.0, timeout_s * 8),
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             decode_responses=False,

@@ -20,6 +20,7 @@ from tests.helpers import (
     ROOT,
     body_msg,
     free_port,
+    free_port_block,
     headers_msg,
     port_open,
     post_headers,
@@ -30,7 +31,7 @@ from tests.integration.stack import start_server
 
 def test_up_serves_and_stops_every_child(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("port", "grpc", "admin", "envoy_admin")}
-    mock_base = free_port()
+    mock_base = free_port_block(4)
     argv = [
         PYTHON,
         "-m",
