@@ -104,6 +104,7 @@ class Gateway:
             self.rng,
             on_read_error=self._store_failed,
             on_write_error=self._log_store_failure,
+            cache_s=settings.routing_cache_s,
         )
 
     @classmethod
@@ -333,6 +334,7 @@ class Gateway:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.alerts.drain()
+        await self.router.flush_successes()
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run store work in a task of its own (from code that cannot await)."""

@@ -10,6 +10,7 @@ group's ``context_window_fallbacks`` (at most five deep), else a 400
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -81,6 +82,7 @@ class Router:
         *,
         on_read_error: Callable[[StoreError], None],
         on_write_error: Callable[[StoreError], None],
+        cache_s: float = 0.0,
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -88,6 +90,14 @@ class Router:
         #: Reads follow the fail mode (may raise a 503); writes are only logged.
         self._on_read_error = on_read_error
         self._on_store_error = on_write_error
+        self._cache_s = cache_s
+        #: group name → (monotonic expiry, deployment ids, view): reads only (budgets
+        #: are still enforced by the atomic reservation), dropped on a local failure.
+        self._views: dict[str, tuple[float, tuple[str, ...], _View]] = {}
+        #: (deployment, minute) → successes not yet added to the store.
+        self._successes: dict[tuple[str, int], int] = {}
+        self._flush: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def choose(
         self, prepared: Prepared, policy: CompiledPolicy, now: datetime
@@ -159,6 +169,26 @@ class Router:
         spends = {k: found[k][0] for k in budget_keys}
         return _View(states, spends, budgets)
 
+    async def _cached_read(
+        self,
+        group: CompiledGroup,
+        deps: list[CompiledDeployment],
+        policy: CompiledPolicy,
+        now: datetime,
+    ) -> _View:
+        """:meth:`_read`, kept for ``cache_s`` for strategies that do not live on
+        per-call load (least-busy and usage-based always read)."""
+        if self._cache_s <= 0 or group.strategy in ("least-busy", "usage-based-routing"):
+            return await self._read(group, deps, policy, now)
+        ids = tuple(d.id for d in deps)
+        cached = self._views.get(group.name)
+        clock = time.monotonic()
+        if cached is not None and cached[0] > clock and cached[1] == ids:
+            return cached[2]
+        view = await self._read(group, deps, policy, now)
+        self._views[group.name] = (clock + self._cache_s, ids, view)
+        return view
+
     async def _choose_among(
         self,
         prepared: Prepared,
@@ -170,7 +200,7 @@ class Router:
     ) -> CompiledDeployment:
         group = prepared.group
         try:
-            view = await self._read(group, fits, policy, now)
+            view = await self._cached_read(group, fits, policy, now)
         except StoreError as exc:
             # fail mode open: no cooldowns or load known, route by weight
             self._on_read_error(exc)
@@ -248,17 +278,31 @@ class Router:
         *,
         ttft_s: float | None = None,
     ) -> None:
-        """Record one upstream answer; cool the deployment down if LiteLLM's rules say so."""
+        """Record one upstream answer; cool the deployment down if LiteLLM's rules say so.
+
+        Successes are added to the store in batches (at most a second late): only a
+        failure needs the minute's counts at once, and it flushes this process's
+        pending successes with it.
+        """
         minute = _minute()
         failed = counts_as_failure(status)
-        items = [(minute_key(dep.id, minute, "req"), 1)]
-        if failed:
-            items.append((minute_key(dep.id, minute, "fail"), 1))
         self._metrics.upstream_answers.labels(dep.id, str(status)).inc()
+        if ttft_s is not None and group.strategy == "latency-based-routing":
+            try:
+                await self._store.push_sample(ttft_key(dep.id), ttft_s, SAMPLES, _SAMPLE_TTL_S)
+            except StoreError as exc:
+                self._on_store_error(exc)
+        if not failed:
+            self._successes[(dep.id, minute)] = self._successes.get((dep.id, minute), 0) + 1
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_later(1.0, self._flush_soon)
+            return
+        self._views.pop(group.name, None)  # a failure: read fresh state next time
+        pending = self._successes.pop((dep.id, minute), 0)
+        items = [(minute_key(dep.id, minute, "req"), 1 + pending)]
+        items.append((minute_key(dep.id, minute, "fail"), 1))
         try:
             counts = await self._store.incr_many(items, _MINUTE_TTL_S)
-            if ttft_s is not None and group.strategy == "latency-based-routing":
-                await self._store.push_sample(ttft_key(dep.id), ttft_s, SAMPLES, _SAMPLE_TTL_S)
             reason = cooldown_reason(
                 status,
                 group_size=len(group.deployments),
@@ -273,6 +317,24 @@ class Router:
                 log.warning("deployment %s cools down for %ss: %s", dep.id, seconds, reason)
         except StoreError as exc:
             self._on_store_error(exc)
+
+    def _flush_soon(self) -> None:
+        self._flush = None
+        task = asyncio.get_running_loop().create_task(self.flush_successes())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush_successes(self) -> None:
+        """Add this process's pending success counts to the store."""
+        pending, self._successes = self._successes, {}
+        for (dep_id, minute), count in pending.items():
+            try:
+                await self._store.incr_many(
+                    [(minute_key(dep_id, minute, "req"), count)], _MINUTE_TTL_S
+                )
+            except StoreError as exc:
+                self._on_store_error(exc)
+                return
 
     async def deployment_states(self, policy: CompiledPolicy) -> dict[str, dict[str, object]]:
         """For the admin API: every deployment's cooldown and this minute's counts."""

@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     spend_journal: str = str(Path.home() / ".local" / "state" / "extproc" / "spend.jsonl")
     #: POSTed a JSON event when a soft budget (or ``alert_at`` share) is crossed.
     alert_webhook_url: str = ""
+    #: How long a process reuses what it read about a group's deployments (cooldowns,
+    #: latency, budget filter) before reading the store again; a local failure drops
+    #: it at once. 0 reads on every call. least-busy and usage-based always read.
+    routing_cache_s: float = Field(default=0.5, ge=0)
     #: Use uvloop when it is installed.
     uvloop: bool = True
 
