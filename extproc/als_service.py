@@ -17,6 +17,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2 as pb
 from envoy.service.accesslog.v3 import als_pb2_grpc as pb_grpc
 
+from extproc.failover import DEPLOYMENT_CLUSTER_PREFIX
 from extproc.gateway import Gateway
 from extproc.parallel import AUTHZ_NAMESPACE, LEASE_FIELD, LEASE_NAMESPACE, Lease
 
@@ -50,6 +51,11 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         metrics = self._gateway.metrics
         async for message in request_iterator:
             for entry in message.http_logs.log_entry:
+                upstream = entry.common_properties.upstream_cluster
+                if upstream.startswith(DEPLOYMENT_CLUSTER_PREFIX):
+                    # a failover attempt that could not connect (router upstream_log)
+                    await self._gateway.attempt_failed(upstream)
+                    continue
                 lease = lease_of(entry)
                 if lease is None:
                     metrics.leases.labels("unknown").inc()

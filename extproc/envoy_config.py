@@ -340,6 +340,39 @@ def _failover(
     return routes, list(out.values())
 
 
+#: The access-log name of failed connection attempts (see _router).
+ATTEMPT_LOG = "extproc-attempts"
+
+
+def _router(failover: bool) -> dict[str, Any]:
+    """The router; with failover clusters it logs attempts that could not connect.
+
+    An attempt refused at connect time never runs the composite cluster's upstream
+    filters, so the server would not see that deployment fail: the router's
+    ``upstream_log`` (once per attempt) sends those (response flag UF) to the server's
+    access-log service, which counts them for the deployment's health.
+    """
+    router: dict[str, Any] = {_TYPE: _API + "extensions.filters.http.router.v3.Router"}
+    if failover:
+        router["upstream_log"] = [
+            {
+                "name": "envoy.access_loggers.http_grpc",
+                "filter": {"response_flag_filter": {"flags": ["UF", "UO"]}},
+                "typed_config": {
+                    _TYPE: _API + "extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                    "common_config": {
+                        "log_name": ATTEMPT_LOG,
+                        "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}},
+                        "transport_api_version": "V3",
+                        "buffer_size_bytes": 0,
+                        "buffer_flush_interval": "0.1s",
+                    },
+                },
+            }
+        ]
+    return router
+
+
 def _lease_access_log(mode: str) -> dict[str, Any]:
     """Send the end of every stream that holds a parallel-request lease to the server.
 
@@ -570,7 +603,7 @@ def render_envoy_config(
             *gates,
             {
                 "name": "envoy.filters.http.router",
-                "typed_config": {_TYPE: _API + "extensions.filters.http.router.v3.Router"},
+                "typed_config": _router(bool(failover)),
             },
         ],
     }

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "DEPLOYMENT_CLUSTER_PREFIX",
     "DEPLOYMENT_HEADER",
     "MAX_RETRIES",
     "SERVED_BY_HEADER",
@@ -54,9 +55,13 @@ def composite_name(dep_id: str) -> str:
     return f"fo.{_slug(dep_id)}"
 
 
+#: Per-deployment clusters of failover plans are named ``dep.<slug>``.
+DEPLOYMENT_CLUSTER_PREFIX = "dep."
+
+
 def deployment_cluster_name(dep_id: str) -> str:
     """The per-deployment copy of its upstream cluster (endpoint metadata names it)."""
-    return f"dep.{_slug(dep_id)}"
+    return f"{DEPLOYMENT_CLUSTER_PREFIX}{_slug(dep_id)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from tests.helpers import (
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 VALID_POLICY = POLICIES / "valid.yaml"
 RECORDED = POLICIES.parent / "fixtures" / "openai-recorded"
+DEAD_CLUSTER = "mock_dead"
 KEYS = {"TEST_KEY_A": "sk-test-a", "TEST_KEY_B": "sk-test-b", "TEST_KEY_C": "sk-test-c"}
 # cluster -> env var holding the key the mock demands (None: any key)
 MOCKS: dict[str, str | None] = {"mock_a": "TEST_KEY_A", "mock_b": "TEST_KEY_B", "mock_c": None}
@@ -147,7 +148,11 @@ def start_envoy(
     config = workdir / f"{name}.yaml"
     config.write_text(
         render_envoy_config(
-            {c: Upstream("127.0.0.1", p) for c, p in mocks.ports.items()},
+            {
+                **{c: Upstream("127.0.0.1", p) for c, p in mocks.ports.items()},
+                # a deployment nobody listens for: connections are refused
+                DEAD_CLUSTER: Upstream("127.0.0.1", free_port()),
+            },
             mode=mode,
             listen=Upstream("127.0.0.1", port),
             server=Upstream("127.0.0.1", grpc_port),
