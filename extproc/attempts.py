@@ -16,11 +16,17 @@ from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER
+from extproc.failover import (
+    DEPLOYMENT_HEADER,
+    RETRY_REASON_HEADER,
+    SERVED_BY_HEADER,
+    FailoverRoute,
+)
 from extproc.gateway import Gateway
 from extproc.jsonbody import member_span, replace_member
 from extproc.policy import CompiledDeployment, CompiledPolicy
 from extproc.providers import CLIENT_CREDENTIAL_HEADERS
+from extproc.upstream_errors import normalize_error
 
 __all__ = ["Attempt", "attempt_deployment"]
 
@@ -49,7 +55,7 @@ def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 class Attempt:
-    __slots__ = ("_dep", "_gateway", "_policy", "answered")
+    __slots__ = ("_checking", "_dep", "_gateway", "_policy", "_route", "answered")
 
     def __init__(self, gateway: Gateway, dep_id: str) -> None:
         self._gateway = gateway
@@ -58,6 +64,9 @@ class Attempt:
         #: False until the attempt's response headers came: an attempt that ends
         #: without them was reset or could not connect.
         self.answered = False
+        self._route: FailoverRoute | None = None
+        #: A 400 whose body is read: a content-policy refusal moves the call on.
+        self._checking = False
 
     async def ended_unanswered(self) -> None:
         """A reset or connect failure counts like a 5xx for the deployment's health."""
@@ -68,6 +77,10 @@ class Attempt:
 
     def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
+        composite = headers.get(self._gateway.config.cluster_header)
+        self._route = next(
+            (r for r in self._policy.failover.values() if r.composite == composite), None
+        )
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
         mutation = reply.request_headers.response.header_mutation
         mutation.remove_headers.append(DEPLOYMENT_HEADER)
@@ -110,4 +123,27 @@ class Attempt:
         reply.response_headers.response.header_mutation.set_headers.append(
             _set(SERVED_BY_HEADER, dep.id)
         )
+        route = self._route
+        if (
+            status == "400"
+            and not msg.end_of_stream
+            and route is not None
+            and route.content_policy_fallback_after(dep.id)
+        ):
+            self._checking = True
+            reply.mode_override.response_body_mode = _BUFFERED
+        return reply
+
+    def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        """A content-policy refusal while a content-policy fallback is still to come:
+        made a 503, which Envoy retries on the next deployment of the list."""
+        reply = pb.ProcessingResponse(response_body=pb.BodyResponse())
+        if not self._checking:
+            return reply
+        normalized = normalize_error(400, msg.body)
+        if normalized is not None and b"content_policy_violation" in normalized:
+            mutation = reply.response_body.response.header_mutation
+            mutation.set_headers.append(_set(":status", "503"))
+            mutation.set_headers.append(_set(RETRY_REASON_HEADER, "content_policy"))
+            self._gateway.metrics.content_policy_retries.inc()
         return reply

@@ -312,6 +312,8 @@ async def _attempt_reply(
         return attempt.on_request_body(msg.request_body)
     if phase == "response_headers":
         return await attempt.on_response_headers(msg.response_headers)
+    if phase == "response_body":
+        return attempt.on_response_body(msg.response_body)
     return _passthrough(phase)
 
 

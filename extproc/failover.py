@@ -1,9 +1,13 @@
 """In-request failover, the Envoy way.
 
-For a group that can fail over (``num_retries`` > 0, or ``fallbacks``), every
+For a group that can fail over (``num_retries`` > 0, ``fallbacks`` or
+``content_policy_fallbacks``), every
 deployment ``d`` gets a composite cluster (``envoy.clusters.composite``) whose
 sub-clusters are ``d`` first, then up to ``num_retries`` of the group's other
-deployments, then the deployments of its fallback groups (at most five retries in all).
+deployments, then the deployments of its fallback groups, then those of its
+content-policy fallback groups (at most five retries in all). A content-policy refusal
+(a 400) is not something Envoy retries: the attempt filter reads such a 400 and, while
+a content-policy fallback is still to come, turns it into a 503 so Envoy moves on.
 The server routes a call to the composite cluster of the deployment its strategy
 chose; the route's retry policy (429, 5xx, resets, connect failures) makes Envoy send
 attempt N to sub-cluster N. Each deployment has a cluster of its own here (a copy of
@@ -28,6 +32,7 @@ __all__ = [
     "DEPLOYMENT_CLUSTER_PREFIX",
     "DEPLOYMENT_HEADER",
     "MAX_RETRIES",
+    "RETRY_REASON_HEADER",
     "SERVED_BY_HEADER",
     "FailoverGroup",
     "FailoverRoute",
@@ -42,6 +47,8 @@ MAX_RETRIES = 5
 DEPLOYMENT_HEADER = "x-extproc-deployment"
 #: Added to the response by the attempt that answered: which deployment served it.
 SERVED_BY_HEADER = "x-extproc-served-by"
+#: On an attempt's refusal turned retriable (content policy): why.
+RETRY_REASON_HEADER = "x-extproc-retry"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -74,6 +81,8 @@ class FailoverGroup:
     #: Retries on the group's other deployments before the fallbacks (LiteLLM's).
     num_retries: int = 0
     fallbacks: Sequence[str] = ()
+    #: Groups a content-policy refusal goes to (after the attempts above).
+    content_policy_fallbacks: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +91,15 @@ class FailoverRoute:
 
     composite: str
     attempts: tuple[tuple[str, str], ...]
+    #: Index of the first content-policy fallback attempt, if any.
+    content_policy_from: int | None = None
+
+    def content_policy_fallback_after(self, dep_id: str) -> bool:
+        """Whether a content-policy fallback attempt is still to come after ``dep_id``'s."""
+        if self.content_policy_from is None:
+            return False
+        position = next((i for i, (d, _) in enumerate(self.attempts) if d == dep_id), None)
+        return position is not None and position + 1 < len(self.attempts)
 
     @property
     def retries(self) -> int:
@@ -102,6 +120,11 @@ def failover_plan(
             fallback = by_name.get(name)
             if fallback is not None:
                 others += fallback.deployments
+        policy_others: list[tuple[str, str]] = []
+        for name in group.content_policy_fallbacks:
+            fallback = by_name.get(name)
+            if fallback is not None:
+                policy_others += fallback.deployments
         for dep in group.deployments:
             retries = [d for d in group.deployments if d != dep][: group.num_retries]
             attempts: list[tuple[str, str]] = []
@@ -109,6 +132,13 @@ def failover_plan(
                 if all(candidate[0] != taken[0] for taken in attempts):
                     attempts.append(candidate)
             attempts = attempts[: 1 + MAX_RETRIES]
+            content_from: int | None = None
+            for candidate in policy_others:
+                if len(attempts) > MAX_RETRIES:
+                    break
+                if all(candidate[0] != taken[0] for taken in attempts):
+                    content_from = len(attempts) if content_from is None else content_from
+                    attempts.append(candidate)
             if len(attempts) > 1:
-                plan[dep[0]] = FailoverRoute(composite_name(dep[0]), tuple(attempts))
+                plan[dep[0]] = FailoverRoute(composite_name(dep[0]), tuple(attempts), content_from)
     return plan

@@ -142,3 +142,8 @@ class Metrics:
             "Upstream 4xx bodies rewritten to context_length_exceeded or content_policy_violation.",
             registry=self.registry,
         )
+        self.content_policy_retries = Counter(
+            "extproc_content_policy_retries",
+            "Content-policy refusals moved on to a content-policy fallback in the same call.",
+            registry=self.registry,
+        )

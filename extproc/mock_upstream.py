@@ -396,6 +396,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if slow.isascii() and slow.isdigit():
         await asyncio.sleep(min(int(slow), 30_000) / 1000)
     fail = _per_site(request, "x-mock-fail").get(site.name)
+    if fail is not None and fail.startswith("replay:"):
+        return await _replay(request, fail.removeprefix("replay:"))
     if fail == "reset":
         if request.transport is not None:
             request.transport.abort()  # the connection dies without a response

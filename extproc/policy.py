@@ -180,6 +180,8 @@ class ModelGroup(_Model):
     #: (Envoy retries; see extproc.failover). 0 and no fallbacks: no failover.
     num_retries: int = Field(default=0, ge=0, le=MAX_RETRIES)
     fallbacks: tuple[str, ...] = ()
+    #: Groups a content-policy refusal is retried on, in the same request.
+    content_policy_fallbacks: tuple[str, ...] = ()
 
     @field_validator("name")
     @classmethod
@@ -210,7 +212,11 @@ class Policy(_Model):
     def failover_groups(self) -> list[FailoverGroup]:
         return [
             FailoverGroup(
-                g.name, [(d.id, d.cluster) for d in g.deployments], g.num_retries, g.fallbacks
+                g.name,
+                [(d.id, d.cluster) for d in g.deployments],
+                g.num_retries,
+                g.fallbacks,
+                g.content_policy_fallbacks,
             )
             for g in self.model_groups
         ]
@@ -266,7 +272,11 @@ class Policy(_Model):
             if name not in seen_groups:
                 raise ValueError(f"default_fallbacks names unknown group {name!r}")
         for group in self.model_groups:
-            for fallback in (*group.context_window_fallbacks, *group.fallbacks):
+            for fallback in (
+                *group.context_window_fallbacks,
+                *group.fallbacks,
+                *group.content_policy_fallbacks,
+            ):
                 if fallback not in seen_groups or fallback == group.name:
                     raise ValueError(
                         f"model group {group.name!r} falls back to unknown group {fallback!r}"

@@ -213,3 +213,20 @@ def test_large_group_built_from_context_windows(stack: Stack) -> None:
     """Deployments with different windows: a <group>-large group of the larger ones."""
     status, upstream, _ = call(stack, "mixed-large")
     assert (status, upstream) == (200, "mock_c")
+
+
+def test_content_policy_refusal_goes_to_the_content_policy_fallback(stack: Stack) -> None:
+    stack.mocks.clear()
+    refusal = {"x-mock-fail": "mock_a=replay:azure-content-filter"}
+    status, upstream, info = call(stack, "strict", refusal)
+    assert (status, upstream) == (200, "mock_b")
+    assert json.loads(info["_body"])["model"] == "lenient-model"
+    # an ordinary 400 is the caller's problem: passed on, not retried
+    stack.mocks.clear()
+    status, _, info = call(stack, "strict", {"x-mock-fail": "mock_a=replay:chat-bad-request"})
+    assert status == 400
+    assert stack.mocks.seen("mock_b") == []
+    # the fallback refuses too: the client gets the normalized refusal
+    both = {"x-mock-fail": "mock_a=replay:azure-content-filter,mock_b=replay:azure-content-filter"}
+    status, _, info = call(stack, "strict", both)
+    assert (status, json.loads(info["_body"])["error"]["code"]) == (400, "content_policy_violation")

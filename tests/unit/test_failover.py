@@ -61,3 +61,18 @@ def test_large_group_from_bundled_windows(tmp_path: Path) -> None:
     compiled = compile_policy(policy)
     assert [d.id for d in compiled.groups["auto-large"].deployments] == ["large"]
     assert compiled.groups["auto"].context_window_fallbacks == ("auto-large",)
+
+
+def test_content_policy_fallbacks_come_last() -> None:
+    strict = FailoverGroup(
+        "strict", [("s1", "c1"), ("s2", "c2")], num_retries=1, content_policy_fallbacks=["lenient"]
+    )
+    lenient = FailoverGroup("lenient", [("l", "cl")])
+    plan = failover_plan([strict, lenient])
+    route = plan["s1"]
+    assert attempts(plan, "s1") == ["s1", "s2", "l"]
+    assert route.content_policy_from == 2
+    assert route.content_policy_fallback_after("s1")
+    assert route.content_policy_fallback_after("s2")
+    assert not route.content_policy_fallback_after("l")
+    assert plan["s2"].content_policy_from == 2
