@@ -177,8 +177,15 @@ class Router:
         now: datetime,
     ) -> _View:
         """:meth:`_read`, kept for ``cache_s`` for strategies that do not live on
-        per-call load (least-busy and usage-based always read)."""
-        if self._cache_s <= 0 or group.strategy in ("least-busy", "usage-based-routing"):
+        per-call load (least-busy and usage-based always read, and so do groups with
+        provider or deployment budgets)."""
+        if (
+            self._cache_s <= 0
+            or group.strategy in ("least-busy", "usage-based-routing")
+            # the budget filter reads spend fresh: a stale view would send calls to a
+            # deployment whose budget the reservation then refuses
+            or (not group.zero_cost and any(deployment_budgets(d, policy, now) for d in deps))
+        ):
             return await self._read(group, deps, policy, now)
         ids = tuple(d.id for d in deps)
         cached = self._views.get(group.name)
