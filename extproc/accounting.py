@@ -141,6 +141,13 @@ class Charge:
     #: The estimates behind ``estimate``, to price a stream the client abandoned.
     prompt_tokens: int = 0
     max_output_tokens: int = 0
+    #: The deployment that served the call when failover moved it (pricing only;
+    #: ``deployment`` stays the one admitted, for its in-flight count).
+    served: str | None = None
+
+    @property
+    def priced_by(self) -> str:
+        return self.served or self.deployment
 
     @classmethod
     def new(
@@ -227,7 +234,7 @@ class Charge:
                 prompt,
                 max_out,
             ) = raw
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             return None
         ok = (
             isinstance(rid, str)

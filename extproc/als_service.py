@@ -53,8 +53,11 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):  # type: ignore[misc]
             for entry in message.http_logs.log_entry:
                 upstream = entry.common_properties.upstream_cluster
                 if upstream.startswith(DEPLOYMENT_CLUSTER_PREFIX):
-                    # a failover attempt that could not connect (router upstream_log)
-                    await self._gateway.attempt_failed(upstream)
+                    # a failover attempt that failed without a response (router
+                    # upstream_log); a client hanging up is not the deployment's fault
+                    flags = entry.common_properties.response_flags
+                    if not flags.downstream_connection_termination:
+                        await self._gateway.attempt_failed(upstream)
                     continue
                 lease = lease_of(entry)
                 if lease is None:

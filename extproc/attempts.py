@@ -55,25 +55,15 @@ def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
 
 
 class Attempt:
-    __slots__ = ("_checking", "_dep", "_gateway", "_policy", "_route", "answered")
+    __slots__ = ("_checking", "_dep", "_gateway", "_policy", "_route")
 
     def __init__(self, gateway: Gateway, dep_id: str) -> None:
         self._gateway = gateway
         self._policy: CompiledPolicy = gateway.policy
         self._dep: CompiledDeployment | None = self._policy.deployment(dep_id)
-        #: False until the attempt's response headers came: an attempt that ends
-        #: without them was reset or could not connect.
-        self.answered = False
         self._route: FailoverRoute | None = None
         #: A 400 whose body is read: a content-policy refusal moves the call on.
         self._checking = False
-
-    async def ended_unanswered(self) -> None:
-        """A reset or connect failure counts like a 5xx for the deployment's health."""
-        dep = self._dep
-        group = self._policy.groups.get(dep.group) if dep is not None else None
-        if dep is not None and group is not None:
-            await self._gateway.router.answered(dep, group, 503)
 
     def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
@@ -85,8 +75,13 @@ class Attempt:
         mutation = reply.request_headers.response.header_mutation
         mutation.remove_headers.append(DEPLOYMENT_HEADER)
         dep = self._dep
-        if dep is None or headers.get(DEPLOYMENT_HEADER) == dep.id:
-            return reply  # the first attempt: rewritten already (or unknown: as is)
+        if dep is None:
+            # not in this policy (reloaded since Envoy's config was made): never let
+            # another deployment's credential travel to it
+            mutation.remove_headers.extend(CLIENT_CREDENTIAL_HEADERS)
+            return reply
+        if headers.get(DEPLOYMENT_HEADER) == dep.id:
+            return reply  # the first attempt: rewritten for this deployment already
         if dep.auth_value is not None:
             mutation.set_headers.append(_set(dep.auth_header, dep.auth_value))
         mutation.remove_headers.extend(
@@ -109,7 +104,6 @@ class Attempt:
         return reply
 
     async def on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        self.answered = True
         reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         dep = self._dep
         if dep is None:

@@ -348,16 +348,18 @@ def _router(failover: bool) -> dict[str, Any]:
     """The router; with failover clusters it logs attempts that could not connect.
 
     An attempt refused at connect time never runs the composite cluster's upstream
-    filters, so the server would not see that deployment fail: the router's
-    ``upstream_log`` (once per attempt) sends those (response flag UF) to the server's
-    access-log service, which counts them for the deployment's health.
+    filters, and one that is reset or times out gets no response for them to see: the
+    router's ``upstream_log`` (once per attempt) sends those to the server's access-log
+    service, which counts them for the deployment's health (unless the client went
+    away first: that is not the deployment's fault).
     """
     router: dict[str, Any] = {_TYPE: _API + "extensions.filters.http.router.v3.Router"}
     if failover:
         router["upstream_log"] = [
             {
                 "name": "envoy.access_loggers.http_grpc",
-                "filter": {"response_flag_filter": {"flags": ["UF", "UO"]}},
+                # connect failure, overflow, reset, connection termination, timeout
+                "filter": {"response_flag_filter": {"flags": ["UF", "UO", "UR", "UC", "UT"]}},
                 "typed_config": {
                     _TYPE: _API + "extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
                     "common_config": {

@@ -199,7 +199,10 @@ class _Stream:
             # Failover: the attempts recorded their own health; price what served.
             reply.response_headers.response.header_mutation.remove_headers.append(SERVED_BY_HEADER)
             if served != charge.deployment and self._policy.deployment(served) is not None:
-                charge = self.charge = dataclasses.replace(charge, deployment=served)
+                charge = self.charge = dataclasses.replace(charge, served=served)
+            await self._gateway.first_token(charge, self._policy)
+        elif charge.deployment in self._policy.failover:
+            pass  # Envoy's own reply after failed attempts: each was counted already
         elif status.isascii() and status.isdigit():
             # Health: every answer counts, and may cool the deployment down.
             await self._gateway.answered(charge, int(status), self._policy)
@@ -351,8 +354,6 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 # Delivered: from here on Envoy owns the lease and logs it back.
                 stream.lease = None
         finally:
-            if stream.attempt is not None and not stream.attempt.answered:
-                self._gateway.spawn(stream.attempt.ended_unanswered())
             if stream.lease is not None:
                 # The stream broke before Envoy got the lease: nobody will log it.
                 self._gateway.release_soon(stream.lease)

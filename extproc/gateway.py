@@ -21,9 +21,9 @@ from typing import Any
 from extproc.accounting import Charge, deployment_budgets, limit_micros
 from extproc.alerts import Alerter
 from extproc.budgets import BudgetRef, check_budgets
-from extproc.decision import GatewayConfig, RouteDecision, prepare, route_to
+from extproc.decision import GatewayConfig, Prepared, RouteDecision, prepare, route_to
 from extproc.errors import ServiceUnavailableError
-from extproc.failover import deployment_cluster_name
+from extproc.failover import FailoverRoute, deployment_cluster_name
 from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.metrics import Metrics
 from extproc.parallel import (
@@ -38,7 +38,7 @@ from extproc.policy import CompiledPolicy, PolicyError, load_policy
 from extproc.pricing import cost_micros
 from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.request import RequestHead
-from extproc.routing import Router
+from extproc.routing import Router, context_tokens
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, open_store
 from extproc.usage import Usage
@@ -46,6 +46,16 @@ from extproc.usage import Usage
 __all__ = ["Admission", "Gateway"]
 
 log = logging.getLogger("extproc")
+
+
+def _fits_every_attempt(route: FailoverRoute, policy: CompiledPolicy, prepared: Prepared) -> bool:
+    """Whether the call fits the context window of every deployment it may fail over to."""
+    tokens = context_tokens(prepared)
+    for dep_id, _ in route.attempts:
+        dep = policy.deployment(dep_id)
+        if dep is not None and dep.context_window is not None and tokens > dep.context_window:
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +164,16 @@ class Gateway:
         now = self.clock()
         prepared = prepare(head, raw, policy, self.config, now=now)
         prepared, deployment = await self.router.choose(prepared, policy, now)
+        failover = policy.failover.get(deployment.id)
+        if failover is not None and not _fits_every_attempt(failover, policy, prepared):
+            # a retry could land on a deployment too small for this call: no failover
+            failover = None
         return route_to(
             prepared,
             deployment,
             self.config,
             inject_usage=inject_usage,
-            failover=policy.failover.get(deployment.id),
+            failover=failover,
         )
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
@@ -199,6 +213,16 @@ class Gateway:
         group = policy.groups.get(dep.group) if dep is not None else None
         if dep is not None and group is not None:
             await self.router.answered(dep, group, 503)
+
+    async def first_token(self, charge: Charge, policy: CompiledPolicy) -> None:
+        """A failover call's first byte: a time-to-first-token sample for the
+        deployment that served it (its status was counted by its attempt)."""
+        if not charge.stream:
+            return
+        dep = policy.deployment(charge.priced_by)
+        group = policy.groups.get(dep.group) if dep is not None else None
+        if dep is not None and group is not None:
+            await self.router.first_token(dep, group, max(0.0, time.time() - charge.started))
 
     async def answered(self, charge: Charge, status: int, policy: CompiledPolicy) -> None:
         """The upstream's status for a call: health counts, maybe a cooldown."""
@@ -279,7 +303,7 @@ class Gateway:
     ) -> int:
         """Charge the call's real cost (its estimate when the response had no usage),
         count spend and tokens; returns the micro-dollars charged."""
-        dep = (policy or self._policy).deployment(charge.deployment)
+        dep = (policy or self._policy).deployment(charge.priced_by)
         cost = charge.cost(usage, dep)
         metrics = self.metrics
         if usage is None:
@@ -293,8 +317,8 @@ class Gateway:
                 ("reasoning", usage.reasoning_tokens),
             ):
                 if count:
-                    metrics.tokens.labels(charge.group, charge.deployment, kind).inc(count)
-        metrics.spend.labels(charge.group, charge.deployment).inc(float(cost) / 1_000_000)
+                    metrics.tokens.labels(charge.group, charge.priced_by, kind).inc(count)
+        metrics.spend.labels(charge.group, charge.priced_by).inc(float(cost) / 1_000_000)
         per_token = None
         if usage is not None and not charge.stream:
             per_token = max(0.0, time.time() - charge.started) / max(1, usage.output_tokens)

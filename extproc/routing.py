@@ -97,6 +97,8 @@ class Router:
         #: (deployment, minute) → successes not yet added to the store.
         self._successes: dict[tuple[str, int], int] = {}
         self._flush: asyncio.TimerHandle | None = None
+        #: Held while pending successes are written, so a failure counts them too.
+        self._flushing = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def choose(
@@ -305,7 +307,8 @@ class Router:
                 self._flush = asyncio.get_running_loop().call_later(1.0, self._flush_soon)
             return
         self._views.pop(group.name, None)  # a failure: read fresh state next time
-        pending = self._successes.pop((dep.id, minute), 0)
+        async with self._flushing:
+            pending = self._successes.pop((dep.id, minute), 0)
         items = [(minute_key(dep.id, minute, "req"), 1 + pending)]
         items.append((minute_key(dep.id, minute, "fail"), 1))
         try:
@@ -320,6 +323,8 @@ class Router:
             seconds = dep.cooldown_time if dep.cooldown_time is not None else group.cooldown_time
             if reason is not None and seconds > 0:
                 await self._store.set_flag(cooldown_key(dep.id), seconds)
+                # a view read while the flag was being set must not outlive it
+                self._views.pop(group.name, None)
                 self._metrics.cooldowns.labels(dep.id).inc()
                 log.warning("deployment %s cools down for %ss: %s", dep.id, seconds, reason)
         except StoreError as exc:
@@ -333,15 +338,30 @@ class Router:
 
     async def flush_successes(self) -> None:
         """Add this process's pending success counts to the store."""
-        pending, self._successes = self._successes, {}
-        for (dep_id, minute), count in pending.items():
-            try:
-                await self._store.incr_many(
-                    [(minute_key(dep_id, minute, "req"), count)], _MINUTE_TTL_S
-                )
-            except StoreError as exc:
-                self._on_store_error(exc)
-                return
+        async with self._flushing:
+            pending, self._successes = self._successes, {}
+            items = list(pending.items())
+            for index, ((dep_id, minute), count) in enumerate(items):
+                try:
+                    await self._store.incr_many(
+                        [(minute_key(dep_id, minute, "req"), count)], _MINUTE_TTL_S
+                    )
+                except StoreError as exc:
+                    self._on_store_error(exc)
+                    for key, left in items[index:]:  # kept for the next flush
+                        self._successes[key] = self._successes.get(key, 0) + left
+                    return
+
+    async def first_token(
+        self, dep: CompiledDeployment, group: CompiledGroup, ttft_s: float
+    ) -> None:
+        """A time-to-first-token sample (latency-based routing of streams)."""
+        if group.strategy != "latency-based-routing":
+            return
+        try:
+            await self._store.push_sample(ttft_key(dep.id), ttft_s, SAMPLES, _SAMPLE_TTL_S)
+        except StoreError as exc:
+            self._on_store_error(exc)
 
     async def deployment_states(self, policy: CompiledPolicy) -> dict[str, dict[str, object]]:
         """For the admin API: every deployment's cooldown and this minute's counts."""

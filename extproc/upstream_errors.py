@@ -32,7 +32,7 @@ MAX_ERROR_BYTES = 64 * 1024
 def _message(body: bytes) -> str:
     try:
         data: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body.decode("utf-8", "replace")[:2000]
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):

@@ -158,7 +158,7 @@ def event_data(event: bytes) -> Any:
         return None
     try:
         return json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -174,7 +174,7 @@ def _usage_in_tail(api: Api, tail: bytes) -> Usage | None:
         return None
     try:
         usage, _ = json.JSONDecoder().raw_decode(text, start)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return usage_from_object(api, {"usage": usage})
 
@@ -263,7 +263,7 @@ class ResponseReader:
             else:
                 try:
                     obj = json.loads(raw)
-                except ValueError:
+                except (ValueError, RecursionError):
                     obj = None
                 self.usage = usage_from_object(self._api, obj)
         return self.usage

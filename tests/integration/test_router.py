@@ -230,3 +230,26 @@ def test_content_policy_refusal_goes_to_the_content_policy_fallback(stack: Stack
     both = {"x-mock-fail": "mock_a=replay:azure-content-filter,mock_b=replay:azure-content-filter"}
     status, _, info = call(stack, "strict", both)
     assert (status, json.loads(info["_body"])["error"]["code"]) == (400, "content_policy_violation")
+
+
+def test_failover_keeps_in_flight_counts_exact(stack: Stack) -> None:
+    for _ in range(6):
+        status, _, _ = call(stack, "busyha", {"x-mock-fail": "mock_a=500"})
+        assert status == 200
+    states = admin(stack, "/deployments")["deployments"]
+    assert (states["busyha-a"]["in_flight"], states["busyha-b"]["in_flight"]) == (0, 0)
+
+
+def test_clients_hanging_up_do_not_cool_a_healthy_deployment(stack: Stack) -> None:
+    body = json.dumps({"model": "patient", "messages": [{"role": "user", "content": "hi"}]})
+    slow = {"x-mock-slow": "mock_a=1500,mock_b=1500", "content-type": "application/json"}
+    for _ in range(5):  # more than allowed_fails (3), all given up by their clients
+        request = urllib.request.Request(  # noqa: S310 - a loopback http URL
+            f"{stack.url}/v1/chat/completions", data=body.encode(), headers=slow
+        )
+        with pytest.raises(TimeoutError):  # the client hangs up
+            urllib.request.urlopen(request, timeout=0.3)  # noqa: S310
+    time.sleep(2)
+    states = admin(stack, "/deployments")["deployments"]
+    assert not states["patient-a"]["cooling_down"]
+    assert not states["patient-b"]["cooling_down"]

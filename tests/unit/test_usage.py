@@ -203,3 +203,12 @@ def test_big_json_usage_found_in_the_tail(monkeypatch: pytest.MonkeyPatch) -> No
     _, body = recorded("embeddings-basic")
     assert len(body) > 1000
     assert read("openai", body, sse=False, piece=100) == Usage(input_tokens=7)
+
+
+def test_deeply_nested_bodies_are_not_a_crash() -> None:
+    from extproc.upstream_errors import normalize_error  # noqa: PLC0415
+
+    deep = b"[" * 60_000 + b"]" * 60_000
+    assert read("openai", deep, sse=False) is None
+    assert read("openai", b"data: " + deep + b"\n\n", sse=True) is None
+    assert normalize_error(400, deep[:60_000]) is None
