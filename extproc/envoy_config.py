@@ -167,26 +167,20 @@ def _extproc_cluster(
     return cluster
 
 
-def _ext_proc_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]:
-    del max_body  # the buffer limit is the listener's per_connection_buffer_limit_bytes
+def _ext_proc(request_header: str, request_body: str, **options: Any) -> dict[str, Any]:
+    """An ext_proc filter talking to the server. Response headers are always sent: the
+    server switches the response body on (``mode_override``) only when it must read it."""
     return {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             _TYPE: _API + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}, "timeout": "5s"},
-            "failure_mode_allow": failure_mode_allow,
-            # Server unreachable or too slow with failure_mode_allow off: 503, not 500.
-            "status_on_error": {"code": 503},
             "message_timeout": "2s",
             "allow_mode_override": True,
-            # The server's parallel-request lease rides in this namespace to the
-            # lease access log (extproc.parallel); other namespaces are dropped.
-            "metadata_options": {"receiving_namespaces": {"untyped": [LEASE_NAMESPACE]}},
-            # Response headers: status and type of each routed call's response; its
-            # reply streams the body (mode_override) when there is usage to read.
+            **options,
             "processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": "BUFFERED",
+                "request_header_mode": request_header,
+                "request_body_mode": request_body,
                 "request_trailer_mode": "SKIP",
                 "response_header_mode": "SEND",
                 "response_body_mode": "NONE",
@@ -194,31 +188,32 @@ def _ext_proc_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]:
             },
         },
     }
+
+
+def _ext_proc_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]:
+    del max_body  # the buffer limit is the listener's per_connection_buffer_limit_bytes
+    return _ext_proc(
+        "SEND",
+        "BUFFERED",
+        failure_mode_allow=failure_mode_allow,
+        # Server unreachable or too slow with failure_mode_allow off: 503, not 500.
+        status_on_error={"code": 503},
+        # The server's parallel-request lease and session counts ride in this namespace
+        # to the access log and response headers; other namespaces are dropped.
+        metadata_options={"receiving_namespaces": {"untyped": [LEASE_NAMESPACE]}},
+    )
 
 
 def _response_meter_filter() -> dict[str, Any]:
     """Behind ext_authz: an ext_proc filter for the response only, which reads usage and
     settles the charge the Check left in the ext_authz filter's dynamic metadata."""
-    return {
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            _TYPE: _API + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}, "timeout": "5s"},
-            # Accounting never fails a call: if the server is gone, the response passes.
-            "failure_mode_allow": True,
-            "message_timeout": "2s",
-            "allow_mode_override": True,
-            "metadata_options": {"forwarding_namespaces": {"untyped": [AUTHZ_NAMESPACE]}},
-            "processing_mode": {
-                "request_header_mode": "SKIP",
-                "request_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_header_mode": "SEND",
-                "response_body_mode": "NONE",
-                "response_trailer_mode": "SKIP",
-            },
-        },
-    }
+    return _ext_proc(
+        "SKIP",
+        "NONE",
+        # Accounting never fails a call: if the server is gone, the response passes.
+        failure_mode_allow=True,
+        metadata_options={"forwarding_namespaces": {"untyped": [AUTHZ_NAMESPACE]}},
+    )
 
 
 def _ext_authz_filter(failure_mode_allow: bool, max_body: int) -> dict[str, Any]:
@@ -247,26 +242,13 @@ RETRY_ON = "5xx,reset,connect-failure,retriable-status-codes"
 def _attempt_filter() -> dict[str, Any]:
     """The upstream ext_proc filter of a composite cluster: it runs once per attempt
     and gives the attempt its deployment's credentials and model name."""
-    return {
-        "name": "envoy.filters.http.ext_proc",
-        "typed_config": {
-            _TYPE: _API + "extensions.filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": _EXTPROC_CLUSTER}, "timeout": "5s"},
-            "message_timeout": "2s",
-            "status_on_error": {"code": 503},
-            "allow_mode_override": True,
-            # which deployment this attempt goes to (its endpoint's metadata)
-            "request_attributes": ["xds.upstream_host_metadata"],
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_header_mode": "SEND",
-                "response_body_mode": "NONE",
-                "response_trailer_mode": "SKIP",
-            },
-        },
-    }
+    return _ext_proc(
+        "SEND",
+        "NONE",
+        status_on_error={"code": 503},
+        # which deployment this attempt goes to (its endpoint's metadata)
+        request_attributes=["xds.upstream_host_metadata"],
+    )
 
 
 def _failover(
