@@ -10,6 +10,7 @@ fed by Envoy's access-log stream would call the same :meth:`Charge.cost`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -192,85 +193,45 @@ class Charge:
         return cost_micros(dep.prices, usage)
 
     def token(self) -> str:
-        """Compact JSON for Envoy's dynamic metadata (ext_authz → response filter)."""
-        return json.dumps(
-            [
-                self.rid,
-                self.api,
-                self.endpoint,
-                self.group,
-                self.deployment,
-                self.stream,
-                self.strip_usage,
-                self.estimate,
-                self.keys,
-                self.ttls,
-                self.tpm_key,
-                round(self.started, 3),
-                self.prompt_tokens,
-                self.max_output_tokens,
-            ],
-            separators=(",", ":"),
-        )
+        """Compact JSON for Envoy's dynamic metadata (ext_authz → response filter):
+        the field values in declaration order."""
+        return json.dumps([getattr(self, f.name) for f in _FIELDS], separators=(",", ":"))
 
     @classmethod
     def parse(cls, text: str) -> Charge | None:
         """A charge from :meth:`token`; None for anything malformed or foreign."""
         try:
             raw: Any = json.loads(text)
-            (
-                rid,
-                api,
-                endpoint,
-                group,
-                dep,
-                stream,
-                strip,
-                estimate,
-                keys,
-                ttls,
-                tpm,
-                started,
-                prompt,
-                max_out,
-            ) = raw
-        except (ValueError, TypeError, RecursionError):
+        except (ValueError, RecursionError):
             return None
+        if not isinstance(raw, list) or len(raw) != len(_FIELDS):
+            return None
+        v = dict(zip((f.name for f in _FIELDS), raw, strict=True))
+        keys, ttls, tpm = v["keys"], v["ttls"], v["tpm_key"]
         ok = (
-            isinstance(rid, str)
-            and len(rid) == 32
-            and api in ("openai", "anthropic")
-            and isinstance(endpoint, str)
-            and isinstance(group, str)
-            and isinstance(dep, str)
-            and isinstance(stream, bool)
-            and isinstance(strip, bool)
-            and isinstance(estimate, int)
+            isinstance(v["rid"], str)
+            and len(v["rid"]) == 32
+            and v["api"] in ("openai", "anthropic")
+            and all(isinstance(v[n], str) for n in ("endpoint", "group", "deployment"))
+            and isinstance(v["stream"], bool)
+            and isinstance(v["strip_usage"], bool)
+            and all(
+                isinstance(v[n], int) and not isinstance(v[n], bool)
+                for n in ("estimate", "prompt_tokens", "max_output_tokens")
+            )
             and isinstance(keys, list)
             and isinstance(ttls, list)
             and len(keys) == len(ttls)
             and all(isinstance(k, str) and k.startswith(SPEND_TAG + ":") for k in keys)
             and all(t is None or isinstance(t, int | float) for t in ttls)
             and (tpm is None or (isinstance(tpm, str) and tpm.startswith("ratelimit:")))
-            and isinstance(started, int | float)
-            and isinstance(prompt, int)
-            and isinstance(max_out, int)
+            and isinstance(v["started"], int | float)
+            and (v["served"] is None or isinstance(v["served"], str))
         )
         if not ok:
             return None
-        return cls(
-            rid,
-            api,
-            endpoint,
-            group,
-            dep,
-            stream,
-            strip,
-            estimate,
-            tuple(keys),
-            tuple(ttls),
-            tpm,
-            float(started),
-            prompt,
-            max_out,
-        )
+        fields = {**v, "keys": tuple(keys), "ttls": tuple(ttls), "started": float(v["started"])}
+        return cls(**fields)
+
+
+_FIELDS = dataclasses.fields(Charge)

@@ -67,10 +67,7 @@ class Attempt:
 
     def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
-        composite = headers.get(self._gateway.config.cluster_header)
-        self._route = next(
-            (r for r in self._policy.failover.values() if r.composite == composite), None
-        )
+        self._route = self._policy.failover_route(headers.get(self._gateway.config.cluster_header))
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
         mutation = reply.request_headers.response.header_mutation
         mutation.remove_headers.append(DEPLOYMENT_HEADER)

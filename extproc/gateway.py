@@ -23,7 +23,7 @@ from extproc.alerts import Alerter
 from extproc.budgets import BudgetRef, check_budgets
 from extproc.decision import GatewayConfig, Prepared, RouteDecision, prepare, route_to
 from extproc.errors import ServiceUnavailableError
-from extproc.failover import FailoverRoute, deployment_cluster_name
+from extproc.failover import FailoverRoute
 from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.metrics import Metrics
 from extproc.parallel import (
@@ -200,15 +200,7 @@ class Gateway:
     async def attempt_failed(self, cluster: str) -> None:
         """A failover attempt to the per-deployment ``cluster`` could not connect."""
         policy = self._policy
-        dep_id = next(
-            (
-                d
-                for route in policy.failover.values()
-                for d, _ in route.attempts
-                if deployment_cluster_name(d) == cluster
-            ),
-            None,
-        )
+        dep_id = policy.attempt_deployment(cluster)
         dep = policy.deployment(dep_id) if dep_id is not None else None
         group = policy.groups.get(dep.group) if dep is not None else None
         if dep is not None and group is not None:

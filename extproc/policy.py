@@ -25,7 +25,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from extproc.budgets import EndUser, GlobalBudget, TagBudget
-from extproc.failover import MAX_RETRIES, FailoverGroup, FailoverRoute, failover_plan
+from extproc.failover import (
+    MAX_RETRIES,
+    FailoverGroup,
+    FailoverRoute,
+    deployment_cluster_name,
+    failover_plan,
+)
 from extproc.keys import (
     Agent,
     Directory,
@@ -356,6 +362,42 @@ class CompiledPolicy:
     provider_budgets: Mapping[str, ProviderBudget] = field(default_factory=dict)
     #: Deployment id → its composite cluster and attempts (in-request failover).
     failover: Mapping[str, FailoverRoute] = field(default_factory=dict)
+    # Indexes built once per snapshot for the per-request lookups below.
+    _by_id: Mapping[str, CompiledDeployment] = field(init=False, repr=False)
+    _by_composite: Mapping[str, FailoverRoute] = field(init=False, repr=False)
+    _by_attempt_cluster: Mapping[str, str] = field(init=False, repr=False)
+    _budgeted: frozenset[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        by_id = {d.id: d for g in self.groups.values() for d in g.deployments}
+        budgeted = frozenset(
+            g.name
+            for g in self.groups.values()
+            if any(
+                d.max_budget is not None or d.provider in self.provider_budgets
+                for d in g.deployments
+            )
+        )
+        attempt_clusters = {
+            deployment_cluster_name(dep_id): dep_id
+            for route in self.failover.values()
+            for dep_id, _ in route.attempts
+        }
+        object.__setattr__(self, "_by_id", by_id)
+        object.__setattr__(self, "_by_composite", {r.composite: r for r in self.failover.values()})
+        object.__setattr__(self, "_by_attempt_cluster", attempt_clusters)
+        object.__setattr__(self, "_budgeted", budgeted)
+
+    def has_deployment_budgets(self, group: CompiledGroup) -> bool:
+        """Whether the budget filter has provider or deployment budgets to read."""
+        return group.name in self._budgeted and not group.zero_cost
+
+    def failover_route(self, composite: str | None) -> FailoverRoute | None:
+        return self._by_composite.get(composite) if composite else None
+
+    def attempt_deployment(self, cluster: str) -> str | None:
+        """The deployment of a failover plan's per-deployment cluster."""
+        return self._by_attempt_cluster.get(cluster)
 
     @property
     def global_budget(self) -> GlobalBudget:
@@ -380,14 +422,11 @@ class CompiledPolicy:
         return frozenset(d.cluster for g in self.groups.values() for d in g.deployments)
 
     def deployments(self) -> list[CompiledDeployment]:
-        return [d for g in self.groups.values() for d in g.deployments]
+        """Every deployment once (``-large`` groups reuse their group's)."""
+        return list(self._by_id.values())
 
     def deployment(self, dep_id: str) -> CompiledDeployment | None:
-        for group in self.groups.values():
-            for dep in group.deployments:
-                if dep.id == dep_id:
-                    return dep
-        return None
+        return self._by_id.get(dep_id)
 
 
 def _format_loc(loc: Sequence[int | str]) -> str:

@@ -141,7 +141,9 @@ class Router:
         now: datetime,
     ) -> _View:
         budgets = (
-            {} if group.zero_cost else {d.id: deployment_budgets(d, policy, now) for d in deps}
+            {d.id: deployment_budgets(d, policy, now) for d in deps}
+            if policy.has_deployment_budgets(group)
+            else {}
         )
         budget_keys = sorted({r.store_key for refs in budgets.values() for r in refs})
         minute = _minute()
@@ -186,7 +188,7 @@ class Router:
             or group.strategy in ("least-busy", "usage-based-routing")
             # the budget filter reads spend fresh: a stale view would send calls to a
             # deployment whose budget the reservation then refuses
-            or (not group.zero_cost and any(deployment_budgets(d, policy, now) for d in deps))
+            or policy.has_deployment_budgets(group)
         ):
             return await self._read(group, deps, policy, now)
         ids = tuple(d.id for d in deps)
