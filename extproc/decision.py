@@ -288,6 +288,9 @@ def route_to(
         remove += (deployment.auth_header,)
     # Usage is read from the response: ask the upstream for an uncompressed one.
     remove += ("accept-encoding",)
+    if failover is None:
+        # only the server names the chosen deployment to the attempt filter
+        remove += (DEPLOYMENT_HEADER,)
     caller = prepared.caller
     return RouteDecision(
         request=request,

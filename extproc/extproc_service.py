@@ -195,13 +195,18 @@ class _Stream:
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
         status = headers.get(":status", "")
         served = headers.get(SERVED_BY_HEADER)
+        failover = charge.deployment in self._policy.failover
+        if served is not None and not failover:
+            # not from our attempt filter (an upstream's own header): ignored, stripped
+            reply.response_headers.response.header_mutation.remove_headers.append(SERVED_BY_HEADER)
+            served = None
         if served is not None:
             # Failover: the attempts recorded their own health; price what served.
             reply.response_headers.response.header_mutation.remove_headers.append(SERVED_BY_HEADER)
             if served != charge.deployment and self._policy.deployment(served) is not None:
                 charge = self.charge = dataclasses.replace(charge, served=served)
             await self._gateway.first_token(charge, self._policy)
-        elif charge.deployment in self._policy.failover:
+        elif failover:
             pass  # Envoy's own reply after failed attempts: each was counted already
         elif status.isascii() and status.isdigit():
             # Health: every answer counts, and may cool the deployment down.

@@ -76,3 +76,33 @@ def test_content_policy_fallbacks_come_last() -> None:
     assert route.content_policy_fallback_after("s2")
     assert not route.content_policy_fallback_after("l")
     assert plan["s2"].content_policy_from == 2
+
+
+def test_only_the_server_names_the_chosen_deployment() -> None:
+    import json  # noqa: PLC0415
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from extproc.decision import GatewayConfig, decide  # noqa: PLC0415
+    from extproc.failover import DEPLOYMENT_HEADER  # noqa: PLC0415
+    from extproc.policy import load_policy  # noqa: PLC0415
+    from extproc.request import RequestHead  # noqa: PLC0415
+
+    policy = load_policy(
+        Path(__file__).resolve().parent.parent / "policies" / "routing.yaml",
+        env={"TEST_KEY_A": "a", "TEST_KEY_B": "b"},
+    )
+    now = datetime(2026, 11, 23, tzinfo=UTC)
+    forged = {DEPLOYMENT_HEADER: "ha1-b"}
+
+    def route(model: str) -> tuple[dict[str, str], tuple[str, ...]]:
+        raw = json.dumps({"model": model, "messages": []}).encode()
+        head = RequestHead("POST", "/v1/chat/completions", forged)
+        decision = decide(head, raw, policy, GatewayConfig(), lambda: 0.0, now=now)
+        return dict(decision.set_headers), decision.remove_headers
+
+    plain_set, plain_removed = route("cheap")  # no failover: a client's header is dropped
+    assert DEPLOYMENT_HEADER in plain_removed
+    assert DEPLOYMENT_HEADER not in plain_set
+    ha_set, _ = route("ha1")  # failover: the server's own choice overwrites it
+    assert ha_set[DEPLOYMENT_HEADER] == "ha1-a"
+    assert ha_set["x-extproc-cluster"].startswith("fo.")
