@@ -225,6 +225,7 @@ class _Stream:
             charge,
             content_type=headers.get("content-type", ""),
             encoding=headers.get("content-encoding", ""),
+            content_length=headers.get("content-length", ""),
         )
         if msg.end_of_stream:
             return reply
@@ -259,14 +260,14 @@ class _Stream:
             reply.response_body.response.body_mutation.body = body
         if msg.end_of_stream and self.charge is not None:
             charge, self.charge, self.meter = self.charge, None, None
-            await self._gateway.settle(charge, meter.usage(), self._policy)
+            await self._gateway.settle_metered(charge, meter, self._policy)
         return reply
 
     async def end_of_headers_only_response(self) -> None:
         """A 2xx response without a body: settle with what we know (no usage)."""
         if self.charge is not None and self.meter is not None:
             charge, self.charge = self.charge, None
-            await self._gateway.settle(charge, self.meter.usage(), self._policy)
+            await self._gateway.settle_metered(charge, self.meter, self._policy)
 
     async def _attempt_phase(
         self, attempt: Attempt, msg: pb.ProcessingRequest, phase: str | None
@@ -365,9 +366,9 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
             if stream.charge is not None:
                 if stream.meter is not None:
                     # The response had started: the provider bills what it generated,
-                    # so a client leaving mid-stream pays for it (not a free answer).
-                    usage = stream.meter.abandoned(stream.charge)
-                    self._gateway.settle_soon(stream.charge, usage)
+                    # so a client leaving mid-stream pays for it (not a free answer),
+                    # and one leaving after the last byte pays as if it had waited.
+                    self._gateway.settle_soon(stream.charge, stream.meter)
                 else:
                     # Reset or abandoned before any response: nothing to charge.
                     self._gateway.cancel_soon(stream.charge)

@@ -25,6 +25,7 @@ from extproc.decision import GatewayConfig, Prepared, RouteDecision, prepare, ro
 from extproc.errors import ServiceUnavailableError
 from extproc.failover import FailoverRoute
 from extproc.iterations import IterationCount, SessionCap, check_iterations
+from extproc.metering import ResponseMeter
 from extproc.metrics import Metrics
 from extproc.parallel import (
     CHARGE_FIELD,
@@ -291,16 +292,22 @@ class Gateway:
                 await self.alerts.crossed(ref, after, "budget_threshold")
 
     async def settle(
-        self, charge: Charge, usage: Usage | None, policy: CompiledPolicy | None = None
+        self,
+        charge: Charge,
+        usage: Usage | None,
+        policy: CompiledPolicy | None = None,
+        *,
+        reported: bool = True,
     ) -> int:
         """Charge the call's real cost (its estimate when the response had no usage),
-        count spend and tokens; returns the micro-dollars charged."""
+        count spend and tokens; returns the micro-dollars charged. ``reported``: the
+        usage came from the provider, not from counting the stream."""
         dep = (policy or self._policy).deployment(charge.priced_by)
         cost = charge.cost(usage, dep)
         metrics = self.metrics
-        if usage is None:
+        if usage is None or not reported:
             metrics.usage_missing.labels(charge.endpoint).inc()
-        else:
+        if usage is not None:
             for kind, count in (
                 ("input", usage.input_tokens),
                 ("cached_input", usage.cached_input_tokens),
@@ -352,12 +359,21 @@ class Gateway:
             return
         self.metrics.settlements.labels("cancelled").inc()
 
-    def settle_soon(self, charge: Charge, usage: Usage | None) -> None:
-        """:meth:`settle` from code that cannot await (a stream the client left)."""
-        self._spawn(self._settle_quietly(charge, usage))
+    async def settle_metered(
+        self, charge: Charge, meter: ResponseMeter, policy: CompiledPolicy | None = None
+    ) -> int:
+        """:meth:`settle` with what the response meter read (see its billing rule)."""
+        return await self.settle(
+            charge, meter.billable(charge), policy, reported=meter.usage() is not None
+        )
 
-    async def _settle_quietly(self, charge: Charge, usage: Usage | None) -> None:
-        await self.settle(charge, usage)
+    def settle_soon(self, charge: Charge, meter: ResponseMeter) -> None:
+        """:meth:`settle_metered` from code that cannot await (a stream the client
+        left, maybe after its last byte)."""
+        self._spawn(self._settle_quietly(charge, meter))
+
+    async def _settle_quietly(self, charge: Charge, meter: ResponseMeter) -> None:
+        await self.settle_metered(charge, meter)
 
     def cancel_soon(self, charge: Charge) -> None:
         """:meth:`cancel` from code that cannot await (a closing stream)."""

@@ -35,15 +35,48 @@ def _usage_only(event: bytes) -> bool:
     )
 
 
-class ResponseMeter:
-    __slots__ = ("_events", "_reader", "_sse", "rewrites")
+#: SSE event types after which a stream has nothing more to say: Anthropic's
+#: ``message_stop``, the Responses API's final events.
+_TERMINAL_TYPES = frozenset(
+    {b"message_stop", b"response.completed", b"response.incomplete", b"response.failed"}
+)
 
-    def __init__(self, charge: Charge, *, content_type: str, encoding: str) -> None:
+
+def _terminal(event: bytes) -> bool:
+    """The last event of a stream: ``data: [DONE]`` (OpenAI chat and completions) or
+    an ``event:`` line naming a terminal type."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:") and line[5:].strip() == b"[DONE]":
+            return True
+        if line.startswith(b"event:") and line[6:].strip() in _TERMINAL_TYPES:
+            return True
+    return False
+
+
+class ResponseMeter:
+    """Reads one response for its usage and decides what it costs.
+
+    Rule: the same response costs the same however the client reads it. A response is
+    *complete* once its end was seen, its ``content-length`` bytes have passed, or its
+    stream's terminal event has; a client that hangs up after that (SDKs close right
+    after ``[DONE]``, often before Envoy has sent us the end of the stream) is charged
+    exactly as one that waited for the end.
+    """
+
+    __slots__ = ("_complete", "_events", "_left", "_reader", "_sse", "rewrites")
+
+    def __init__(
+        self, charge: Charge, *, content_type: str, encoding: str, content_length: str = ""
+    ) -> None:
         sse = content_type.lower().startswith("text/event-stream")
         encoding = encoding.strip().lower()
         self._reader = ResponseReader(charge.api, sse=sse, encoding=encoding)
         self._sse = sse
         self._events = 0
+        self._complete = False
+        length = content_length.strip()
+        #: Body bytes still to come, when the response said how many.
+        self._left = int(length) if length.isascii() and length.isdigit() else None
         #: The usage chunk the gateway asked for is taken out of the client's stream
         #: (only from uncompressed SSE; the gateway does not ask for compression).
         self.rewrites = charge.strip_usage and sse and encoding in ("", "identity")
@@ -59,6 +92,12 @@ class ResponseMeter:
         if end:
             events += self._reader.flush()
         self._events += len(events)
+        if self._left is not None:
+            self._left -= len(chunk)
+        if end or (self._left is not None and self._left <= 0):
+            self._complete = True
+        elif self._sse and not self._complete:
+            self._complete = any(_terminal(event) for event in events)
         if not was_rewriting:
             return None
         out = b"".join(event + b"\n\n" for event in events if not _usage_only(event))
@@ -69,16 +108,23 @@ class ResponseMeter:
             out += self._reader.take_pending()
         return out
 
-    def usage(self) -> Usage | None:
-        return self._reader.finish()
+    @property
+    def complete(self) -> bool:
+        """The whole response has passed (see the class's rule)."""
+        return self._complete
 
-    def abandoned(self, charge: Charge) -> Usage | None:
-        """The usage to charge when the client left mid-response: what the provider
-        reported so far, else the prompt plus an output token per streamed event (the
-        provider bills what it generated); None (the estimate) for a JSON body, which
-        was generated in full."""
-        usage = self._reader.usage
-        if usage is not None and usage.output_tokens:
+    def usage(self) -> Usage | None:
+        """The usage the response reported (None when it reported none)."""
+        return self._reader.finish() if self._complete else self._reader.usage
+
+    def billable(self, charge: Charge) -> Usage | None:
+        """The usage to charge, complete or not: what the provider reported; for a
+        stream that reported none (or stopped before it did), the prompt estimate plus
+        one output token per streamed event (the provider bills what it generated);
+        None (charged the reservation's estimate) for a JSON body without usage or one
+        the client left before its end."""
+        usage = self.usage()
+        if usage is not None and (self._complete or usage.output_tokens):
             return usage
         if not self._sse:
             return None

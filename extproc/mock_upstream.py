@@ -116,7 +116,9 @@ async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamRespons
     model = body.get("model", "")
     rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     prompt, completion = _prompt_tokens(body), len(_WORDS)
-    text = "".join(_WORDS)
+    # ``x-mock-pad-bytes``: a response of about that size (large-body tests)
+    pad = request.headers.get("x-mock-pad-bytes", "0")
+    text = "".join(_WORDS) + "x" * (min(int(pad), 64 << 20) if pad.isdigit() else 0)
     if not body.get("stream"):
         return web.json_response(
             {

@@ -21,7 +21,7 @@ from extproc.extproc_service import ExternalProcessorService
 from extproc.gateway import Gateway
 from extproc.settings import Settings
 
-__all__ = ["run", "serve"]
+__all__ = ["grpc_receive_limit", "run", "serve"]
 
 log = logging.getLogger("extproc")
 
@@ -31,13 +31,24 @@ _SERVICES = (
 )
 
 
+def grpc_receive_limit(settings: Settings) -> int:
+    """The largest gRPC message the server accepts.
+
+    Rule: every message Envoy can send under its buffer limit is accepted. In STREAMED
+    mode Envoy hands over, as one piece, whatever arrived while the previous piece was
+    with us: more than its buffer limit (8.7 MB was seen with an 8 MiB limit), since
+    reading pauses only after the limit is passed. Four times the limit covers that.
+    """
+    return 4 * settings.max_body_bytes + (1 << 20)
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; SIGHUP reloads the policy."""
     gateway = Gateway.from_settings(settings)
     stop = stop or asyncio.Event()
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", settings.max_body_bytes + 65536),
+            ("grpc.max_receive_message_length", grpc_receive_limit(settings)),
             ("grpc.so_reuseport", 0),
         ]
     )

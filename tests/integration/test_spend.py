@@ -210,6 +210,26 @@ def test_anthropic_messages(stack: Stack, spend: Any, streamed: bool) -> None:
     assert spend() - before == expected
 
 
+@pytest.mark.parametrize("size", [10 << 20, 20 << 20])
+def test_large_json_responses_pass_whole_and_are_charged(
+    stack: Stack, spend: Any, size: int
+) -> None:
+    # Envoy hands a STREAMED body over in pieces larger than its buffer limit; the
+    # server must take every one of them (a refused piece used to end the response
+    # after its headers: a 200 with no body). Over 16 MiB only the tail is read.
+    body = {"model": "auto", "messages": MSGS}
+    raw = json.dumps(body).encode()
+    headers = {"authorization": "Bearer sk-spend-ann", "x-mock-pad-bytes": str(size)}
+    before = spend()
+    for _ in range(10):
+        status, _, data = post(f"{stack.url}/v1/chat/completions", raw, headers)
+        assert status == 200
+        reply = json.loads(data)
+        assert reply["choices"][0]["message"]["content"] == "".join(_WORDS) + "x" * size
+        assert reply["usage"]["completion_tokens"] == len(_WORDS)
+    assert spend() - before == 10 * chat_cost(body)
+
+
 def test_recorded_openai_response_is_charged(stack: Stack, spend: Any) -> None:
     before = spend()
     raw = oai(stack).chat.completions.with_raw_response.create(
@@ -258,6 +278,65 @@ def test_abandoned_stream_is_charged_for_what_was_streamed(stack: Stack, spend: 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     wait_until(lambda: 0 < spend() - before < 1000, 10, "the hold to settle to what streamed")
     assert spend() - before <= chat_cost({"model": "auto", "messages": MSGS}) + 200
+
+
+def _raw_stream(stack: Stack, body: bytes, headers: str, *, close_at_done: bool) -> bytes:
+    """POST over a bare socket; read to EOF, or hang up as soon as ``data: [DONE]``
+    has arrived (as SDKs do), resetting the connection."""
+    parts = urllib.parse.urlsplit(stack.url)
+    request = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"connection: close\r\n{headers}content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    got = b""
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request)
+        while chunk := sock.recv(65536):
+            got += chunk
+            if close_at_done and b"data: [DONE]" in got:
+                linger = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                break
+    return got
+
+
+def test_usage_less_stream_costs_the_same_however_it_is_read(stack: Stack, spend: Any) -> None:
+    """A recorded OpenAI stream without usage, read to its end by three clients: the
+    SDK (stops at [DONE]), a raw read to EOF, a raw read that resets right after
+    [DONE]. Each is charged the same: prompt estimate + a token per streamed event."""
+    sent: list[bytes] = []
+    http = openai.DefaultHttpxClient(event_hooks={"request": [lambda req: sent.append(req.read())]})
+    sdk = openai.OpenAI(
+        base_url=f"{stack.url}/v1", api_key="sk-spend-ann", max_retries=0, http_client=http
+    )
+    replay = "x-mock-replay: chat-streaming\r\nauthorization: Bearer sk-spend-ann\r\n"
+    missing = metric(stack, "extproc_usage_missing_total")
+    charged = []
+    before = spend()
+    with http:
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in sdk.chat.completions.create(
+                model="auto",
+                messages=MSGS,
+                stream=True,
+                extra_headers={"x-mock-replay": "chat-streaming"},
+            )
+            if c.choices
+        )
+    assert text  # the recording's answer reached the SDK
+    charged.append(spend() - before)
+    raw = sent[0]  # the same bytes again: the prompt estimate counts them
+    for close_at_done in (False, True):
+        before = spend()
+        got = _raw_stream(stack, raw, replay, close_at_done=close_at_done)
+        assert b"data: [DONE]" in got
+        charged.append(spend() - before)
+    assert charged[0] > 0
+    assert charged == [charged[0]] * 3
+    # far below the reservation (4096 output tokens at $0.000002 = $0.008192)
+    assert charged[0] < 8192
+    assert metric(stack, "extproc_usage_missing_total") == missing + 3
 
 
 def test_budget_filter_skips_spent_deployments(stack: Stack, redis_url: str) -> None:
