@@ -28,6 +28,7 @@ from extproc.failover import SERVED_BY_HEADER
 from extproc.gateway import Gateway
 from extproc.metering import ResponseMeter, charge_from_metadata
 from extproc.parallel import LEASE_NAMESPACE, Lease
+from extproc.redaction import Redactor
 from extproc.request import RequestHead
 from extproc.upstream_errors import normalize_error
 
@@ -193,6 +194,8 @@ class _Stream:
         if charge is None:
             return reply
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
+        if _redact_headers(msg, self._policy.redactor, reply.response_headers.response):
+            self._gateway.metrics.credentials_redacted.labels("header").inc()
         status = headers.get(":status", "")
         served = headers.get(SERVED_BY_HEADER)
         failover = charge.deployment in self._policy.failover
@@ -215,9 +218,9 @@ class _Stream:
             # A failed call costs nothing: give its reservation back.
             self.charge = None
             self._gateway.cancel_soon(charge)
-            if status.startswith("4") and not msg.end_of_stream:
-                # read the error: provider words for context overflow or content
-                # policy become OpenAI's codes
+            if status.isascii() and status.isdigit() and not msg.end_of_stream:
+                # read the error: it may echo a credential, and provider words for
+                # context overflow or content policy become OpenAI's codes
                 self.error_status = int(status)
                 reply.mode_override.response_body_mode = _BUFFERED
             return reply
@@ -241,6 +244,12 @@ class _Stream:
         if self.error_status is not None:
             normalized = normalize_error(self.error_status, msg.body)
             if normalized is not None:
+                self._gateway.metrics.upstream_errors_normalized.inc()
+            redacted = self._policy.redactor.bytes(normalized or msg.body)
+            if redacted is not None:
+                self._gateway.metrics.credentials_redacted.labels("body").inc()
+                normalized = redacted
+            if normalized is not None:
                 common = reply.response_body.response
                 common.body_mutation.body = normalized
                 common.header_mutation.set_headers.append(
@@ -251,7 +260,6 @@ class _Stream:
                         append_action=_OVERWRITE,
                     )
                 )
-                self._gateway.metrics.upstream_errors_normalized.inc()
             return reply
         if meter is None:
             return reply
@@ -312,6 +320,31 @@ class _Stream:
             internal = InternalError("The gateway failed to process this request.")
             return self._refuse(internal, phase or "unknown")
         return _passthrough(phase)
+
+
+def _redact_headers(msg: pb.HttpHeaders, redactor: Redactor, common: pb.CommonResponse) -> bool:
+    """Replace every upstream header value that holds a deployment credential; whether
+    there was one."""
+    if not redactor:
+        return False
+    by_key: dict[str, list[str]] = {}
+    hit: set[str] = set()
+    for h in msg.headers.headers:
+        value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        by_key.setdefault(h.key, []).append(value)
+        if redactor.text(value) is not None:
+            hit.add(h.key)
+    for key in sorted(hit):
+        # Rule: one value replaces every value of the header (repeated headers are
+        # joined with ",", as HTTP allows), so none of them survives unredacted.
+        value = ",".join(redactor.text(v) or v for v in by_key[key])
+        common.header_mutation.set_headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=key, raw_value=value.encode("latin-1")),
+                append_action=_OVERWRITE,
+            )
+        )
+    return bool(hit)
 
 
 async def _attempt_reply(

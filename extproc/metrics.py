@@ -142,6 +142,12 @@ class Metrics:
             "Upstream 4xx bodies rewritten to context_length_exceeded or content_policy_violation.",
             registry=self.registry,
         )
+        self.credentials_redacted = Counter(
+            "extproc_credentials_redacted",
+            "Upstream responses that echoed a deployment credential, redacted, by where.",
+            ["where"],
+            registry=self.registry,
+        )
         self.content_policy_retries = Counter(
             "extproc_content_policy_retries",
             "Content-policy refusals moved on to a content-policy fallback in the same call.",

@@ -17,6 +17,7 @@ import re
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -350,7 +351,8 @@ async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamRes
     return await _stream(request, chunks)
 
 
-_HANDLERS = {
+_Handler = Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]
+_HANDLERS: dict[str, _Handler] = {
     "/v1/chat/completions": _chat,
     "/v1/completions": _completions,
     "/v1/embeddings": _embeddings,
@@ -415,7 +417,28 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     replay = request.headers.get("x-mock-replay")
     if replay is not None:
         return await _replay(request, replay)
+    echo = request.headers.get("x-mock-echo-key")
+    if echo is not None:
+        return await _echo_key(request, echo, handler, body)
     return await handler(request, body)
+
+
+async def _echo_key(
+    request: web.Request, how: str, handler: _Handler, body: dict[str, Any]
+) -> web.StreamResponse:
+    """A careless upstream: the key it was sent comes back in headers (twice) and, for
+    ``error``, in a 500's message too (redaction tests)."""
+    key = _presented_key(request) or ""
+    if how == "error":
+        resp: web.StreamResponse = _openai_error(
+            500, f'upstream rejected key {key} ("{key}")', "server_error", "echo"
+        )
+    else:
+        resp = await handler(request, body)
+    if not resp.prepared:
+        resp.headers.add("x-mock-saw-key", f"Bearer {key}")
+        resp.headers.add("x-mock-saw-key", key)
+    return resp
 
 
 _CASSETTE = re.compile(r"^[a-z0-9-]{1,64}$")

@@ -44,6 +44,7 @@ from extproc.keys import (
 )
 from extproc.pricing import Prices, bundled_context_window, bundled_prices
 from extproc.providers import auth_header_for
+from extproc.redaction import Redactor
 from extproc.windows import DurationText, zone
 
 __all__ = [
@@ -367,9 +368,17 @@ class CompiledPolicy:
     _by_composite: Mapping[str, FailoverRoute] = field(init=False, repr=False)
     _by_attempt_cluster: Mapping[str, str] = field(init=False, repr=False)
     _budgeted: frozenset[str] = field(init=False, repr=False)
+    #: Every deployment credential, to take out of what upstreams send back.
+    redactor: Redactor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         by_id = {d.id: d for g in self.groups.values() for d in g.deployments}
+        secrets = (
+            d.auth_value.removeprefix(auth_header_for(d.provider)[1])
+            for d in by_id.values()
+            if d.auth_value is not None
+        )
+        object.__setattr__(self, "redactor", Redactor(secrets))
         budgeted = frozenset(
             g.name
             for g in self.groups.values()
