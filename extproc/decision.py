@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from extproc.budgets import BudgetRef, applicable_budgets
 from extproc.errors import (
@@ -23,7 +23,7 @@ from extproc.errors import (
 )
 from extproc.failover import DEPLOYMENT_HEADER, FailoverRoute
 from extproc.iterations import SessionCap, session_cap
-from extproc.jsonbody import replace_member, set_member
+from extproc.jsonbody import add_member, splice
 from extproc.keys import (
     TRACE_ID_HEADER,
     Caller,
@@ -265,14 +265,22 @@ def route_to(
     """
     request, raw_body, group = prepared.request, prepared.raw, prepared.group
     endpoint = request.endpoint
-    body = replace_member(raw_body, request.model_span, deployment.model)
+    # Rule: every edit splices a span of the one parse; the body is never scanned again.
+    edits: list[tuple[tuple[int, int], Any]] = [(request.model_span, deployment.model)]
+    add_options: dict[str, Any] | None = None
     asks_usage = False
     if inject_usage and request.stream and endpoint.name in _USAGE_OPT_IN:
         options = request.body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage") is True):
             merged = {**options} if isinstance(options, dict) else {}
-            body = set_member(body, "stream_options", {**merged, "include_usage": True})
+            if request.stream_options_span is None:
+                add_options = {**merged, "include_usage": True}
+            else:
+                edits.append((request.stream_options_span, {**merged, "include_usage": True}))
             asks_usage = True
+    body = splice(raw_body, edits)
+    if add_options is not None:
+        body = add_member(body, "stream_options", add_options)
     set_headers: list[tuple[str, str]] = [(config.cluster_header, deployment.cluster)]
     if failover is not None:
         set_headers = [

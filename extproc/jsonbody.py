@@ -2,20 +2,28 @@
 
 The gateway rewrites one top-level member (``model``) and must not change anything
 else: re-serialising would turn ``1e400`` into ``Infinity``, merge duplicate keys and
-re-encode strings. So the body is validated with :func:`json.loads` and then edited
-in place, splicing the new value over the old value's byte span.
+re-encode strings. So the body is parsed once (:func:`parse_json`: the values by the
+C scanner of :mod:`json`, the top-level members and their byte spans on the way) and
+then edited in place, splicing new values over old values' byte spans.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["add_member", "loads_object", "member_span", "replace_member", "set_member"]
-
-_STRUCTURAL = re.compile(rb'["{}\[\],:]')
-_NOT_WS = re.compile(rb"[^ \t\r\n]")
+__all__ = [
+    "ParsedJson",
+    "add_member",
+    "loads_object",
+    "member_span",
+    "parse_json",
+    "replace_member",
+    "set_member",
+    "splice",
+]
 
 
 def _reject_constant(name: str) -> Any:
@@ -28,17 +36,90 @@ def loads_object(raw: bytes) -> Any:
     return json.loads(text, parse_constant=_reject_constant)
 
 
-def _string_end(raw: bytes, start: int) -> int:
-    """Index of the quote closing the string that opens at ``start``."""
-    pos = start + 1
-    while True:
-        quote = raw.index(b'"', pos)
-        back = quote - 1
-        while raw[back] == 0x5C:  # backslash
-            back -= 1
-        if (quote - 1 - back) % 2 == 0:
-            return quote
-        pos = quote + 1
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedJson:
+    """A body parsed once: its value and, for an object, where each top-level member
+    sits (so the gateway can splice without scanning again)."""
+
+    value: Any
+    #: Top-level members in order: (name, start, end) in characters of ``_text``;
+    #: names are decoded (``"\u006dodel"`` is ``model``).
+    members: tuple[tuple[str, int, int], ...]
+    #: Names that occur more than once at the top level (the value holds the last).
+    duplicates: frozenset[str]
+    _text: str
+    #: The body's length in bytes.
+    _size: int
+
+    def span(self, name: str) -> tuple[int, int] | None:
+        """Byte span of the value of top-level member ``name`` (its last occurrence,
+        the one ``value`` holds)."""
+        for member, start, end in reversed(self.members):
+            if member == name:
+                if self._size == len(self._text):  # ASCII: characters are bytes
+                    return start, end
+                # Spans are bytes: count them over the shorter side of the value.
+                text = self._text
+                width = len(text[start:end].encode("utf-8"))
+                if start <= len(text) - end:
+                    first = len(text[:start].encode("utf-8"))
+                    return first, first + width
+                last = self._size - len(text[end:].encode("utf-8"))
+                return last - width, last
+        return None
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    match = _WS.match(text, pos)
+    return match.end() if match else pos
+
+
+def parse_json(raw: bytes) -> ParsedJson:
+    """Parse strict JSON like :func:`loads_object`, in one pass that also records the
+    top-level members of an object and their value spans.
+
+    Values are decoded by the C scanner of :mod:`json`; only the top-level commas and
+    colons are stepped over here. Raises ValueError (or RecursionError) when invalid.
+    """
+    text = raw.decode("utf-8")  # UnicodeDecodeError is a ValueError
+    pos = _skip_ws(text, 0)
+    if not text.startswith("{", pos):
+        return ParsedJson(_DECODER.decode(text), (), frozenset(), text, len(raw))
+    value: dict[str, Any] = {}
+    members: list[tuple[str, int, int]] = []
+    duplicates: set[str] = set()
+    pos = _skip_ws(text, pos + 1)
+    if text.startswith("}", pos):
+        pos += 1
+    else:
+        while True:
+            if not text.startswith('"', pos):
+                raise ValueError(f"expected a member name at {pos}")
+            name, pos = json.decoder.scanstring(text, pos + 1, True)  # type: ignore[attr-defined]
+            pos = _skip_ws(text, pos)
+            if not text.startswith(":", pos):
+                raise ValueError(f"expected ':' at {pos}")
+            start = _skip_ws(text, pos + 1)
+            item, pos = _DECODER.raw_decode(text, start)
+            if name in value:
+                duplicates.add(name)
+            value[name] = item
+            members.append((name, start, pos))
+            pos = _skip_ws(text, pos)
+            if text.startswith(",", pos):
+                pos = _skip_ws(text, pos + 1)
+            elif text.startswith("}", pos):
+                pos += 1
+                break
+            else:
+                raise ValueError(f"expected ',' or '}}' at {pos}")
+    if _skip_ws(text, pos) != len(text):
+        raise ValueError(f"extra data at {pos}")
+    return ParsedJson(value, tuple(members), frozenset(duplicates), text, len(raw))
 
 
 def member_span(raw: bytes, name: str) -> tuple[int, int] | None:
@@ -46,57 +127,23 @@ def member_span(raw: bytes, name: str) -> tuple[int, int] | None:
 
     With duplicate keys the last one wins, as in :func:`json.loads`.
     """
-    depth = 0
-    expect_key = False
-    key: str | None = None
-    value_start = -1
-    found: tuple[int, int] | None = None
-    pos = 0
-
-    def close(end: int) -> None:
-        nonlocal found, key, value_start
-        if key == name and value_start >= 0:
-            stop = end
-            while raw[stop - 1] in b" \t\r\n":
-                stop -= 1
-            found = (value_start, stop)
-        key = None
-        value_start = -1
-
-    while True:
-        match = _STRUCTURAL.search(raw, pos)
-        if match is None:
-            return found
-        at = match.start()
-        char = raw[at]
-        if char == 0x22:  # "
-            end = _string_end(raw, at)
-            if depth == 1 and expect_key:
-                key = json.loads(raw[at : end + 1])
-                expect_key = False
-            pos = end + 1
-            continue
-        if char in b"{[":
-            depth += 1
-            if depth == 1:
-                expect_key = char == 0x7B
-        elif char in b"}]":
-            if depth == 1:
-                close(at)
-            depth -= 1
-        elif depth == 1 and char == 0x3A:  # :
-            nxt = _NOT_WS.search(raw, at + 1)
-            value_start = nxt.start() if nxt else -1
-        elif depth == 1 and char == 0x2C:  # ,
-            close(at)
-            expect_key = True
-        pos = at + 1
+    return parse_json(raw).span(name)
 
 
 def replace_member(raw: bytes, span: tuple[int, int], value: Any) -> bytes:
     """``raw`` with the bytes at ``span`` replaced by ``value`` as JSON."""
     encoded = json.dumps(value, ensure_ascii=False).encode("utf-8")
     return raw[: span[0]] + encoded + raw[span[1] :]
+
+
+def splice(raw: bytes, edits: list[tuple[tuple[int, int], Any]]) -> bytes:
+    """``raw`` with each (span, value) replaced by ``value`` as JSON; the spans (from
+    one :func:`parse_json`) must not overlap."""
+    out = raw
+    # Rule: from the last span back, so earlier spans keep their offsets.
+    for (start, end), value in sorted(edits, key=lambda edit: edit[0][0], reverse=True):
+        out = replace_member(out, (start, end), value)
+    return out
 
 
 def add_member(raw: bytes, name: str, value: Any) -> bytes:

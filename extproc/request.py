@@ -17,13 +17,42 @@ from extproc.errors import (
     InvalidParameterError,
     MissingParameterError,
 )
-from extproc.jsonbody import loads_object, member_span
+from extproc.jsonbody import parse_json
 
-__all__ = ["LLMRequest", "RequestHead", "parse_request"]
+__all__ = ["POLICY_MEMBERS", "LLMRequest", "RequestHead", "parse_request"]
 
 MAX_SESSION_ID_BYTES = 256
 MAX_TAGS = 64
 MAX_TAG_CHARS = 128
+
+#: Top-level members some decision reads (routing, keys, budgets, pricing, session
+#: caps, the context-window check, the tools allowlist, the usage opt-in).
+#: Rule: a body that names one of them twice is refused. The policy would read the
+#: last (as json.loads does) while an upstream's parser may take the first, so what
+#: was checked and paid for would not be what is served.
+POLICY_MEMBERS = frozenset(
+    {
+        "model",
+        "stream",
+        "stream_options",
+        "user",
+        "metadata",
+        "litellm_metadata",
+        "tools",
+        "functions",
+        "mcp_servers",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "best_of",
+        "input",
+        "messages",
+        "prompt",
+        "system",
+        "instructions",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +108,8 @@ class LLMRequest:
     model: str
     #: Byte span of the ``model`` value in ``raw_body``, for the rewrite.
     model_span: tuple[int, int]
+    #: Byte span of the ``stream_options`` value, if the body has one.
+    stream_options_span: tuple[int, int] | None
     raw_body: bytes
     body: dict[str, Any]
     stream: bool
@@ -179,13 +210,20 @@ def parse_request(
             "The request body is empty; expected a JSON object.", code="missing_body"
         )
     try:
-        body = loads_object(raw_body)
+        parsed = parse_json(raw_body)
     except (ValueError, RecursionError) as exc:
         reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "not valid JSON"
         raise InvalidJSONError(f"The request body is {reason}.") from None
+    body = parsed.value
     if not isinstance(body, dict):
         raise InvalidJSONError(
             f"The request body must be a JSON object, not a JSON {type(body).__name__}."
+        )
+    if parsed.duplicates & POLICY_MEMBERS:
+        name = next(m for m, _, _ in parsed.members if m in parsed.duplicates & POLICY_MEMBERS)
+        raise InvalidJSONError(
+            f"The request body names '{name}' more than once (escaped spellings count).",
+            param=name,
         )
     if "model" not in body or body["model"] is None:
         raise MissingParameterError("You must provide a model parameter.", param="model")
@@ -194,13 +232,14 @@ def parse_request(
         raise InvalidParameterError("'model' must be a string.", param="model")
     if not model.strip():
         raise InvalidParameterError("'model' must not be empty.", param="model")
-    span = member_span(raw_body, "model")
+    span = parsed.span("model")
     assert span is not None  # a parsed object with the member has a span
     return LLMRequest(
         head=head,
         endpoint=endpoint,
         model=model,
         model_span=span,
+        stream_options_span=parsed.span("stream_options"),
         raw_body=raw_body,
         body=body,
         stream=endpoint.stream(body),

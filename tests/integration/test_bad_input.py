@@ -97,3 +97,47 @@ def test_bad_input_is_an_openai_error(
     assert got_headers.get("content-type", "").startswith("application/json")
     assert "x-mock-upstream" not in got_headers
     assert http_ok(f"{stack.admin_url}/healthz")
+
+
+# (id, body, the member named twice)
+DUPLICATES: list[tuple[str, bytes, str]] = [
+    ("model", b'{"model": "only-a", "model": "auto", "messages": []}', "model"),
+    ("model-escaped", b'{"\\u006dodel": "only-a", "model": "auto", "messages": []}', "model"),
+    ("stream", b'{"model": "auto", "stream": false, "stream": true}', "stream"),
+    ("max-tokens", b'{"model": "auto", "max_tokens": 1, "max_tokens": 100000}', "max_tokens"),
+    ("tools-escaped", b'{"model": "auto", "tools": [], "tool\\u0073": [{"type": "x"}]}', "tools"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "member"), [d[1:] for d in DUPLICATES], ids=[d[0] for d in DUPLICATES]
+)
+@pytest.mark.parametrize("which", ["stack", "authz_stack"])
+def test_duplicate_policy_member_is_refused(
+    request: pytest.FixtureRequest, which: str, body: bytes, member: str
+) -> None:
+    stack: Stack = request.getfixturevalue(which)
+    stack.mocks.clear()
+    status, headers, payload = post(f"{stack.url}{CHAT}", body)
+    assert status == 400, payload[:300]
+    error = json.loads(payload)["error"]
+    assert (error["code"], error["param"]) == ("invalid_json", member)
+    assert headers.get("x-extproc-error") == "invalid_json"
+    assert all(not stack.mocks.seen(cluster) for cluster in stack.mocks.ports)
+
+
+@pytest.mark.parametrize("which", ["stack", "authz_stack"])
+def test_duplicate_of_an_unread_member_passes_byte_exact(
+    request: pytest.FixtureRequest, which: str
+) -> None:
+    stack: Stack = request.getfixturevalue(which)
+    stack.mocks.clear()
+    body = b'{"temperature": 1, "model": "only-a", "temperature": 2, "messages": [], "x": 1e400}'
+    status, headers, payload = post(f"{stack.url}{CHAT}", body)
+    assert status == 200, payload[:300]
+    assert headers["x-mock-upstream"] == "mock_a"
+    seen = stack.mocks.seen("mock_a")
+    assert len(seen) == 1
+    # ext_authz cannot rewrite the body: the upstream gets the client's model name
+    model = b'"up-model-a"' if stack.mode == "ext_proc" else b'"only-a"'
+    assert seen[0]["body"].encode() == body.replace(b'"only-a"', model)

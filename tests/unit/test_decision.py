@@ -13,7 +13,7 @@ import pytest
 from extproc.decision import GatewayConfig, decide, decide_head
 from extproc.errors import GatewayError
 from extproc.policy import CompiledPolicy, load_policy
-from extproc.request import RequestHead
+from extproc.request import POLICY_MEMBERS, RequestHead
 
 POLICY_PATH = Path(__file__).resolve().parent.parent / "policies" / "valid.yaml"
 ENV = {"TEST_KEY_A": "sk-a", "TEST_KEY_B": "sk-b", "TEST_KEY_C": "sk-c"}
@@ -291,6 +291,24 @@ ERROR_CASES: list[tuple[str, RequestHead, bytes, int, str, str | None]] = [
         "invalid_session_id",
         "metadata.session_id",
     ),
+    *(
+        (
+            f"duplicate {name}{' (escaped)' if escaped else ''}",
+            head("/v1/messages" if name == "system" else "/v1/chat/completions"),
+            (
+                b'{"model": "auto", "'
+                + (b"\\u%04x" % ord(name[0]) + name[1:].encode() if escaped else name.encode())
+                + b'": 1, "'
+                + name.encode()
+                + b'": 2}'
+            ),
+            400,
+            "invalid_json",
+            name,
+        )
+        for name in sorted(POLICY_MEMBERS)
+        for escaped in (False, True)
+    ),
     (
         "body over the limit",
         head(),
@@ -506,3 +524,35 @@ def test_streams_ask_for_usage(
     no_inject = decide(head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW, inject_usage=False)
     assert no_inject.asks_usage is False
     assert b"include_usage" not in no_inject.body or "stream_options" in extra
+
+
+def test_policy_members_cover_the_list_of_the_issue() -> None:
+    issue = {"model", "stream", "user", "metadata", "tools", "functions", "max_tokens"}
+    issue |= {"max_completion_tokens", "max_output_tokens", "n", "stream_options"}
+    assert issue | {"best_of", "input"} <= POLICY_MEMBERS
+
+
+def test_duplicate_model_with_escaped_first_spelling(policy: CompiledPolicy) -> None:
+    raw = b'{"\\u006dodel": "only-a", "model": "auto", "messages": []}'
+    with pytest.raises(GatewayError) as info:
+        decide(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
+    assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_json", "model")
+    assert "'model'" in info.value.message
+
+
+def test_duplicates_of_other_members_pass_byte_exact(policy: CompiledPolicy) -> None:
+    raw = b'{"temperature": 1, "model": "auto", "temperature": 2, "x": {"a": 1, "a": 2}}'
+    decision = decide(head(), raw, policy, CONFIG, lambda: 0.1, now=NOW)
+    assert decision.body == raw.replace(b'"auto"', b'"up-model-a"')
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_usage_opt_in_spliced_around_the_model(policy: CompiledPolicy, before: bool) -> None:
+    options = b'"stream_options": {"include_obfuscation": false}'
+    rest = b'"model": "auto", "z": "\xc3\xa9", "stream": true'
+    raw = b"{" + (options + b", " + rest if before else rest + b", " + options) + b"}"
+    decision = decide(head(), raw, policy, CONFIG, lambda: 0.1, now=NOW)
+    sent = json.loads(decision.body)
+    assert sent["model"] == "up-model-a"
+    assert sent["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    assert b'"z": "\xc3\xa9"' in decision.body
