@@ -224,7 +224,8 @@ def prepare(
             or head.headers.get(config.tags_header)
         ),
         trace_id=head.headers.get(TRACE_ID_HEADER),
-        tool_names=endpoint.tool_names(request.body),
+        # nested keys are read: a tool naming "name" twice must not pass as the other
+        tool_names=lambda: endpoint.tool_names(request.strict_member),
     )
     budgets: tuple[BudgetRef, ...] = ()
     if not group.zero_cost:

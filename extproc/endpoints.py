@@ -7,10 +7,12 @@ way. Add an API by registering a spec in :data:`ENDPOINTS`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from extproc.errors import InvalidParameterError
+from extproc.tools import ToolShapes, request_tool_names
 
 __all__ = ["ENDPOINTS", "EndpointSpec", "lookup_endpoint"]
 
@@ -39,8 +41,9 @@ class EndpointSpec(Protocol):
         """Whether the client asked for a streamed response."""
         ...
 
-    def tool_names(self, body: dict[str, Any]) -> tuple[str, ...]:
-        """Names of the tools the request offers the model."""
+    def tool_names(self, member: Callable[[str], Any]) -> tuple[str, ...]:
+        """Names of the tools the request offers the model; a 400 for a shape that
+        cannot be named. ``member`` reads a top-level member of the body."""
         ...
 
 
@@ -69,6 +72,8 @@ class JsonEndpoint:
     can_stream: bool = True
     #: (container, key): where the end-user id lives; container None is top level.
     user_field: tuple[str | None, str] = (None, "user")
+    #: Where this API's requests carry tools (``none``: it takes none).
+    tool_shapes: ToolShapes = "chat"
 
     @property
     def user_param(self) -> str:
@@ -90,34 +95,23 @@ class JsonEndpoint:
             raise InvalidParameterError(f"{self.name} does not stream", param="stream")
         return value
 
-    def tool_names(self, body: dict[str, Any]) -> tuple[str, ...]:
-        """Tool names: ``tools[].function.name`` (chat), ``tools[].name`` (responses,
-        Anthropic), else the tool ``type`` (built-in tools such as web search)."""
-        tools = body.get("tools")
-        if tools is None:
-            return ()
-        if not isinstance(tools, list):
-            raise InvalidParameterError("'tools' must be an array", param="tools")
-        names: list[str] = []
-        for tool in tools:
-            if not isinstance(tool, dict):
-                raise InvalidParameterError("each tool must be an object", param="tools")
-            function = tool.get("function")
-            name = function.get("name") if isinstance(function, dict) else tool.get("name")
-            if name is None:
-                name = tool.get("type")
-            if not isinstance(name, str):
-                raise InvalidParameterError("a tool's name must be a string", param="tools")
-            names.append(name)
-        return tuple(names)
+    def tool_names(self, member: Callable[[str], Any]) -> tuple[str, ...]:
+        """Every tool the request offers, by the names ``allowed_tools`` lists
+        (:mod:`extproc.tools`)."""
+        return request_tool_names(self.tool_shapes, member)
 
 
 _SPECS: tuple[tuple[str, JsonEndpoint], ...] = (
     ("/chat/completions", JsonEndpoint("chat_completions", "openai")),
-    ("/completions", JsonEndpoint("completions", "openai")),
-    ("/embeddings", JsonEndpoint("embeddings", "openai", can_stream=False)),
-    ("/responses", JsonEndpoint("responses", "openai")),
-    ("/messages", JsonEndpoint("messages", "anthropic", user_field=("metadata", "user_id"))),
+    ("/completions", JsonEndpoint("completions", "openai", tool_shapes="completions")),
+    ("/embeddings", JsonEndpoint("embeddings", "openai", can_stream=False, tool_shapes="none")),
+    ("/responses", JsonEndpoint("responses", "openai", tool_shapes="responses")),
+    (
+        "/messages",
+        JsonEndpoint(
+            "messages", "anthropic", user_field=("metadata", "user_id"), tool_shapes="anthropic"
+        ),
+    ),
 )
 
 #: Path (without query) → spec. Both ``/v1/x`` and ``/x`` are accepted, as LiteLLM does.

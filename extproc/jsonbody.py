@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "DuplicateKeyError",
     "ParsedJson",
     "add_member",
     "loads_object",
@@ -36,8 +37,28 @@ def loads_object(raw: bytes) -> Any:
     return json.loads(text, parse_constant=_reject_constant)
 
 
+class DuplicateKeyError(ValueError):
+    """An object names ``key`` twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"duplicate key {key[:64]!r}")
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
+    return obj
+
+
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_UNIQUE_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_pairs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +91,18 @@ class ParsedJson:
                     return first, first + width
                 last = self._size - len(text[end:].encode("utf-8"))
                 return last - width, last
+        return None
+
+    def unique(self, name: str) -> Any:
+        """The value of top-level member ``name`` decoded again, refusing an object at
+        any depth that names a key twice (:class:`DuplicateKeyError`); None if absent.
+
+        For the few members whose nested keys a decision reads (tools): it costs a
+        second decode of that member only.
+        """
+        for member, start, end in reversed(self.members):
+            if member == name:
+                return _UNIQUE_DECODER.decode(self._text[start:end])
         return None
 
 

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -304,9 +304,12 @@ def check_request_rules(
     body: Mapping[str, Any],
     client_tags: bool,
     trace_id: str | None,
-    tool_names: Iterable[str],
+    tool_names: Callable[[], Iterable[str]],
 ) -> None:
-    """The body-level rules, in LiteLLM's order: trace id, user param, tags, tools."""
+    """The body-level rules, in LiteLLM's order: trace id, user param, tags, tools.
+
+    ``tool_names`` is called only when an allowlist applies (it may raise a 400 for a
+    shape it cannot name)."""
     agent = caller.agent if caller is not None else None
     if agent is not None and agent.require_trace_id and not trace_id:
         raise BadRequestError(
@@ -333,10 +336,11 @@ def check_request_rules(
         allowed = caller.team.metadata.allowed_tools
     if not allowed:
         return
-    denied = sorted({name for name in tool_names if name not in allowed})
+    denied = sorted({name for name in tool_names() if name not in allowed})
     if denied:
         raise PermissionDeniedError(
-            f"Tools {denied[:20]} are not in the allowed tools list of this key or team.",
+            f"Tools {[name[:64] for name in denied[:20]]} are not in the allowed tools list "
+            "of this key or team.",
             code="tool_access_denied",
             param="tools",
         )

@@ -17,7 +17,7 @@ from extproc.errors import (
     InvalidParameterError,
     MissingParameterError,
 )
-from extproc.jsonbody import parse_json
+from extproc.jsonbody import DuplicateKeyError, ParsedJson, parse_json
 
 __all__ = ["POLICY_MEMBERS", "LLMRequest", "RequestHead", "parse_request"]
 
@@ -117,6 +117,20 @@ class LLMRequest:
     session_id: str | None
     tags: tuple[str, ...]
     api_key: str | None
+    #: The one parse of ``raw_body``.
+    parsed: ParsedJson
+
+    def strict_member(self, name: str) -> Any:
+        """Top-level member ``name`` read again with no duplicate key at any depth, for
+        members whose nested keys a decision reads (a tool's name): a 400 otherwise.
+        """
+        try:
+            return self.parsed.unique(name)
+        except DuplicateKeyError as err:
+            raise InvalidJSONError(
+                f"'{name}' holds an object that names '{err.key[:64]}' more than once.",
+                param=name,
+            ) from None
 
 
 #: The longest end-user id accepted (it names a budget and a store key).
@@ -247,4 +261,5 @@ def parse_request(
         session_id=_session_id(head, body, session_headers),
         tags=_tags(head, body, tags_header),
         api_key=head.caller_key(),
+        parsed=parsed,
     )

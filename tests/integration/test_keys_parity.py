@@ -10,6 +10,8 @@ import pytest
 
 from tests.integration.stack import POLICIES, Stack, post, start_stack
 from tests.unit.test_keys import DENIED, RULES_DENIED
+from tests.unit.test_tools import KEY as TOOLS_KEY
+from tests.unit.test_tools import SHAPES
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +60,83 @@ def test_same_decision_on_both_paths(
     assert error["code"] == code
     if key:
         assert key not in payload.decode()
+
+
+TOOL_SHAPES = [
+    s
+    for s in SHAPES
+    if s[0]
+    in {
+        "chat function refused",
+        "chat legacy functions refused",
+        "responses built-in tool refused",
+        "responses mcp refused",
+        "namespace member refused (the container's name is allowed)",
+        "additional_tools input item refused",
+        "anthropic mcp_servers refused",
+        "responses mcp by server_label",
+        "anthropic tool by name",
+    }
+]
+
+
+@pytest.mark.parametrize("mode", ["ext_proc", "ext_authz"])
+@pytest.mark.parametrize(
+    ("path", "extra", "allowed"),
+    [(s[1], s[2], s[4]) for s in TOOL_SHAPES],
+    ids=[s[0] for s in TOOL_SHAPES],
+)
+def test_tools_allowlist_through_envoy(
+    keys_stacks: dict[str, Stack], mode: str, path: str, extra: dict[str, Any], allowed: bool
+) -> None:
+    stack = keys_stacks[mode]
+    stack.mocks.clear()
+    model = "claude" if path == "/v1/messages" else "auto"
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], **extra})
+    headers = {"authorization": f"Bearer {TOOLS_KEY}"}
+    status, resp_headers, payload = post(f"{stack.url}{path}", body.encode(), headers)
+    if allowed:
+        assert status == 200, payload[:300]
+        return
+    assert status == 403, payload[:300]
+    assert resp_headers["content-type"].startswith("application/json")
+    error = json.loads(payload)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"], error["param"]) == (
+        "permission_error",
+        "tool_access_denied",
+        "tools",
+    )
+    assert all(not stack.mocks.seen(cluster) for cluster in stack.mocks.ports)
+
+
+@pytest.mark.parametrize("mode", ["ext_proc", "ext_authz"])
+@pytest.mark.parametrize(
+    ("raw", "code", "param"),
+    [
+        (b'{"model": "auto", "tools": "x"}', "invalid_parameter", "tools"),
+        (
+            b'{"model": "auto", "tools": [{"type": "mcp"}]}',
+            "invalid_parameter",
+            "tools[0].server_label",
+        ),
+        (
+            b'{"model": "auto", "tools": [{"type": "function", '
+            b'"function": {"name": "rm_rf", "n\\u0061me": "get_weather"}}]}',
+            "invalid_json",
+            "tools",
+        ),
+    ],
+    ids=["tools-not-a-list", "mcp-without-label", "tool-name-twice"],
+)
+def test_tool_shapes_that_cannot_be_named_through_envoy(
+    keys_stacks: dict[str, Stack], mode: str, raw: bytes, code: str, param: str
+) -> None:
+    stack = keys_stacks[mode]
+    stack.mocks.clear()
+    headers = {"authorization": f"Bearer {TOOLS_KEY}"}
+    status, _, payload = post(f"{stack.url}/v1/chat/completions", raw, headers)
+    assert status == 400, payload[:300]
+    error = json.loads(payload)["error"]
+    assert (error["code"], error["param"]) == (code, param)
+    assert all(not stack.mocks.seen(cluster) for cluster in stack.mocks.ports)

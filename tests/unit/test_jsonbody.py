@@ -4,7 +4,14 @@ import json
 
 import pytest
 
-from extproc.jsonbody import loads_object, member_span, parse_json, replace_member, splice
+from extproc.jsonbody import (
+    DuplicateKeyError,
+    loads_object,
+    member_span,
+    parse_json,
+    replace_member,
+    splice,
+)
 
 SPAN_CASES = [
     (b'{"model":"auto"}', b'"auto"'),
@@ -159,3 +166,16 @@ def test_splice_edits_several_spans_of_one_parse() -> None:
     assert (
         out == b'{"stream_options": {"a": 1, "include_usage": true}, "model": "gpt-4o", "k": 1e400}'
     )
+
+
+def test_unique_refuses_a_nested_duplicate_key() -> None:
+    parsed = parse_json(
+        b'{"tools": [{"f": {"name": "a", "n\\u0061me": "b"}}], "x": {"k": 1, "k": 2}}'
+    )
+    with pytest.raises(DuplicateKeyError) as info:
+        parsed.unique("tools")
+    assert info.value.key == "name"
+    assert parsed.value["tools"] == [{"f": {"name": "b"}}]  # the first parse keeps the last
+    assert parsed.unique("absent") is None
+    ok = parse_json(b'{"tools": [{"name": "a"}, {"name": "b"}]}')
+    assert ok.unique("tools") == [{"name": "a"}, {"name": "b"}]
