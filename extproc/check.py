@@ -100,6 +100,24 @@ def _check_failover(clusters: dict[str, Any], policy: CompiledPolicy, report: Ch
         )
 
 
+def _check_routes(config: dict[str, Any], header: str, report: CheckReport) -> None:
+    """Routes send by the routing header, adding the /v1 prefix LLM paths may lack."""
+    routed = [
+        n["route"]
+        for n in _walk(config)
+        if isinstance(n.get("route"), dict) and n["route"].get("cluster_header") == header
+    ]
+    if not routed:
+        report.errors.append(f"no route uses cluster_header: {header}")
+    unprefixed = [r for r in routed if not r.get("regex_rewrite")]
+    if unprefixed:
+        report.warnings.append(
+            f"{len(unprefixed)} route(s) using cluster_header {header} have no regex_rewrite: "
+            "LLM paths sent without /v1 (/chat/completions) reach the upstream as sent; "
+            "`extproc envoy-config` renders the rewrite"
+        )
+
+
 def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) -> CheckReport:
     """Errors that would break routing, and warnings that weaken it."""
     report = CheckReport()
@@ -175,12 +193,7 @@ def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) ->
     _check_lease_log(typed, policy, report)
     _check_failover(clusters, policy, report)
     header = settings.cluster_header
-    uses_header = any(
-        isinstance(n.get("route"), dict) and n["route"].get("cluster_header") == header
-        for n in _walk(config)
-    )
-    if not uses_header:
-        report.errors.append(f"no route uses cluster_header: {header}")
+    _check_routes(config, header, report)
     strips = any(n["@type"] == _EARLY_MUTATION and header in str(n.get("mutations")) for n in typed)
     if not strips:
         report.errors.append(

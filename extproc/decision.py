@@ -14,7 +14,9 @@ from datetime import datetime
 from typing import Any, Literal
 
 from extproc.budgets import BudgetRef, applicable_budgets
+from extproc.endpoints import lookup_endpoint
 from extproc.errors import (
+    MethodNotAllowedError,
     MissingParameterError,
     ModelNotFoundError,
     PayloadTooLargeError,
@@ -136,6 +138,13 @@ def decide_head(
     (and buffers) the body.
     """
     strip = (config.cluster_header,)
+    if head.method != "POST" and lookup_endpoint(head.path) is not None:
+        # Rule: answered before authentication, as a web framework's router would.
+        raise MethodNotAllowedError(
+            f"{head.method[:16]} is not allowed on {head.path.split('?', 1)[0][:256]}; "
+            "LLM endpoints take POST.",
+            headers={"allow": "POST"},
+        )
     if head.endpoint is None:
         if config.unknown_paths == "reject":
             raise UnknownRouteError(

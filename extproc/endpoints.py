@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 from extproc.errors import InvalidParameterError
 from extproc.tools import ToolShapes, request_tool_names
 
-__all__ = ["ENDPOINTS", "EndpointSpec", "lookup_endpoint"]
+__all__ = ["API_PREFIX", "ENDPOINTS", "ENDPOINT_PATHS", "EndpointSpec", "lookup_endpoint"]
 
 Api = Literal["openai", "anthropic"]
 
@@ -114,9 +114,17 @@ _SPECS: tuple[tuple[str, JsonEndpoint], ...] = (
     ),
 )
 
+#: The prefix upstreams expect. The paths without it are accepted too, as LiteLLM does;
+#: Envoy's routes (``envoy_config``) add it before a request goes upstream.
+API_PREFIX = "/v1"
+
+#: The LLM paths without the prefix: the one list the server's table and Envoy's
+#: routes are built from.
+ENDPOINT_PATHS: tuple[str, ...] = tuple(suffix for suffix, _ in _SPECS)
+
 #: Path (without query) → spec. Both ``/v1/x`` and ``/x`` are accepted, as LiteLLM does.
 ENDPOINTS: dict[str, EndpointSpec] = {
-    prefix + suffix: spec for suffix, spec in _SPECS for prefix in ("/v1", "")
+    prefix + suffix: spec for suffix, spec in _SPECS for prefix in (API_PREFIX, "")
 }
 
 

@@ -10,8 +10,9 @@ The committed files in ``envoy/`` are this module's output for the example polic
 * ext_proc with request headers SEND and request body BUFFERED, response phases off:
   two messages per LLM request, the minimum that can rewrite the body and still see
   the caller's headers (``request_attributes`` carry no header values);
-* routes: a request carrying the routing header goes to that cluster; an LLM path
-  without it (the server was down and Envoy failed open) gets a 503, anything else a
+* routes: a request carrying the routing header goes to that cluster, an LLM path
+  sent without the ``/v1`` prefix rewritten to it (query kept); an LLM path without
+  the header (the server was down and Envoy failed open) gets a 503, anything else a
   404, both as OpenAI-style JSON;
 * ``local_reply_config`` turns local 413 and 5xx replies (ext_proc failure, no
   healthy upstream) into OpenAI-style JSON.
@@ -20,12 +21,14 @@ The committed files in ``envoy/`` are this module's output for the example polic
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
 
+from extproc.endpoints import API_PREFIX, ENDPOINT_PATHS
 from extproc.errors import ERROR_HEADER
 from extproc.failover import FailoverRoute, deployment_cluster_name
 from extproc.iterations import LIMIT_HEADER, REMAINING_HEADER
@@ -39,8 +42,19 @@ from extproc.parallel import (
 
 __all__ = ["LLM_PATH_REGEX", "Upstream", "render_envoy_config"]
 
+_PATHS = "|".join(re.escape(path.removeprefix("/")) for path in ENDPOINT_PATHS)
+_PREFIX = re.escape(API_PREFIX.removeprefix("/"))
+
 #: The paths the server parses (see ``endpoints.py``), as one RE2 regex.
-LLM_PATH_REGEX = r"^/(v1/)?(chat/completions|completions|embeddings|responses|messages)/?(\?.*)?$"
+LLM_PATH_REGEX = rf"^/({_PREFIX}/)?({_PATHS})/?(\?.*)?$"
+
+
+#: Rule: an LLM path sent without the prefix reaches the upstream with it (the server
+#: accepts both; providers serve only ``/v1/...``). Envoy's regex_rewrite sees the path
+#: without its query string and keeps the query.
+def _add_prefix() -> dict[str, Any]:
+    return {"pattern": {"regex": rf"^/({_PATHS})/?$"}, "substitution": rf"{API_PREFIX}/\1"}
+
 
 _TYPE = "@type"
 _API = "type.googleapis.com/envoy."
@@ -311,6 +325,7 @@ def _failover(
                 "route": {
                     "cluster_header": cluster_header,
                     "timeout": "600s",
+                    "regex_rewrite": _add_prefix(),
                     "retry_policy": {
                         "retry_on": RETRY_ON,
                         "retriable_status_codes": [429],
@@ -525,7 +540,11 @@ def render_envoy_config(
         {
             "match": {"prefix": "/", "headers": [{"name": cluster_header, "present_match": True}]},
             # LLM calls are long; streams may run for minutes.
-            "route": {"cluster_header": cluster_header, "timeout": "600s"},
+            "route": {
+                "cluster_header": cluster_header,
+                "timeout": "600s",
+                "regex_rewrite": _add_prefix(),
+            },
         },
         _error_route(
             {"safe_regex": {"regex": LLM_PATH_REGEX}},

@@ -14,6 +14,7 @@ invent status codes of their own::
     ├── NotFoundError                 404 invalid_request_error
     │   ├── ModelNotFoundError        404 code=model_not_found
     │   └── UnknownRouteError         404 code=unknown_route
+    ├── MethodNotAllowedError         405 code=method_not_allowed (with an Allow header)
     ├── PayloadTooLargeError          413 code=payload_too_large
     ├── BudgetExceededError           429 budget_exceeded (code names the budget kind)
     ├── RateLimitError                429 rate_limit_error (rpm/tpm, with retry-after)
@@ -37,6 +38,7 @@ __all__ = [
     "InternalError",
     "InvalidJSONError",
     "InvalidParameterError",
+    "MethodNotAllowedError",
     "MissingParameterError",
     "ModelNotFoundError",
     "NotFoundError",
@@ -127,6 +129,11 @@ class ModelNotFoundError(NotFoundError):
 
 class UnknownRouteError(NotFoundError):
     default_code = "unknown_route"
+
+
+class MethodNotAllowedError(GatewayError):
+    status = 405
+    default_code = "method_not_allowed"
 
 
 class PayloadTooLargeError(GatewayError):

@@ -346,8 +346,40 @@ def test_refusal(
 HEAD_CASES = [
     ("llm path with body reads it", head(), True, GatewayConfig(), "read_body"),
     ("unknown path passes", head("/v1/models", "GET"), False, GatewayConfig(), "pass"),
-    ("GET on an llm path passes", head(method="GET"), False, GatewayConfig(), "pass"),
+    (
+        "GET /models passes (not an LLM endpoint)",
+        head("/models", "GET"),
+        False,
+        GatewayConfig(),
+        "pass",
+    ),
 ]
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/completions",
+        "/chat/completions?x=1",
+        "/v1/embeddings/",
+        "/messages",
+        "/v1/responses",
+    ],
+)
+def test_other_methods_on_llm_paths_are_a_405(method: str, path: str) -> None:
+    keyed = load_policy(POLICY_PATH.parent / "keys.yaml", env=ENV)
+    for pol in (EMPTY_POLICY, keyed):  # before authentication: no key needed to learn it
+        with pytest.raises(GatewayError) as info:
+            decide_head(head(path, method), GatewayConfig(), pol, NOW, has_body=False)
+        err = info.value
+        assert (err.status, err.code, err.err_type) == (
+            405,
+            "method_not_allowed",
+            "invalid_request_error",
+        )
+        assert err.response_headers()["allow"] == "POST"
+        assert set(json.loads(err.body())["error"]) == {"message", "type", "param", "code"}
 
 
 @pytest.mark.parametrize(

@@ -136,3 +136,32 @@ def test_check_requires_the_lease_log_for_parallel_limits() -> None:
     without = without.replace("grpc.v3.HttpGrpcAccessLogConfig", "stream.v3.StdoutAccessLog")
     report = check_envoy_config(without, policy, Settings())
     assert any("max_parallel_requests" in e for e in report.errors)
+
+
+def test_routes_add_the_v1_prefix_and_check_warns_without_it() -> None:
+    policy = load_policy(DEFAULT_POLICY, env=MOCK_ENV)
+    text = (ENVOY_DIR / "envoy.yaml").read_text()
+    routes = yaml.safe_load(text)["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"
+    ][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    routed = [r["route"] for r in routes if "route" in r]
+    assert routed
+    rewrite = {
+        "pattern": {"regex": r"^/(chat/completions|completions|embeddings|responses|messages)/?$"},
+        "substitution": r"/v1/\1",
+    }
+    assert all(r["regex_rewrite"] == rewrite for r in routed)
+    assert not any(
+        "regex_rewrite" in w for w in check_envoy_config(text, policy, Settings()).warnings
+    )
+    without = "\n".join(
+        line
+        for line in text.splitlines()
+        if "regex_rewrite" not in line
+        and "pattern:" not in line
+        and "regex: ^/(chat" not in line
+        and "substitution:" not in line
+    )
+    report = check_envoy_config(without, policy, Settings())
+    assert report.ok
+    assert any("regex_rewrite" in w for w in report.warnings)
