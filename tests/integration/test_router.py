@@ -253,3 +253,14 @@ def test_clients_hanging_up_do_not_cool_a_healthy_deployment(stack: Stack) -> No
     states = admin(stack, "/deployments")["deployments"]
     assert not states["patient-a"]["cooling_down"]
     assert not states["patient-b"]["cooling_down"]
+
+
+def test_failover_routes_add_the_v1_prefix(stack: Stack) -> None:
+    """A failover group's route (a composite cluster) rewrites an unprefixed path too,
+    for the attempt that serves it; the query string stays."""
+    stack.mocks.clear()
+    body = json.dumps({"model": "ha1", "messages": [{"role": "user", "content": "hi"}]})
+    status, headers, payload = post(f"{stack.url}/chat/completions?x=1", body.encode())
+    assert status == 200, payload[:300]
+    upstream = headers["x-mock-upstream"]
+    assert [s["path"] for s in stack.mocks.seen(upstream)] == ["/v1/chat/completions?x=1"]
