@@ -20,7 +20,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from extproc.budgets import BudgetRef
+from extproc.budgets import BudgetRef, limit_micros
 from extproc.errors import BudgetExceededError
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 from extproc.pricing import MICROS_PER_DOLLAR, cost_micros
@@ -35,10 +35,6 @@ __all__ = [
     "limit_micros",
     "no_deployment_left",
 ]
-
-
-def limit_micros(limit: Decimal | None) -> int | None:
-    return None if limit is None else int(limit * MICROS_PER_DOLLAR)
 
 
 def deployment_budgets(
@@ -58,7 +54,7 @@ def deployment_budgets(
                 dep.provider,
                 f"provider {dep.provider}",
                 provider.budget_limit,
-                duration=cached_duration(provider.time_period),
+                duration=cached_duration(provider.time_period) if provider.time_period else None,
             )
         )
     if dep.max_budget is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,7 @@ __all__ = [
     "alert_key",
     "applicable_budgets",
     "check_budgets",
+    "limit_micros",
     "make_ref",
     "spend_key",
     "team_member_ref",
@@ -40,6 +41,19 @@ __all__ = [
 
 #: Micro-dollars per dollar: spend is stored as an integer count of these.
 MICRO = Decimal(1_000_000)
+
+
+def limit_micros(limit: Decimal | None) -> int | None:
+    """A dollar limit (max budget, soft budget, alert threshold) in micro-dollars.
+
+    Rule: rounded UP, so a limit above zero never becomes zero (a $1e-12 budget
+    admits its first call, then refuses); a zero limit stays zero and refuses every
+    call. Spend is whole micro-dollars, so ``spend >= limit`` is the same test in
+    dollars and in micro-dollars.
+    """
+    if limit is None:
+        return None
+    return int((limit * MICRO).to_integral_value(rounding=ROUND_CEILING))
 
 
 class EndUser(BaseModel):
@@ -246,10 +260,12 @@ def check_budgets(
     limit has been crossed (for alerts)."""
     crossed: list[BudgetRef] = []
     for ref, spent in zip(refs, spends, strict=True):
-        spend = Decimal(spent or 0) / MICRO
-        if ref.soft is not None and spend >= ref.soft:
+        micros = spent or 0
+        spend = Decimal(micros) / MICRO
+        soft, limit = limit_micros(ref.soft), limit_micros(ref.limit)
+        if soft is not None and micros >= soft:
             crossed.append(ref)
-        if ref.limit is not None and spend >= ref.limit:
+        if limit is not None and micros >= limit:
             wait = ref.retry_after(now)
             headers = {"retry-after": str(wait)} if wait is not None else None
             window = f" per {ref.duration.text}" if ref.duration else ""

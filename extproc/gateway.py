@@ -287,8 +287,9 @@ class Gateway:
             soft = limit_micros(ref.soft)
             if soft is not None and after >= soft:
                 await self.alerts.crossed(ref, after, "soft_budget")
-            limit = limit_micros(ref.limit)
-            if share is not None and limit is not None and after >= limit * share:
+            threshold = None if ref.limit is None or share is None else ref.limit * share
+            alert_at = limit_micros(threshold)
+            if alert_at is not None and after >= alert_at:
                 await self.alerts.crossed(ref, after, "budget_threshold")
 
     async def settle(

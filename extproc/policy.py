@@ -22,7 +22,15 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from extproc.budgets import EndUser, GlobalBudget, TagBudget
 from extproc.failover import (
@@ -96,10 +104,30 @@ class CredentialRef(_Model):
 
 
 class ProviderBudget(_Model):
-    """A provider's budget (LiteLLM's ``provider_budget_config`` entry)."""
+    """A provider's budget (LiteLLM's ``provider_budget_config`` entry).
 
-    budget_limit: Decimal = Field(ge=0)
-    time_period: DurationText = "1d"
+    ``budget_limit`` missing or null: no limit (spend is still counted and read out).
+    ``time_period`` missing or null: no window, a lifetime budget (LiteLLM's default
+    is None too, but its limiter then never counts spend, so the limit never refuses).
+    ``max_budget`` / ``budget_duration`` are accepted for them, as LiteLLM's
+    ``BudgetConfig`` does.
+    """
+
+    budget_limit: Decimal | None = Field(
+        default=None, ge=0, validation_alias=AliasChoices("budget_limit", "max_budget")
+    )
+    time_period: DurationText | None = Field(
+        default=None, validation_alias=AliasChoices("time_period", "budget_duration")
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spelling(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, alias in (("budget_limit", "max_budget"), ("time_period", "budget_duration")):
+                if name in data and alias in data:
+                    raise ValueError(f"give {name} or its alias {alias}, not both")
+        return data
 
 
 class Deployment(_Model):

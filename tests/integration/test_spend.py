@@ -444,3 +444,37 @@ def test_memory_store_spend_survives_a_killed_server(tmp_path: Path) -> None:
     journal = {"EXTPROC_SPEND_JOURNAL": str(tmp_path / "spend.jsonl")}
     with start_server(restart, POLICY, journal) as (_, _, admin_port):
         assert ann_spend(f"http://127.0.0.1:{admin_port}") == pytest.approx(spent)
+
+
+def _paid_once_then_refused(
+    stack: Stack, redis_url: str, api_key: str, spend_keys: str, code: str, **body: Any
+) -> dict[str, Any]:
+    """A budget that the first call exhausts: that call is answered, the next is a 429
+    with ``code``; returns the refusal's error body."""
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=spend_keys):  # the other mode's run spent it
+        client.delete(key)
+    url = f"{stack.url}/v1/chat/completions"
+    raw = json.dumps({"model": "auto", "messages": MSGS, **body}).encode()
+    headers = {"authorization": f"Bearer {api_key}"}
+    status, _, payload = post(url, raw, headers)
+    assert status == 200, payload
+    wait_until(lambda: client.hlen("{spend}:reservations") == 0, 5, "settlement")
+    assert sum(int(client.get(k) or 0) for k in client.scan_iter(match=spend_keys)) > 0
+    status, resp_headers, payload = post(url, raw, headers)
+    client.close()
+    assert status == 429, payload
+    error = json.loads(payload)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["code"], resp_headers["x-extproc-error"]) == (code, code)
+    assert api_key not in error["message"]
+    return dict(error)
+
+
+def test_tiny_key_budget_admits_one_call(stack: Stack, redis_url: str) -> None:
+    """$1e-12 is rounded up to one micro-dollar, never down to a zero that refuses all."""
+    cy = hash_key("sk-spend-cy")
+    error = _paid_once_then_refused(
+        stack, redis_url, "sk-spend-cy", f"{{spend}}:key:{cy}*", "key_budget_exceeded"
+    )
+    assert "API key cy" in error["message"]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import pytest
 
-from extproc.accounting import Charge
+from extproc.accounting import Charge, deployment_budgets, exhausted_deployments
+from extproc.policy import compile_policy, parse_policy
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
 CHARGE = Charge(
     "a" * 32,
@@ -49,3 +54,61 @@ def test_foreign_or_malformed_tokens_are_refused(mutate: object) -> None:
 @pytest.mark.parametrize("text", ["", "{}", "null", "[" * 100_000, '"x"'])
 def test_junk(text: str) -> None:
     assert Charge.parse(text) is None
+
+
+def _provider_budget(entry: dict[str, object]) -> tuple[Decimal | None, str | None]:
+    policy = compile_policy(
+        parse_policy(
+            {
+                "model_groups": [
+                    {"name": "g", "deployments": [{"id": "d", "cluster": "c", "model": "m"}]}
+                ],
+                "provider_budgets": {"openai": entry},
+            }
+        )
+    )
+    (ref,) = deployment_budgets(policy.groups["g"].deployments[0], policy, NOW)
+    return ref.limit, ref.duration.text if ref.duration else None
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"budget_limit": 5, "time_period": "1d"}, (Decimal(5), "1d")),
+        ({"max_budget": 5, "budget_duration": "7d"}, (Decimal(5), "7d")),  # BudgetConfig's
+        ({"max_budget": 5, "time_period": "1h"}, (Decimal(5), "1h")),
+        ({"time_period": "1d"}, (None, "1d")),  # no limit: counted, never refused
+        ({"budget_limit": None}, (None, None)),
+        ({"budget_limit": 0.000000000001}, (Decimal("1e-12"), None)),  # no window: lifetime
+    ],
+)
+def test_provider_budgets_take_litellm_shapes(
+    entry: dict[str, object], expected: tuple[Decimal | None, str | None]
+) -> None:
+    assert _provider_budget(entry) == expected
+
+
+@pytest.mark.parametrize(
+    ("entry", "spent", "exhausted"),
+    [
+        ({"time_period": "1d"}, 10**12, False),  # no limit never exhausts
+        ({"max_budget": 0}, 0, True),  # a zero limit refuses every call
+        ({"budget_limit": 0.000000000001}, 0, False),  # a tiny one admits the first ...
+        ({"budget_limit": 0.000000000001}, 1, True),  # ... and no more
+    ],
+)
+def test_provider_budget_limits(entry: dict[str, object], spent: int, exhausted: bool) -> None:
+    policy = compile_policy(
+        parse_policy(
+            {
+                "model_groups": [
+                    {"name": "g", "deployments": [{"id": "d", "cluster": "c", "model": "m"}]}
+                ],
+                "provider_budgets": {"openai": entry},
+            }
+        )
+    )
+    group = policy.groups["g"]
+    refs = {"d": deployment_budgets(group.deployments[0], policy, NOW)}
+    found = exhausted_deployments(group, refs, {refs["d"][0].store_key: spent})
+    assert ("d" in found) is exhausted

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from extproc.budgets import MICRO, spend_key
+from extproc.budgets import (
+    MICRO,
+    BudgetRef,
+    check_budgets,
+    limit_micros,
+    spend_key,
+)
 from extproc.decision import GatewayConfig, RouteDecision, decide
 from extproc.errors import GatewayError
 from extproc.gateway import Gateway
@@ -18,6 +25,7 @@ from extproc.policy import CompiledPolicy, load_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreError
+from extproc.usage import Usage
 
 POLICY = Path(__file__).resolve().parent.parent / "policies" / "budgets.yaml"
 ENV = {"TEST_KEY_A": "sk-a"}
@@ -267,3 +275,74 @@ async def test_alert_at_a_share_of_the_max_budget(tmp_path: Path) -> None:
     await gateway.reserve(route(shared, "sk-tess-team-budget"), shared)
     await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("team")._value.get() == 1
+
+
+@pytest.mark.parametrize(
+    ("dollars", "micros"),
+    [
+        (None, None),
+        ("0", 0),
+        ("1e-12", 1),  # above zero is never zero
+        ("0.000001", 1),
+        ("0.0000011", 2),
+        ("1.0000005", 1_000_001),
+        ("5", 5_000_000),
+    ],
+)
+def test_limits_round_up_to_the_micro_dollar(dollars: str | None, micros: int | None) -> None:
+    assert limit_micros(None if dollars is None else Decimal(dollars)) == micros
+
+
+TINY = Decimal("1e-12")
+
+
+@pytest.mark.parametrize(
+    ("limit", "soft", "spent", "refused", "crossed"),
+    [
+        (TINY, None, 0, False, False),  # a tiny budget admits its first call ...
+        (TINY, None, 1, True, False),  # ... and refuses once anything was spent
+        (Decimal(0), None, 0, True, False),  # a zero budget refuses every call
+        (None, TINY, 0, False, False),
+        (None, TINY, 1, False, True),  # a tiny soft budget alerts on the first spend
+        (Decimal("0.0000015"), None, 1, False, False),
+        (Decimal("0.0000015"), None, 2, True, False),
+    ],
+)
+def test_check_budgets_compares_rounded_up_limits(
+    limit: Decimal | None, soft: Decimal | None, spent: int, refused: bool, crossed: bool
+) -> None:
+    ref = BudgetRef("key", "k", "API key k", limit, soft)
+    if refused:
+        with pytest.raises(GatewayError) as info:
+            check_budgets([ref], [spent], NOW)
+        assert info.value.code == "key_budget_exceeded"
+    else:
+        assert check_budgets([ref], [spent], NOW) == ((ref,) if crossed else ())
+
+
+def _with_key_budget(tmp_path: Path, budget: str) -> CompiledPolicy:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        POLICY.read_text().replace(
+            "alias: sam, max_budget: 10,", f"alias: sam, max_budget: {budget},"
+        )
+    )
+    return load_policy(path, env=ENV)
+
+
+async def test_tiny_key_budget_admits_one_call_then_refuses(tmp_path: Path) -> None:
+    tiny = _with_key_budget(tmp_path, "0.000000000001")
+    gateway = await seeded(tiny, {})
+    charge = await gateway.reserve(route(tiny, "sk-sam-budget"), tiny)
+    await gateway.settle(charge, Usage(input_tokens=1, output_tokens=1), tiny)
+    with pytest.raises(GatewayError) as info:
+        await gateway.reserve(route(tiny, "sk-sam-budget"), tiny)
+    assert (info.value.status, info.value.code) == (429, "key_budget_exceeded")
+
+
+async def test_zero_key_budget_refuses_the_first_call(tmp_path: Path) -> None:
+    zero = _with_key_budget(tmp_path, "0")
+    gateway = await seeded(zero, {})
+    with pytest.raises(GatewayError) as info:
+        await gateway.reserve(route(zero, "sk-sam-budget"), zero)
+    assert (info.value.status, info.value.code) == (429, "key_budget_exceeded")
