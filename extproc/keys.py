@@ -147,11 +147,23 @@ class Team(BaseModel):
     metadata: KeyMetadata = KeyMetadata()
 
     def member_budget(self, user: str) -> tuple[Decimal | None, str | None]:
-        """The budget and window of ``user``'s spend within this team."""
-        for member in self.members:
-            if member.user == user:
-                return member.max_budget, member.budget_duration
-        return self.member_max_budget, self.member_budget_duration
+        """The budget and window of ``user``'s spend within this team.
+
+        LiteLLM's rules for a member's budget (``_resolve_member_budget_id``): an
+        explicit ``max_budget`` on the member is a budget of its own, in the member's
+        own ``budget_duration`` (none: lifetime); without one the team default
+        applies (``member_max_budget``), in the member's ``budget_duration`` if set,
+        else the default's window: ``member_budget_duration``, else the team's
+        ``budget_duration`` (what LiteLLM gives a default member budget created
+        without a duration).
+        """
+        entry = next((m for m in self.members if m.user == user), None)
+        if entry is not None and entry.max_budget is not None:
+            return entry.max_budget, entry.budget_duration
+        window = self.member_budget_duration or self.budget_duration
+        if entry is not None and entry.budget_duration is not None:
+            window = entry.budget_duration
+        return self.member_max_budget, window
 
 
 class User(BaseModel):

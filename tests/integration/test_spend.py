@@ -478,3 +478,15 @@ def test_tiny_key_budget_admits_one_call(stack: Stack, redis_url: str) -> None:
         stack, redis_url, "sk-spend-cy", f"{{spend}}:key:{cy}*", "key_budget_exceeded"
     )
     assert "API key cy" in error["message"]
+
+
+def test_member_entry_without_budget_gets_the_team_default(stack: Stack, redis_url: str) -> None:
+    """u-eve's members: entry sets only a window; the team's member_max_budget applies."""
+    error = _paid_once_then_refused(
+        stack,
+        redis_url,
+        "sk-spend-eve",
+        "{spend}:team_member:t-fall:u-eve:1h*",  # her own window, the default's limit
+        "team_member_budget_exceeded",
+    )
+    assert "user u-eve in team t-fall" in error["message"]

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -16,11 +17,12 @@ from extproc.budgets import (
     check_budgets,
     limit_micros,
     spend_key,
+    team_member_ref,
 )
 from extproc.decision import GatewayConfig, RouteDecision, decide
 from extproc.errors import GatewayError
 from extproc.gateway import Gateway
-from extproc.keys import hash_key
+from extproc.keys import Team, hash_key
 from extproc.policy import CompiledPolicy, load_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
@@ -31,6 +33,7 @@ POLICY = Path(__file__).resolve().parent.parent / "policies" / "budgets.yaml"
 ENV = {"TEST_KEY_A": "sk-a"}
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 SAM = hash_key("sk-sam-budget")
+UTC_ZONE = ZoneInfo("UTC")
 
 
 @pytest.fixture(scope="module")
@@ -346,3 +349,55 @@ async def test_zero_key_budget_refuses_the_first_call(tmp_path: Path) -> None:
     with pytest.raises(GatewayError) as info:
         await gateway.reserve(route(zero, "sk-sam-budget"), zero)
     assert (info.value.status, info.value.code) == (429, "key_budget_exceeded")
+
+
+def _team(**fields: Any) -> Team:
+    return Team.model_validate({"id": "t", **fields})
+
+
+@pytest.mark.parametrize(
+    ("team", "expected"),
+    [
+        # no entry: the team default, in its window
+        (_team(member_max_budget=1, member_budget_duration="7d"), ("1", "7d")),
+        # an entry without max_budget: still the team default (the bug: no budget at all)
+        (_team(member_max_budget=1, members=[{"user": "u"}]), ("1", None)),
+        (
+            _team(member_max_budget=1, member_budget_duration="7d", members=[{"user": "u"}]),
+            ("1", "7d"),
+        ),
+        # the member's own window overrides the default's, the default limit stays
+        (
+            _team(
+                member_max_budget=1,
+                member_budget_duration="7d",
+                members=[{"user": "u", "budget_duration": "1d"}],
+            ),
+            ("1", "1d"),
+        ),
+        # an explicit max_budget is the member's own budget, in the member's own window
+        (
+            _team(
+                member_max_budget=1,
+                member_budget_duration="7d",
+                members=[{"user": "u", "max_budget": 4}],
+            ),
+            ("4", None),
+        ),
+        (_team(members=[{"user": "u", "max_budget": 4, "budget_duration": "1h"}]), ("4", "1h")),
+        (_team(member_max_budget=0, members=[{"user": "u"}]), ("0", None)),
+        # a default without a window of its own takes the team's (LiteLLM's fallback)
+        (_team(member_max_budget=1, budget_duration="1mo"), ("1", "1mo")),
+        # a window alone is no budget
+        (_team(members=[{"user": "u", "budget_duration": "1d"}]), (None, "1d")),
+        # another user's entry does not apply
+        (_team(member_max_budget=1, members=[{"user": "v", "max_budget": 9}]), ("1", None)),
+    ],
+)
+def test_member_budget_falls_back_to_the_team_default(
+    team: Team, expected: tuple[str | None, str | None]
+) -> None:
+    limit, duration = team.member_budget("u")
+    assert (None if limit is None else str(limit), duration) == expected
+    ref = team_member_ref(team, "u", NOW, UTC_ZONE)
+    assert (ref is None) is (limit is None)
