@@ -33,6 +33,7 @@ from extproc.keys import (
     check_model_access,
     check_request_rules,
     check_route,
+    request_tags,
     resolve_model_alias,
 )
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
@@ -243,7 +244,11 @@ def prepare(
             caller,
             end_user=policy.end_users.get(end_user) if end_user else None,
             end_user_id=end_user,
-            tags=[policy.tag_budgets[t] for t in request.tags if t in policy.tag_budgets],
+            tags=[
+                policy.tag_budgets[t]
+                for t in request_tags(request.tags, caller)
+                if t in policy.tag_budgets
+            ],
             gateway=policy.global_budget,
             now=now,
             tz=policy.budget_zone,

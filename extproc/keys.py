@@ -44,6 +44,7 @@ __all__ = [
     "check_route",
     "hash_key",
     "new_key",
+    "request_tags",
     "resolve_model_alias",
 ]
 
@@ -356,6 +357,19 @@ def check_request_rules(
             code="tool_access_denied",
             param="tools",
         )
+
+
+def request_tags(client_tags: Iterable[str], caller: Caller | None) -> tuple[str, ...]:
+    """Every tag of a call: the client's (where allowed), then its key's
+    ``metadata.tags``, then its team's, without repeats (LiteLLM's ``_merge_tags``
+    order). Rule: the policy's tags are part of every call the key makes, so tag
+    budgets and tag spend see them whatever the client sends."""
+    policy: tuple[str, ...] = ()
+    if caller is not None:
+        policy = caller.key.metadata.tags
+        if caller.team is not None:
+            policy += caller.team.metadata.tags
+    return tuple(dict.fromkeys((*client_tags, *policy)))
 
 
 def resolve_model_alias(caller: Caller | None, requested: str) -> str:

@@ -490,3 +490,20 @@ def test_member_entry_without_budget_gets_the_team_default(stack: Stack, redis_u
         "team_member_budget_exceeded",
     )
     assert "user u-eve in team t-fall" in error["message"]
+
+
+def test_key_metadata_tag_budget_is_enforced(stack: Stack, redis_url: str) -> None:
+    """dot's key carries dot-tag in its metadata: the tag budget counts its calls (the
+    client's own tags are merged in), and the tag read-outs show that spend."""
+    error = _paid_once_then_refused(
+        stack,
+        redis_url,
+        "sk-spend-dot",
+        "{spend}:tag:dot-tag*",
+        "tag_budget_exceeded",
+        metadata={"tags": ["client-side"]},
+    )
+    assert "tag dot-tag" in error["message"]
+    budgets = _get(f"{stack.admin_url}/budgets")["budgets"]
+    tag = next(b for b in budgets if b["kind"] == "tag" and b["name"] == "tag dot-tag")
+    assert tag["spend"] > 0

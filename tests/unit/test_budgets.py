@@ -10,6 +10,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 
 from extproc.budgets import (
     MICRO,
@@ -22,8 +23,8 @@ from extproc.budgets import (
 from extproc.decision import GatewayConfig, RouteDecision, decide
 from extproc.errors import GatewayError
 from extproc.gateway import Gateway
-from extproc.keys import Team, hash_key
-from extproc.policy import CompiledPolicy, load_policy
+from extproc.keys import Caller, KeyMetadata, Team, VirtualKey, hash_key, request_tags
+from extproc.policy import CompiledPolicy, compile_policy, load_policy, parse_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreError
@@ -34,6 +35,7 @@ ENV = {"TEST_KEY_A": "sk-a"}
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 SAM = hash_key("sk-sam-budget")
 UTC_ZONE = ZoneInfo("UTC")
+POLICY_DATA = yaml.safe_load(POLICY.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -401,3 +403,79 @@ def test_member_budget_falls_back_to_the_team_default(
     assert (None if limit is None else str(limit), duration) == expected
     ref = team_member_ref(team, "u", NOW, UTC_ZONE)
     assert (ref is None) is (limit is None)
+
+
+def _tagged_policy(reject_client_tags: bool) -> CompiledPolicy:
+    return compile_policy(
+        parse_policy(
+            {
+                "model_groups": POLICY_DATA["model_groups"],
+                "tags": [
+                    {"name": "key-tag", "max_budget": 1},
+                    {"name": "team-tag", "max_budget": 2},
+                    {"name": "client-tag", "max_budget": 3},
+                ],
+                "teams": [{"id": "t", "metadata": {"tags": ["team-tag", "key-tag"]}}],
+                "keys": [
+                    {"hash": SAM, "alias": "sam", "metadata": {"tags": ["key-tag"]}},
+                    {"hash": hash_key("sk-tom-team"), "alias": "tom", "team": "t"},
+                ],
+                "general_settings": {"reject_clientside_metadata_tags": reject_client_tags},
+            }
+        ),
+        env=ENV,
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "client_tags", "reject", "tags"),
+    [
+        ("sk-sam-budget", None, False, ["key-tag"]),  # the key's own tag, nothing sent
+        ("sk-sam-budget", ["client-tag"], False, ["client-tag", "key-tag"]),
+        ("sk-sam-budget", ["key-tag"], False, ["key-tag"]),  # once, not twice
+        ("sk-sam-budget", None, True, ["key-tag"]),  # client tags refused, the key's apply
+        ("sk-tom-team", ["client-tag"], False, ["client-tag", "team-tag", "key-tag"]),
+    ],
+)
+def test_policy_tags_count_for_tag_budgets(
+    key: str, client_tags: list[str] | None, reject: bool, tags: list[str]
+) -> None:
+    policy = _tagged_policy(reject)
+    body = {} if client_tags is None else {"metadata": {"tags": client_tags}}
+    decision = route(policy, key, **body)
+    assert [b.ident for b in decision.budgets if b.kind == "tag"] == tags
+
+
+def test_rejected_client_tags_are_still_refused() -> None:
+    with pytest.raises(GatewayError) as info:
+        route(_tagged_policy(True), "sk-sam-budget", metadata={"tags": ["key-tag"]})
+    assert info.value.code == "clientside_tags_rejected"
+
+
+async def test_key_tag_budget_refuses_once_spent() -> None:
+    policy = _tagged_policy(False)
+    gateway = await seeded(policy, {spend_key("tag", "key-tag"): 1})
+    with pytest.raises(GatewayError) as info:
+        await gateway.reserve(route(policy, "sk-sam-budget"), policy)
+    assert (info.value.status, info.value.code) == (429, "tag_budget_exceeded")
+
+
+@pytest.mark.parametrize(
+    ("client", "key_tags", "team_tags", "merged"),
+    [
+        ((), (), None, ()),
+        (("a",), ("b",), None, ("a", "b")),
+        (("b", "a"), ("a", "c"), ("c", "d"), ("b", "a", "c", "d")),
+        ((), ("k",), ("t",), ("k", "t")),
+    ],
+)
+def test_request_tags_merge_in_litellm_order(
+    client: tuple[str, ...],
+    key_tags: tuple[str, ...],
+    team_tags: tuple[str, ...] | None,
+    merged: tuple[str, ...],
+) -> None:
+    key = VirtualKey(hash=SAM, metadata=KeyMetadata(tags=key_tags))
+    team = None if team_tags is None else Team(id="t", metadata=KeyMetadata(tags=team_tags))
+    assert request_tags(client, Caller(key, team)) == merged
+    assert request_tags(client, None) == client
