@@ -20,11 +20,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from extproc.budgets import BudgetRef, limit_micros
+from extproc.budgets import BudgetRef, is_spend_key, limit_micros
 from extproc.errors import BudgetExceededError
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 from extproc.pricing import MICROS_PER_DOLLAR, cost_micros
-from extproc.store.base import SPEND_TAG
+from extproc.ratelimits import is_tpm_key
 from extproc.usage import Api, Usage
 from extproc.windows import cached_duration
 
@@ -218,9 +218,9 @@ class Charge:
             and isinstance(keys, list)
             and isinstance(ttls, list)
             and len(keys) == len(ttls)
-            and all(isinstance(k, str) and k.startswith(SPEND_TAG + ":") for k in keys)
+            and all(isinstance(k, str) and is_spend_key(k) for k in keys)
             and all(t is None or isinstance(t, int | float) for t in ttls)
-            and (tpm is None or (isinstance(tpm, str) and tpm.startswith("ratelimit:")))
+            and (tpm is None or (isinstance(tpm, str) and is_tpm_key(tpm)))
             and isinstance(v["started"], int | float)
             and (v["served"] is None or isinstance(v["served"], str))
         )

@@ -42,7 +42,7 @@ class Alerter:
         """Report ``ref`` crossed, unless this window already did (across processes)."""
         ttl = ref.window_s or DEFAULT_WINDOW_S
         try:
-            first = await self._store.incr(f"{alert_key(ref)}:{kind}", 1, ttl) == 1
+            first = await self._store.incr(alert_key(ref, kind), 1, ttl) == 1
         except StoreError:
             return  # an alert is never worth failing a request
         if not first:

@@ -5,8 +5,8 @@ The read side only: spend is read from the store (integer micro-dollars under
 order (key, team, team member, user, end user, org, project, tags, global). A budget
 with a ``budget_duration`` has windows (:mod:`extproc.windows`): calendar windows put
 the period in the store key, rolling ones rely on the key's TTL. Charging spend and
-reservations come with the spend-accounting work; :func:`spend_key` is the one place
-that names the store keys.
+reservations come with the spend-accounting work; :func:`spend_key` names budget keys
+(built, like every store key, by :func:`extproc.store.keys.store_key`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from extproc.errors import BudgetExceededError
 from extproc.keys import Caller, Team
-from extproc.store.base import SPEND_TAG
+from extproc.store.keys import SPEND, split_key, store_key
 from extproc.windows import Duration, DurationText, Period, cached_duration, calendar_period
 
 __all__ = [
+    "KINDS",
     "MICRO",
     "BudgetRef",
     "EndUser",
@@ -33,11 +34,29 @@ __all__ = [
     "alert_key",
     "applicable_budgets",
     "check_budgets",
+    "is_spend_key",
     "limit_micros",
     "make_ref",
     "spend_key",
     "team_member_ref",
 ]
+
+#: Every kind of budget (the first part of its spend key).
+KINDS = frozenset(
+    {
+        "key",
+        "team",
+        "team_member",
+        "user",
+        "end_user",
+        "org",
+        "project",
+        "tag",
+        "global",
+        "provider",
+        "deployment",
+    }
+)
 
 #: Micro-dollars per dollar: spend is stored as an integer count of these.
 MICRO = Decimal(1_000_000)
@@ -88,15 +107,24 @@ class BudgetRef:
     duration: Duration | None = None
     #: The calendar window ``now`` is in; None for lifetime and rolling budgets.
     period: Period | None = None
+    #: A team member's user id (``ident`` is the team's).
+    member: str | None = None
+
+    @property
+    def key_parts(self) -> tuple[str, ...]:
+        """What names this budget's spend: kind, owner, window (store key parts)."""
+        parts: tuple[str, ...] = (self.kind, self.ident)
+        if self.member is not None:
+            parts += (self.member,)
+        if self.duration is not None:
+            parts += (self.duration.text,)
+            if self.period is not None:
+                parts += (self.period.ident,)
+        return parts
 
     @property
     def store_key(self) -> str:
-        base = spend_key(self.kind, self.ident)
-        if self.duration is None:
-            return base
-        if self.period is None:
-            return f"{base}:{self.duration.text}"
-        return f"{base}:{self.duration.text}:{self.period.ident}"
+        return spend_key(*self.key_parts)
 
     @property
     def window_s(self) -> float | None:
@@ -114,19 +142,27 @@ class BudgetRef:
         return max(1, int(self.period.seconds_left(now) + 0.999))
 
 
-def alert_key(ref: BudgetRef) -> str:
-    """The store key that makes a soft-budget alert fire once per budget window."""
-    return f"alert:soft:{ref.store_key.removeprefix(SPEND_TAG + ':')}"
+def alert_key(ref: BudgetRef, event: str) -> str:
+    """The store key that makes ``event`` (an alert kind) fire once per budget window;
+    tagged by the budget it belongs to."""
+    return store_key(("alert", *ref.key_parts), event)
 
 
-def spend_key(kind: str, ident: str) -> str:
+def spend_key(kind: str, ident: str, *window: str) -> str:
     """The store key holding the spend of one budget owner, in micro-dollars.
 
     Rule: the id is the key hash for keys, never a plaintext key. Every spend key
     carries the ``{spend}`` hash tag, so one script can reserve against all of a
     request's budgets at once (one slot on Redis Cluster).
     """
-    return f"{SPEND_TAG}:{kind}:{ident}"
+    return store_key(SPEND, kind, ident, *window)
+
+
+def is_spend_key(key: str) -> bool:
+    """Whether ``key`` is a budget's spend key (checked on keys that come back from
+    outside, such as a charge carried through Envoy)."""
+    split = split_key(key)
+    return split is not None and split[0] == SPEND and len(split[1]) >= 2 and split[1][0] in KINDS
 
 
 def make_ref(
@@ -140,13 +176,14 @@ def make_ref(
     tz: ZoneInfo,
     soft: Decimal | None = None,
     rolling: bool = False,
+    member: str | None = None,
 ) -> BudgetRef | None:
     """A budget in the window ``now`` falls in; None when it has no limit at all."""
     if limit is None and soft is None:
         return None
     parsed = cached_duration(duration) if duration else None
     period = None if parsed is None or rolling else calendar_period(parsed, now, tz)
-    return BudgetRef(kind, ident, label, limit, soft, parsed, period)
+    return BudgetRef(kind, ident, label, limit, soft, parsed, period, member)
 
 
 def team_member_ref(team: Team, user: str, now: datetime, tz: ZoneInfo) -> BudgetRef | None:
@@ -154,7 +191,7 @@ def team_member_ref(team: Team, user: str, now: datetime, tz: ZoneInfo) -> Budge
     limit, duration = team.member_budget(user)
     label = f"user {user} in team {team.id}"
     return make_ref(
-        "team_member", f"{team.id}:{user}", label, limit, duration=duration, now=now, tz=tz
+        "team_member", team.id, label, limit, duration=duration, now=now, tz=tz, member=user
     )
 
 

@@ -22,6 +22,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from extproc.store.keys import store_key
+
 __all__ = [
     "DeploymentState",
     "cooldown_key",
@@ -40,29 +42,29 @@ FAILURE_RATE = 0.5
 MIN_REQUESTS_FOR_RATE = 5
 
 
-def _tag(dep: str) -> str:
-    return f"{{dep:{dep}}}"
+def _key(dep: str, *parts: str) -> str:
+    return store_key(("dep", dep), *parts)
 
 
 def cooldown_key(dep: str) -> str:
-    return f"{_tag(dep)}:cooldown"
+    return _key(dep, "cooldown")
 
 
 def minute_key(dep: str, minute: int, what: str) -> str:
     """``what``: req, fail, rpm, tpm — counters of one clock minute."""
-    return f"{_tag(dep)}:m{minute}:{what}"
+    return _key(dep, f"m{minute}", what)
 
 
 def inflight_key(dep: str) -> str:
-    return f"{_tag(dep)}:inflight"
+    return _key(dep, "inflight")
 
 
 def latency_key(dep: str) -> str:
-    return f"{_tag(dep)}:latency"
+    return _key(dep, "latency")
 
 
 def ttft_key(dep: str) -> str:
-    return f"{_tag(dep)}:ttft"
+    return _key(dep, "ttft")
 
 
 def counts_as_failure(status: int) -> bool:

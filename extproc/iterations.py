@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from extproc.errors import RateLimitError
 from extproc.keys import Caller
+from extproc.store.keys import store_key
 
 __all__ = [
     "LIMIT_HEADER",
@@ -36,18 +37,19 @@ LIMIT_HEADER = "x-session-iterations-limit"
 REMAINING_HEADER = "x-session-iterations-remaining"
 
 
-def session_scope(caller: Caller | None) -> str:
+def session_scope(caller: Caller | None) -> tuple[str, ...]:
     """Whose sessions a counter belongs to: the team's, else the key's."""
     if caller is None:
-        return "anon"
+        return ("anon",)
     if caller.team is not None:
-        return f"team:{caller.team.id}"
-    return f"key:{caller.key.hash}"
+        return ("team", caller.team.id)
+    return ("key", caller.key.hash)
 
 
-def counter_key(scope: str, session_id: str) -> str:
-    """The store key (hash-tagged: one Redis Cluster slot per session)."""
-    return f"{{session_iterations:{scope}:{session_id}}}:count"
+def counter_key(scope: tuple[str, ...], session_id: str) -> str:
+    """The store key (hash-tagged by scope and session: one Redis Cluster slot per
+    session)."""
+    return store_key(("session_iterations", *scope, session_id), "count")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from extproc.errors import RateLimitError
 from extproc.keys import VirtualKey
+from extproc.store.keys import split_key, store_key
 
 __all__ = [
     "AUTHZ_NAMESPACE",
@@ -43,12 +44,17 @@ ITERATIONS_LIMIT_FIELD = "iterations_limit"
 ITERATIONS_REMAINING_FIELD = "iterations_remaining"
 #: The budget reservation to settle on the response path (ext_authz → response filter).
 CHARGE_FIELD = "charge"
-_TOKEN = re.compile(r"(parallel:\{key:[0-9a-f]{64}\})\|([0-9a-f]{32})")
+_HASH = re.compile(r"[0-9a-f]{64}")
+_MEMBER = re.compile(r"[0-9a-f]{32}")
+
+
+def _lease_set(key_hash: str) -> str:
+    return store_key(("key", key_hash), "parallel")
 
 
 def parallel_key(key: VirtualKey) -> str:
     """The store's lease set of one key (hash-tagged: one Redis Cluster slot per key)."""
-    return f"parallel:{{key:{key.hash}}}"
+    return _lease_set(key.hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +76,14 @@ class Lease:
     @classmethod
     def parse(cls, token: str) -> Lease | None:
         """A lease from a logged token; None for anything this server did not write."""
-        match = _TOKEN.fullmatch(token)
-        return cls(match.group(1), match.group(2)) if match else None
+        store, _, member = token.rpartition("|")
+        split = split_key(store)
+        if split is None or not _MEMBER.fullmatch(member):
+            return None
+        tag = split[0]
+        if len(tag) != 2 or tag[0] != "key" or not _HASH.fullmatch(tag[1]):
+            return None
+        return cls(store, member) if store == _lease_set(tag[1]) else None
 
 
 def check_parallel(key: VirtualKey, acquired: bool, in_flight: int) -> None:

@@ -3,28 +3,52 @@
 A window starts at the key's first request and lasts :data:`WINDOW_S`; the counter is
 incremented before it is compared (atomic in the store, so several server processes
 share one limit exactly), and a refused request tells the caller when the window
-resets. Keys carry a Redis Cluster hash tag per virtual key.
+resets. Keys carry a Redis Cluster hash tag per virtual key (``{key:<hash>}``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 from extproc.errors import RateLimitError
 from extproc.keys import VirtualKey
+from extproc.store.keys import split_key, store_key
 
-__all__ = ["WINDOW_S", "check_rpm", "check_tpm", "rpm_key", "tpm_key"]
+__all__ = ["WINDOW_S", "check_rpm", "check_tpm", "is_tpm_key", "rpm_key", "tpm_key"]
 
 WINDOW_S = 60.0
 
 
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+def _key(key_hash: str, what: str) -> str:
+    return store_key(("key", key_hash), "ratelimit", what)
+
+
 def rpm_key(key: VirtualKey) -> str:
-    return f"ratelimit:{{key:{key.hash}}}:rpm"
+    return _key(key.hash, "rpm")
 
 
 def tpm_key(key: VirtualKey) -> str:
     """Tokens used in the current window; charged from response usage."""
-    return f"ratelimit:{{key:{key.hash}}}:tpm"
+    return _key(key.hash, "tpm")
+
+
+def is_tpm_key(text: str) -> bool:
+    """Whether ``text`` is a key's tpm counter (checked on keys that come back from
+    outside, such as a charge carried through Envoy)."""
+    split = split_key(text)
+    if split is None:
+        return False
+    tag, parts = split
+    return (
+        len(tag) == 2
+        and tag[0] == "key"
+        and _HASH.fullmatch(tag[1]) is not None
+        and parts == ("ratelimit", "tpm")
+    )
 
 
 def _retry_after(seconds_left: float) -> dict[str, str]:

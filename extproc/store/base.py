@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from extproc.store.keys import SPEND, store_key
+
 __all__ = ["RESV_EXPIRY", "RESV_HASH", "SPEND_TAG", "Store", "StoreError"]
 
 #: Every budget key carries this hash tag: a reservation touches all of a request's
 #: budgets atomically, and on Redis Cluster that needs them in one slot.
-SPEND_TAG = "{spend}"
-RESV_HASH = f"{SPEND_TAG}:reservations"
-RESV_EXPIRY = f"{SPEND_TAG}:reservations:expiry"
+SPEND_TAG = store_key(SPEND)
+RESV_HASH = store_key(SPEND, "reservations")
+RESV_EXPIRY = store_key(SPEND, "reservations", "expiry")
 
 
 class StoreError(Exception):

@@ -86,6 +86,30 @@ def test_cap_through_envoy_with_the_openai_sdk(
         assert (status, json.loads(body)["error"]["code"]) == (400, "invalid_session_id")
 
 
+@pytest.mark.parametrize("mode", ["ext_proc", "ext_authz"])
+def test_ids_with_colons_do_not_share_a_counter(
+    tmp_path: Path, mode: Literal["ext_proc", "ext_authz"]
+) -> None:
+    """Team t's session u:s and team t:u's session s are different sessions: store keys
+    are built with every id escaped, so they cannot alias (cap 2 on group capped)."""
+    from tests.integration.stack import start_stack  # noqa: PLC0415
+
+    body = json.dumps({"model": "capped", "messages": []}).encode()
+
+    def call(key: str, session: str) -> tuple[int, dict[str, str]]:
+        headers = {"authorization": f"Bearer {key}", "x-litellm-session-id": session}
+        status, resp_headers, _ = post(f"{stack.url}/v1/chat/completions", body, headers)
+        return status, resp_headers
+
+    with start_stack(tmp_path, mode=mode, policy=POLICY) as stack:
+        for left in ("1", "0"):
+            status, headers = call("sk-iter-t", "u:s")
+            assert (status, headers[REMAINING]) == (200, left)
+        status, headers = call("sk-iter-tu", "s")
+        assert (status, headers[REMAINING]) == (200, "1")  # its own, fresh counter
+        assert call("sk-iter-t", "u:s")[0] == 429  # team t's session is spent
+
+
 def routed_metrics(admin_url: str) -> str:
     with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as resp:  # noqa: S310
         return str(resp.read().decode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -9,7 +10,10 @@ from decimal import Decimal
 import pytest
 
 from extproc.accounting import Charge, deployment_budgets, exhausted_deployments
+from extproc.budgets import BudgetRef, spend_key
+from extproc.keys import VirtualKey
 from extproc.policy import compile_policy, parse_policy
+from extproc.ratelimits import tpm_key
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -22,9 +26,9 @@ CHARGE = Charge(
     True,
     True,
     8200,
-    ("{spend}:key:x",),
-    (3600.0,),
-    "ratelimit:{key:x}:tpm",
+    (spend_key("key", "x"), spend_key("team_member", "t", "u:1", "1d")),
+    (3600.0, None),
+    f"{{key:{'ab' * 32}}}:ratelimit:tpm",
     1795440000.5,
     25,
     4096,
@@ -42,8 +46,13 @@ def test_token_round_trip() -> None:
         lambda v: [*v, 1],  # one too many
         lambda v: ["short", *v[1:]],  # not a reservation id
         lambda v: [*v[:8], ["spend:key:x"], *v[9:]],  # a key outside the {spend} tag
+        lambda v: [*v[:8], ["{spend}:reservations:expiry"], *v[9:]],  # not a budget
+        lambda v: [*v[:8], ["{spend}:key:x}"], *v[9:]],  # not as the builder writes it
+        lambda v: [*v[:8], ["{spend}:key:%78"], *v[9:]],  # nor this ("x" spelled escaped)
         lambda v: [*v[:7], True, *v[8:]],  # a bool for the estimate
         lambda v: [*v[:10], "ratelimit-not", *v[11:]],
+        lambda v: [*v[:10], "{key:x}:ratelimit:tpm", *v[11:]],  # not a key hash
+        lambda v: [*v[:10], f"{{key:{'ab' * 32}}}:ratelimit:rpm", *v[11:]],
     ],
 )
 def test_foreign_or_malformed_tokens_are_refused(mutate: object) -> None:
@@ -112,3 +121,18 @@ def test_provider_budget_limits(entry: dict[str, object], spent: int, exhausted:
     refs = {"d": deployment_budgets(group.deployments[0], policy, NOW)}
     found = exhausted_deployments(group, refs, {refs["d"][0].store_key: spent})
     assert ("d" in found) is exhausted
+
+
+@pytest.mark.parametrize("ident", ["u1", "x:{y}", "}{", "a b\n", "é%"])
+def test_tokens_with_any_id_round_trip(ident: str) -> None:
+    """A charge for a budget whose id holds ':' or braces still settles on the
+    response path: its keys are the builder's, and parse checks them by its format."""
+    refs = [
+        BudgetRef("end_user", ident, "end user", Decimal(1)),
+        BudgetRef("team_member", "t", "member", Decimal(1), member=ident),
+    ]
+    key = VirtualKey(hash="ab" * 32, tpm_limit=10)
+    charge = dataclasses.replace(
+        CHARGE, keys=tuple(r.store_key for r in refs), ttls=(None, None), tpm_key=tpm_key(key)
+    )
+    assert Charge.parse(charge.token()) == charge

@@ -165,14 +165,19 @@ YURI = hash_key("sk-yuri-daily")
 
 def test_team_member_budgets(policy: CompiledPolicy) -> None:
     walt = route(policy, "sk-walt-member").budgets
-    assert [(b.kind, b.ident, str(b.limit)) for b in walt] == [
-        ("team_member", "t-members:walt", "1"),  # the team's default member budget
-        ("global", "all", "1000"),
+    assert [(b.kind, b.ident, b.member, str(b.limit)) for b in walt] == [
+        ("team_member", "t-members", "walt", "1"),  # the team's default member budget
+        ("global", "all", None, "1000"),
     ]
+    assert walt[0].store_key.startswith("{spend}:team_member:t-members:walt:7d:")
     assert walt[0].duration is not None
     assert walt[0].duration.text == "7d"
     xena = route(policy, "sk-xena-member").budgets
-    assert (xena[0].ident, str(xena[0].limit), xena[0].duration) == ("t-members:xena", "4", None)
+    assert (xena[0].store_key, str(xena[0].limit), xena[0].duration) == (
+        "{spend}:team_member:t-members:xena",
+        "4",
+        None,
+    )
 
 
 async def test_team_member_over_budget(policy: CompiledPolicy) -> None:

@@ -180,7 +180,10 @@ async def test_store_down_fail_closed_is_a_503(policy: CompiledPolicy) -> None:
 
 
 def test_counter_key_has_one_hash_tag() -> None:
-    assert counter_key("team:t", "abc") == "{session_iterations:team:t:abc}:count"
+    assert counter_key(("team", "t"), "abc") == "{session_iterations:team:t:abc}:count"
+    # ids with ':' make different counters, and cannot move the hash tag
+    assert counter_key(("team", "t"), "u:s") != counter_key(("team", "t:u"), "s")
+    assert counter_key(("team", "t"), "x}{y") == "{session_iterations:team:t:x%7D%7By}:count"
 
 
 def test_ttl_from_litellm_variable(monkeypatch: pytest.MonkeyPatch) -> None:

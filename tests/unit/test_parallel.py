@@ -29,7 +29,8 @@ POLICY = Path(__file__).resolve().parent.parent / "policies" / "budgets.yaml"
 ENV = {"TEST_KEY_A": "sk-a"}
 BODY = json.dumps({"model": "auto", "messages": []}).encode()
 NO_CONTEXT: Any = None
-SLOTS = f"parallel:{{key:{hash_key('sk-zed-parallel')}}}"
+ZED = hash_key("sk-zed-parallel")
+SLOTS = f"{{key:{ZED}}}:parallel"
 
 
 def make_gateway(store: MemoryStore | None = None, **settings: Any) -> Gateway:
@@ -104,7 +105,17 @@ async def test_check_puts_the_lease_in_its_dynamic_metadata() -> None:
 
 @pytest.mark.parametrize(
     "token",
-    ["", "parallel:{key:abc}|x", f"{SLOTS}|short", f"{SLOTS}|{'a' * 32}\n", "spend:global:all|x"],
+    [
+        "",
+        "{key:abc}:parallel|x",
+        f"{SLOTS}|short",
+        f"{SLOTS}|{'a' * 32}\n",
+        "spend:global:all|x",
+        f"parallel:{{key:{ZED}}}|{'a' * 32}",  # not the builder's shape
+        f"{{key:{ZED}}}:parallel:x|{'a' * 32}",
+        f"{{key:{ZED}}}:ratelimit:rpm|{'a' * 32}",  # another key of the same caller
+        f"{{key:{ZED.upper()}}}:parallel|{'a' * 32}",
+    ],
 )
 def test_foreign_tokens_are_not_leases(token: str) -> None:
     assert Lease.parse(token) is None

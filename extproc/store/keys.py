@@ -1,0 +1,99 @@
+"""Store keys: every key the gateway reads or writes is built by :func:`store_key`.
+
+A key is its Redis Cluster hash tag ``{<tag part>:<tag part>...}`` followed by
+``:<part>`` for each further part. Every part is escaped: a character outside
+letters, digits and ``-_.~/@+=!*,`` becomes ``%XX`` for each of its UTF-8 bytes, so
+no escaped part holds a ``:``, ``{``, ``}`` or bare ``%``. That gives the rules:
+
+- Rule: two different (tag, parts) tuples never make the same key (team ``t`` with
+  session ``u:s`` and team ``t:u`` with session ``s`` are two counters).
+- Rule: a key has exactly one ``{...}``, at its start, and an id can never inject a
+  brace: the slot is chosen by the tag the code names, never by a client's id.
+- Rule: the tag is never empty (``{}`` would hash the whole key): its first part is
+  a fixed namespace.
+
+What is tagged by what is each module's choice: every budget key shares the
+``{spend}`` tag (one reservation script touches all of a call's budgets), a session
+counter is tagged by its own scope and id, rate limits and leases by their key, a
+deployment's health by the deployment.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+__all__ = ["SPEND", "split_key", "store_key"]
+
+#: The hash tag every budget key (and the reservation book) shares.
+SPEND = ("spend",)
+
+_SAFE = "A-Za-z0-9\\-_.~/@+=!*,"
+_PLAIN = re.compile(f"[{_SAFE}]*")
+_ESCAPED = re.compile(f"(?:[{_SAFE}]|%[0-9A-F]{{2}})*")
+_BYTE = re.compile("%([0-9A-F]{2})")
+
+
+def _escape(part: str) -> str:
+    if _PLAIN.fullmatch(part):
+        return part
+    out: list[str] = []
+    for char in part:
+        if _PLAIN.fullmatch(char):
+            out.append(char)
+        else:
+            # surrogatepass: a lone surrogate still has one escape of its own
+            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def _unescape(text: str) -> str | None:
+    if not _ESCAPED.fullmatch(text):
+        return None
+    raw = bytearray()
+    pos = 0
+    for match in _BYTE.finditer(text):
+        raw += text[pos : match.start()].encode("ascii")
+        raw.append(int(match.group(1), 16))
+        pos = match.end()
+    raw += text[pos:].encode("ascii")
+    try:
+        part = raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return None
+    # only the canonical spelling of a part is one of ours ("%61" is not "a")
+    return part if _escape(part) == text else None
+
+
+def store_key(tag: Sequence[str], *parts: str) -> str:
+    """The key ``{<tag>}:<parts>``, every part escaped (see the module's rules)."""
+    if not tag or not tag[0]:
+        raise ValueError("a hash tag starts with a fixed, non-empty namespace")
+    head = "{" + ":".join(_escape(p) for p in tag) + "}"
+    return head + "".join(":" + _escape(p) for p in parts)
+
+
+def split_key(key: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(tag parts, parts) of a key :func:`store_key` built; None for anything else
+    (how keys that came back from outside, e.g. through Envoy, are checked)."""
+    end = key.find("}")
+    if not key.startswith("{") or end < 0:
+        return None
+    rest = key[end + 1 :]
+    if rest and not rest.startswith(":"):
+        return None
+    tag = _unescape_all(key[1:end].split(":"))
+    parts = _unescape_all(rest[1:].split(":")) if rest else ()
+    if tag is None or parts is None or not tag[0]:
+        return None
+    return tag, parts
+
+
+def _unescape_all(texts: Sequence[str]) -> tuple[str, ...] | None:
+    out: list[str] = []
+    for text in texts:
+        part = _unescape(text)
+        if part is None:
+            return None
+        out.append(part)
+    return tuple(out)
