@@ -248,7 +248,7 @@ def parse_request(
         raise InvalidParameterError("'model' must not be empty.", param="model")
     span = parsed.span("model")
     assert span is not None  # a parsed object with the member has a span
-    return LLMRequest(
+    request = LLMRequest(
         head=head,
         endpoint=endpoint,
         model=model,
@@ -263,3 +263,12 @@ def parse_request(
         api_key=head.caller_key(),
         parsed=parsed,
     )
+    for name in _NESTED_READ:
+        if isinstance(body.get(name), dict):
+            request.strict_member(name)  # the session id, user id and tags inside count
+    return request
+
+
+#: Objects whose members a decision reads (session id, end-user id, tags, usage
+#: opt-in): a duplicate key inside them is refused like one at the top level.
+_NESTED_READ = ("metadata", "litellm_metadata", "stream_options")

@@ -106,6 +106,11 @@ DUPLICATES: list[tuple[str, bytes, str]] = [
     ("stream", b'{"model": "auto", "stream": false, "stream": true}', "stream"),
     ("max-tokens", b'{"model": "auto", "max_tokens": 1, "max_tokens": 100000}', "max_tokens"),
     ("tools-escaped", b'{"model": "auto", "tools": [], "tool\\u0073": [{"type": "x"}]}', "tools"),
+    (
+        "metadata-session",
+        b'{"model": "auto", "metadata": {"session_id": "a", "session_\\u0069d": "b"}}',
+        "metadata",
+    ),
 ]
 
 

@@ -572,6 +572,14 @@ def test_duplicate_model_with_escaped_first_spelling(policy: CompiledPolicy) -> 
     assert "'model'" in info.value.message
 
 
+@pytest.mark.parametrize("member", ["metadata", "litellm_metadata", "stream_options"])
+def test_duplicates_inside_objects_the_policy_reads(policy: CompiledPolicy, member: str) -> None:
+    raw = b'{"model": "auto", "%s": {"user_id": "a", "x": 1, "user_id": "b"}}' % member.encode()
+    with pytest.raises(GatewayError) as info:
+        decide(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
+    assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_json", member)
+
+
 def test_duplicates_of_other_members_pass_byte_exact(policy: CompiledPolicy) -> None:
     raw = b'{"temperature": 1, "model": "auto", "temperature": 2, "x": {"a": 1, "a": 2}}'
     decision = decide(head(), raw, policy, CONFIG, lambda: 0.1, now=NOW)
