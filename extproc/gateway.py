@@ -22,7 +22,7 @@ from extproc.accounting import Charge, deployment_budgets, limit_micros
 from extproc.alerts import Alerter
 from extproc.budgets import BudgetRef, check_budgets
 from extproc.decision import GatewayConfig, Prepared, RouteDecision, prepare, route_to
-from extproc.errors import ServiceUnavailableError
+from extproc.errors import InternalError, ServiceUnavailableError
 from extproc.failover import FailoverRoute
 from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.metering import ResponseMeter
@@ -41,7 +41,7 @@ from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.request import RequestHead
 from extproc.routing import Router, context_tokens
 from extproc.settings import Settings
-from extproc.store import MemoryStore, Store, StoreError, open_store
+from extproc.store import MemoryStore, Store, StoreError, StoreUnavailableError, open_store
 from extproc.usage import Usage
 
 __all__ = ["Admission", "Gateway"]
@@ -105,6 +105,7 @@ class Gateway:
         self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
         self.ready = True
         self._last_store_log = float("-inf")
+        self._last_fault_log = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
         #: In-process counters for session caps while the store is down.
         self._local = MemoryStore()
@@ -114,7 +115,7 @@ class Gateway:
             store,
             self.metrics,
             self.rng,
-            on_read_error=self._store_failed,
+            on_read_error=lambda exc: self._store_failed(exc, "routing"),
             on_write_error=self._log_store_failure,
             cache_s=settings.routing_cache_s,
         )
@@ -265,8 +266,8 @@ class Gateway:
                 hold_s=self.settings.reservation_ttl_s,
             )
         except StoreError as exc:
-            # Open: admitted unreserved; the settle still charges the real cost.
-            self._store_failed(exc)
+            # Down and open: admitted unreserved; the settle still charges the real cost.
+            self._store_failed(exc, "reserve")
             return charge
         if index is not None:
             check_budgets(refs[index : index + 1], spends[index : index + 1], now)
@@ -412,10 +413,14 @@ class Gateway:
                 count, left = await self.store.incr_window(cap.store_key, 1, ttl)
                 return check_iterations(cap, count, left)
             except StoreError as exc:
-                self._store_retry_at = now + self.settings.store_retry_s
-                self._store_failed(exc)
+                if isinstance(exc, StoreUnavailableError):
+                    self._store_retry_at = now + self.settings.store_retry_s
+                self._store_failed(exc, "session_count")  # an answered error refuses
         elif self.settings.fail_mode == "closed":
-            self._store_failed(StoreError("store marked down after a recent failure"))
+            self._store_failed(
+                StoreUnavailableError("store marked down after a recent failure"),
+                "session_count",
+            )
         self.metrics.iterations_fallback.inc()
         count, left = await self._local.incr_window(cap.store_key, 1, ttl)
         return check_iterations(cap, count, left)
@@ -432,7 +437,7 @@ class Gateway:
                 lease.store_key, lease.member, key.max_parallel_requests, self.settings.lease_ttl_s
             )
         except StoreError as exc:
-            self._store_failed(exc)
+            self._store_failed(exc, "lease")
             return None
         check_parallel(key, acquired, in_flight)
         self.metrics.leases.labels("acquired").inc()
@@ -467,10 +472,22 @@ class Gateway:
                 count, left = await self.store.incr_window(rpm_key(key), 1, WINDOW_S)
                 check_rpm(key, count, left)
         except StoreError as exc:
-            self._store_failed(exc)
+            self._store_failed(exc, "rate_limit")
 
-    def _store_failed(self, exc: StoreError) -> None:
-        """Apply the fail mode: count and (rate-limited) log; raise a 503 if closed."""
+    def _store_failed(self, exc: StoreError, operation: str) -> None:
+        """A store failure on the request path. Unavailable: apply the fail mode (count,
+        rate-limited log, a 503 if closed). Any other failure — the store answered with
+        an error — refuses the call with a 500, whatever the fail mode: a request must
+        never be able to make itself admitted for free."""
+        if not isinstance(exc, StoreUnavailableError):
+            self.metrics.store_faults.labels(operation).inc()
+            now = time.monotonic()
+            if now - self._last_fault_log >= 10.0:
+                self._last_fault_log = now
+                log.error("store answered %s with an error, call refused: %s", operation, exc)
+            raise InternalError(
+                "The gateway could not record this request; it was not sent."
+            ) from None
         mode = self.settings.fail_mode
         self.metrics.fail_mode_used.labels(mode).inc()
         self._log_store_failure(exc)
@@ -483,6 +500,11 @@ class Gateway:
     def _log_store_failure(self, exc: StoreError) -> None:
         """At most one log line per 10 s: a dead store must not flood the log."""
         now = time.monotonic()
+        if not isinstance(exc, StoreUnavailableError):
+            if now - self._last_fault_log >= 10.0:
+                self._last_fault_log = now
+                log.error("store answered with an error: %s", exc)
+            return
         if now - self._last_store_log >= 10.0:
             self._last_store_log = now
             log.warning("store unavailable, fail mode %s: %s", self.settings.fail_mode, exc)

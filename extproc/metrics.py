@@ -58,6 +58,12 @@ class Metrics:
             ["mode"],
             registry=self.registry,
         )
+        self.store_faults = Counter(
+            "extproc_store_faults",
+            "Calls refused (500) because the store answered with an error, by operation.",
+            ["operation"],
+            registry=self.registry,
+        )
         self.soft_budget_alerts = Counter(
             "extproc_soft_budget_alerts",
             "Soft budgets crossed (one per budget and window), by budget kind.",

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extproc.store.base import Store, StoreError
+from extproc.store.base import Store, StoreError, StoreFaultError, StoreUnavailableError
 from extproc.store.memory import MemoryStore
 
-__all__ = ["MemoryStore", "Store", "StoreError", "open_store"]
+__all__ = [
+    "MemoryStore",
+    "Store",
+    "StoreError",
+    "StoreFaultError",
+    "StoreUnavailableError",
+    "open_store",
+]
 
 
 def open_store(url: str, *, journal: Path | None = None) -> Store:

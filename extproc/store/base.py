@@ -7,7 +7,20 @@ from typing import Protocol
 
 from extproc.store.keys import SPEND, store_key
 
-__all__ = ["RESV_EXPIRY", "RESV_HASH", "SPEND_TAG", "Store", "StoreError"]
+__all__ = [
+    "INT64_MAX",
+    "MAX_AMOUNT_MICROS",
+    "RESV_EXPIRY",
+    "RESV_HASH",
+    "SPEND_TAG",
+    "Store",
+    "StoreError",
+    "StoreFaultError",
+    "StoreUnavailableError",
+    "check_amount",
+    "check_int64",
+    "limit_arg",
+]
 
 #: Every budget key carries this hash tag: a reservation touches all of a request's
 #: budgets atomically, and on Redis Cluster that needs them in one slot.
@@ -16,8 +29,52 @@ RESV_HASH = store_key(SPEND, "reservations")
 RESV_EXPIRY = store_key(SPEND, "reservations", "expiry")
 
 
+#: The largest amount one reservation or settlement moves: $1,000,000 in micro-dollars.
+#: Rule: far below 2**53, so Lua (whose numbers are doubles) keeps every sum of a few
+#: thousand of them exact, and far inside int64.
+MAX_AMOUNT_MICROS = 10**12
+#: Limits are sent as at most this (2**53 - 1 micro-dollars, $9 billion): exact in Lua.
+_LIMIT_CEILING = 2**53 - 1
+INT64_MAX = 2**63 - 1
+
+
 class StoreError(Exception):
-    """The store could not be reached or failed; handled at the gRPC boundary."""
+    """The store failed; handled at the gRPC boundary. Raised as one of two kinds."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store could not be reached: connection refused or reset, a timeout, the
+    cluster down. Only this kind goes to the fail mode (``EXTPROC_FAIL_MODE``)."""
+
+
+class StoreFaultError(StoreError):
+    """The store was reached and answered with an error (a script error, a key of the
+    wrong type), its answer made no sense, or the call was refused before it was sent
+    (a number out of range: a bug). Rule: never the fail-open path, so no request can
+    make itself admitted for free; the request path refuses the call instead."""
+
+
+def check_int64(value: int, what: str) -> int:
+    """``value`` if it is an integer inside int64, else a :class:`StoreFaultError`."""
+    if not isinstance(value, int) or isinstance(value, bool) or abs(value) > INT64_MAX:
+        raise StoreFaultError(f"{what} out of range: {str(value)[:32]}")
+    return value
+
+
+def check_amount(value: int, what: str = "amount") -> int:
+    """A reservation or settlement amount: an integer in ``[0, MAX_AMOUNT_MICROS]``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_AMOUNT_MICROS:
+        raise StoreFaultError(f"{what} out of range: {str(value)[:32]}")
+    return value
+
+
+def limit_arg(limit: int | None) -> int:
+    """A budget limit as a script argument: -1 for none, at most ``_LIMIT_CEILING``."""
+    if limit is None:
+        return -1
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise StoreFaultError(f"limit out of range: {str(limit)[:32]}")
+    return min(limit, _LIMIT_CEILING)
 
 
 class Store(Protocol):
@@ -27,7 +84,7 @@ class Store(Protocol):
     def name(self) -> str: ...
 
     async def ping(self) -> None:
-        """Raise :class:`StoreError` unless the store answers."""
+        """Raise :class:`StoreUnavailableError` unless the store answers."""
         ...
 
     async def incr(self, key: str, amount: int, ttl_s: float) -> int:
@@ -71,6 +128,9 @@ class Store(Protocol):
         hold_s: float,
     ) -> tuple[int | None, list[int]]:
         """Reserve ``amount`` against every budget key, atomically, or none of them.
+
+        ``amount`` is at most :data:`MAX_AMOUNT_MICROS` (else a
+        :class:`StoreFaultError`, nothing sent); a limit above 2**53 - 1 is that ($9 billion).
 
         Expired reservations are given back first. If a key's value (settled plus
         reserved) has reached its limit, nothing changes and the result is (index of

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from extproc.store.base import SPEND_TAG
+from extproc.store.base import SPEND_TAG, check_amount, check_int64, limit_arg
 from extproc.store.journal import SpendJournal
 
 __all__ = ["MemoryStore"]
@@ -76,7 +76,7 @@ class MemoryStore:
 
     async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
         now = self._clock()
-        value = self._add(key, amount, ttl_s, now)
+        value = self._add(key, check_int64(amount, "amount"), ttl_s, now)
         return value, self._values[key][1] - now
 
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
@@ -112,7 +112,7 @@ class MemoryStore:
         now = self._clock()
         out = []
         for key, amount in items:
-            value = max(0, self._add(key, amount, ttl_s, now))
+            value = max(0, self._add(key, check_int64(amount, "amount"), ttl_s, now))
             expiry = now + ttl_s if refresh_ttl else self._values[key][1]
             self._values[key] = (value, expiry)
             out.append(value)
@@ -161,12 +161,14 @@ class MemoryStore:
         ttls_s: Sequence[float | None],
         hold_s: float,
     ) -> tuple[int | None, list[int]]:
+        check_amount(amount)
+        bounds = [limit_arg(limit) for limit in limits]  # same range rules as Redis
         now = self._clock()
         for expired in [r for r, res in self._reservations.items() if res.expiry <= now]:
             self._drop(expired, now)
         spends = [(self._live(key, now) or (0, 0.0))[0] for key in keys]
-        for index, (spent, limit) in enumerate(zip(spends, limits, strict=True)):
-            if limit is not None and spent >= limit:
+        for index, (spent, limit) in enumerate(zip(spends, bounds, strict=True)):
+            if limit >= 0 and spent >= limit:
                 return index, spends
         for key, ttl in zip(keys, ttls_s, strict=True):
             self._add(key, amount, math.inf if ttl is None else ttl, now)
@@ -195,6 +197,7 @@ class MemoryStore:
     async def settle(
         self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
     ) -> None:
+        check_amount(cost, "cost")
         now = self._clock()
         res = self._reservations.pop(rid, None)
         held = res.amount if res is not None else 0

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import (
+    ClusterError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from extproc.store.base import RESV_EXPIRY, RESV_HASH, StoreError
+from extproc.store.base import (
+    RESV_EXPIRY,
+    RESV_HASH,
+    StoreError,
+    StoreFaultError,
+    StoreUnavailableError,
+    check_amount,
+    check_int64,
+    limit_arg,
+)
 
 __all__ = ["RedisStore"]
 
@@ -50,23 +69,37 @@ return {1, n + 1}
 # only ever taken back from, or settled into, the window it was added to: if the key
 # has rolled over since, the old window is gone and the new one never held it.
 # Spend values are settled + reserved micro-dollars.
+#
+# Rules: amounts travel as the decimal strings the caller sent (ARGV) and are stored
+# as strings in the entry, never as Lua numbers (doubles; cjson keeps only 14 digits).
+# Every budget counter is checked to be an integer before the script writes anything,
+# so a script that fails has changed nothing (Redis does not roll a script back).
 _RESV_LIB = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- a counter's value (0 when absent), or nil when the key holds anything else
+local function counter(key)
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' then return nil end
+  if not v then return 0 end
+  if not string.match(v, '^%-?%d+$') or string.len(v) > 18 then return nil end
+  return tonumber(v)
+end
 local function same_window(key, expires)
   return redis.call('EXISTS', key) == 1 and redis.call('PEXPIRETIME', key) == expires
 end
-local function change(key, amount)
-  if redis.call('INCRBY', key, amount) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+local function take_back(key, amount)
+  if redis.call('DECRBY', key, amount) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
 end
 local function drop(resv, expiry, id)
   local raw = redis.call('HGET', resv, id)
   if raw then
     local entry = cjson.decode(raw)
     for i, key in ipairs(entry.k) do
-      if same_window(key, entry.e[i]) then change(key, -entry.a) end
+      -- best effort: a counter that is not an integer is left alone
+      if same_window(key, entry.e[i]) and counter(key) then take_back(key, tostring(entry.a)) end
     end
     redis.call('HDEL', resv, id)
   end
@@ -92,7 +125,8 @@ end
 local n = tonumber(ARGV[4])
 local spends = {}
 for i = 1, n do
-  spends[i] = tonumber(redis.call('GET', KEYS[i + 2]) or '0')
+  spends[i] = counter(KEYS[i + 2])
+  if not spends[i] then return redis.error_reply('budget counter ' .. i .. ' is not an integer') end
 end
 for i = 1, n do
   local limit = tonumber(ARGV[4 + i])
@@ -102,7 +136,7 @@ for i = 1, n do
     return out
   end
 end
-local amount = tonumber(ARGV[2])
+local amount = ARGV[2]
 local keys, windows = {}, {}
 for i = 1, n do
   add(KEYS[i + 2], amount, tonumber(ARGV[4 + n + i]))
@@ -123,16 +157,22 @@ return out
 _SETTLE = (
     _RESV_LIB
     + """
-local cost = tonumber(ARGV[2])
+local cost = ARGV[2]
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local entry = raw and cjson.decode(raw)
 for i = 3, #KEYS do
-  local key = KEYS[i]
-  local held = nil
-  if entry and entry.k[i - 2] == key and same_window(key, entry.e[i - 2]) then
-    held = entry.a
+  if not counter(KEYS[i]) then
+    return redis.error_reply('budget counter ' .. (i - 2) .. ' is not an integer')
   end
-  if held then change(key, cost - held) else add(key, cost, tonumber(ARGV[i])) end
+end
+for i = 3, #KEYS do
+  local key = KEYS[i]
+  if entry and entry.k[i - 2] == key and same_window(key, entry.e[i - 2]) then
+    redis.call('INCRBY', key, cost)
+    take_back(key, tostring(entry.a))
+  else
+    add(key, cost, tonumber(ARGV[i]))
+  end
 end
 if raw then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -158,7 +198,37 @@ MAX_CONNECTIONS = 64
 
 def _ms(seconds: float | None) -> int:
     """Milliseconds for a script argument; 0 means none."""
-    return 0 if seconds is None else max(1, int(seconds * 1000))
+    return 0 if seconds is None else check_int64(max(1, int(seconds * 1000)), "ttl")
+
+
+#: Errors that mean Redis could not be reached or could not serve (a failover, a
+#: cluster reconfiguring): the fail mode applies. Every other RedisError is an answer.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    RedisConnectionError,  # refused, reset, auth, pool exhausted, still loading
+    RedisTimeoutError,
+    ClusterError,  # CLUSTERDOWN, MASTERDOWN, too many redirections
+    TryAgainError,
+    ReadOnlyError,  # connected to a replica after a failover
+    RedisClusterException,
+    OSError,  # includes the builtin TimeoutError
+)
+
+
+@contextlib.contextmanager
+def _guard(op: str) -> Iterator[None]:
+    """Turn what redis-py raises (and answers we cannot read) into the store's two
+    kinds of :class:`StoreError`."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailableError(f"redis {op} failed: {type(exc).__name__}") from exc
+    except RedisError as exc:
+        reason = str(exc).split(" script: ", 1)[0][:200]
+        raise StoreFaultError(f"redis {op} answered {type(exc).__name__}: {reason}") from exc
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise StoreFaultError(f"redis {op}: malformed answer ({type(exc).__name__})") from exc
 
 
 # KEYS: counters of one slot; ARGV: ttl ms, refresh (0/1), amounts...
@@ -180,7 +250,8 @@ return out
 
 
 class RedisStore:
-    """Counters in Redis; every failure surfaces as :class:`StoreError`."""
+    """Counters in Redis; every failure surfaces as a :class:`StoreError` of one of
+    its two kinds (unavailable, or an answer that is an error)."""
 
     name = "redis"
 
@@ -218,12 +289,13 @@ class RedisStore:
         return cls(aioredis.Redis.from_pool(pool), timeout_s)  # owns (and closes) the pool
 
     async def ping(self) -> None:
-        try:
+        with _guard("ping"):
             await self._client.ping()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis ping failed: {type(exc).__name__}") from exc
 
     async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        for arg in args:
+            if isinstance(arg, int):
+                check_int64(arg, "script argument")  # never sent: Redis would refuse it
         sha = self._shas.get(script)
         if sha is None:
             sha = self._shas[script] = await self._client.script_load(script)
@@ -238,42 +310,30 @@ class RedisStore:
         return (await self.incr_window(key, amount, ttl_s))[0]
 
     async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
-        try:
-            value, ttl_ms = await self._eval(
-                _INCR_WITH_TTL, [key], [amount, max(1, int(ttl_s * 1000))]
-            )
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis incr failed: {type(exc).__name__}") from exc
-        return int(value), int(ttl_ms) / 1000
+        with _guard("incr"):
+            value, ttl_ms = await self._eval(_INCR_WITH_TTL, [key], [amount, _ms(ttl_s)])
+            return int(value), int(ttl_ms) / 1000
 
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         if not keys:
             return []
-        try:
+        with _guard("mget"):
             if self._cluster:
                 values = await self._client.mget_nonatomic(list(keys))
             else:
                 values = await self._client.mget(list(keys))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis mget failed: {type(exc).__name__}") from exc
-        return [None if v is None else int(v) for v in values]
+            return [None if v is None else int(v) for v in values]
 
     async def acquire_lease(
         self, key: str, member: str, limit: int, ttl_s: float
     ) -> tuple[bool, int]:
-        try:
-            ok, count = await self._eval(
-                _ACQUIRE, [key], [member, limit, max(1, int(ttl_s * 1000))]
-            )
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis lease failed: {type(exc).__name__}") from exc
-        return bool(ok), int(count)
+        with _guard("lease"):
+            ok, count = await self._eval(_ACQUIRE, [key], [member, limit, _ms(ttl_s)])
+            return bool(ok), int(count)
 
     async def release_lease(self, key: str, member: str) -> None:
-        try:
+        with _guard("release"):
             await self._client.zrem(key, member)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis release failed: {type(exc).__name__}") from exc
 
     async def incr_many(
         self, items: Sequence[tuple[str, int]], ttl_s: float, *, refresh_ttl: bool = False
@@ -282,34 +342,28 @@ class RedisStore:
             return []
         keys = [key for key, _ in items]
         args: list[Any] = [_ms(ttl_s), 1 if refresh_ttl else 0, *(amount for _, amount in items)]
-        try:
+        with _guard("incr"):
             out = await self._eval(_INCR_MANY, keys, args)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis incr failed: {type(exc).__name__}") from exc
-        return [int(v) for v in out]
+            return [int(v) for v in out]
 
     async def set_flag(self, key: str, ttl_s: float) -> None:
-        try:
+        with _guard("set"):
             await self._client.set(key, 1, px=_ms(ttl_s))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis set failed: {type(exc).__name__}") from exc
 
     async def push_sample(self, key: str, value: float, keep: int, ttl_s: float) -> None:
-        try:
+        with _guard("push"):
             pipe = self._client.pipeline(transaction=False)
             pipe.lpush(key, repr(value))
             pipe.ltrim(key, 0, keep - 1)
             pipe.pexpire(key, _ms(ttl_s))
             await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis push failed: {type(exc).__name__}") from exc
 
     async def snapshot(
         self, keys: Sequence[str], lists: Sequence[str]
     ) -> tuple[list[tuple[int | None, float | None]], list[list[float]]]:
         if not keys and not lists:
             return [], []
-        try:
+        with _guard("read"):
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
                 pipe.get(key)
@@ -317,31 +371,19 @@ class RedisStore:
             for key in lists:
                 pipe.lrange(key, 0, -1)
             raw = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis read failed: {type(exc).__name__}") from exc
-        values: list[tuple[int | None, float | None]] = []
-        for value, ttl_ms in zip(raw[: 2 * len(keys) : 2], raw[1 : 2 * len(keys) : 2], strict=True):
-            ttl = int(ttl_ms) / 1000 if int(ttl_ms) >= 0 else None
-            values.append((None if value is None else int(value), ttl))
-        samples = [[float(v) for v in items] for items in raw[2 * len(keys) :]]
-        return values, samples
+            values = _with_ttls(raw[: 2 * len(keys)])
+            samples = [[float(v) for v in items] for items in raw[2 * len(keys) :]]
+            return values, samples
 
     async def get_many_with_ttl(self, keys: Sequence[str]) -> list[tuple[int | None, float | None]]:
         if not keys:
             return []
-        try:
+        with _guard("read"):
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
                 pipe.get(key)
                 pipe.pttl(key)
-            raw = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis read failed: {type(exc).__name__}") from exc
-        out: list[tuple[int | None, float | None]] = []
-        for value, ttl_ms in zip(raw[::2], raw[1::2], strict=True):
-            ttl = int(ttl_ms) / 1000 if int(ttl_ms) >= 0 else None
-            out.append((None if value is None else int(value), ttl))
-        return out
+            return _with_ttls(await pipe.execute())
 
     async def reserve(
         self,
@@ -354,30 +396,35 @@ class RedisStore:
         hold_s: float,
     ) -> tuple[int | None, list[int]]:
         n = len(keys)
-        args: list[Any] = [rid, amount, _ms(hold_s), n]
-        args += [-1 if limit is None else limit for limit in limits]
+        args: list[Any] = [rid, check_amount(amount), _ms(hold_s), n]
+        args += [limit_arg(limit) for limit in limits]
         args += [_ms(ttl) for ttl in ttls_s]
-        try:
+        with _guard("reserve"):
             out = await self._eval(_RESERVE, [RESV_HASH, RESV_EXPIRY, *keys], args)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis reserve failed: {type(exc).__name__}") from exc
-        spends = [int(v) for v in out[1:]]
-        return (None if int(out[0]) == 0 else int(out[0]) - 1), spends
+            spends = [int(v) for v in out[1:]]
+            if len(spends) != n:
+                raise ValueError("one spend per budget")
+            return (None if int(out[0]) == 0 else int(out[0]) - 1), spends
 
     async def settle(
         self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
     ) -> None:
-        args: list[Any] = [rid, cost, *(_ms(ttl) for ttl in ttls_s)]
-        try:
+        args: list[Any] = [rid, check_amount(cost, "cost"), *(_ms(ttl) for ttl in ttls_s)]
+        with _guard("settle"):
             await self._eval(_SETTLE, [RESV_HASH, RESV_EXPIRY, *keys], args)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis settle failed: {type(exc).__name__}") from exc
 
     async def cancel(self, rid: str) -> None:
-        try:
+        with _guard("cancel"):
             await self._eval(_CANCEL, [RESV_HASH, RESV_EXPIRY], [rid])
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis cancel failed: {type(exc).__name__}") from exc
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _with_ttls(raw: Sequence[Any]) -> list[tuple[int | None, float | None]]:
+    """(value, seconds to expiry or None) from a pipeline of GET, PTTL pairs."""
+    out: list[tuple[int | None, float | None]] = []
+    for value, ttl_ms in zip(raw[::2], raw[1::2], strict=True):
+        ttl = int(ttl_ms) / 1000 if int(ttl_ms) >= 0 else None
+        out.append((None if value is None else int(value), ttl))
+    return out

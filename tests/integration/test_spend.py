@@ -36,6 +36,7 @@ from tests.integration.stack import (
 POLICY = POLICIES / "spend.yaml"
 ANN = f"{{spend}}:key:{hash_key('sk-spend-ann')}"
 BOB = f"{{spend}}:key:{hash_key('sk-spend-bob')}"
+ERIN = f"{{spend}}:key:{hash_key('sk-spend-erin')}"
 MSGS: list[Any] = [{"role": "user", "content": "How much does this cost?"}]
 # dep-a: $ per token
 IN, OUT, CACHED = Decimal("0.000001"), Decimal("0.000002"), Decimal("0.0000005")
@@ -390,6 +391,36 @@ async def test_no_overshoot_under_concurrency(tmp_path: Path, redis_url: str) ->
     assert spent == admitted * per_call  # every admitted call charged exactly once
     assert spent <= 1_000_000 + per_call  # never past the budget by more than one call
     assert spent >= 900_000  # and the budget is not wasted on stale reservations
+
+
+def test_store_answering_errors_refuses_the_call(stack: Stack, redis_url: str) -> None:
+    """A budget counter of the wrong type makes the reservation script fail: the call
+    is refused (500), never admitted by the fail mode (open here) without a hold."""
+    client = redis.Redis.from_url(redis_url)
+    client.delete(ERIN)
+    client.hset(ERIN, "broken", "1")
+    body = json.dumps({"model": "auto", "messages": MSGS}).encode()
+    headers = {"authorization": "Bearer sk-spend-erin"}
+    url = f"{stack.url}/v1/chat/completions"
+    faults, fail_open = (
+        metric(stack, "extproc_store_faults_total"),
+        metric(stack, "extproc_fail_mode_total"),
+    )
+    stack.mocks.clear()
+    try:
+        for _ in range(3):
+            status, resp_headers, payload = post(url, body, headers)
+            assert status == 500, payload[:300]
+            assert resp_headers["x-extproc-error"] == "internal_error"
+            assert set(json.loads(payload)["error"]) == {"message", "type", "param", "code"}
+        assert stack.mocks.seen("mock_a") == []  # nothing reached the upstream
+        assert metric(stack, "extproc_store_faults_total") == faults + 3
+        assert metric(stack, "extproc_fail_mode_total") == fail_open
+    finally:
+        client.delete(ERIN)
+        client.close()
+    status, _, _ = post(url, body, headers)  # the store answers again: served
+    assert status == 200
 
 
 def _get(url: str) -> Any:

@@ -27,7 +27,7 @@ from extproc.keys import Caller, KeyMetadata, Team, VirtualKey, hash_key, reques
 from extproc.policy import CompiledPolicy, compile_policy, load_policy, parse_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
-from extproc.store import MemoryStore, StoreError
+from extproc.store import MemoryStore, StoreUnavailableError
 from extproc.usage import Usage
 
 POLICY = Path(__file__).resolve().parent.parent / "policies" / "budgets.yaml"
@@ -121,7 +121,7 @@ class DownStore(MemoryStore):
     name = "down"
 
     async def reserve(self, *args: Any, **kwargs: Any) -> tuple[int | None, list[int]]:
-        raise StoreError("connection refused")
+        raise StoreUnavailableError("connection refused")
 
 
 @pytest.mark.parametrize(("mode", "status"), [("open", None), ("closed", 503)])

@@ -18,7 +18,7 @@ from extproc.keys import hash_key
 from extproc.policy import CompiledPolicy, load_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
-from extproc.store import MemoryStore, StoreError
+from extproc.store import MemoryStore, StoreUnavailableError
 from tests.unit.test_store import FakeClock
 
 POLICY = Path(__file__).resolve().parent.parent / "policies" / "iterations.yaml"
@@ -133,7 +133,7 @@ class FlakyStore(MemoryStore):
     async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
         self.calls += 1
         if self.down:
-            raise StoreError("connection refused")
+            raise StoreUnavailableError("connection refused")
         return await super().incr_window(key, amount, ttl_s)
 
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:

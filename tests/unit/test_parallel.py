@@ -21,7 +21,7 @@ from extproc.keys import hash_key
 from extproc.parallel import AUTHZ_NAMESPACE, LEASE_NAMESPACE, Lease
 from extproc.policy import load_policy
 from extproc.settings import Settings
-from extproc.store import MemoryStore, StoreError
+from extproc.store import MemoryStore, StoreUnavailableError
 from tests.helpers import body_msg, headers_msg, post_headers
 from tests.unit.test_services import check_request
 
@@ -142,7 +142,7 @@ class DownStore(MemoryStore):
     async def acquire_lease(
         self, key: str, member: str, limit: int, ttl_s: float
     ) -> tuple[bool, int]:
-        raise StoreError("down")
+        raise StoreUnavailableError("down")
 
 
 @pytest.mark.parametrize(("mode", "status"), [("open", None), ("closed", 503)])
