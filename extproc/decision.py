@@ -8,6 +8,7 @@ ext_authz cannot disagree on the same request.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,7 +38,7 @@ from extproc.keys import (
     resolve_model_alias,
 )
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
-from extproc.pricing import estimate_prompt_tokens, requested_output_tokens
+from extproc.pricing import OutputAsk, estimate_call, requested_output
 from extproc.providers import CLIENT_CREDENTIAL_HEADERS
 from extproc.request import LLMRequest, RequestHead, parse_request
 from extproc.router import pick_deployment
@@ -112,6 +113,8 @@ class RouteDecision:
     #: High estimates for the reservation, settled to the response's usage.
     prompt_tokens: int = 0
     max_output_tokens: int = 0
+    #: The most tokens of one kind the response's usage may report (clamped there).
+    usage_cap: int = 0
     #: The gateway added ``stream_options.include_usage``: the client did not ask for
     #: the usage chunk, so it is taken out of the stream it gets.
     asks_usage: bool = False
@@ -182,6 +185,8 @@ class Prepared:
     caller: Caller | None
     group: CompiledGroup
     budgets: tuple[BudgetRef, ...]
+    #: The output the request asks for (checked), priced once a deployment is chosen.
+    ask: OutputAsk = dataclasses.field(default_factory=OutputAsk)
 
 
 def prepare(
@@ -237,6 +242,7 @@ def prepare(
         # nested keys are read: a tool naming "name" twice must not pass as the other
         tool_names=lambda: endpoint.tool_names(request.strict_member),
     )
+    ask = requested_output(endpoint.name, request.body)
     budgets: tuple[BudgetRef, ...] = ()
     if not group.zero_cost:
         end_user = request.user
@@ -253,14 +259,12 @@ def prepare(
             now=now,
             tz=policy.budget_zone,
         )
-    return Prepared(head, raw_body, request, caller, group, budgets)
+    return Prepared(head, raw_body, request, caller, group, budgets, ask)
 
 
 def with_group(prepared: Prepared, group: CompiledGroup) -> Prepared:
     """The same request sent to another group (a fallback)."""
-    return Prepared(
-        prepared.head, prepared.raw, prepared.request, prepared.caller, group, prepared.budgets
-    )
+    return dataclasses.replace(prepared, group=group)
 
 
 def route_to(
@@ -315,6 +319,13 @@ def route_to(
         # only the server names the chosen deployment to the attempt filter
         remove += (DEPLOYMENT_HEADER,)
     caller = prepared.caller
+    estimate = estimate_call(
+        prepared.ask,
+        raw_body,
+        default_max_tokens=config.default_max_tokens,
+        max_output_tokens=deployment.max_output_tokens,
+        context_window=deployment.context_window,
+    )
     return RouteDecision(
         request=request,
         caller=caller,
@@ -325,12 +336,9 @@ def route_to(
         body=body,
         iterations=session_cap(caller, request.session_id, group.max_iterations),
         group=group,
-        prompt_tokens=estimate_prompt_tokens(raw_body),
-        max_output_tokens=(
-            0
-            if endpoint.name == "embeddings"
-            else requested_output_tokens(request.body, config.default_max_tokens)
-        ),
+        prompt_tokens=estimate.prompt_tokens,
+        max_output_tokens=estimate.output_tokens,
+        usage_cap=estimate.usage_cap,
         asks_usage=asks_usage,
     )
 

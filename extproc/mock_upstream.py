@@ -68,6 +68,13 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, len(text) // 4)
 
 
+def _choices(body: dict[str, Any]) -> int:
+    """Choices the provider bills: the larger of ``n`` and ``best_of`` (1 to 128)."""
+    counts = [body.get(f) for f in ("n", "best_of")]
+    valid = [c for c in counts if isinstance(c, int) and not isinstance(c, bool) and c > 0]
+    return min(max(valid, default=1), 128)
+
+
 def _sse(data: Any, event: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(data)}\n\n".encode()
@@ -116,7 +123,8 @@ def _usage(request: web.Request, prompt: int, completion: int) -> dict[str, Any]
 async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     model = body.get("model", "")
     rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    prompt, completion = _prompt_tokens(body), len(_WORDS)
+    n = _choices(body)
+    prompt, completion = _prompt_tokens(body), len(_WORDS) * n
     # ``x-mock-pad-bytes``: a response of about that size (large-body tests)
     pad = request.headers.get("x-mock-pad-bytes", "0")
     text = "".join(_WORDS) + "x" * (min(int(pad), 64 << 20) if pad.isdigit() else 0)
@@ -129,11 +137,12 @@ async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamRespons
                 "model": model,
                 "choices": [
                     {
-                        "index": 0,
+                        "index": i,
                         "message": {"role": "assistant", "content": text, "refusal": None},
                         "logprobs": None,
                         "finish_reason": "stop",
                     }
+                    for i in range(n)
                 ],
                 "usage": _usage(request, prompt, completion),
             },
@@ -169,14 +178,16 @@ async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamRespons
 async def _completions(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     model = body.get("model", "")
     rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    prompt, completion = _prompt_tokens(body), len(_WORDS)
+    n = _choices(body)
+    prompt, completion = _prompt_tokens(body), len(_WORDS) * n
     base = {"id": rid, "object": "text_completion", "created": now, "model": model}
     if not body.get("stream"):
         return web.json_response(
             {
                 **base,
                 "choices": [
-                    {"text": "".join(_WORDS), "index": 0, "logprobs": None, "finish_reason": "stop"}
+                    {"text": "".join(_WORDS), "index": i, "logprobs": None, "finish_reason": "stop"}
+                    for i in range(n)
                 ],
                 "usage": _usage(request, prompt, completion),
             },

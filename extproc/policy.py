@@ -50,7 +50,12 @@ from extproc.keys import (
     User,
     VirtualKey,
 )
-from extproc.pricing import Prices, bundled_context_window, bundled_prices
+from extproc.pricing import (
+    Prices,
+    bundled_context_window,
+    bundled_max_output_tokens,
+    bundled_prices,
+)
 from extproc.providers import auth_header_for
 from extproc.redaction import Redactor
 from extproc.windows import DurationText, zone
@@ -143,6 +148,9 @@ class Deployment(_Model):
     rpm: int | None = Field(default=None, ge=0)
     tpm: int | None = Field(default=None, ge=0)
     context_window: int | None = Field(default=None, gt=0)
+    #: The most output tokens one choice can have (requests asking for more are
+    #: reserved at this); the bundled table's ``max_output_tokens`` when unset.
+    max_output_tokens: int | None = Field(default=None, gt=0)
     #: Dollars per token; the bundled price table's entry for ``model`` when unset.
     prices: Prices | None = None
     #: A budget of this deployment (LiteLLM's litellm_params max_budget/budget_duration).
@@ -342,6 +350,8 @@ class CompiledDeployment:
     rpm: int | None = None
     tpm: int | None = None
     context_window: int | None = None
+    #: The policy's, else the bundled table's; None when neither knows it.
+    max_output_tokens: int | None = None
     #: The policy's prices, else the bundled table's; None when neither knows it.
     prices: Prices | None = None
     max_budget: Decimal | None = None
@@ -565,6 +575,9 @@ def compile_policy(
                     rpm=dep.rpm,
                     tpm=dep.tpm,
                     context_window=dep.context_window or bundled_context_window(dep.model),
+                    max_output_tokens=(
+                        dep.max_output_tokens or bundled_max_output_tokens(dep.model)
+                    ),
                     prices=dep.prices if dep.prices is not None else bundled_prices(dep.model),
                     max_budget=dep.max_budget,
                     budget_duration=dep.budget_duration,

@@ -36,6 +36,8 @@ from tests.integration.stack import (
 POLICY = POLICIES / "spend.yaml"
 ANN = f"{{spend}}:key:{hash_key('sk-spend-ann')}"
 BOB = f"{{spend}}:key:{hash_key('sk-spend-bob')}"
+CARL = f"{{spend}}:key:{hash_key('sk-spend-carl')}"
+DORA = f"{{spend}}:key:{hash_key('sk-spend-dora')}"
 ERIN = f"{{spend}}:key:{hash_key('sk-spend-erin')}"
 MSGS: list[Any] = [{"role": "user", "content": "How much does this cost?"}]
 # dep-a: $ per token
@@ -391,6 +393,60 @@ async def test_no_overshoot_under_concurrency(tmp_path: Path, redis_url: str) ->
     assert spent == admitted * per_call  # every admitted call charged exactly once
     assert spent <= 1_000_000 + per_call  # never past the budget by more than one call
     assert spent >= 900_000  # and the budget is not wasted on stale reservations
+
+
+async def _concurrent(
+    url: str, body: dict[str, Any], key: str, count: int
+) -> Counter[tuple[int, str]]:
+    raw = json.dumps(body).encode()
+    headers = {"authorization": f"Bearer {key}"}
+
+    async def one() -> tuple[int, str]:
+        status, _, payload = await asyncio.to_thread(
+            post, f"{url}/v1/chat/completions", raw, headers
+        )
+        return status, json.loads(payload)["error"]["code"] if status != 200 else ""
+
+    return Counter(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def _short_cost(body: dict[str, Any], output: int) -> int:
+    """dep-short: $0.000001 per input token, $0.0001 per output token."""
+    return micros(_prompt_tokens(body) * Decimal("0.000001") + output * Decimal("0.0001"))
+
+
+async def test_absurd_max_tokens_is_clamped_and_reserved(
+    stack: Stack, spend: Any, redis_url: str
+) -> None:
+    """max_tokens 1e30 is reserved at the deployment's largest answer (10 tokens): a
+    reservation that fits the store, so 20 concurrent calls on a $0.003 budget stay
+    within it plus one call (they were all admitted, unreserved, before)."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete(CARL)
+    body = {"model": "short", "messages": MSGS, "max_tokens": 10**30}
+    results = await _concurrent(stack.url, body, "sk-spend-carl", 20)
+    spent = spend(CARL)
+    per_call = _short_cost(body, len(_WORDS))
+    assert set(results) <= {(200, ""), (429, "key_budget_exceeded")}, results
+    admitted = results[(200, "")]
+    assert admitted >= 2  # the estimate is 10 tokens, not the budget's worth
+    assert spent == admitted * per_call
+    assert spent <= 3000 + per_call
+
+
+async def test_n_choices_are_reserved(stack: Stack, spend: Any, redis_url: str) -> None:
+    """n: 100 is 100 answers: 10 concurrent calls on a budget worth two calls stay
+    within it plus one call."""
+    body = {"model": "short", "messages": MSGS, "max_tokens": len(_WORDS), "n": 100}
+    per_call = _short_cost(body, len(_WORDS) * 100)
+    assert 2 * per_call <= 130_000 < 3 * per_call
+    with redis.Redis.from_url(redis_url) as client:
+        client.delete(DORA)
+    results = await _concurrent(stack.url, body, "sk-spend-dora", 10)
+    spent = spend(DORA)
+    assert set(results) <= {(200, ""), (429, "key_budget_exceeded")}, results
+    assert spent == results[(200, "")] * per_call
+    assert spent <= 130_000 + per_call
 
 
 def test_store_answering_errors_refuses_the_call(stack: Stack, redis_url: str) -> None:

@@ -545,11 +545,11 @@ def test_streams_ask_for_usage(
     asks: bool,
     options: dict[str, Any] | None,
 ) -> None:
-    raw = b'{"model": "auto", "n": 1e400, "prompt": "x", "messages": [], "z": "\\u00e9"'
+    raw = b'{"model": "auto", "temperature": 1e400, "prompt": "x", "messages": [], "z": "\\u00e9"'
     raw += b"".join(b", " + json.dumps({k: v})[1:-1].encode() for k, v in extra.items()) + b"}"
     decision = decide(head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW)
     assert decision.asks_usage is asks
-    assert b'"n": 1e400' in decision.body  # untouched bytes stay untouched
+    assert b'"temperature": 1e400' in decision.body  # untouched bytes stay untouched
     assert b'"z": "\\u00e9"' in decision.body
     sent = json.loads(decision.body.replace(b"1e400", b"1"))
     assert sent.get("stream_options") == options
