@@ -141,6 +141,9 @@ class Charge:
     #: The deployment that served the call when failover moved it (pricing only;
     #: ``deployment`` stays the one admitted, for its in-flight count).
     served: str | None = None
+    #: The most tokens of one kind the response may report (its context window plus
+    #: its largest answer for every choice, per prompt); larger counts are clamped.
+    usage_cap: int = 0
 
     @property
     def priced_by(self) -> str:
@@ -161,6 +164,7 @@ class Charge:
         tpm_key: str | None = None,
         prompt_tokens: int = 0,
         max_output_tokens: int = 0,
+        usage_cap: int = 0,
     ) -> Charge:
         return cls(
             rid=uuid.uuid4().hex,
@@ -177,7 +181,19 @@ class Charge:
             started=time.time(),
             prompt_tokens=prompt_tokens,
             max_output_tokens=max_output_tokens,
+            usage_cap=usage_cap,
         )
+
+    def bounded(self, usage: Usage | None) -> tuple[Usage | None, bool]:
+        """``usage`` with every count at most :attr:`usage_cap`, and whether one was
+        larger (a broken or hostile upstream; 0: no cap known)."""
+        if usage is None or self.usage_cap <= 0:
+            return usage, False
+        cap = self.usage_cap
+        counts = {f.name: getattr(usage, f.name) for f in dataclasses.fields(usage)}
+        if all(value <= cap for value in counts.values()):
+            return usage, False
+        return Usage(**{name: min(value, cap) for name, value in counts.items()}), True
 
     def cost(self, usage: Usage | None, dep: CompiledDeployment | None) -> int:
         """Micro-dollars to charge: the usage at the deployment's prices; the
@@ -213,8 +229,9 @@ class Charge:
             and isinstance(v["strip_usage"], bool)
             and all(
                 isinstance(v[n], int) and not isinstance(v[n], bool)
-                for n in ("estimate", "prompt_tokens", "max_output_tokens")
+                for n in ("estimate", "prompt_tokens", "max_output_tokens", "usage_cap")
             )
+            and v["usage_cap"] >= 0
             and isinstance(keys, list)
             and isinstance(ttls, list)
             and len(keys) == len(ttls)

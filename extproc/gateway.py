@@ -253,6 +253,7 @@ class Gateway:
             tpm_key=tpm_key(key) if key is not None and key.tpm_limit is not None else None,
             prompt_tokens=decision.prompt_tokens,
             max_output_tokens=decision.max_output_tokens,
+            usage_cap=decision.usage_cap,
         )
         if not refs:
             return charge
@@ -305,8 +306,11 @@ class Gateway:
         count spend and tokens; returns the micro-dollars charged. ``reported``: the
         usage came from the provider, not from counting the stream."""
         dep = (policy or self._policy).deployment(charge.priced_by)
-        cost = charge.cost(usage, dep)
         metrics = self.metrics
+        usage, clamped = charge.bounded(usage)
+        if clamped:
+            metrics.usage_clamped.labels(charge.endpoint).inc()
+        cost = charge.cost(usage, dep)
         if usage is None or not reported:
             metrics.usage_missing.labels(charge.endpoint).inc()
         if usage is not None:

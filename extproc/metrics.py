@@ -113,6 +113,13 @@ class Metrics:
             ["endpoint"],
             registry=self.registry,
         )
+        self.usage_clamped = Counter(
+            "extproc_usage_clamped",
+            "Responses whose usage reported more tokens than the call could produce "
+            "(clamped to its context window plus its largest answers), by endpoint.",
+            ["endpoint"],
+            registry=self.registry,
+        )
         self.settlements = Counter(
             "extproc_settlements",
             "Budget reservations ended, by outcome (settled, cancelled, failed).",

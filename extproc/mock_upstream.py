@@ -108,16 +108,29 @@ def _knob(request: web.Request, name: str) -> int:
     return min(int(raw), 10_000_000) if raw.isascii() and raw.isdigit() else 0
 
 
+def _overridden(request: web.Request, usage: dict[str, Any]) -> dict[str, Any]:
+    """A test-controlled usage (``x-mock-usage``: a JSON object merged into every usage
+    block the answer carries), to play a broken or hostile upstream."""
+    try:
+        extra = json.loads(request.headers.get("x-mock-usage", "{}"))
+    except ValueError:
+        return usage
+    return {**usage, **extra} if isinstance(extra, dict) else usage
+
+
 def _usage(request: web.Request, prompt: int, completion: int) -> dict[str, Any]:
     """OpenAI usage; cached tokens are part of the prompt, reasoning of the completion."""
     cached, reasoning = _knob(request, "cached-tokens"), _knob(request, "reasoning-tokens")
-    return {
-        "prompt_tokens": prompt + cached,
-        "completion_tokens": completion + reasoning,
-        "total_tokens": prompt + cached + completion + reasoning,
-        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0},
-    }
+    return _overridden(
+        request,
+        {
+            "prompt_tokens": prompt + cached,
+            "completion_tokens": completion + reasoning,
+            "total_tokens": prompt + cached + completion + reasoning,
+            "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": reasoning, "audio_tokens": 0},
+        },
+    )
 
 
 async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
@@ -217,7 +230,7 @@ async def _embeddings(request: web.Request, body: dict[str, Any]) -> web.StreamR
                 for i in range(len(items))
             ],
             "model": body.get("model", ""),
-            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+            "usage": _overridden(request, {"prompt_tokens": prompt, "total_tokens": prompt}),
         },
         headers={"x-mock-upstream": request.app[_SITE].name},
     )
@@ -236,13 +249,16 @@ async def _responses(request: web.Request, body: dict[str, Any]) -> web.StreamRe
         "content": [{"type": "output_text", "text": text, "annotations": []}],
     }
     cached, reasoning = _knob(request, "cached-tokens"), _knob(request, "reasoning-tokens")
-    usage = {
-        "input_tokens": prompt + cached,
-        "input_tokens_details": {"cached_tokens": cached},
-        "output_tokens": completion + reasoning,
-        "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": prompt + cached + completion + reasoning,
-    }
+    usage = _overridden(
+        request,
+        {
+            "input_tokens": prompt + cached,
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": completion + reasoning,
+            "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": prompt + cached + completion + reasoning,
+        },
+    )
     final = {
         "id": resp_id,
         "object": "response",
@@ -302,12 +318,15 @@ async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamRes
                 "content": [{"type": "text", "text": "".join(_WORDS)}],
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
-                "usage": {
-                    "input_tokens": prompt,
-                    "output_tokens": completion,
-                    "cache_creation_input_tokens": _knob(request, "cache-creation-tokens"),
-                    "cache_read_input_tokens": _knob(request, "cached-tokens"),
-                },
+                "usage": _overridden(
+                    request,
+                    {
+                        "input_tokens": prompt,
+                        "output_tokens": completion,
+                        "cache_creation_input_tokens": _knob(request, "cache-creation-tokens"),
+                        "cache_read_input_tokens": _knob(request, "cached-tokens"),
+                    },
+                ),
             },
             headers={"x-mock-upstream": request.app[_SITE].name},
         )
@@ -321,12 +340,15 @@ async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamRes
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {
-                "input_tokens": prompt,
-                "output_tokens": 1,
-                "cache_creation_input_tokens": _knob(request, "cache-creation-tokens"),
-                "cache_read_input_tokens": _knob(request, "cached-tokens"),
-            },
+            "usage": _overridden(
+                request,
+                {
+                    "input_tokens": prompt,
+                    "output_tokens": 1,
+                    "cache_creation_input_tokens": _knob(request, "cache-creation-tokens"),
+                    "cache_read_input_tokens": _knob(request, "cached-tokens"),
+                },
+            ),
         },
     }
     chunks = [
@@ -353,7 +375,7 @@ async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamRes
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                "usage": {"output_tokens": completion},
+                "usage": _overridden(request, {"output_tokens": completion}),
             },
             "message_delta",
         ),

@@ -9,6 +9,10 @@ them over and ask for the :class:`Usage` at the end. One normal form for both AP
   (Anthropic);
 - ``output_tokens``: everything billed at the output price, reasoning included;
   ``reasoning_tokens`` is kept for reporting.
+
+Rule: a usage object whose counts are not non-negative integers (negative,
+fractional, strings, booleans), or that names none of its main counts, is no usage
+at all: the call is charged its estimate, never less because an upstream said so.
 """
 
 from __future__ import annotations
@@ -42,19 +46,43 @@ class Usage:
         return self.input_tokens + self.cached_input_tokens + self.cache_creation_tokens
 
 
-def _int(source: Any, key: str) -> int:
+class _BadUsageError(ValueError):
+    """A usage object no upstream should send: treated as no usage."""
+
+
+def _count(source: Any, key: str) -> int | None:
+    """A token count: None when absent or null; a :class:`_BadUsageError` unless it is a
+    non-negative integer (an integral JSON float such as ``5.0`` counts as one)."""
     value = source.get(key) if isinstance(source, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     # bool is an int subclass; a count is never true/false
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _BadUsageError(key)
+    return value
+
+
+def _int(source: Any, key: str) -> int:
+    return _count(source, key) or 0
+
+
+def _main(usage: dict[str, Any], *keys: str) -> tuple[int, ...]:
+    """The usage's main counts; a :class:`_BadUsageError` when it names none of them."""
+    counts = [_count(usage, key) for key in keys]
+    if all(c is None for c in counts):
+        raise _BadUsageError("no token counts")
+    return tuple(c or 0 for c in counts)
 
 
 def _openai(usage: dict[str, Any]) -> Usage:
     """Chat/completions/embeddings (``prompt_tokens``...) and Responses (``input_tokens``...)."""
     if "prompt_tokens" in usage or "completion_tokens" in usage:
-        prompt, output = _int(usage, "prompt_tokens"), _int(usage, "completion_tokens")
+        prompt, output = _main(usage, "prompt_tokens", "completion_tokens")
         in_details, out_details = "prompt_tokens_details", "completion_tokens_details"
     else:
-        prompt, output = _int(usage, "input_tokens"), _int(usage, "output_tokens")
+        prompt, output = _main(usage, "input_tokens", "output_tokens")
         in_details, out_details = "input_tokens_details", "output_tokens_details"
     cached = min(prompt, _int(usage.get(in_details), "cached_tokens"))
     return Usage(
@@ -66,22 +94,35 @@ def _openai(usage: dict[str, Any]) -> Usage:
 
 
 def _anthropic(usage: dict[str, Any]) -> Usage:
+    input_tokens, output_tokens = _main(usage, "input_tokens", "output_tokens")
     return Usage(
-        input_tokens=_int(usage, "input_tokens"),
-        output_tokens=_int(usage, "output_tokens"),
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
         cached_input_tokens=_int(usage, "cache_read_input_tokens"),
         cache_creation_tokens=_int(usage, "cache_creation_input_tokens"),
     )
 
 
-def usage_from_object(api: Api, obj: Any) -> Usage | None:
-    """The usage of a whole JSON response (None when it reports none)."""
+def _strict_usage(api: Api, obj: Any) -> Usage | None:
+    """The usage of a JSON object (None when it has none; :class:`_BadUsageError` when
+    what it has cannot be believed)."""
     if not isinstance(obj, dict):
         return None
     usage = obj.get("usage")
-    if not isinstance(usage, dict):
+    if usage is None:
         return None
+    if not isinstance(usage, dict):
+        raise _BadUsageError("usage")
     return _anthropic(usage) if api == "anthropic" else _openai(usage)
+
+
+def usage_from_object(api: Api, obj: Any) -> Usage | None:
+    """The usage of a whole JSON response (None when it reports none, or none that
+    can be believed)."""
+    try:
+        return _strict_usage(api, obj)
+    except _BadUsageError:
+        return None
 
 
 class SSEBuffer:
@@ -193,6 +234,7 @@ class ResponseReader:
         "_api",
         "_body",
         "_inflate",
+        "_invalid",
         "_size",
         "_sse",
         "_tail_only",
@@ -212,6 +254,8 @@ class ResponseReader:
         self._tail_only = False
         self._anthropic_input: Usage | None = None
         self._anthropic_output = 0
+        #: An event reported usage that cannot be believed: the response has none.
+        self._invalid = False
         self.usage: Usage | None = None
 
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -255,6 +299,8 @@ class ResponseReader:
         """The usage once the body has ended (None when the response reported none)."""
         if self._sse is not None:
             self.flush()
+            if self._invalid:
+                self.usage = None
         elif self._body:
             raw = b"".join(self._body)
             self._body.clear()
@@ -269,25 +315,36 @@ class ResponseReader:
         return self.usage
 
     def _event(self, event: bytes) -> None:
-        if b"usage" not in event:
+        if b"usage" not in event or self._invalid:
             return
         data = event_data(event)
         if not isinstance(data, dict):
             return
+        try:
+            self._event_usage(data)
+        except _BadUsageError:
+            # Rule: one unbelievable count and the stream reported no usage (sticky:
+            # a later event must not make its input free).
+            self._invalid = True
+            self.usage = None
+
+    def _event_usage(self, data: dict[str, Any]) -> None:
         if self._api == "anthropic":
             self._anthropic(data)
             return
-        if isinstance(data.get("usage"), dict):  # chat/completions final chunk
-            self.usage = usage_from_object("openai", data)
+        if data.get("usage") is not None:  # chat/completions final chunk
+            self.usage = _strict_usage("openai", data)
         response = data.get("response")  # Responses API: response.completed
-        if isinstance(response, dict) and isinstance(response.get("usage"), dict):
-            self.usage = usage_from_object("openai", response)
+        if isinstance(response, dict) and response.get("usage") is not None:
+            self.usage = _strict_usage("openai", response)
 
     def _anthropic(self, data: dict[str, Any]) -> None:
         kind = data.get("type")
         if kind == "message_start":
-            self._anthropic_input = usage_from_object("anthropic", data.get("message"))
-        elif kind == "message_delta" and isinstance(data.get("usage"), dict):
+            self._anthropic_input = _strict_usage("anthropic", data.get("message"))
+        elif kind == "message_delta" and data.get("usage") is not None:
+            if not isinstance(data["usage"], dict):
+                raise _BadUsageError("usage")
             # message_delta's output_tokens is cumulative; newer APIs repeat input here
             delta = _anthropic(data["usage"])
             self._anthropic_output = delta.output_tokens

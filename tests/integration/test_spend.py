@@ -39,6 +39,7 @@ BOB = f"{{spend}}:key:{hash_key('sk-spend-bob')}"
 CARL = f"{{spend}}:key:{hash_key('sk-spend-carl')}"
 DORA = f"{{spend}}:key:{hash_key('sk-spend-dora')}"
 ERIN = f"{{spend}}:key:{hash_key('sk-spend-erin')}"
+FAY = f"{{spend}}:key:{hash_key('sk-spend-fay')}"
 MSGS: list[Any] = [{"role": "user", "content": "How much does this cost?"}]
 # dep-a: $ per token
 IN, OUT, CACHED = Decimal("0.000001"), Decimal("0.000002"), Decimal("0.0000005")
@@ -447,6 +448,84 @@ async def test_n_choices_are_reserved(stack: Stack, spend: Any, redis_url: str) 
     assert set(results) <= {(200, ""), (429, "key_budget_exceeded")}, results
     assert spent == results[(200, "")] * per_call
     assert spent <= 130_000 + per_call
+
+
+CLAUDE_IN, CLAUDE_OUT = Decimal("0.000003"), Decimal("0.000015")
+# (id, path, body, x-mock-usage, what is charged)
+HOSTILE: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
+    (
+        "chat-json-negative",
+        "/v1/chat/completions",
+        {"model": "auto", "messages": MSGS, "max_tokens": 50},
+        {"completion_tokens": -5},
+        "estimate",
+    ),
+    (
+        "chat-sse-fraction",
+        "/v1/chat/completions",
+        {
+            "model": "auto",
+            "messages": MSGS,
+            "max_tokens": 50,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        {"prompt_tokens": 1.5},
+        "estimate",
+    ),
+    (
+        "anthropic-sse-bool",
+        "/v1/messages",
+        {"model": "claude", "messages": MSGS, "max_tokens": 50, "stream": True},
+        {"input_tokens": True},
+        "estimate",
+    ),
+    (
+        "responses-json-string",
+        "/v1/responses",
+        {"model": "auto", "input": "hi", "max_output_tokens": 50},
+        {"output_tokens": "9"},
+        "estimate",
+    ),
+    (
+        "chat-json-huge",
+        "/v1/chat/completions",
+        {"model": "auto", "messages": MSGS, "max_tokens": 50},
+        {"completion_tokens": 10**30},
+        "clamped",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "usage", "charged"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE]
+)
+def test_hostile_usage_is_never_a_free_call(
+    stack: Stack,
+    spend: Any,
+    path: str,
+    body: dict[str, Any],
+    usage: dict[str, Any],
+    charged: str,
+) -> None:
+    """Counts that are negative, fractional, strings or booleans are no usage (charged
+    the estimate); counts past what the call can produce are clamped there."""
+    raw = json.dumps(body).encode()
+    headers = {"authorization": "Bearer sk-spend-fay", "x-mock-usage": json.dumps(usage)}
+    before = spend(FAY)
+    missing = metric(stack, "extproc_usage_missing_total")
+    clamped = metric(stack, "extproc_usage_clamped_total")
+    status, _, payload = post(f"{stack.url}{path}", raw, headers)
+    assert status == 200, payload[:300]
+    paid = spend(FAY) - before
+    price_in, price_out = (CLAUDE_IN, CLAUDE_OUT) if body["model"] == "claude" else (IN, OUT)
+    if charged == "estimate":
+        assert paid == micros(math.ceil(len(raw) / 4) * price_in + 50 * price_out)
+        assert metric(stack, "extproc_usage_missing_total") == missing + 1
+    else:
+        # dep-a names no window or largest answer: 2,000,000 + 1,000,000 tokens
+        assert paid == micros(_prompt_tokens(body) * price_in + 3_000_000 * price_out)
+        assert metric(stack, "extproc_usage_clamped_total") == clamped + 1
 
 
 def test_store_answering_errors_refuses_the_call(stack: Stack, redis_url: str) -> None:

@@ -6,16 +6,22 @@ import dataclasses
 import json
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from extproc.accounting import Charge, deployment_budgets, exhausted_deployments
 from extproc.budgets import BudgetRef, spend_key
+from extproc.gateway import Gateway
 from extproc.keys import VirtualKey
-from extproc.policy import compile_policy, parse_policy
+from extproc.policy import compile_policy, load_policy, parse_policy
 from extproc.ratelimits import tpm_key
+from extproc.settings import Settings
+from extproc.store import MemoryStore
+from extproc.usage import Usage
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
 CHARGE = Charge(
     "a" * 32,
@@ -136,3 +142,48 @@ def test_tokens_with_any_id_round_trip(ident: str) -> None:
         CHARGE, keys=tuple(r.store_key for r in refs), ttls=(None, None), tpm_key=tpm_key(key)
     )
     assert Charge.parse(charge.token()) == charge
+
+
+def test_usage_cap_travels_in_the_token() -> None:
+    capped = dataclasses.replace(CHARGE, usage_cap=132_096)
+    assert Charge.parse(capped.token()) == capped
+    values = json.loads(capped.token())
+    assert Charge.parse(json.dumps([*values[:-1], -1])) is None
+    assert Charge.parse(json.dumps([*values[:-1], 1.5])) is None
+
+
+def test_counts_above_the_cap_are_clamped() -> None:
+    charge = dataclasses.replace(CHARGE, usage_cap=1000)
+    fine = Usage(input_tokens=900, output_tokens=1000, cached_input_tokens=5)
+    assert charge.bounded(fine) == (fine, False)
+    hostile = Usage(input_tokens=10, output_tokens=10**30, reasoning_tokens=10**30)
+    assert charge.bounded(hostile) == (
+        Usage(input_tokens=10, output_tokens=1000, reasoning_tokens=1000),
+        True,
+    )
+    assert charge.bounded(None) == (None, False)
+
+
+async def test_settle_charges_the_clamped_usage_and_counts_it() -> None:
+    policy = load_policy(POLICIES / "spend.yaml", env={"TEST_KEY_A": "a", "TEST_KEY_B": "b"})
+    gateway = Gateway(Settings(policy_path=POLICIES / "spend.yaml"), policy, MemoryStore())
+    dep = policy.deployment("dep-a")
+    assert dep is not None
+    charge = Charge.new(
+        api="openai",
+        endpoint="chat_completions",
+        dep=dep,
+        stream=False,
+        strip_usage=False,
+        estimate=5000,
+        refs=(),
+        now=datetime.now(UTC),
+        usage_cap=2000,
+    )
+    cost = await gateway.settle(charge, Usage(input_tokens=100, output_tokens=10**30), policy)
+    # dep-a: $0.000001 in, $0.000002 out: 100 in + 2000 out (clamped)
+    assert cost == 100 + 4000
+    assert gateway.metrics.usage_clamped.labels("chat_completions")._value.get() == 1
+    assert gateway.metrics.usage_missing.labels("chat_completions")._value.get() == 0
+    assert await gateway.settle(charge, None, policy) == 5000  # no usage: the estimate
+    assert gateway.metrics.usage_missing.labels("chat_completions")._value.get() == 1

@@ -212,3 +212,122 @@ def test_deeply_nested_bodies_are_not_a_crash() -> None:
     assert read("openai", deep, sse=False) is None
     assert read("openai", b"data: " + deep + b"\n\n", sse=True) is None
     assert normalize_error(400, deep[:60_000]) is None
+
+
+# --- usage an upstream should never send: no usage at all (charged the estimate) ------
+
+HOSTILE = [-1, 1.5, "12", True, False, [3], {"n": 1}, float("inf"), float("nan")]
+
+
+def _sse_events(*events: Any) -> bytes:
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+
+
+def _openai_json(usage: Any) -> bytes:
+    return json.dumps({"choices": [], "usage": usage}).encode()
+
+
+def _openai_stream(usage: Any) -> bytes:
+    return _sse_events({"choices": [{"delta": {"content": "x"}}]}, {"choices": [], "usage": usage})
+
+
+def _responses(usage: Any, sse: bool) -> bytes:
+    final = {"type": "response.completed", "response": {"status": "completed", "usage": usage}}
+    return _sse_events(final) if sse else json.dumps(final["response"]).encode()
+
+
+def _anthropic_json(usage: Any) -> bytes:
+    return json.dumps({"type": "message", "usage": usage}).encode()
+
+
+def _anthropic_stream(start: Any, delta: Any) -> bytes:
+    return _sse_events(
+        {"type": "message_start", "message": {"usage": start}},
+        {"type": "message_delta", "usage": delta},
+    )
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=[repr(v) for v in HOSTILE])
+@pytest.mark.parametrize(
+    ("api", "sse", "build"),
+    [
+        ("openai", False, lambda v: _openai_json({"prompt_tokens": 10, "completion_tokens": v})),
+        ("openai", False, lambda v: _openai_json({"prompt_tokens": v, "completion_tokens": 5})),
+        (
+            "openai",
+            False,
+            lambda v: _openai_json(
+                {
+                    "prompt_tokens": 10,
+                    "completion_tokens": 5,
+                    "prompt_tokens_details": {"cached_tokens": v},
+                }
+            ),
+        ),
+        ("openai", True, lambda v: _openai_stream({"prompt_tokens": 10, "completion_tokens": v})),
+        ("openai", False, lambda v: _responses({"input_tokens": v, "output_tokens": 5}, False)),
+        ("openai", True, lambda v: _responses({"input_tokens": 10, "output_tokens": v}, True)),
+        ("anthropic", False, lambda v: _anthropic_json({"input_tokens": 10, "output_tokens": v})),
+        (
+            "anthropic",
+            True,
+            lambda v: _anthropic_stream(
+                {"input_tokens": v, "output_tokens": 1}, {"output_tokens": 9}
+            ),
+        ),
+        (
+            "anthropic",
+            True,
+            lambda v: _anthropic_stream(
+                {"input_tokens": 10, "output_tokens": 1}, {"output_tokens": v}
+            ),
+        ),
+    ],
+    ids=[
+        "chat-json-output",
+        "chat-json-input",
+        "chat-json-cached",
+        "chat-sse",
+        "responses-json",
+        "responses-sse",
+        "anthropic-json",
+        "anthropic-sse-start",
+        "anthropic-sse-delta",
+    ],
+)
+def test_unbelievable_counts_are_no_usage(api: Any, sse: bool, build: Any, value: Any) -> None:
+    assert read(api, build(value), sse=sse, piece=5) is None
+
+
+def test_null_is_an_absent_count() -> None:
+    body = _openai_json({"prompt_tokens": 10, "completion_tokens": None, "total_tokens": None})
+    assert read("openai", body, sse=False) == Usage(input_tokens=10)
+    # but a stream's last word on output that says nothing: no usage
+    stream = _anthropic_stream({"input_tokens": 10, "output_tokens": 1}, {"output_tokens": None})
+    assert read("anthropic", stream, sse=True) is None
+
+
+@pytest.mark.parametrize(
+    ("api", "usage"),
+    [
+        ("openai", {}),
+        ("openai", {"total_tokens": 9}),
+        ("openai", {"prompt_tokens": None, "completion_tokens": None}),
+        ("anthropic", {"cache_read_input_tokens": 5}),
+        ("openai", "lots"),
+    ],
+)
+def test_usage_naming_no_counts_is_no_usage(api: Any, usage: Any) -> None:
+    assert read(api, json.dumps({"usage": usage}).encode(), sse=False) is None
+
+
+def test_integral_floats_and_huge_counts_are_counts() -> None:
+    body = _openai_json({"prompt_tokens": 10.0, "completion_tokens": 10**30})
+    assert read("openai", body, sse=False) == Usage(input_tokens=10, output_tokens=10**30)
+
+
+def test_a_later_good_event_does_not_undo_a_bad_one() -> None:
+    """Anthropic's input comes first: a bad message_start must not make it free."""
+    body = _anthropic_stream({"input_tokens": -100, "output_tokens": 1}, {"output_tokens": 9})
+    body += _sse_events({"type": "message_delta", "usage": {"output_tokens": 10}})
+    assert read("anthropic", body, sse=True) is None
