@@ -26,7 +26,7 @@ from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 from extproc.pricing import MICROS_PER_DOLLAR, cost_micros
 from extproc.ratelimits import is_tpm_key
 from extproc.usage import Api, Usage
-from extproc.windows import cached_duration
+from extproc.windows import Period, cached_duration
 
 __all__ = [
     "Charge",
@@ -106,6 +106,47 @@ def no_deployment_left(
     )
 
 
+def _ref_token(ref: BudgetRef) -> list[str | None]:
+    """A budget as plain JSON values, to travel in a charge."""
+    period = ref.period
+    return [
+        ref.kind,
+        ref.ident,
+        ref.label,
+        None if ref.limit is None else str(ref.limit),
+        None if ref.soft is None else str(ref.soft),
+        ref.duration.text if ref.duration else None,
+        period.start.isoformat() if period else None,
+        period.end.isoformat() if period else None,
+    ]
+
+
+def _ref_from_token(raw: Any) -> BudgetRef | None:
+    """The budget :func:`_ref_token` wrote; None for anything else."""
+    if not isinstance(raw, list) or len(raw) != 8:
+        return None
+    kind, ident, label, limit, soft, duration, start, end = raw
+    if not all(isinstance(v, str) for v in (kind, ident, label)):
+        return None
+    if not all(v is None or isinstance(v, str) for v in (limit, soft, duration, start, end)):
+        return None
+    try:
+        period = None
+        if start is not None and end is not None:
+            period = Period(datetime.fromisoformat(start), datetime.fromisoformat(end))
+        return BudgetRef(
+            kind,
+            ident,
+            label,
+            None if limit is None else Decimal(limit),
+            None if soft is None else Decimal(soft),
+            cached_duration(duration) if duration else None,
+            period,
+        )
+    except (ValueError, ArithmeticError):
+        return None
+
+
 def _period_ttl(ref: BudgetRef, now: datetime) -> float | None:
     """The spend key's TTL: the rest of a calendar window (plus a day to read it back),
     a rolling window's length, or none for a lifetime budget."""
@@ -144,6 +185,8 @@ class Charge:
     #: The most tokens of one kind the response may report (its context window plus
     #: its largest answer for every choice, per prompt); larger counts are clamped.
     usage_cap: int = 0
+    #: The budgets whose alerts the settlement checks (soft budgets, alert shares).
+    watch: tuple[BudgetRef, ...] = ()
 
     @property
     def priced_by(self) -> str:
@@ -165,6 +208,7 @@ class Charge:
         prompt_tokens: int = 0,
         max_output_tokens: int = 0,
         usage_cap: int = 0,
+        watch: Sequence[BudgetRef] = (),
     ) -> Charge:
         return cls(
             rid=uuid.uuid4().hex,
@@ -182,6 +226,7 @@ class Charge:
             prompt_tokens=prompt_tokens,
             max_output_tokens=max_output_tokens,
             usage_cap=usage_cap,
+            watch=tuple(watch),
         )
 
     def bounded(self, usage: Usage | None) -> tuple[Usage | None, bool]:
@@ -207,7 +252,11 @@ class Charge:
     def token(self) -> str:
         """Compact JSON for Envoy's dynamic metadata (ext_authz → response filter):
         the field values in declaration order."""
-        return json.dumps([getattr(self, f.name) for f in _FIELDS], separators=(",", ":"))
+        values = [
+            [_ref_token(ref) for ref in self.watch] if f.name == "watch" else getattr(self, f.name)
+            for f in _FIELDS
+        ]
+        return json.dumps(values, separators=(",", ":"))
 
     @classmethod
     def parse(cls, text: str) -> Charge | None:
@@ -241,9 +290,22 @@ class Charge:
             and isinstance(v["started"], int | float)
             and (v["served"] is None or isinstance(v["served"], str))
         )
-        if not ok:
+        watch = v["watch"]
+        if not ok or not isinstance(watch, list) or len(watch) > len(keys):
             return None
-        fields = {**v, "keys": tuple(keys), "ttls": tuple(ttls), "started": float(v["started"])}
+        refs: list[BudgetRef] = []
+        for item in watch:
+            ref = _ref_from_token(item)
+            if ref is None or ref.store_key not in keys:
+                return None
+            refs.append(ref)
+        fields = {
+            **v,
+            "keys": tuple(keys),
+            "ttls": tuple(ttls),
+            "started": float(v["started"]),
+            "watch": tuple(refs),
+        }
         return cls(**fields)
 
 

@@ -241,6 +241,7 @@ class Gateway:
             )
             estimate = cost_micros(dep.prices, guess)
         key = decision.caller.key if decision.caller is not None else None
+        share = policy.general.budget_alert_at
         charge = Charge.new(
             api=decision.request.endpoint.api,
             endpoint=decision.request.endpoint.name,
@@ -254,6 +255,8 @@ class Gateway:
             prompt_tokens=decision.prompt_tokens,
             max_output_tokens=decision.max_output_tokens,
             usage_cap=decision.usage_cap,
+            # the budgets the settlement checks for alerts
+            watch=[r for r in refs if r.soft is not None or (share and r.limit is not None)],
         )
         if not refs:
             return charge
@@ -273,26 +276,28 @@ class Gateway:
         if index is not None:
             check_budgets(refs[index : index + 1], spends[index : index + 1], now)
         # Rule: no await between a successful reservation and handing the charge back,
-        # so a cancelled request cannot strand its hold (alerts run on their own).
-        self._spawn(self._budget_alerts(refs, spends, estimate, policy.general.budget_alert_at))
+        # so a cancelled request cannot strand its hold.
         return charge
 
     async def _budget_alerts(
         self,
-        refs: tuple[BudgetRef, ...],
-        spends: list[int],
-        estimate: int,
+        watch: tuple[BudgetRef, ...],
+        settled: dict[str, int],
         share: Decimal | None,
     ) -> None:
-        for ref, spent in zip(refs, spends, strict=True):
-            after = spent + estimate
+        """Alerts from settled spend: holds of calls in flight are not spend yet (a
+        large reservation must not raise an alert, nor inflate the spend it reports)."""
+        for ref in watch:
+            spent = settled.get(ref.store_key)
+            if spent is None:
+                continue
             soft = limit_micros(ref.soft)
-            if soft is not None and after >= soft:
-                await self.alerts.crossed(ref, after, "soft_budget")
+            if soft is not None and spent >= soft:
+                await self.alerts.crossed(ref, spent, "soft_budget")
             threshold = None if ref.limit is None or share is None else ref.limit * share
             alert_at = limit_micros(threshold)
-            if alert_at is not None and after >= alert_at:
-                await self.alerts.crossed(ref, after, "budget_threshold")
+            if alert_at is not None and spent >= alert_at:
+                await self.alerts.crossed(ref, spent, "budget_threshold")
 
     async def settle(
         self,
@@ -336,7 +341,11 @@ class Gateway:
         )
         try:
             if charge.keys:
-                await self.store.settle(charge.rid, charge.keys, cost, charge.ttls)
+                settled = await self.store.settle(charge.rid, charge.keys, cost, charge.ttls)
+                if charge.watch:
+                    share = (policy or self._policy).general.budget_alert_at
+                    by_key = dict(zip(charge.keys, settled, strict=True))
+                    self._spawn(self._budget_alerts(charge.watch, by_key, share))
             if charge.tpm_key is not None and usage is not None:
                 tokens = usage.total_input + usage.output_tokens
                 await self.store.incr(charge.tpm_key, tokens, WINDOW_S)

@@ -8,6 +8,7 @@ from typing import Protocol
 from extproc.store.keys import SPEND, store_key
 
 __all__ = [
+    "HELD_PREFIX",
     "INT64_MAX",
     "MAX_AMOUNT_MICROS",
     "RESV_EXPIRY",
@@ -27,6 +28,10 @@ __all__ = [
 SPEND_TAG = store_key(SPEND)
 RESV_HASH = store_key(SPEND, "reservations")
 RESV_EXPIRY = store_key(SPEND, "reservations", "expiry")
+#: Prefixes a budget key to name the sum of its open holds (Redis, where the scripts
+#: derive it): ``#`` never follows a tag in a key :func:`store_key` builds, so no key
+#: can alias it, and the prefix's own tag keeps it in the budget's slot.
+HELD_PREFIX = f"{SPEND_TAG}#held|"
 
 
 #: The largest amount one reservation or settlement moves: $1,000,000 in micro-dollars.
@@ -142,9 +147,10 @@ class Store(Protocol):
 
     async def settle(
         self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
-    ) -> None:
+    ) -> list[int]:
         """Replace reservation ``rid`` by the real ``cost`` (charged in full when the
-        reservation has expired meanwhile)."""
+        reservation has expired meanwhile); returns each key's settled value after it:
+        its value less what open holds of other calls add (what alerts compare)."""
         ...
 
     async def cancel(self, rid: str) -> None:

@@ -38,6 +38,8 @@ class MemoryStore:
         self._values: dict[str, tuple[int, float]] = {}
         self._leases: dict[str, dict[str, float]] = {}
         self._reservations: dict[str, _Reservation] = {}
+        #: (key, window) → the sum of the open holds taken in that window of the key.
+        self._holds: dict[tuple[str, float], int] = {}
         self._lists: dict[str, tuple[list[float], float]] = {}
         self._journal = SpendJournal(journal) if journal is not None else None
         if self._journal is not None:
@@ -174,7 +176,24 @@ class MemoryStore:
             self._add(key, amount, math.inf if ttl is None else ttl, now)
         windows = tuple(self._values[key][1] for key in keys)
         self._reservations[rid] = _Reservation(amount, tuple(keys), now + hold_s, windows)
+        for slot in zip(keys, windows, strict=True):
+            self._holds[slot] = self._holds.get(slot, 0) + amount
         return None, spends
+
+    def _forget_holds(self, res: _Reservation) -> None:
+        """``res`` is no longer open: its windows hold less (rolled-over ones too)."""
+        for slot in zip(res.keys, res.windows, strict=True):
+            left = self._holds.get(slot, 0) - res.amount
+            if left > 0:
+                self._holds[slot] = left
+            else:
+                self._holds.pop(slot, None)
+
+    def _settled(self, key: str, now: float) -> int:
+        entry = self._live(key, now)
+        if entry is None:
+            return 0
+        return max(0, entry[0] - self._holds.get((key, entry[1]), 0))
 
     def _held(self, res: _Reservation | None, key: str, now: float) -> bool:
         """Whether ``res`` holds an amount in ``key``'s current window (not one that has
@@ -188,6 +207,7 @@ class MemoryStore:
         res = self._reservations.pop(rid, None)
         if res is None:
             return False
+        self._forget_holds(res)
         for key in res.keys:
             if self._held(res, key, now):
                 value, expiry = self._values[key]
@@ -196,11 +216,13 @@ class MemoryStore:
 
     async def settle(
         self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
-    ) -> None:
+    ) -> list[int]:
         check_amount(cost, "cost")
         now = self._clock()
         res = self._reservations.pop(rid, None)
         held = res.amount if res is not None else 0
+        if res is not None:
+            self._forget_holds(res)
         for key, ttl in zip(keys, ttls_s, strict=True):
             if self._held(res, key, now):
                 self._values[key] = (
@@ -211,6 +233,7 @@ class MemoryStore:
                 self._add(key, cost, math.inf if ttl is None else ttl, now)
             if self._journal is not None and cost:
                 self._journal.record(key, cost, self._wall_expiry(key, now))
+        return [self._settled(key, now) for key in keys]
 
     async def cancel(self, rid: str) -> None:
         self._drop(rid, self._clock())
@@ -230,3 +253,4 @@ class MemoryStore:
         self._values.clear()
         self._leases.clear()
         self._reservations.clear()
+        self._holds.clear()

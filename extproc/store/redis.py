@@ -20,6 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.store.base import (
+    HELD_PREFIX,
     RESV_EXPIRY,
     RESV_HASH,
     StoreError,
@@ -68,13 +69,16 @@ return {1, n + 1}
 # first, a few per call, so a crashed process cannot hold budget forever. A hold is
 # only ever taken back from, or settled into, the window it was added to: if the key
 # has rolled over since, the old window is gone and the new one never held it.
-# Spend values are settled + reserved micro-dollars.
+# Spend values are settled + reserved micro-dollars; beside each budget key a "held"
+# counter (HELD_PREFIX .. key, same hash tag, same expiry) sums its open holds, so a
+# settlement can say what is settled (value - held) without reading every hold.
 #
 # Rules: amounts travel as the decimal strings the caller sent (ARGV) and are stored
 # as strings in the entry, never as Lua numbers (doubles; cjson keeps only 14 digits).
 # Every budget counter is checked to be an integer before the script writes anything,
 # so a script that fails has changed nothing (Redis does not roll a script back).
-_RESV_LIB = """
+_RESV_LIB = (
+    """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -87,11 +91,21 @@ local function counter(key)
   if not string.match(v, '^%-?%d+$') or string.len(v) > 18 then return nil end
   return tonumber(v)
 end
+local function held(key) return '"""
+    + HELD_PREFIX
+    + """' .. key end
 local function same_window(key, expires)
   return redis.call('EXISTS', key) == 1 and redis.call('PEXPIRETIME', key) == expires
 end
 local function take_back(key, amount)
   if redis.call('DECRBY', key, amount) < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+end
+-- give a hold back to a key and its held counter (a held counter that is gone, or
+-- not a counter, is left alone: holds taken before it existed)
+local function release(key, amount)
+  take_back(key, amount)
+  local h = held(key)
+  if redis.call('EXISTS', h) == 1 and counter(h) then take_back(h, amount) end
 end
 local function drop(resv, expiry, id)
   local raw = redis.call('HGET', resv, id)
@@ -99,18 +113,23 @@ local function drop(resv, expiry, id)
     local entry = cjson.decode(raw)
     for i, key in ipairs(entry.k) do
       -- best effort: a counter that is not an integer is left alone
-      if same_window(key, entry.e[i]) and counter(key) then take_back(key, tostring(entry.a)) end
+      if same_window(key, entry.e[i]) and counter(key) then release(key, tostring(entry.a)) end
     end
     redis.call('HDEL', resv, id)
   end
   redis.call('ZREM', expiry, id)
   return raw
 end
+-- the settled part of a budget's value: not what open holds have added
+local function settled(key)
+  return math.max(0, (counter(key) or 0) - (counter(held(key)) or 0))
+end
 local function add(key, amount, ttl)
   redis.call('INCRBY', key, amount)
   if ttl > 0 and redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ttl) end
 end
 """
+)
 
 # KEYS: resv hash, expiry zset, budget keys...; ARGV: id, amount, hold ms, n,
 # limits (-1: none)..., ttls ms (0: none)... → {0 or the 1-based index of the
@@ -126,7 +145,9 @@ local n = tonumber(ARGV[4])
 local spends = {}
 for i = 1, n do
   spends[i] = counter(KEYS[i + 2])
-  if not spends[i] then return redis.error_reply('budget counter ' .. i .. ' is not an integer') end
+  if not (spends[i] and counter(held(KEYS[i + 2]))) then
+    return redis.error_reply('budget counter ' .. i .. ' is not an integer')
+  end
 end
 for i = 1, n do
   local limit = tonumber(ARGV[4 + i])
@@ -139,9 +160,13 @@ end
 local amount = ARGV[2]
 local keys, windows = {}, {}
 for i = 1, n do
-  add(KEYS[i + 2], amount, tonumber(ARGV[4 + n + i]))
-  keys[i] = KEYS[i + 2]
-  windows[i] = redis.call('PEXPIRETIME', KEYS[i + 2])
+  local key = KEYS[i + 2]
+  add(key, amount, tonumber(ARGV[4 + n + i]))
+  keys[i] = key
+  windows[i] = redis.call('PEXPIRETIME', key)
+  -- the held counter lives exactly as long as the window it counts holds of
+  redis.call('INCRBY', held(key), amount)
+  if windows[i] > 0 then redis.call('PEXPIREAT', held(key), windows[i]) end
 end
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({a = amount, k = keys, e = windows}))
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
@@ -154,6 +179,7 @@ return out
 # KEYS: resv hash, expiry zset, budget keys...; ARGV: id, real cost, ttls ms...
 # A live reservation is replaced by the real cost; where it has expired (already
 # given back) or its window has rolled over, the cost is charged in full.
+# → {each budget's settled value after the settlement...}
 _SETTLE = (
     _RESV_LIB
     + """
@@ -161,24 +187,26 @@ local cost = ARGV[2]
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local entry = raw and cjson.decode(raw)
 for i = 3, #KEYS do
-  if not counter(KEYS[i]) then
+  if not (counter(KEYS[i]) and counter(held(KEYS[i]))) then
     return redis.error_reply('budget counter ' .. (i - 2) .. ' is not an integer')
   end
 end
+local out = {}
 for i = 3, #KEYS do
   local key = KEYS[i]
   if entry and entry.k[i - 2] == key and same_window(key, entry.e[i - 2]) then
     redis.call('INCRBY', key, cost)
-    take_back(key, tostring(entry.a))
+    release(key, tostring(entry.a))
   else
     add(key, cost, tonumber(ARGV[i]))
   end
+  out[i - 2] = settled(key)
 end
 if raw then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
 end
-return 1
+return out
 """
 )
 
@@ -408,10 +436,14 @@ class RedisStore:
 
     async def settle(
         self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
-    ) -> None:
+    ) -> list[int]:
         args: list[Any] = [rid, check_amount(cost, "cost"), *(_ms(ttl) for ttl in ttls_s)]
         with _guard("settle"):
-            await self._eval(_SETTLE, [RESV_HASH, RESV_EXPIRY, *keys], args)
+            out = await self._eval(_SETTLE, [RESV_HASH, RESV_EXPIRY, *keys], args)
+            settled = [int(v) for v in out]
+            if len(settled) != len(keys):
+                raise ValueError("one settled value per budget")
+            return settled
 
     async def cancel(self, rid: str) -> None:
         with _guard("cancel"):

@@ -528,6 +528,26 @@ def test_hostile_usage_is_never_a_free_call(
         assert metric(stack, "extproc_usage_clamped_total") == clamped + 1
 
 
+def test_soft_budget_alert_from_the_settlement(stack: Stack, redis_url: str) -> None:
+    """The alert is raised where the call settles (behind ext_authz: the response
+    filter, from the budgets the charge carries through Envoy's metadata)."""
+    with redis.Redis.from_url(redis_url) as client:
+        for name in client.scan_iter(match=f"alert:soft:key:{hash_key('sk-spend-fay')}*"):
+            client.delete(name)  # the other path's run raised this window's alert
+    alerts = metric(stack, 'extproc_soft_budget_alerts_total{kind="key"}')
+    raw = json.dumps({"model": "auto", "messages": MSGS}).encode()
+    status, _, _ = post(
+        f"{stack.url}/v1/chat/completions", raw, {"authorization": "Bearer sk-spend-fay"}
+    )
+    assert status == 200
+    wait_until(
+        lambda: metric(stack, 'extproc_soft_budget_alerts_total{kind="key"}') == alerts + 1,
+        10,
+        "the soft-budget alert",
+    )
+    assert "soft budget crossed for API key fay" in stack.server_log()
+
+
 def test_store_answering_errors_refuses_the_call(stack: Stack, redis_url: str) -> None:
     """A budget counter of the wrong type makes the reservation script fail: the call
     is refused (500), never admitted by the fail mode (open here) without a hold."""

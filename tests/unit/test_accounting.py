@@ -187,3 +187,22 @@ async def test_settle_charges_the_clamped_usage_and_counts_it() -> None:
     assert gateway.metrics.usage_missing.labels("chat_completions")._value.get() == 0
     assert await gateway.settle(charge, None, policy) == 5000  # no usage: the estimate
     assert gateway.metrics.usage_missing.labels("chat_completions")._value.get() == 1
+
+
+def test_watched_budgets_travel_in_the_token() -> None:
+    from extproc.budgets import BudgetRef  # noqa: PLC0415
+    from extproc.windows import cached_duration, calendar_period, zone  # noqa: PLC0415
+
+    day = cached_duration("1d")
+    period = calendar_period(day, datetime(2026, 11, 23, 12, tzinfo=UTC), zone("Europe/Berlin"))
+    team = BudgetRef("team", "t1", "team t1", Decimal("50"), Decimal("40"), day, period)
+    key = BudgetRef("key", "x", "API key x", None, Decimal("1.5"))
+    charge = dataclasses.replace(
+        CHARGE, keys=(team.store_key, key.store_key), ttls=(3600.0, None), watch=(team, key)
+    )
+    assert Charge.parse(charge.token()) == charge
+    values = json.loads(charge.token())
+    broken = [*values[:-1], [[*values[-1][0][:3], "lots", *values[-1][0][4:]]]]
+    assert Charge.parse(json.dumps(broken)) is None  # a limit that is no number
+    foreign = [*values[:-1], [["key", "other", "API key other", None, "1", None, None, None]]]
+    assert Charge.parse(json.dumps(foreign)) is None  # a budget the charge does not spend

@@ -140,21 +140,51 @@ async def test_store_down_follows_fail_mode(
     assert gateway.metrics.fail_mode_used.labels(mode)._value.get() == 3
 
 
+async def call(
+    gateway: Gateway, decision: RouteDecision, policy: CompiledPolicy, output: int = 1
+) -> None:
+    """Reserve and settle one call costing ``output`` tokens of dep-a ($0.000002 each)."""
+    charge = await gateway.reserve(decision, policy)
+    await gateway.settle(charge, Usage(output_tokens=output), policy)
+
+
 async def test_soft_budget_alerts_once_per_window(
     policy: CompiledPolicy, caplog: pytest.LogCaptureFixture
 ) -> None:
     gateway = await seeded(policy, {spend_key("key", SAM): 6})
     decision = route(policy, "sk-sam-budget")
     for _ in range(3):
-        await gateway.reserve(decision, gateway.policy)  # over the soft budget: not refused
+        await call(gateway, decision, gateway.policy)  # over the soft budget: not refused
     await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 1
     assert caplog.text.count("soft budget crossed for API key sam") == 1
 
 
+async def test_alerts_come_from_settled_spend_not_holds(
+    policy: CompiledPolicy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A large reservation is not spend: no alert while it is held, and the spend an
+    alert reports is the settled figure, without the holds of calls in flight."""
+    gateway = await seeded(policy, {})
+    big = route(policy, "sk-sam-budget", n=4, max_tokens=10**6)  # holds ~$8 of $10
+    held = await gateway.reserve(big, gateway.policy)
+    assert held.estimate > 7_000_000
+    await gateway.drain()
+    assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 0
+    # another call settles $5.50 while the $8 hold is open: settled $5.50 >= $5 soft
+    await call(gateway, route(policy, "sk-sam-budget"), gateway.policy, output=2_750_000)
+    await gateway.drain()
+    assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 1
+    assert "soft budget crossed for API key sam: spend $5.500000" in caplog.text
+    await gateway.settle(held, Usage(output_tokens=250_000), gateway.policy)
+    await gateway.drain()
+    assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 1  # once a window
+    assert (await gateway.store.get_many([big.budgets[0].store_key]))[0] == 6_000_000
+
+
 async def test_under_soft_budget_no_alert(policy: CompiledPolicy) -> None:
     gateway = await seeded(policy, {spend_key("key", SAM): 4.99})
-    await gateway.reserve(route(policy, "sk-sam-budget"), gateway.policy)
+    await call(gateway, route(policy, "sk-sam-budget"), gateway.policy, output=4000)  # +$0.008
     await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 0
 
@@ -259,7 +289,7 @@ async def test_soft_alert_once_per_calendar_window(tmp_path: Path) -> None:
         if (await gateway.store.get_many([decision.budgets[0].store_key]))[0] is None:
             await gateway.store.incr(decision.budgets[0].store_key, 6_000_000, 86_400)
         gateway.clock = lambda now=now: now  # type: ignore[misc]
-        await gateway.reserve(decision, gateway.policy)
+        await call(gateway, decision, gateway.policy)
     # over the soft budget on two days: one alert each day
     await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 2
@@ -276,13 +306,13 @@ async def test_alert_at_a_share_of_the_max_budget(tmp_path: Path) -> None:
     shared = load_policy(path, env=ENV)
     tess = route(shared, "sk-tess-team-budget")  # team budget $5, no soft budget
     gateway = await seeded(shared, {spend_key("team", "t-budget"): 3.9})
-    await gateway.reserve(tess, shared)
+    await call(gateway, tess, shared)
     await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("team")._value.get() == 0
     await gateway.store.incr(spend_key("team", "t-budget"), 200_000, 3600)  # $4.10: 82%
-    await gateway.reserve(route(shared, "sk-tess-team-budget"), shared)
+    await call(gateway, route(shared, "sk-tess-team-budget"), shared)
     await gateway.drain()
-    await gateway.reserve(route(shared, "sk-tess-team-budget"), shared)
+    await call(gateway, route(shared, "sk-tess-team-budget"), shared)
     await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("team")._value.get() == 1
 

@@ -211,3 +211,36 @@ async def test_key_names_are_data_not_structure(store: Store) -> None:
     await store.reserve("o" * 32, [odd], limits=[None], amount=200, ttls_s=[None], hold_s=60)
     await store.cancel("o" * 32)
     assert await store.get_many([victim, odd]) == [500, 0]
+
+
+async def test_settle_returns_settled_spend_net_of_open_holds(store: Store) -> None:
+    """What alerts compare: a budget's spend without the holds of calls in flight."""
+    await store.reserve(
+        "s1", [A, B], limits=[None, None], amount=1000, ttls_s=[None, 60], hold_s=60
+    )
+    await store.reserve("s2", [A], limits=[None], amount=50, ttls_s=[None], hold_s=60)
+    assert await store.settle("s2", [A], 30, [None]) == [30]  # s1's 1000 still held
+    assert await values(store) == [1030, 1000]
+    assert await store.settle("s1", [A, B], 400, [None, 60]) == [430, 400]
+    assert await store.settle("s1", [A, B], 5, [None, 60]) == [435, 405]  # again: charged
+    await store.reserve("s3", [A], limits=[None], amount=70, ttls_s=[None], hold_s=60)
+    await store.cancel("s3")
+    assert await store.settle("s4", [A], 0, [None]) == [435]  # nothing held any more
+    assert await values(store) == [435, 405]
+
+
+async def test_settled_spend_after_a_hold_expired(store: Store) -> None:
+    await store.reserve("x1", [A], limits=[None], amount=900, ttls_s=[None], hold_s=0.05)
+    await asyncio.sleep(0.1)  # the hold runs out; the next reservation gives it back
+    await store.reserve("x2", [A], limits=[None], amount=20, ttls_s=[None], hold_s=60)
+    assert await store.settle("x1", [A], 10, [None]) == [10]  # late: charged in full
+    assert await store.settle("x2", [A], 20, [None]) == [30]
+
+
+async def test_settled_spend_in_a_new_window(store: Store) -> None:
+    key = "{spend}:deployment:settled-roll:1m"
+    await store.reserve("w" * 32, [key], limits=[None], amount=500, ttls_s=[0.2], hold_s=600)
+    await asyncio.sleep(0.3)  # the window ends while the call runs
+    await store.reserve("v" * 32, [key], limits=[None], amount=40, ttls_s=[0.2], hold_s=600)
+    assert await store.settle("w" * 32, [key], 100, [0.2]) == [100]  # not the old hold
+    assert await store.settle("v" * 32, [key], 40, [0.2]) == [140]
