@@ -788,15 +788,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output",
         type=Path,
-        help="the markdown result file (default bench/results/<date>-<short sha>.md)",
+        help="the markdown result file (default bench/results/<date>-<short sha>[-smoke].md)",
     )
     return parser
 
 
-def _default_output() -> Path:
+def _default_output(smoke: bool) -> Path:
     sha = _first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
-    return ROOT / "bench" / "results" / f"{day}-{sha}.md"
+    return ROOT / "bench" / "results" / f"{day}-{sha}{'-smoke' if smoke else ''}.md"
 
 
 class Bench:
@@ -944,15 +944,16 @@ def main() -> int:
     info = machine(load, litellm, args.store)
     cmdline = " ".join(["python", "bench/bench.py", *sys.argv[1:]])
     litellm_yaml = workdir / "litellm.yaml"
+    smoke = args.smoke or args.duration < 10
     text = report(
         rows,
         info,
         checks,
-        smoke=args.smoke or args.duration < 10,
+        smoke=smoke,
         cmdline=cmdline,
         litellm_yaml=litellm_yaml.read_text() if litellm_yaml.exists() else None,
     )
-    output = args.output or _default_output()
+    output = args.output or _default_output(smoke)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print("\n" + table(rows) + "\n" + ratios(rows))
