@@ -934,7 +934,11 @@ class Bench:
 def main() -> int:
     args = _parser().parse_args()
     use_wrk = args.loadgen == "wrk" or (args.loadgen == "auto" and bool(shutil.which("wrk")))
-    litellm = None if args.skip_litellm else ensure_litellm(args.litellm_version)
+    try:
+        litellm = None if args.skip_litellm else ensure_litellm(args.litellm_version)
+    except (OSError, subprocess.CalledProcessError) as err:
+        print(f"bench: could not install LiteLLM ({err}); --skip-litellm runs without it")
+        return 2
     workdir = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
     print(f"bench: work files in {workdir}", flush=True)
     load = Load(args.duration, args.connections, args.threads, use_wrk, workdir)
