@@ -548,6 +548,10 @@ def litellm_config(mock_ports: dict[str, int]) -> dict[str, Any]:
     }
 
 
+#: Row d's environment: the bundled price map (never a download at start), quiet logs.
+LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+
+
 def litellm_proc(workdir: Path, port: int, mock_ports: dict[str, int]) -> Proc:
     config = workdir / "litellm.yaml"
     config.write_text(yaml.safe_dump(litellm_config(mock_ports), sort_keys=False))
@@ -565,11 +569,7 @@ def litellm_proc(workdir: Path, port: int, mock_ports: dict[str, int]) -> Proc:
             "1",
         ],
         workdir / "litellm.log",
-        env={
-            # the bundled price map, never a download at start
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            "LITELLM_LOG": "ERROR",
-        },
+        env=LITELLM_ENV,
     )
 
 
@@ -730,7 +730,12 @@ def report(
     parts.append("".join(f"- {r.key}: {note}\n" for r in rows for note in r.notes))
     parts.append("".join(f"- {c}\n" for c in checks))
     if litellm_yaml:
-        parts.append(f"\n## Row d's LiteLLM config\n\n```yaml\n{litellm_yaml}```\n")
+        parts.append(
+            "\n## Row d's LiteLLM config\n\n"
+            f"Started as `litellm --config litellm.yaml --host 127.0.0.1 --port PORT "
+            f"--num_workers 1` with {', '.join(f'`{k}={v}`' for k, v in LITELLM_ENV.items())}."
+            f"\n\n```yaml\n{litellm_yaml}```\n"
+        )
     return "".join(parts)
 
 
@@ -859,7 +864,6 @@ class Bench:
             self.server()
             if litellm is not None:
                 self.litellm(litellm)
-                self.checks.append(LITELLM_GAPS)
             else:
                 self.checks.append("row d skipped (--skip-litellm)")
 
@@ -961,8 +965,10 @@ def main() -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print("\n" + table(rows) + "\n" + ratios(rows))
-    for check in checks:
+    for check in [*(f"{r.key}: {n}" for r in rows for n in r.notes), *checks]:
         print(f"- {check}")
+    if litellm is not None:
+        print(f"- d: {LITELLM_GAPS}")
     print(f"\nwritten: {output}")
     return 0
 
