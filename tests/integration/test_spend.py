@@ -471,14 +471,14 @@ HOSTILE: list[tuple[str, str, dict[str, Any], dict[str, Any], str]] = [
             "stream_options": {"include_usage": True},
         },
         {"prompt_tokens": 1.5},
-        "estimate",
+        "streamed",
     ),
     (
         "anthropic-sse-bool",
         "/v1/messages",
         {"model": "claude", "messages": MSGS, "max_tokens": 50, "stream": True},
         {"input_tokens": True},
-        "estimate",
+        "streamed",
     ),
     (
         "responses-json-string",
@@ -508,8 +508,10 @@ def test_hostile_usage_is_never_a_free_call(
     usage: dict[str, Any],
     charged: str,
 ) -> None:
-    """Counts that are negative, fractional, strings or booleans are no usage (charged
-    the estimate); counts past what the call can produce are clamped there."""
+    """Counts that are negative, fractional, strings or booleans are no usage: a JSON
+    answer is charged the estimate, a stream what it streamed (the prompt estimate and
+    a token per event, as any usage-less stream); counts past what the call can
+    produce are clamped there."""
     raw = json.dumps(body).encode()
     headers = {"authorization": "Bearer sk-spend-fay", "x-mock-usage": json.dumps(usage)}
     before = spend(FAY)
@@ -519,8 +521,10 @@ def test_hostile_usage_is_never_a_free_call(
     assert status == 200, payload[:300]
     paid = spend(FAY) - before
     price_in, price_out = (CLAUDE_IN, CLAUDE_OUT) if body["model"] == "claude" else (IN, OUT)
-    if charged == "estimate":
-        assert paid == micros(math.ceil(len(raw) / 4) * price_in + 50 * price_out)
+    if charged in ("estimate", "streamed"):
+        events = len([e for e in payload.split(b"\n\n") if e.strip()])
+        output = 50 if charged == "estimate" else events
+        assert paid == micros(math.ceil(len(raw) / 4) * price_in + output * price_out)
         assert metric(stack, "extproc_usage_missing_total") == missing + 1
     else:
         # dep-a names no window or largest answer: 2,000,000 + 1,000,000 tokens
