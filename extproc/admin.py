@@ -95,6 +95,8 @@ async def _metrics(request: web.Request) -> web.Response:
             if ref.kind in ("provider", "deployment", "tag") and ref.limit is not None:
                 remaining = ref.limit - Decimal(status.spend_micros) / MICROS_PER_DOLLAR
                 gauge.labels(ref.kind, ref.ident).set(float(max(remaining, Decimal(0))))
+    for store, count in gateway.memory_entries().items():
+        gateway.metrics.memory_entries.labels(store).set(count)
     payload = generate_latest(gateway.metrics.registry)
     return web.Response(body=payload, headers={"content-type": CONTENT_TYPE_LATEST})
 

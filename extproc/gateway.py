@@ -394,6 +394,19 @@ class Gateway:
         """:meth:`cancel` from code that cannot await (a closing stream)."""
         self._spawn(self.cancel(charge))
 
+    def memory_entries(self) -> dict[str, int]:
+        """Entries held by this process's in-memory stores: the embedded store (when it
+        is the store) and the session-cap counts kept while the store is down."""
+        out = {"session_fallback": self._local.entry_count()}
+        if isinstance(self.store, MemoryStore):
+            out["embedded"] = self.store.entry_count()
+        return out
+
+    async def close(self) -> None:
+        """Close the store and the in-process fallback counts (stops their sweepers)."""
+        await self.store.close()
+        await self._local.close()
+
     async def drain(self) -> None:
         """Wait for background store work (cancels, releases, webhooks) to finish."""
         if self._tasks:

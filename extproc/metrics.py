@@ -150,6 +150,13 @@ class Metrics:
             ["deployment"],
             registry=self.registry,
         )
+        self.memory_entries = Gauge(
+            "extproc_memory_store_entries",
+            "Entries held in process (refreshed on scrape): the embedded store and the "
+            "session-cap counts kept while the store is down.",
+            ["store"],
+            registry=self.registry,
+        )
         self.upstream_errors_normalized = Counter(
             "extproc_upstream_errors_normalized",
             "Upstream 4xx bodies rewritten to context_length_exceeded or content_policy_violation.",

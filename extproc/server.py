@@ -101,7 +101,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await server.stop(settings.shutdown_grace_s)
         await runner.cleanup()
         await gateway.drain()  # settlements, releases and alerts still in flight
-        await gateway.store.close()
+        await gateway.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         log.info("stopped")

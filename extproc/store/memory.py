@@ -1,7 +1,15 @@
-"""The embedded store: one process, state in a dict (settled spend journaled)."""
+"""The embedded store: one process, state in a dict (settled spend journaled).
+
+Rule: nothing outlives its expiry by much. Reads drop what they find expired, and a
+sweeper evicts the rest in the background (counters, flags, lease sets, sample lists,
+reservations): a timer on the running loop, armed by the first entry that can expire,
+firing every ``sweep_interval_s`` while anything is left to expire, and evicting at
+most ``sweep_batch`` entries per callback so it never holds the loop for long.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -9,9 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from extproc.store.base import SPEND_TAG, check_amount, check_int64, limit_arg
+from extproc.store.expiry import ExpiryIndex, shrunk
 from extproc.store.journal import SpendJournal
 
 __all__ = ["MemoryStore"]
+
+#: Seconds between sweeps while anything can expire.
+SWEEP_INTERVAL_S = 1.0
+#: Most entries one sweep callback evicts (about a millisecond of work); a longer
+#: backlog continues in the next loop iteration.
+SWEEP_BATCH = 1000
+# Entry kinds in the expiry index.
+_VALUE, _LIST, _LEASES, _RESERVATION = range(4)
 
 
 @dataclass(slots=True)
@@ -32,7 +49,12 @@ class MemoryStore:
     name = "memory"
 
     def __init__(
-        self, clock: Callable[[], float] = time.monotonic, journal: Path | None = None
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        journal: Path | None = None,
+        *,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
+        sweep_batch: int = SWEEP_BATCH,
     ) -> None:
         self._clock = clock
         self._values: dict[str, tuple[int, float]] = {}
@@ -41,6 +63,12 @@ class MemoryStore:
         #: (key, window) → the sum of the open holds taken in that window of the key.
         self._holds: dict[tuple[str, float], int] = {}
         self._lists: dict[str, tuple[list[float], float]] = {}
+        self._expiry = ExpiryIndex(4)
+        self._sweep_interval_s = sweep_interval_s
+        self._sweep_batch = sweep_batch
+        self._sweeper: asyncio.Handle | None = None
+        self._sweeper_loop: asyncio.AbstractEventLoop | None = None
+        self._peaks = [0, 0, 0, 0]
         self._journal = SpendJournal(journal) if journal is not None else None
         if self._journal is not None:
             self._replay(self._journal)
@@ -55,9 +83,106 @@ class MemoryStore:
 
     def _add(self, key: str, amount: int, ttl_s: float, now: float) -> int:
         entry = self._live(key, now)
-        entry = (amount, now + ttl_s) if entry is None else (entry[0] + amount, entry[1])
+        if entry is None:
+            entry = (amount, now + ttl_s)
+            self._expire(_VALUE, key, entry[1])
+        else:
+            entry = (entry[0] + amount, entry[1])
         self._values[key] = entry
         return entry[0]
+
+    def entry_count(self) -> int:
+        """Entries held now, expired ones not yet evicted included (tests, metrics)."""
+        return len(self._values) + len(self._lists) + len(self._leases) + len(self._reservations)
+
+    def _expire(self, kind: int, key: str, expiry: float) -> None:
+        """Index an entry's expiry; arms the sweeper when it is not running."""
+        self._expiry.schedule(kind, key, expiry)
+        if len(self._expiry) and (
+            self._sweeper is None or self._sweeper_loop is None or self._sweeper_loop.is_closed()
+        ):
+            self._arm(self._sweep_interval_s)
+
+    def _arm(self, delay_s: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            # no loop yet (built before the server starts): the next write arms it
+            self._sweeper = None
+            return
+        self._sweeper_loop = loop
+        if delay_s > 0:
+            self._sweeper = loop.call_later(delay_s, self._sweep)
+        else:
+            self._sweeper = loop.call_soon(self._sweep)
+
+    def _sweep(self) -> None:
+        """Evict what has expired (a bounded batch), then arm the next sweep."""
+        more = False
+        try:
+            sizes = (
+                len(self._values),
+                len(self._lists),
+                len(self._leases),
+                len(self._reservations),
+            )
+            self._peaks = [max(peak, n) for peak, n in zip(self._peaks, sizes, strict=True)]
+            now = self._clock()
+            due, more = self._expiry.pop_due(now, self._sweep_batch)
+            for kind, key in due:
+                self._evict(kind, key, now)
+            if not more:
+                self._shrink()
+        finally:
+            # Rule: one timer at a time (``_expire`` saw this one running and armed none),
+            # and a failed sweep still arms the next.
+            self._sweeper = None
+            if more:
+                self._arm(0)
+            elif len(self._expiry):
+                self._arm(self._sweep_interval_s)
+
+    def _evict(self, kind: int, key: str, now: float) -> None:
+        """Drop ``key`` if it has expired, else schedule it again at its real expiry."""
+        expiry = math.inf
+        if kind == _VALUE:
+            entry = self._values.get(key)
+            if entry is not None and entry[1] <= now:
+                del self._values[key]
+            elif entry is not None:
+                expiry = entry[1]
+        elif kind == _LIST:
+            listed = self._lists.get(key)
+            if listed is not None and listed[1] <= now:
+                del self._lists[key]
+            elif listed is not None:
+                expiry = listed[1]
+        elif kind == _LEASES:
+            leases = self._leases.get(key)
+            if leases is not None:
+                for name in [m for m, until in leases.items() if until <= now]:
+                    del leases[name]
+                if leases:
+                    expiry = min(leases.values())
+                else:
+                    del self._leases[key]
+        else:
+            res = self._reservations.get(key)
+            if res is not None and res.expiry <= now:
+                self._drop(key, now)  # an expired hold is given back, as reserve() would
+            elif res is not None:
+                expiry = res.expiry
+        if not math.isinf(expiry):
+            self._expire(kind, key, expiry)
+
+    def _shrink(self) -> None:
+        """Copy the tables that shrank far below their peak, so their memory goes back."""
+        peaks = self._peaks
+        self._values, peaks[0] = shrunk(self._values, peaks[0])
+        self._lists, peaks[1] = shrunk(self._lists, peaks[1])
+        self._leases, peaks[2] = shrunk(self._leases, peaks[2])
+        self._reservations, peaks[3] = shrunk(self._reservations, peaks[3])
+        self._expiry.shrink()
 
     def _wall_expiry(self, key: str, now: float) -> float | None:
         expiry = self._values[key][1]
@@ -99,6 +224,7 @@ class MemoryStore:
         if len(leases) >= limit:
             return False, len(leases)
         leases[member] = now + ttl_s
+        self._expire(_LEASES, key, now + ttl_s)
         return True, len(leases)
 
     async def release_lease(self, key: str, member: str) -> None:
@@ -117,16 +243,20 @@ class MemoryStore:
             value = max(0, self._add(key, check_int64(amount, "amount"), ttl_s, now))
             expiry = now + ttl_s if refresh_ttl else self._values[key][1]
             self._values[key] = (value, expiry)
+            self._expire(_VALUE, key, expiry)
             out.append(value)
         return out
 
     async def set_flag(self, key: str, ttl_s: float) -> None:
-        self._values[key] = (1, self._clock() + ttl_s)
+        expiry = self._clock() + ttl_s
+        self._values[key] = (1, expiry)
+        self._expire(_VALUE, key, expiry)
 
     async def push_sample(self, key: str, value: float, keep: int, ttl_s: float) -> None:
         now = self._clock()
         samples = self._live_list(key, now)
         self._lists[key] = ([value, *samples][:keep], now + ttl_s)
+        self._expire(_LIST, key, now + ttl_s)
 
     def _live_list(self, key: str, now: float) -> list[float]:
         entry = self._lists.get(key)
@@ -178,6 +308,7 @@ class MemoryStore:
         self._reservations[rid] = _Reservation(amount, tuple(keys), now + hold_s, windows)
         for slot in zip(keys, windows, strict=True):
             self._holds[slot] = self._holds.get(slot, 0) + amount
+        self._expire(_RESERVATION, rid, now + hold_s)
         return None, spends
 
     def _forget_holds(self, res: _Reservation) -> None:
@@ -250,7 +381,12 @@ class MemoryStore:
                 for key in list(self._values)
                 if key.startswith(SPEND_TAG) and self._live(key, now) is not None
             )
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._values.clear()
         self._leases.clear()
         self._reservations.clear()
         self._holds.clear()
+        self._lists.clear()
+        self._expiry.clear()
