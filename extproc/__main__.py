@@ -1,3 +1,8 @@
-from extproc.cli import main
+"""``python -m extproc``: the command line (a Ctrl-C while it loads exits quietly)."""
+
+try:
+    from extproc.cli import main
+except KeyboardInterrupt:
+    raise SystemExit(130) from None
 
 raise SystemExit(main())

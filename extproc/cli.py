@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from extproc.envoy_config import Upstream, render_envoy_config
-from extproc.settings import DEFAULT_POLICY, Settings
+if TYPE_CHECKING:
+    from extproc.envoy_config import Upstream
+    from extproc.settings import Settings
 
 __all__ = ["main"]
 
+# Rule: this module imports only the standard library at import time, so a Ctrl-C
+# while the command starts lands in main()'s handler (a quiet exit), not in an import.
+
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from extproc.settings import Settings  # noqa: PLC0415
+
     overrides: dict[str, object] = {}
     for name in ("policy_path", "grpc_port", "admin_port", "store_url"):
         value = getattr(args, name, None)
@@ -29,6 +33,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from extproc.policy import PolicyError  # noqa: PLC0415 - keep `--help` fast
     from extproc.server import run  # noqa: PLC0415
+    from extproc.store.journal import JournalError  # noqa: PLC0415
 
     try:
         run(_settings(args))
@@ -37,15 +42,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return 2
+    except JournalError as exc:
+        print(f"extproc serve: {exc} (EXTPROC_SPEND_JOURNAL)", file=sys.stderr)
+        return 2
     return 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from extproc.launcher import UpOptions, run_up  # noqa: PLC0415
+    from extproc.settings import DEFAULT_POLICY  # noqa: PLC0415
 
     return run_up(
         UpOptions(
             policy_path=args.policy_path or DEFAULT_POLICY,
+            state_dir=args.state_dir,
             listen_port=args.port,
             grpc_port=args.grpc_port or 50051,
             admin_port=args.admin_port or 9190,
@@ -107,6 +117,8 @@ def _placeholder_env(policy_path: Path, env: dict[str, str]) -> dict[str, str]:
 
 def _parse_upstream(value: str) -> tuple[str, Upstream, str | None]:
     """``name=host:port[:ENVVAR]`` or ``name=host:port[:tls]``."""
+    from extproc.envoy_config import Upstream  # noqa: PLC0415
+
     name, sep, rest = value.partition("=")
     parts = rest.split(":")
     if not sep or len(parts) < 2 or not parts[1].isdigit():
@@ -119,6 +131,7 @@ def _parse_upstream(value: str) -> tuple[str, Upstream, str | None]:
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
     import yaml  # noqa: PLC0415
 
+    from extproc.envoy_config import Upstream, render_envoy_config  # noqa: PLC0415
     from extproc.failover import failover_plan  # noqa: PLC0415
     from extproc.launcher import mock_plan  # noqa: PLC0415
     from extproc.policy import parse_policy  # noqa: PLC0415
@@ -146,6 +159,8 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_mock(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415
+
     from extproc.mock_upstream import MockSite, run_mock  # noqa: PLC0415
 
     sites = []
@@ -202,6 +217,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envoy-admin-port", type=int, default=9901)
     p.add_argument("--mock-base-port", type=int, default=18001)
     p.add_argument("--mode", choices=("ext_proc", "ext_authz"), default="ext_proc")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where this gateway keeps its spend journal (default: one directory per "
+        "policy file under ~/.local/state/extproc/up)",
+    )
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("check", help="validate a policy, and cross-check an Envoy config")
@@ -261,6 +283,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before a command's own signal handling is in place (while it starts)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    from pydantic import ValidationError  # noqa: PLC0415
+
     args = _build_parser().parse_args(argv)
     try:
         return int(args.func(args))

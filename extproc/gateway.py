@@ -126,7 +126,7 @@ class Gateway:
         policy = load_policy(
             settings.policy_path, allow_inline_credentials=settings.allow_inline_credentials
         )
-        journal = Path(settings.spend_journal) if settings.spend_journal else None
+        journal = Path(settings.spend_journal).expanduser() if settings.spend_journal else None
         return cls(settings, policy, open_store(settings.store_url, journal=journal))
 
     @property

@@ -4,10 +4,15 @@ Every cluster the policy names becomes a local mock upstream, so the gateway wor
 fresh machine without provider keys. Deployment credentials that reference environment
 variables get random values shared by the server (which injects them) and the mock
 (which checks them). Ctrl-C or SIGTERM stops every child.
+
+Rule: a gateway's state lives in its state directory (``--state-dir``; by default one
+per policy file, see :func:`default_state_dir`), so two policies never share spend and
+the same policy finds its spend again on the next run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -28,8 +33,10 @@ import yaml
 from extproc.envoy_config import Upstream, render_envoy_config
 from extproc.failover import failover_plan
 from extproc.policy import Policy, parse_policy
+from extproc.settings import state_home
+from extproc.store.journal import JournalError, check_journal
 
-__all__ = ["UpOptions", "envoy_binary", "mock_plan", "run_up"]
+__all__ = ["UpOptions", "default_state_dir", "envoy_binary", "mock_plan", "run_up"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +50,20 @@ class UpOptions:
     store_url: str = "memory://"
     mode: str = "ext_proc"
     host: str = "127.0.0.1"
+    #: Where the spend journal lives; None: :func:`default_state_dir`.
+    state_dir: Path | None = None
+
+
+def default_state_dir(policy_path: Path) -> Path:
+    """``~/.local/state/extproc/up/<policy name>-<hash of its absolute path>``: one
+    directory per policy file, the same on every run of it."""
+    resolved = policy_path.resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    return state_home() / "up" / f"{resolved.stem}-{digest}"
+
+
+class _StopRequestedError(Exception):
+    """A signal asked us to stop while the children were starting."""
 
 
 def envoy_binary() -> str:
@@ -71,8 +92,12 @@ def mock_plan(
     ]
 
 
-def _wait_http(url: str, deadline: float, alive: Callable[[], bool]) -> None:
+def _wait_http(
+    url: str, deadline: float, alive: Callable[[], bool], stopping: Callable[[], bool]
+) -> None:
     while time.monotonic() < deadline:
+        if stopping():
+            raise _StopRequestedError
         if not alive():
             raise RuntimeError(f"a child exited before {url} answered")
         try:
@@ -98,19 +123,57 @@ def _terminate(children: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -
             child.wait()
 
 
+def _mock_args(plan: list[tuple[str, Upstream, str | None]], env: dict[str, str]) -> list[str]:
+    """``extproc mock`` arguments for ``plan``; a random key in ``env`` per credential
+    variable the policy names (unless set already)."""
+    args = []
+    for cluster, address, key_var in plan:
+        spec = f"{cluster}={address.host}:{address.port}"
+        if key_var is not None:
+            env.setdefault(key_var, "sk-mock-" + secrets.token_urlsafe(18))
+            spec += f":{key_var}"
+        args += ["--upstream", spec]
+    return args
+
+
+def _journal(options: UpOptions) -> Path | None:
+    """The spend journal of this run (None for a store other than memory), checked."""
+    if not options.store_url.startswith("memory://"):
+        return None
+    journal = (options.state_dir or default_state_dir(options.policy_path)) / "spend.jsonl"
+    check_journal(journal)
+    return journal
+
+
+def _banner(options: UpOptions, policy: Policy, workdir: Path, journal: Path | None) -> str:
+    url = f"http://{options.host}:{options.listen_port}"
+    state = f"spend journal {journal}" if journal else f"store {options.store_url}"
+    return (
+        f"extproc gateway ready at {url}\n"
+        f"  model groups: {', '.join(g.name for g in policy.model_groups)}\n"
+        f"  try: curl {url}/v1/chat/completions "
+        "-H 'content-type: application/json' "
+        """-d '{"model": "auto", "messages": [{"role": "user", "content": "hi"}]}'\n"""
+        f"  admin: http://127.0.0.1:{options.admin_port}/metrics, "
+        f"Envoy admin http://127.0.0.1:{options.envoy_admin_port}, "
+        f"access log {workdir / 'access.log'}\n"
+        f"  {state}\n"
+        "  Ctrl-C stops everything."
+    )
+
+
 def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
     """Start everything, print the URL, and stop it all on a signal or a child's exit."""
     env = dict(os.environ if environ is None else environ)
     data = yaml.safe_load(options.policy_path.read_text(encoding="utf-8"))
     policy = parse_policy(data, str(options.policy_path))
     plan = mock_plan(policy, options.mock_base_port, options.host)
-    upstream_args = []
-    for cluster, address, key_var in plan:
-        spec = f"{cluster}={address.host}:{address.port}"
-        if key_var is not None:
-            env.setdefault(key_var, "sk-mock-" + secrets.token_urlsafe(18))
-            spec += f":{key_var}"
-        upstream_args += ["--upstream", spec]
+    try:
+        journal = _journal(options)
+    except JournalError as exc:
+        print(f"extproc up: {exc} (--state-dir)", file=sys.stderr)
+        return 2
+    upstream_args = _mock_args(plan, env)
 
     workdir = Path(tempfile.mkdtemp(prefix="extproc-up-"))
     envoy_yaml = workdir / "envoy.yaml"
@@ -133,6 +196,7 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
         EXTPROC_GRPC_PORT=str(options.grpc_port),
         EXTPROC_ADMIN_PORT=str(options.admin_port),
         EXTPROC_STORE_URL=options.store_url,
+        EXTPROC_SPEND_JOURNAL=str(journal or ""),
     )
     python = [sys.executable, "-m", "extproc"]
     children: list[subprocess.Popen[bytes]] = []
@@ -151,8 +215,12 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
         def alive() -> bool:
             return all(c.poll() is None for c in children)
 
+        def is_stopping() -> bool:
+            return stopping
+
         deadline = time.monotonic() + 30
-        _wait_http(f"http://127.0.0.1:{options.admin_port}/healthz", deadline, alive)
+        admin = f"http://127.0.0.1:{options.admin_port}/healthz"
+        _wait_http(admin, deadline, alive, is_stopping)
         children.append(
             subprocess.Popen(
                 [
@@ -166,21 +234,13 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
                 env=env,
             )
         )
-        _wait_http(f"http://127.0.0.1:{options.envoy_admin_port}/ready", deadline, alive)
-        print(
-            f"extproc gateway ready at http://{options.host}:{options.listen_port}\n"
-            f"  model groups: {', '.join(g.name for g in policy.model_groups)}\n"
-            f"  try: curl http://{options.host}:{options.listen_port}/v1/chat/completions "
-            "-H 'content-type: application/json' "
-            """-d '{"model": "auto", "messages": [{"role": "user", "content": "hi"}]}'\n"""
-            f"  admin: http://127.0.0.1:{options.admin_port}/metrics, "
-            f"Envoy admin http://127.0.0.1:{options.envoy_admin_port}, "
-            f"access log {workdir / 'access.log'}\n"
-            "  Ctrl-C stops everything.",
-            flush=True,
-        )
+        envoy_ready = f"http://127.0.0.1:{options.envoy_admin_port}/ready"
+        _wait_http(envoy_ready, deadline, alive, is_stopping)
+        print(_banner(options, policy, workdir, journal), flush=True)
         while not stopping and alive():
             time.sleep(0.2)
+    except _StopRequestedError:
+        return 0
     except (TimeoutError, RuntimeError, FileNotFoundError) as exc:
         print(f"extproc up failed: {exc}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from extproc.authz_service import AuthorizationService
 from extproc.extproc_service import ExternalProcessorService
 from extproc.gateway import Gateway
 from extproc.settings import Settings
+from extproc.store import MemoryStore
 
 __all__ = ["grpc_receive_limit", "run", "serve"]
 
@@ -45,6 +46,14 @@ def grpc_receive_limit(settings: Settings) -> int:
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; SIGHUP reloads the policy."""
     gateway = Gateway.from_settings(settings)
+    if isinstance(gateway.store, MemoryStore):
+        journal = gateway.store.journal_path
+        if journal is None:
+            log.warning(
+                "spend journal off (EXTPROC_SPEND_JOURNAL empty): spend dies with this process"
+            )
+        else:
+            log.info("spend journal %s (settled spend survives restarts)", journal)
     stop = stop or asyncio.Event()
     server = grpc.aio.server(
         options=[

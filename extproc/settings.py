@@ -13,10 +13,16 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["DEFAULT_POLICY", "Settings"]
+__all__ = ["DEFAULT_POLICY", "Settings", "state_home"]
 
 #: The example policy shipped with the package; `extproc up` runs on it.
 DEFAULT_POLICY = Path(__file__).parent / "data" / "example-policy.yaml"
+
+
+def state_home() -> Path:
+    """Where extproc keeps state between runs, by default: ``~/.local/state/extproc``."""
+    return Path.home() / ".local" / "state" / "extproc"
+
 
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 
@@ -73,8 +79,8 @@ class Settings(BaseSettings):
     #: a process that dies mid-request cannot hold budget longer than this.
     reservation_ttl_s: float = Field(default=660.0, gt=0)
     #: Spend journal of the embedded store (settled spend survives restarts); empty
-    #: turns it off.
-    spend_journal: str = str(Path.home() / ".local" / "state" / "extproc" / "spend.jsonl")
+    #: turns it off. ``extproc up`` sets it to its own state directory.
+    spend_journal: str = Field(default_factory=lambda: str(state_home() / "spend.jsonl"))
     #: POSTed a JSON event when a soft budget (or ``alert_at`` share) is crossed.
     alert_webhook_url: str = ""
     #: How long a process reuses what it read about a group's deployments (cooldowns,

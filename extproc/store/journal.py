@@ -5,12 +5,18 @@ Lines are buffered and written with ``fsync`` at most a second later, so a crash
 at most about a second of spend; a clean shutdown writes everything, then compacts the
 file to one line per live key. Each line is ``{"k": key, "v": micro-dollars,
 "e": expiry as Unix time or null}``.
+
+Rule: a journal is checked when it is opened (its directory made, the file opened for
+appending) and held by one process at a time (``flock`` on ``<journal>.lock``): an
+unusable path or a second process is a one-line startup error, never lost spend. Two
+processes compacting one journal would each drop what the other settled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,7 +24,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["SpendJournal"]
+__all__ = ["JournalError", "SpendJournal", "check_journal"]
 
 log = logging.getLogger("extproc.store")
 
@@ -26,11 +32,48 @@ log = logging.getLogger("extproc.store")
 FLUSH_INTERVAL_S = 1.0
 
 
+class JournalError(Exception):
+    """The spend journal cannot be used; the message is one line naming the path."""
+
+
+def _claim(path: Path) -> int:
+    """Check that ``path`` can be appended to, and lock it for this process: the lock's
+    file descriptor."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+        fd = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(path) else ""
+        # mkdir(exist_ok=True) of a directory that is a regular file says "File exists"
+        reason = "Not a directory" if isinstance(exc, FileExistsError) else exc.strerror or ""
+        raise JournalError(f"cannot write the spend journal {path}: {reason}{where}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise JournalError(
+            f"the spend journal {path} is in use by another extproc process"
+        ) from None
+    return fd
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def check_journal(path: Path) -> None:
+    """Raise :class:`JournalError` unless a server could open ``path`` now."""
+    os.close(_claim(path))
+
+
 class SpendJournal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._buffer: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._lock: int | None = _claim(path)
 
     def replay(self) -> Iterator[tuple[str, int, float | None]]:
         """(key, amount, expiry as Unix time or None) for every readable line."""
@@ -69,6 +112,12 @@ class SpendJournal:
             handle.writelines(lines)
             handle.flush()
             os.fsync(handle.fileno())
+
+    def close(self) -> None:
+        """Let another process open the journal (after :meth:`compact`)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def compact(self, live: Iterable[tuple[str, int, float | None]]) -> None:
         """Replace the file by one line per live key (atomic rename)."""

@@ -188,6 +188,11 @@ class MemoryStore:
         expiry = self._values[key][1]
         return None if math.isinf(expiry) else time.time() + (expiry - now)
 
+    @property
+    def journal_path(self) -> Path | None:
+        """Where settled spend is journaled (None: nowhere, it dies with the process)."""
+        return self._journal.path if self._journal is not None else None
+
     async def ping(self) -> None:
         return None
 
@@ -381,6 +386,7 @@ class MemoryStore:
                 for key in list(self._values)
                 if key.startswith(SPEND_TAG) and self._live(key, now) is not None
             )
+            self._journal.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
