@@ -103,15 +103,45 @@ class SpendJournal:
             self._timer = loop.call_later(FLUSH_INTERVAL_S, self.flush)
 
     def flush(self) -> None:
+        """Append what was recorded; a failed write keeps it for the next try.
+
+        Rule: settled spend is never dropped, nor counted twice: a batch that fails
+        part-way is cut off the file again before it is retried.
+        """
         self._timer = None
         if not self._buffer:
             return
         lines, self._buffer = self._buffer, []
+        try:
+            self._append("".join(lines).encode())
+        except OSError as exc:
+            self._buffer[:0] = lines
+            log.error(  # noqa: TRY400 - one line, no traceback: the cause is the disk
+                "spend journal %s: write failed, %d lines kept for the next try: %s",
+                self.path,
+                len(self._buffer),
+                exc,
+            )
+            with contextlib.suppress(RuntimeError):  # no loop: the next record retries
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(FLUSH_INTERVAL_S, self.flush)
+
+    def _append(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.writelines(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Let another process open the journal (after :meth:`compact`)."""
@@ -120,11 +150,22 @@ class SpendJournal:
             self._lock = None
 
     def compact(self, live: Iterable[tuple[str, int, float | None]]) -> None:
-        """Replace the file by one line per live key (atomic rename)."""
+        """Replace the file by one line per live key (atomic rename); if that fails,
+        append what is still buffered instead (logged, never raised: shutdown goes on)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        try:
+            self._compact(live)
+        except OSError as exc:
+            log.error(  # noqa: TRY400 - one line, no traceback: the cause is the disk
+                "spend journal %s: compaction failed, appending instead: %s", self.path, exc
+            )
+            self.flush()
+            return
         self._buffer.clear()
+
+    def _compact(self, live: Iterable[tuple[str, int, float | None]]) -> None:
         now = time.time()
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)

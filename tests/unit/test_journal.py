@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,60 @@ def test_ctrl_c_while_a_command_starts_is_a_quiet_exit(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(cli, "_cmd_keys", interrupted)
     assert cli.main(["keys", "new"]) == 130
+
+
+def _total(path: Path) -> int:
+    return sum(int(json.loads(line)["v"]) for line in path.read_text().splitlines())
+
+
+def test_a_failed_write_keeps_the_lines_for_the_next_flush(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    journal = SpendJournal(state / "spend.jsonl")
+    journal.record("{spend}:key:a", 10, None)  # no loop: written at once
+    shutil.move(state, tmp_path / "moved")
+    state.write_text("the directory is gone, a file is in its place")
+    journal.record("{spend}:key:a", 20, None)  # fails: kept
+    journal.record("{spend}:key:a", 30, None)  # fails again: both kept
+    state.unlink()
+    shutil.move(tmp_path / "moved", state)
+    journal.flush()
+    assert _total(state / "spend.jsonl") == 60  # nothing lost, nothing twice
+    journal.close()
+
+
+def test_a_batch_that_fails_part_way_is_not_counted_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "spend.jsonl"
+    journal = SpendJournal(path)
+    journal.record("{spend}:key:a", 5, None)
+    real_fsync = os.fsync
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def flaky_fsync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", flaky_fsync)
+    journal.record("{spend}:key:a", 7, None)  # written, then fsync fails: cut off again
+    assert _total(path) == 5
+    journal.flush()
+    assert _total(path) == 12
+    journal.close()
+
+
+async def test_a_failed_compaction_appends_instead_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "spend.jsonl"
+    store = MemoryStore(journal=path)
+    await store.reserve("r1", ["{spend}:key:a"], limits=[None], amount=1, ttls_s=[None], hold_s=9)
+    await store.settle("r1", ["{spend}:key:a"], 4, [None])
+    (tmp_path / "spend.jsonl.tmp").mkdir()  # the compaction's temporary file cannot be made
+    await store.close()
+    assert "compaction failed" in caplog.text
+    assert _total(path) == 4
+    reopened = MemoryStore(journal=path)
+    assert await reopened.get_many(["{spend}:key:a"]) == [4]
+    await reopened.close()
