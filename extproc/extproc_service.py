@@ -208,6 +208,16 @@ class _Stream:
             reply.response_headers.response.header_mutation.remove_headers.append(SERVED_BY_HEADER)
             if served != charge.deployment and self._policy.deployment(served) is not None:
                 charge = self.charge = dataclasses.replace(charge, served=served)
+        if status.startswith("2"):
+            # Rule: the meter exists before the first await, so a stream reset from here
+            # on is billed for what the upstream answered, never handed back.
+            self.meter = ResponseMeter(
+                charge,
+                content_type=headers.get("content-type", ""),
+                encoding=headers.get("content-encoding", ""),
+                content_length=headers.get("content-length", ""),
+            )
+        if served is not None:
             await self._gateway.first_token(charge, self._policy)
         elif failover:
             pass  # Envoy's own reply after failed attempts: each was counted already
@@ -224,13 +234,7 @@ class _Stream:
                 self.error_status = int(status)
                 reply.mode_override.response_body_mode = _BUFFERED
             return reply
-        self.meter = ResponseMeter(
-            charge,
-            content_type=headers.get("content-type", ""),
-            encoding=headers.get("content-encoding", ""),
-            content_length=headers.get("content-length", ""),
-        )
-        if msg.end_of_stream:
+        if msg.end_of_stream or self.meter is None:
             return reply
         reply.mode_override.response_body_mode = _STREAMED
         if self.meter.rewrites:
@@ -242,13 +246,15 @@ class _Stream:
         meter = self.meter
         reply = pb.ProcessingResponse(response_body=pb.BodyResponse())
         if self.error_status is not None:
-            normalized = normalize_error(self.error_status, msg.body)
-            if normalized is not None:
-                self._gateway.metrics.upstream_errors_normalized.inc()
-            redacted = self._policy.redactor.bytes(normalized or msg.body)
+            # Rule: redact first: normalizing cuts long messages, which could leave part
+            # of an echoed key that no longer matches whole.
+            redacted = self._policy.redactor.bytes(msg.body)
             if redacted is not None:
                 self._gateway.metrics.credentials_redacted.labels("body").inc()
-                normalized = redacted
+            normalized = normalize_error(self.error_status, redacted or msg.body)
+            if normalized is not None:
+                self._gateway.metrics.upstream_errors_normalized.inc()
+            normalized = normalized or redacted
             if normalized is not None:
                 common = reply.response_body.response
                 common.body_mutation.body = normalized

@@ -376,19 +376,25 @@ class Gateway:
 
     async def settle_metered(
         self, charge: Charge, meter: ResponseMeter, policy: CompiledPolicy | None = None
-    ) -> int:
-        """:meth:`settle` with what the response meter read (see its billing rule)."""
-        return await self.settle(
-            charge, meter.billable(charge), policy, reported=meter.usage() is not None
-        )
+    ) -> None:
+        """:meth:`settle` with what the response meter read (see its billing rule).
+
+        Rule: the settlement runs in a task of its own and is only waited for, so a
+        stream that Envoy resets meanwhile (the caller has let go of the charge) cannot
+        cancel it: the charge is never lost, and never settled twice."""
+        await asyncio.shield(self._spawn(self._settle_metered(charge, meter, policy)))
 
     def settle_soon(self, charge: Charge, meter: ResponseMeter) -> None:
         """:meth:`settle_metered` from code that cannot await (a stream the client
         left, maybe after its last byte)."""
-        self._spawn(self._settle_quietly(charge, meter))
+        self._spawn(self._settle_metered(charge, meter, None))
 
-    async def _settle_quietly(self, charge: Charge, meter: ResponseMeter) -> None:
-        await self.settle_metered(charge, meter)
+    async def _settle_metered(
+        self, charge: Charge, meter: ResponseMeter, policy: CompiledPolicy | None
+    ) -> None:
+        await self.settle(
+            charge, meter.billable(charge), policy, reported=meter.usage() is not None
+        )
 
     def cancel_soon(self, charge: Charge) -> None:
         """:meth:`cancel` from code that cannot await (a closing stream)."""
@@ -418,10 +424,11 @@ class Gateway:
         """Run store work in a task of its own (from code that cannot await)."""
         self._spawn(work)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def count_iteration(self, cap: SessionCap | None) -> IterationCount | None:
         """Count this call of a capped session (one store round trip) and compare.

@@ -6,6 +6,8 @@ Adapter-neutral: fed body pieces by the ext_proc response phases today.
 
 from __future__ import annotations
 
+import dataclasses
+
 from envoy.config.core.v3 import base_pb2
 
 from extproc.accounting import Charge
@@ -110,23 +112,31 @@ class ResponseMeter:
 
     @property
     def complete(self) -> bool:
-        """The whole response has passed (see the class's rule)."""
+        """The whole response has passed (see the class's rule); a JSON body without
+        ``content-length`` counts once what arrived is a whole JSON document."""
+        if not self._complete and not self._sse and self._reader.is_whole_json():
+            self._complete = True
         return self._complete
 
     def usage(self) -> Usage | None:
         """The usage the response reported (None when it reported none)."""
-        return self._reader.finish() if self._complete else self._reader.usage
+        return self._reader.finish() if self.complete else self._reader.usage
 
     def billable(self, charge: Charge) -> Usage | None:
-        """The usage to charge, complete or not: what the provider reported; for a
-        stream that reported none (or stopped before it did), the prompt estimate plus
-        one output token per streamed event (the provider bills what it generated);
-        None (charged the reservation's estimate) for a JSON body without usage or one
-        the client left before its end."""
+        """The usage to charge, complete or not.
+
+        Complete: what the provider reported; a stream that reported none, the prompt
+        estimate plus one output token per streamed event; a JSON body without usage,
+        None (the reservation's estimate). Left before the end: a JSON body, the
+        estimate; a stream pays for what was streamed, at least one output token per
+        event whatever the usage so far says (Anthropic's ``message_start`` reports
+        one output token before any text)."""
         usage = self.usage()
-        if usage is not None and (self._complete or usage.output_tokens):
+        if self.complete and (usage is not None or not self._sse):
             return usage
         if not self._sse:
             return None
-        output = min(self._events, charge.max_output_tokens or self._events)
-        return Usage(input_tokens=charge.prompt_tokens, output_tokens=output)
+        streamed = min(self._events, charge.max_output_tokens or self._events)
+        if usage is None:
+            return Usage(input_tokens=charge.prompt_tokens, output_tokens=streamed)
+        return dataclasses.replace(usage, output_tokens=max(usage.output_tokens, streamed))

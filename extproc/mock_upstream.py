@@ -466,6 +466,12 @@ async def _echo_key(
         resp: web.StreamResponse = _openai_error(
             500, f'upstream rejected key {key} ("{key}")', "server_error", "echo"
         )
+    elif how == "long-400":
+        # normalized to context_length_exceeded, whose message is cut at 2,000 chars:
+        # the key straddles the cut
+        filler = "x" * (1996 - len("maximum context length exceeded "))
+        message = f"maximum context length exceeded {filler}{key}"
+        resp = _openai_error(400, message, "invalid_request_error", "echo")
     else:
         resp = await handler(request, body)
     if not resp.prepared:

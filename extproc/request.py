@@ -239,6 +239,14 @@ def parse_request(
             f"The request body names '{name}' more than once (escaped spellings count).",
             param=name,
         )
+    for name, _, _ in parsed.members:
+        # Rule: some upstream parsers (Go's encoding/json) match member names without
+        # regard to case, so "MODEL" could be what they serve.
+        if name not in POLICY_MEMBERS and name.lower() in POLICY_MEMBERS:
+            raise InvalidJSONError(
+                f"The request body names '{name[:64]}': spell '{name.lower()}' in lower case.",
+                param=name.lower(),
+            )
     if "model" not in body or body["model"] is None:
         raise MissingParameterError("You must provide a model parameter.", param="model")
     model = body["model"]

@@ -6,13 +6,17 @@ request, wherever the API lets a request put one:
 * OpenAI-style tool lists (chat completions, completions, the Responses API): a
   function tool by its function's name (``function.name``, or ``name`` in the
   Responses shape; both when both are given), a custom tool by its name, an MCP tool
-  by its ``server_label``, a ``namespace`` container by its member tools (never by
-  its own name), any other tool by its ``type`` (built-in tools such as
-  ``web_search_preview``, ``file_search``, ``code_interpreter``);
-* chat completions' legacy ``functions`` (by ``name``);
+  by its ``server_label`` and, when it names them, its ``server_url`` and
+  ``connector_id`` (a label is only what the client calls the server), a
+  ``namespace`` container by its member tools (never by its own name), any other
+  tool by its ``type`` (built-in tools such as ``web_search_preview``,
+  ``file_search``, ``code_interpreter``);
+* chat completions' legacy ``functions`` (by ``name``), and ``web_search_options``
+  (the provider's web search) as ``web_search``;
 * Responses ``input`` items of type ``additional_tools`` (their ``tools`` list);
 * Anthropic messages: ``tools`` by ``name`` (server tools too, e.g. ``web_search``),
-  ``mcp_toolset`` tools by ``mcp_server_name``, and ``mcp_servers`` by ``name``.
+  ``mcp_toolset`` tools by ``mcp_server_name``, and ``mcp_servers`` by ``name`` and
+  ``url``.
 
 Rule: a shape we cannot name (a list that is not a list, a tool that is not an
 object, a name that is not a string) is a 400, never a tool that slips past the list.
@@ -77,12 +81,27 @@ def _openai_tool(item: Any, param: str, depth: int) -> list[str]:
             raise _invalid(f"namespaces nest at most {MAX_NAMESPACE_DEPTH} deep", param)
         return _openai_tools(tool.get("tools"), f"{param}.tools", depth + 1)
     if kind == "mcp":
-        return [_string(tool.get("server_label"), f"{param}.server_label")]
+        label = _string(tool.get("server_label"), f"{param}.server_label")
+        return [label, *_mcp_target(tool, ("server_url", "connector_id"), param)]
     if kind is None or kind == "function":
         return _named(tool, "function", param)
     if kind == "custom":
         return _named(tool, "custom", param)
     return [kind]  # a built-in tool, named by its type
+
+
+def _mcp_target(tool: dict[str, Any], fields: tuple[str, ...], param: str) -> list[str]:
+    """Where an MCP server really is (``server_url``, ``connector_id``, ``url``): its
+    label is a name the client picks, so the target must be allowed too."""
+    return [
+        _string(tool[field], f"{param}.{field}") for field in fields if tool.get(field) is not None
+    ]
+
+
+def _web_search_options(value: Any, param: str) -> list[str]:
+    """Chat's ``web_search_options`` turns on the provider's web search: ``web_search``."""
+    _object(value, param)
+    return ["web_search"]
 
 
 def _openai_tools(value: Any, param: str, depth: int = 0) -> list[str]:
@@ -121,16 +140,22 @@ def _anthropic_tools(value: Any, param: str) -> list[str]:
 
 
 def _mcp_servers(value: Any, param: str) -> list[str]:
-    return [
-        _string(_object(server, f"{param}[{i}]").get("name"), f"{param}[{i}].name")
-        for i, server in enumerate(_items(value, param))
-    ]
+    names: list[str] = []
+    for i, item in enumerate(_items(value, param)):
+        server = _object(item, f"{param}[{i}]")
+        names.append(_string(server.get("name"), f"{param}[{i}].name"))
+        names.extend(_mcp_target(server, ("url",), f"{param}[{i}]"))
+    return names
 
 
 #: Per API: (body member, how to read its tool names).
 _FIELDS: dict[ToolShapes, tuple[tuple[str, Callable[[Any, str], list[str]]], ...]] = {
     "none": (),
-    "chat": (("tools", _openai_tools), ("functions", _functions)),
+    "chat": (
+        ("tools", _openai_tools),
+        ("functions", _functions),
+        ("web_search_options", _web_search_options),
+    ),
     "completions": (("tools", _openai_tools),),
     "responses": (("tools", _openai_tools), ("input", _additional_tools)),
     "anthropic": (("tools", _anthropic_tools), ("mcp_servers", _mcp_servers)),

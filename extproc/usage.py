@@ -29,6 +29,9 @@ Api = Literal["openai", "anthropic"]
 #: kept and the usage object is found in it (usage sits at the end).
 MAX_JSON_BYTES = 16 * 1024 * 1024
 _TAIL_BYTES = 64 * 1024
+#: The most bytes a compressed body is inflated to for reading: past it (a
+#: decompression bomb, or just too big) the body is read no further.
+MAX_INFLATED_BYTES = 64 * 1024 * 1024
 #: The longest SSE event the gateway holds back while splitting a stream.
 MAX_EVENT_BYTES = 1024 * 1024
 
@@ -234,6 +237,7 @@ class ResponseReader:
         "_api",
         "_body",
         "_inflate",
+        "_inflated",
         "_invalid",
         "_size",
         "_sse",
@@ -251,6 +255,7 @@ class ResponseReader:
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":
             self._inflate = zlib.decompressobj()
+        self._inflated = 0
         self._tail_only = False
         self._anthropic_input: Usage | None = None
         self._anthropic_output = 0
@@ -260,11 +265,17 @@ class ResponseReader:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Take the next body piece; returns the complete SSE events it finished."""
+        if self._inflated < 0:
+            return []  # unreadable: see below
         if self._inflate is not None:
-            try:
-                chunk = self._inflate.decompress(chunk)
-            except zlib.error:
-                self._inflate, chunk = None, b""
+            inflated = self._inflate_piece(chunk)
+            if inflated is None:
+                # Corrupt or too big: no usage can be read from it (the estimate, or
+                # what was streamed so far, is charged); the body passes untouched.
+                self._inflated, self._body, self._size = -1, [], 0
+                self.usage = None if self._sse is None else self.usage
+                return []
+            chunk = inflated
         if self._sse is None:
             self._body.append(chunk)
             self._size += len(chunk)
@@ -277,6 +288,18 @@ class ResponseReader:
         for event in events:
             self._event(event)
         return events
+
+    def _inflate_piece(self, chunk: bytes) -> bytes | None:
+        """``chunk`` inflated; None when it is corrupt or the body passes the cap.
+
+        Rule: never more than the cap in memory, however small the input."""
+        assert self._inflate is not None
+        try:
+            out: bytes = self._inflate.decompress(chunk, MAX_INFLATED_BYTES - self._inflated + 1)
+        except zlib.error:
+            return None
+        self._inflated += len(out)
+        return None if self._inflated > MAX_INFLATED_BYTES else out
 
     @property
     def overflowed(self) -> bool:
@@ -294,6 +317,19 @@ class ResponseReader:
         for event in events:
             self._event(event)
         return events
+
+    def is_whole_json(self) -> bool:
+        """Whether a JSON body whose end was not seen is a whole JSON document already
+        (a chunked body, no ``content-length``, that had in fact ended)."""
+        if self._sse is not None or self._tail_only or self._inflated < 0 or not self._body:
+            return False
+        raw = b"".join(self._body)
+        self._body = [raw]
+        try:
+            json.loads(raw)
+        except (ValueError, RecursionError):
+            return False
+        return True
 
     def finish(self) -> Usage | None:
         """The usage once the body has ended (None when the response reported none)."""

@@ -61,3 +61,18 @@ def test_echoed_credentials_are_redacted(request: pytest.FixtureRequest, mode: s
         )
     assert KEY not in str(info.value.body)
     assert KEY not in str(info.value.response.headers)
+
+
+@pytest.mark.parametrize("mode", ["ext_proc", "ext_authz"])
+def test_a_key_cut_by_normalization_is_still_redacted(
+    request: pytest.FixtureRequest, mode: str
+) -> None:
+    # a context-overflow 400 is rewritten to OpenAI's shape, its message cut at 2,000
+    # characters, right through the echoed key: redaction comes first
+    stack: Stack = request.getfixturevalue("stack" if mode == "ext_proc" else "authz_stack")
+    status, _, body = raw_post(stack, "long-400")
+    assert status == 400
+    error = json.loads(body)["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert error["message"].endswith("[RED")  # the replacement, cut with the message
+    assert KEY[:5] not in error["message"]

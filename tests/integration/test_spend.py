@@ -343,6 +343,37 @@ def test_usage_less_stream_costs_the_same_however_it_is_read(stack: Stack, spend
     assert metric(stack, "extproc_usage_missing_total") == missing + 3
 
 
+def test_anthropic_stream_left_before_its_usage_pays_for_its_text(stack: Stack, spend: Any) -> None:
+    """message_start reports one output token; a client that reads every text delta
+    and hangs up before message_delta must not pay for that one token only."""
+    body = json.dumps(
+        {"model": "claude", "max_tokens": 64, "stream": True, "messages": MSGS}
+    ).encode()
+    parts = urllib.parse.urlsplit(stack.url)
+    request = (
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        "x-api-key: sk-spend-ann\r\nanthropic-version: 2023-06-01\r\n"
+        f"x-mock-chunk-delay-ms: 50\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    charged = {}
+    for how in ("eof", "reset"):
+        before, got = spend(), b""
+        with socket.create_connection((parts.hostname, parts.port), timeout=20) as sock:
+            sock.sendall(request)
+            while chunk := sock.recv(65536):
+                got += chunk
+                if how == "reset" and b"content_block_stop" in got:
+                    linger = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                    break
+                if how == "eof" and b"message_stop" in got:
+                    break
+        assert got.count(b"text_delta") == len(_WORDS)  # the whole answer arrived
+        charged[how] = spend() - before
+    # the reset read got the same text: it pays at least as much
+    assert charged["reset"] >= charged["eof"] > 0, charged
+
+
 def test_budget_filter_skips_spent_deployments(stack: Stack, redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     client.delete("{spend}:deployment:dep-cheap:1h", "{spend}:provider:acme:1d")
@@ -536,7 +567,7 @@ def test_soft_budget_alert_from_the_settlement(stack: Stack, redis_url: str) -> 
     """The alert is raised where the call settles (behind ext_authz: the response
     filter, from the budgets the charge carries through Envoy's metadata)."""
     with redis.Redis.from_url(redis_url) as client:
-        for name in client.scan_iter(match=f"alert:soft:key:{hash_key('sk-spend-fay')}*"):
+        for name in client.scan_iter(match=f"{{alert:key:{hash_key('sk-spend-fay')}*"):
             client.delete(name)  # the other path's run raised this window's alert
     alerts = metric(stack, 'extproc_soft_budget_alerts_total{kind="key"}')
     raw = json.dumps({"model": "auto", "messages": MSGS}).encode()

@@ -572,6 +572,18 @@ def test_duplicate_model_with_escaped_first_spelling(policy: CompiledPolicy) -> 
     assert "'model'" in info.value.message
 
 
+@pytest.mark.parametrize("name", ["MODEL", "Stream", "Max_Tokens"])
+def test_other_letter_cases_of_policy_members(policy: CompiledPolicy, name: str) -> None:
+    raw = b'{"model": "auto", "messages": [], "%s": 1}' % name.encode()
+    with pytest.raises(GatewayError) as info:
+        decide(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
+    assert (info.value.status, info.value.code, info.value.param) == (
+        400,
+        "invalid_json",
+        name.lower(),
+    )
+
+
 @pytest.mark.parametrize("member", ["metadata", "litellm_metadata", "stream_options"])
 def test_duplicates_inside_objects_the_policy_reads(policy: CompiledPolicy, member: str) -> None:
     raw = b'{"model": "auto", "%s": {"user_id": "a", "x": 1, "user_id": "b"}}' % member.encode()

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from extproc.gateway import Gateway
+from extproc.metering import ResponseMeter
 from extproc.policy import load_policy
+from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore
 
@@ -33,3 +39,41 @@ def test_reload_swaps_policy_and_keeps_old_on_error(
     assert gateway.policy is current
     assert "model_groups[0].deployments[0].cluster: Field required" in caplog.text
     assert gateway.metrics.policy_reloads.labels("error")._value.get() == 1
+
+
+class _SlowSettle(MemoryStore):
+    """Settlements that take a while, like a store round trip under load."""
+
+    async def settle(self, *args: Any, **kwargs: Any) -> list[int]:
+        await asyncio.sleep(0.05)
+        return await super().settle(*args, **kwargs)
+
+
+async def test_a_settlement_survives_the_stream_being_reset_meanwhile(tmp_path: Path) -> None:
+    """Envoy may reset the stream while the last piece's settlement waits on the
+    store: the adapter has let go of the charge, so the settlement must finish."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "model_groups: [{name: g, deployments: [{id: a, cluster: c, model: m,"
+        " prices: {input_cost_per_token: 0.001}}]}]\n"
+        "general_settings: {max_budget: 100}\n"
+    )
+    store = _SlowSettle()
+    policy = load_policy(path)
+    gateway = Gateway(Settings(policy_path=path), policy, store)
+    raw = json.dumps({"model": "g", "messages": []}).encode()
+    head = RequestHead("POST", "/v1/chat/completions", {})
+    decision = await gateway.route(head, raw, policy)
+    admission = await gateway.admit(decision, policy)
+    assert admission.charge is not None
+    meter = ResponseMeter(admission.charge, content_type="application/json", encoding="")
+    meter.feed(b'{"usage": {"prompt_tokens": 1000, "completion_tokens": 0}}', end=True)
+    task = asyncio.create_task(gateway.settle_metered(admission.charge, meter, policy))
+    await asyncio.sleep(0.01)
+    task.cancel()  # the stream is reset while the settlement is with the store
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await gateway.drain()
+    key = admission.charge.keys[0]
+    assert await store.get_many([key]) == [1_000_000]  # 1000 tokens at $0.001: $1
+    assert gateway.metrics.settlements.labels("settled")._value.get() == 1

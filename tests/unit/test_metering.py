@@ -52,12 +52,27 @@ def test_json_is_complete_once_its_content_length_has_passed() -> None:
     assert meter.billable(CHAT) == Usage(input_tokens=12, output_tokens=3)
 
 
-def test_json_without_length_is_complete_only_at_its_end() -> None:
+def test_json_without_length_is_complete_once_it_is_whole() -> None:
     meter = ResponseMeter(CHAT, content_type="application/json", encoding="")
-    meter.feed(JSON_BODY, end=False)
+    meter.feed(JSON_BODY[:-1], end=False)
     assert not meter.complete
-    meter.feed(b"", end=True)
+    assert meter.billable(CHAT) is None  # cut off: the estimate
+    meter.feed(JSON_BODY[-1:], end=False)  # a chunked body's last byte, no end seen
+    assert meter.complete
     assert meter.billable(CHAT) == Usage(input_tokens=12, output_tokens=3)
+
+
+def test_anthropic_stream_left_after_its_text_pays_for_the_text() -> None:
+    """message_start reports one output token before any text: a client leaving
+    before message_delta still pays a token per streamed event."""
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 9, "output_tokens": 1}}}
+    delta = b'event: content_block_delta\ndata: {"type": "content_block_delta"}\n\n'
+    meter = ResponseMeter(MESSAGES, content_type=SSE, encoding="")
+    feed_all(
+        meter, [b"event: message_start\ndata: " + json.dumps(start).encode() + b"\n\n"], end=False
+    )
+    feed_all(meter, [delta] * 500, end=False)
+    assert meter.billable(MESSAGES) == Usage(input_tokens=9, output_tokens=501)
 
 
 @pytest.mark.parametrize(
@@ -107,8 +122,8 @@ def test_reported_usage_wins_once_complete() -> None:
     ]
     partial = ResponseMeter(MESSAGES, content_type=SSE, encoding="")
     feed_all(partial, events[:2], end=False)
-    # input reported, no output yet: counted from the stream instead
-    assert partial.billable(MESSAGES) == Usage(input_tokens=50, output_tokens=2)
+    # input reported, no output yet: the output is counted from the stream
+    assert partial.billable(MESSAGES) == Usage(input_tokens=9, output_tokens=2)
     whole = ResponseMeter(MESSAGES, content_type=SSE, encoding="")
     feed_all(whole, events, end=False)
     assert whole.complete

@@ -35,6 +35,9 @@ def namespace(*tools: dict[str, Any], name: str = "db") -> dict[str, Any]:
     return {"type": "namespace", "name": name, "tools": list(tools)}
 
 
+MCP_DB = {"type": "mcp", "server_label": "db"}
+
+
 def extra_tools(*tools: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": "hi"}, {"type": "additional_tools", "tools": list(tools)}]
 
@@ -105,18 +108,40 @@ SHAPES: list[tuple[str, str, dict[str, Any], tuple[str, ...], bool]] = [
         False,
     ),
     (
-        "responses mcp by server_label",
+        "responses mcp by server_label and url",
         RESPONSES,
-        {"tools": [{"type": "mcp", "server_label": "db", "server_url": "https://x"}]},
-        ("db",),
+        {"tools": [{"type": "mcp", "server_label": "db", "server_url": "https://mcp.internal/db"}]},
+        ("db", "https://mcp.internal/db"),
         True,
     ),
+    ("responses mcp by server_label alone", RESPONSES, {"tools": [MCP_DB]}, ("db",), True),
     (
         "responses mcp refused",
         RESPONSES,
         {"tools": [{"type": "mcp", "server_label": "files", "server_url": "https://x"}]},
-        ("files",),
+        ("files", "https://x"),
         False,
+    ),
+    (
+        "responses mcp with an allowed label pointing elsewhere",
+        RESPONSES,
+        {"tools": [{**MCP_DB, "server_url": "https://attacker.example/mcp"}]},
+        ("db", "https://attacker.example/mcp"),
+        False,
+    ),
+    (
+        "responses mcp connector under an allowed label",
+        RESPONSES,
+        {"tools": [{**MCP_DB, "connector_id": "connector_gmail"}]},
+        ("db", "connector_gmail"),
+        False,
+    ),
+    (
+        "chat web_search_options",
+        CHAT,
+        {"web_search_options": {"search_context_size": "high"}},
+        ("web_search",),
+        True,
     ),
     (
         "namespace by its members",
@@ -193,8 +218,25 @@ SHAPES: list[tuple[str, str, dict[str, Any], tuple[str, ...], bool]] = [
         "anthropic mcp_servers refused",
         MESSAGES,
         {"mcp_servers": [{"type": "url", "url": "https://x", "name": "files"}], "max_tokens": 5},
-        ("files",),
+        ("files", "https://x"),
         False,
+    ),
+    (
+        "anthropic mcp_servers with an allowed name pointing elsewhere",
+        MESSAGES,
+        {"mcp_servers": [{"type": "url", "url": "https://x", "name": "db"}], "max_tokens": 5},
+        ("db", "https://x"),
+        False,
+    ),
+    (
+        "anthropic mcp_servers by name and url",
+        MESSAGES,
+        {
+            "mcp_servers": [{"type": "url", "url": "https://mcp.internal/db", "name": "db"}],
+            "max_tokens": 5,
+        },
+        ("db", "https://mcp.internal/db"),
+        True,
     ),
     (
         "embeddings take no tools (ignored)",
@@ -280,7 +322,8 @@ def test_allowlist_sees_every_shape(
         call(policy, KEY, _model(path), extra=extra, path=path)
     err = info.value
     assert (err.status, err.code, err.param) == (403, "tool_access_denied", "tools")
-    refused = [n for n in names if n not in {"get_weather", "db", "web_search_preview"}]
+    allowlist = {"get_weather", "db", "web_search_preview", "web_search", "https://mcp.internal/db"}
+    refused = [n for n in names if n not in allowlist]
     assert refused
     assert all(repr(n) in err.message for n in refused)
 
@@ -350,3 +393,13 @@ def test_a_tool_naming_a_key_twice_is_a_400(
     # without an allowlist nothing reads the tools: the body passes untouched
     other = RequestHead("POST", path, {"authorization": "Bearer sk-alice-all"})
     assert decide(other, raw, policy, CONFIG, lambda: 0.1, now=NOW).caller is not None
+
+
+def test_chat_web_search_needs_web_search_allowed(policy: CompiledPolicy) -> None:
+    extra: dict[str, Any] = {"web_search_options": {}}
+    with pytest.raises(GatewayError) as info:
+        call(policy, "sk-liam-tools", "auto", extra=extra, path=CHAT)
+    assert (info.value.status, info.value.code) == (403, "tool_access_denied")
+    with pytest.raises(GatewayError) as bad:
+        call(policy, KEY, "auto", extra={"web_search_options": "high"}, path=CHAT)
+    assert (bad.value.status, bad.value.param) == (400, "web_search_options")

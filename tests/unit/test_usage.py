@@ -137,6 +137,26 @@ def test_gzip_body_is_inflated() -> None:
     )
 
 
+def test_a_decompression_bomb_is_not_inflated_past_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import extproc.usage as usage_module  # noqa: PLC0415
+
+    monkeypatch.setattr(usage_module, "MAX_INFLATED_BYTES", 1 << 20)
+    bomb = gzip.compress(
+        b'{"usage": {"prompt_tokens": 1, "completion_tokens": 1}, "x": "' + b"0" * (8 << 20)
+    )
+    assert len(bomb) < 64 * 1024  # 8 MiB of zeros squeezed small
+    reader = ResponseReader("openai", sse=False, encoding="gzip")
+    for at in range(0, len(bomb), 4096):
+        assert reader.feed(bomb[at : at + 4096]) == []
+    assert not reader.is_whole_json()
+    assert reader.finish() is None  # unreadable: charged the estimate
+    sse = ResponseReader("openai", sse=True, encoding="gzip")
+    assert sse.feed(gzip.compress(b"data: " + b"0" * (4 << 20) + b"\n\n")) == []
+    assert sse.finish() is None
+
+
 @pytest.mark.parametrize(
     "body",
     [
