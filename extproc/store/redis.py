@@ -9,8 +9,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
+    BusyLoadingError,
     ClusterError,
+    MasterDownError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
     RedisError,
@@ -237,8 +240,27 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     ClusterError,  # CLUSTERDOWN, MASTERDOWN, too many redirections
     TryAgainError,
     ReadOnlyError,  # connected to a replica after a failover
+    OutOfMemoryError,  # maxmemory reached with noeviction
+    BusyLoadingError,  # still loading its dataset
+    MasterDownError,
     RedisClusterException,
     OSError,  # includes the builtin TimeoutError
+)
+
+
+#: Error codes of a reachable Redis that cannot serve for now, whatever was asked.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        "OOM",
+        "BUSY",
+        "MISCONF",
+        "NOREPLICAS",
+        "LOADING",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "READONLY",
+    }
 )
 
 
@@ -253,6 +275,10 @@ def _guard(op: str) -> Iterator[None]:
     except _UNAVAILABLE as exc:
         raise StoreUnavailableError(f"redis {op} failed: {type(exc).__name__}") from exc
     except RedisError as exc:
+        if str(exc).split(" ", 1)[0] in _UNAVAILABLE_CODES:
+            # Redis cannot serve right now (out of memory, a long script, a failing
+            # disk or replica): no request causes that, so the fail mode decides.
+            raise StoreUnavailableError(f"redis {op} failed: {str(exc)[:80]}") from exc
         reason = str(exc).split(" script: ", 1)[0][:200]
         raise StoreFaultError(f"redis {op} answered {type(exc).__name__}: {reason}") from exc
     except (ValueError, TypeError, IndexError, KeyError) as exc:

@@ -97,6 +97,22 @@ async def test_redis_down_is_unavailable() -> None:
     await store.close()
 
 
+async def test_a_redis_out_of_memory_is_unavailable_not_a_fault(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    # no request can cause it: the fail mode decides, as for a Redis that is down
+    store = open_store(redis_url)
+    await redis_client.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(StoreUnavailableError, match="OutOfMemory"):
+            await store.reserve("o" * 32, [A], limits=[None], amount=1, ttls_s=[None], hold_s=1)
+        with pytest.raises(StoreUnavailableError, match="OutOfMemory"):
+            await store.incr_window("t:oom", 1, 10)
+    finally:
+        await redis_client.config_set("maxmemory", "0")
+        await store.close()
+
+
 async def test_wrong_type_budget_key_changes_nothing(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
@@ -288,3 +304,23 @@ async def test_wrong_type_key_in_redis_refuses_through_the_gateway(
     finally:
         await redis_client.delete(key)
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("message", "unavailable"),
+    [
+        ("BUSY Redis is busy running a script. You can only call SCRIPT KILL", True),
+        ("MISCONF Redis is configured to save RDB snapshots, but it's unable to", True),
+        ("NOREPLICAS Not enough good replicas to write.", True),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+        ("ERR Error running script (call to f_x): user_script:1: bad", False),
+    ],
+)
+def test_which_redis_answers_mean_it_cannot_serve(message: str, unavailable: bool) -> None:
+    from redis.exceptions import ResponseError  # noqa: PLC0415
+
+    from extproc.store.redis import _guard  # noqa: PLC0415
+
+    kind = StoreUnavailableError if unavailable else StoreFaultError
+    with pytest.raises(kind), _guard("reserve"):
+        raise ResponseError(message)
