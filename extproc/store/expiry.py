@@ -56,6 +56,17 @@ class ExpiryIndex:
         heapq.heappush(self._heap, (expiry, kind, key))
         return True
 
+    def unschedule(self, kind: int, key: str) -> None:
+        """``key`` is gone before its due time (a settled reservation): forget it, and
+        rebuild the heap once most of it is such leftovers, so what is gone early does
+        not stay in memory until it would have been due."""
+        if self._due[kind].pop(key, None) is None:
+            return
+        live = sum(len(d) for d in self._due)
+        if len(self._heap) > 1024 and len(self._heap) > 2 * live:
+            self._heap = [e for e in self._heap if self._due[e[1]].get(e[2]) == e[0]]
+            heapq.heapify(self._heap)
+
     def pop_due(self, now: float, limit: int) -> tuple[list[tuple[int, str]], bool]:
         """Up to ``limit`` heap entries due at ``now``: ((kind, key) of each live one,
         whether more are due). A popped key is unscheduled: the caller evicts it or

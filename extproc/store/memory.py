@@ -343,6 +343,7 @@ class MemoryStore:
         res = self._reservations.pop(rid, None)
         if res is None:
             return False
+        self._expiry.unschedule(_RESERVATION, rid)
         self._forget_holds(res)
         for key in res.keys:
             if self._held(res, key, now):
@@ -358,6 +359,7 @@ class MemoryStore:
         res = self._reservations.pop(rid, None)
         held = res.amount if res is not None else 0
         if res is not None:
+            self._expiry.unschedule(_RESERVATION, rid)
             self._forget_holds(res)
         for key, ttl in zip(keys, ttls_s, strict=True):
             if self._held(res, key, now):
@@ -377,12 +379,10 @@ class MemoryStore:
     async def close(self) -> None:
         if self._journal is not None:
             now = self._clock()
-            held: dict[str, int] = {}
-            for res in self._reservations.values():
-                for key in res.keys:
-                    held[key] = held.get(key, 0) + res.amount
+            # Rule: only holds of a key's current window are in its value (a window
+            # that rolled over since a hold was taken never held it).
             self._journal.compact(
-                (key, self._values[key][0] - held.get(key, 0), self._wall_expiry(key, now))
+                (key, self._settled(key, now), self._wall_expiry(key, now))
                 for key in list(self._values)
                 if key.startswith(SPEND_TAG) and self._live(key, now) is not None
             )

@@ -200,3 +200,37 @@ async def test_metrics_gauge_counts_entries() -> None:
     assert 'extproc_memory_store_entries{store="embedded"} 1.0' in text
     assert 'extproc_memory_store_entries{store="session_fallback"} 0.0' in text
     await gateway.close()
+
+
+async def test_settled_reservations_leave_nothing_in_the_expiry_index() -> None:
+    """A settled or cancelled reservation is unscheduled: the index does not keep it
+    for the rest of its hold (660 s of every call, otherwise)."""
+    store = MemoryStore()
+    key = "{spend}:key:abc"
+    for i in range(5000):
+        rid = f"{i:032x}"
+        await store.reserve(rid, [key], limits=[None], amount=5, ttls_s=[None], hold_s=660)
+        if i % 2:
+            await store.settle(rid, [key], 5, [None])
+        else:
+            await store.cancel(rid)
+    assert store.entry_count() == 1  # the budget key
+    assert len(store._expiry) <= 1024  # rebuilt once leftovers dominate
+    await store.close()
+
+
+async def test_compaction_keeps_spend_of_a_window_that_rolled_over(tmp_path: Path) -> None:
+    now = [1000.0]
+    journal = tmp_path / "spend.jsonl"
+    store = MemoryStore(clock=lambda: now[0], journal=journal)
+    key = "{spend}:key:abc:1h"
+    assert (
+        await store.reserve("r1", [key], limits=[None], amount=500, ttls_s=[3600], hold_s=7200)
+    )[0] is None
+    now[0] += 3601  # window 1 rolls over while r1 is still open
+    await store.reserve("r2", [key], limits=[None], amount=100, ttls_s=[3600], hold_s=7200)
+    assert await store.settle("r2", [key], 100, [3600]) == [100]
+    await store.close()  # compaction: r1's hold belongs to the old window
+    again = MemoryStore(clock=lambda: now[0], journal=journal)
+    assert await again.get_many([key]) == [100]
+    await again.close()
