@@ -115,6 +115,8 @@ class RouteDecision:
     max_output_tokens: int = 0
     #: The most tokens of one kind the response's usage may report (clamped there).
     usage_cap: int = 0
+    #: The deployments a failover may reach (their prices bound the hold).
+    attempts: tuple[CompiledDeployment, ...] = ()
     #: The gateway added ``stream_options.include_usage``: the client did not ask for
     #: the usage chunk, so it is taken out of the stream it gets.
     asks_usage: bool = False
@@ -274,13 +276,15 @@ def route_to(
     *,
     inject_usage: bool = True,
     failover: FailoverRoute | None = None,
+    attempts: tuple[CompiledDeployment, ...] = (),
 ) -> RouteDecision:
     """The changes that send ``prepared`` to ``deployment`` (through its composite
     cluster when it can fail over: Envoy retries other deployments in the same call).
 
     ``inject_usage``: for a streamed chat/completions call that does not ask for
     usage, ask for it upstream (``stream_options.include_usage``); off where the body
-    cannot be rewritten.
+    cannot be rewritten. ``attempts``: the deployments a failover may reach; the
+    estimate and the usage bound cover the largest of them.
     """
     request, raw_body, group = prepared.request, prepared.raw, prepared.group
     endpoint = request.endpoint
@@ -319,13 +323,16 @@ def route_to(
         # only the server names the chosen deployment to the attempt filter
         remove += (DEPLOYMENT_HEADER,)
     caller = prepared.caller
-    estimate = estimate_call(
-        prepared.ask,
-        raw_body,
-        default_max_tokens=config.default_max_tokens,
-        max_output_tokens=deployment.max_output_tokens,
-        context_window=deployment.context_window,
-    )
+    estimates = [
+        estimate_call(
+            prepared.ask,
+            raw_body,
+            default_max_tokens=config.default_max_tokens,
+            max_output_tokens=dep.max_output_tokens,
+            context_window=dep.context_window,
+        )
+        for dep in (deployment, *attempts)
+    ]
     return RouteDecision(
         request=request,
         caller=caller,
@@ -336,10 +343,11 @@ def route_to(
         body=body,
         iterations=session_cap(caller, request.session_id, group.max_iterations),
         group=group,
-        prompt_tokens=estimate.prompt_tokens,
-        max_output_tokens=estimate.output_tokens,
-        usage_cap=estimate.usage_cap,
+        prompt_tokens=max(e.prompt_tokens for e in estimates),
+        max_output_tokens=max(e.output_tokens for e in estimates),
+        usage_cap=max(e.usage_cap for e in estimates),
         asks_usage=asks_usage,
+        attempts=attempts,
     )
 
 

@@ -35,7 +35,7 @@ from extproc.parallel import (
     Lease,
     check_parallel,
 )
-from extproc.policy import CompiledPolicy, PolicyError, load_policy
+from extproc.policy import CompiledDeployment, CompiledPolicy, PolicyError, load_policy
 from extproc.pricing import cost_micros
 from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.request import RequestHead
@@ -170,12 +170,17 @@ class Gateway:
         if failover is not None and not _fits_every_attempt(failover, policy, prepared):
             # a retry could land on a deployment too small for this call: no failover
             failover = None
+        attempts: tuple[CompiledDeployment, ...] = ()
+        if failover is not None:
+            found = (policy.deployment(dep_id) for dep_id, _ in failover.attempts)
+            attempts = tuple(d for d in found if d is not None)
         return route_to(
             prepared,
             deployment,
             self.config,
             inject_usage=inject_usage,
             failover=failover,
+            attempts=attempts,
         )
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
@@ -234,12 +239,12 @@ class Gateway:
         refs = decision.budgets
         if decision.group is not None and not decision.group.zero_cost:
             refs += deployment_budgets(dep, policy, now)
-        estimate = 0
-        if dep.prices is not None:
-            guess = Usage(
-                input_tokens=decision.prompt_tokens, output_tokens=decision.max_output_tokens
-            )
-            estimate = cost_micros(dep.prices, guess)
+        guess = Usage(input_tokens=decision.prompt_tokens, output_tokens=decision.max_output_tokens)
+        # Rule: a call that may fail over is held at the dearest deployment it may reach.
+        estimate = max(
+            (cost_micros(d.prices, guess) for d in (dep, *decision.attempts) if d.prices),
+            default=0,
+        )
         key = decision.caller.key if decision.caller is not None else None
         share = policy.general.budget_alert_at
         charge = Charge.new(

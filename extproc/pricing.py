@@ -162,6 +162,9 @@ class OutputAsk:
     token_ids: int = 0
     #: Whether the endpoint produces output tokens at all (embeddings do not).
     output: bool = True
+    #: The provider adds input the body does not hold (a stored conversation, files
+    #: by id or URL): the prompt is reserved at the whole context window.
+    remote_input: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +196,11 @@ def estimate_call(
     per_choice_max = max_output_tokens or MAX_OUTPUT_TOKENS_BOUND
     per_choice = min(ask.max_tokens or default_max_tokens, per_choice_max) if ask.output else 0
     output = per_choice * ask.choices * ask.batch
-    prompt = max(estimate_prompt_tokens(raw_body), ask.token_ids)
-    most_output = per_choice_max * ask.choices if ask.output else 0
     window = context_window or CONTEXT_WINDOW_BOUND
+    prompt = max(estimate_prompt_tokens(raw_body), ask.token_ids)
+    if ask.output and (ask.remote_input or _names_remote_input(raw_body)):
+        prompt = max(prompt, window)
+    most_output = per_choice_max * ask.choices if ask.output else 0
     cap = max(ask.batch * (window + most_output), prompt + output)
     return Estimate(prompt_tokens=prompt, output_tokens=output, usage_cap=cap)
 
@@ -254,4 +259,28 @@ def requested_output(endpoint: str, body: dict[str, Any]) -> OutputAsk:
         batch=batch,
         token_ids=ids,
         output=endpoint != "embeddings",
+        remote_input=_remote_input(endpoint, body),
+    )
+
+
+#: Members that make a provider bill input the body does not hold: Responses'
+#: stored conversation state.
+_REMOTE_MEMBERS = ("previous_response_id", "conversation")
+
+
+def _remote_input(endpoint: str, body: dict[str, Any]) -> bool:
+    return endpoint != "embeddings" and any(body.get(name) is not None for name in _REMOTE_MEMBERS)
+
+
+#: Body bytes that mean the provider adds input the body does not hold: files by id
+#: or URL, results of server-side tools (web search, file search, MCP) fed back as
+#: input. A substring test: a match inside the user's own text is escaped (``\"``),
+#: so it can only err towards reserving more.
+_REMOTE_PARTS = (b'"file_id"', b'"file_url"', b'"web_search', b'"file_search"', b'"mcp"')
+_REMOTE_PAIRS = ((b'"document"', b'"url"'),)  # a document by URL (Anthropic)
+
+
+def _names_remote_input(raw_body: bytes) -> bool:
+    return any(part in raw_body for part in _REMOTE_PARTS) or any(
+        a in raw_body and b in raw_body for a, b in _REMOTE_PAIRS
     )
