@@ -41,8 +41,16 @@ class Alerter:
     async def crossed(self, ref: BudgetRef, spent_micros: int, kind: Kind) -> None:
         """Report ``ref`` crossed, unless this window already did (across processes)."""
         ttl = ref.window_s or DEFAULT_WINDOW_S
+        key = alert_key(ref, kind)
         try:
-            first = await self._store.incr(alert_key(ref, kind), 1, ttl) == 1
+            first = await self._store.incr(key, 1, ttl) == 1
+            if first and ref.duration is not None and ref.period is None:
+                # Rule: a rolling window (tag, provider, deployment budgets) started at
+                # its first spend, so its alert lives exactly as long as its spend key:
+                # the next window alerts again.
+                ((_, left),) = await self._store.get_many_with_ttl([ref.store_key])
+                if left is not None and left > 0:
+                    await self._store.set_flag(key, left)
         except StoreError:
             return  # an alert is never worth failing a request
         if not first:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,8 +13,13 @@ from aiohttp.test_utils import TestServer
 
 from extproc.alerts import Alerter
 from extproc.budgets import BudgetRef
+from extproc.gateway import Gateway
 from extproc.metrics import Metrics
+from extproc.policy import load_policy
+from extproc.request import RequestHead
+from extproc.settings import Settings
 from extproc.store import MemoryStore
+from extproc.usage import Usage
 from tests.helpers import free_port
 
 REF = BudgetRef("team", "t1", "team t1", Decimal(10), soft=Decimal(5))
@@ -57,3 +64,42 @@ async def test_webhook_down_is_logged_never_raised(caplog: pytest.LogCaptureFixt
     assert metrics.alert_webhooks.labels("failed")._value.get() == 1
     assert "alert webhook failed after 3 attempts" in caplog.text
     assert "budget threshold crossed for team t1" in caplog.text
+
+
+ROLLING = """
+model_groups:
+  - name: g
+    deployments:
+      - {id: a, cluster: ca, model: m, prices: {input_cost_per_token: 0.001}}
+tags:
+  - {name: mk, max_budget: 1, budget_duration: 1h}
+general_settings: {budget_alert_at: 0.5}
+"""
+
+
+async def test_rolling_window_alert_fires_in_each_window(tmp_path: Path) -> None:
+    """A tag budget's window starts at its first spend: its alert ends with it."""
+    path = tmp_path / "p.yaml"
+    path.write_text(ROLLING)
+    policy = load_policy(path)
+    t = [0.0]
+    store = MemoryStore(clock=lambda: t[0])
+    gw = Gateway(Settings(policy_path=path), policy, store)
+
+    async def call(tokens: int) -> None:
+        body = {"model": "g", "max_tokens": 1, "metadata": {"tags": ["mk"]}, "messages": []}
+        head = RequestHead("POST", "/v1/chat/completions", {})
+        decision = await gw.route(head, json.dumps(body).encode(), policy)
+        admission = await gw.admit(decision, policy)
+        assert admission.charge is not None
+        await gw.settle(admission.charge, Usage(input_tokens=tokens), policy)
+        await gw.drain()
+
+    alerts = gw.metrics.soft_budget_alerts.labels("tag")
+    await call(100)  # t=0: window 1 starts, $0.10
+    t[0] = 3000.0
+    await call(500)  # $0.60 settled: alert
+    assert alerts._value.get() == 1
+    t[0] = 3601.0  # window 1 is over (its key expired); window 2 starts
+    await call(600)  # $0.60 in window 2: should alert again
+    assert alerts._value.get() == 2  # window 2 crossed its share: a second alert
