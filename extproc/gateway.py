@@ -471,7 +471,7 @@ class Gateway:
             return None
         lease = Lease.new(key)
         try:
-            acquired, in_flight = await self.store.acquire_lease(
+            acquired, in_flight, _ = await self.store.acquire_lease(
                 lease.store_key, lease.member, key.max_parallel_requests, self.settings.lease_ttl_s
             )
         except StoreError as exc:

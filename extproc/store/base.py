@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
 from extproc.store.keys import SPEND, store_key
 
 __all__ = [
+    "HEARTBEATS",
     "HELD_PREFIX",
     "INT64_MAX",
     "MAX_AMOUNT_MICROS",
+    "OWNER_CHARS",
+    "OWNER_ID",
     "RESV_EXPIRY",
     "RESV_HASH",
     "SPEND_TAG",
@@ -20,7 +24,10 @@ __all__ = [
     "StoreUnavailableError",
     "check_amount",
     "check_int64",
+    "check_owner",
+    "lease_owner",
     "limit_arg",
+    "resv_owner_key",
 ]
 
 #: Every budget key carries this hash tag: a reservation touches all of a request's
@@ -32,6 +39,14 @@ RESV_EXPIRY = store_key(SPEND, "reservations", "expiry")
 #: derive it): ``#`` never follows a tag in a key :func:`store_key` builds, so no key
 #: can alias it, and the prefix's own tag keeps it in the budget's slot.
 HELD_PREFIX = f"{SPEND_TAG}#held|"
+#: Every server process's heartbeat: a sorted set of process ids scored by when their
+#: heartbeat runs out. One key, so a peer learns which processes died without knowing
+#: their ids beforehand (one slot on Redis Cluster, apart from what they owned).
+HEARTBEATS = store_key(("proc",), "heartbeats")
+#: A process id: random per process start (never a pid, which a restart reuses), this
+#: many lowercase hex digits.
+OWNER_CHARS = 16
+OWNER_ID = re.compile(f"[0-9a-f]{{{OWNER_CHARS}}}")
 
 
 #: The largest amount one reservation or settlement moves: $1,000,000 in micro-dollars.
@@ -73,6 +88,24 @@ def check_amount(value: int, what: str = "amount") -> int:
     return value
 
 
+def check_owner(owner: str) -> str:
+    """A process id (:data:`OWNER_ID`), else a :class:`StoreFaultError`."""
+    if not isinstance(owner, str) or not OWNER_ID.fullmatch(owner):
+        raise StoreFaultError(f"not a process id: {str(owner)[:32]!r}")
+    return owner
+
+
+def lease_owner(member: str) -> str:
+    """The process that took a lease. Rule: a lease member starts with its owner's id,
+    so whoever releases it (any process, from Envoy's log) needs nothing else."""
+    return member[:OWNER_CHARS]
+
+
+def resv_owner_key(owner: str) -> str:
+    """The set of a process's open reservation ids (the ``{spend}`` slot, beside them)."""
+    return store_key(SPEND, "reservations", "owner", check_owner(owner))
+
+
 def limit_arg(limit: int | None) -> int:
     """A budget limit as a script argument: -1 for none, at most ``_LIMIT_CEILING``."""
     if limit is None:
@@ -109,12 +142,20 @@ class Store(Protocol):
         ...
 
     async def acquire_lease(
-        self, key: str, member: str, limit: int, ttl_s: float
-    ) -> tuple[bool, int]:
+        self,
+        key: str,
+        member: str,
+        limit: int,
+        ttl_s: float,
+        *,
+        dead_owners: Sequence[str] = (),
+    ) -> tuple[bool, int, int]:
         """Add ``member`` to the lease set ``key`` unless it holds ``limit`` live leases.
 
-        Returns (acquired, leases now live). Rule: a lease expires ``ttl_s`` after it
-        was taken, so a process that dies holding one cannot keep the slot forever.
+        When the set is full, the leases of ``dead_owners`` (see :func:`lease_owner`)
+        are dropped first, in the same atomic step. Returns (acquired, leases now live,
+        leases of dead owners dropped). Rule: a lease expires ``ttl_s`` after it was
+        taken in any case, the last resort for a process no peer saw die.
         """
         ...
 
@@ -131,8 +172,12 @@ class Store(Protocol):
         amount: int,
         ttls_s: Sequence[float | None],
         hold_s: float,
+        owner: str | None = None,
     ) -> tuple[int | None, list[int]]:
         """Reserve ``amount`` against every budget key, atomically, or none of them.
+
+        ``owner``: the process id the hold is filed under, so :meth:`reap_holds` can
+        give it back when that process dies.
 
         ``amount`` is at most :data:`MAX_AMOUNT_MICROS` (else a
         :class:`StoreFaultError`, nothing sent); a limit above 2**53 - 1 is that ($9 billion).
@@ -155,6 +200,17 @@ class Store(Protocol):
 
     async def cancel(self, rid: str) -> None:
         """Give reservation ``rid`` back (no-op when settled or expired)."""
+        ...
+
+    async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
+        """Mark process ``owner`` alive for ``ttl_s``; returns the processes whose
+        heartbeat has run out (in the last ``keep_s``; older ones are forgotten)."""
+        ...
+
+    async def reap_holds(self, owner: str) -> int:
+        """Give back every open reservation of process ``owner`` exactly as
+        :meth:`cancel` would; returns how many. Rule: idempotent, and safe while other
+        processes reap the same owner (each hold is given back once)."""
         ...
 
     async def get_many_with_ttl(self, keys: Sequence[str]) -> list[tuple[int | None, float | None]]:

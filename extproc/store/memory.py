@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from extproc.store.base import SPEND_TAG, check_amount, check_int64, limit_arg
+from extproc.store.base import (
+    SPEND_TAG,
+    check_amount,
+    check_int64,
+    check_owner,
+    lease_owner,
+    limit_arg,
+)
 from extproc.store.expiry import ExpiryIndex, shrunk
 from extproc.store.journal import SpendJournal
 
@@ -38,6 +45,8 @@ class _Reservation:
     expiry: float
     #: Each key's expiry when reserved: the identity of the window the hold is in.
     windows: tuple[float, ...] = ()
+    #: The process that took it (None: nobody reaps it, it only expires).
+    owner: str | None = None
 
 
 class MemoryStore:
@@ -63,6 +72,8 @@ class MemoryStore:
         #: (key, window) → the sum of the open holds taken in that window of the key.
         self._holds: dict[tuple[str, float], int] = {}
         self._lists: dict[str, tuple[list[float], float]] = {}
+        #: Process id → when its heartbeat runs out (one process here: the contract).
+        self._beats: dict[str, float] = {}
         self._expiry = ExpiryIndex(4)
         self._sweep_interval_s = sweep_interval_s
         self._sweep_batch = sweep_batch
@@ -220,17 +231,29 @@ class MemoryStore:
         return out
 
     async def acquire_lease(
-        self, key: str, member: str, limit: int, ttl_s: float
-    ) -> tuple[bool, int]:
+        self,
+        key: str,
+        member: str,
+        limit: int,
+        ttl_s: float,
+        *,
+        dead_owners: Sequence[str] = (),
+    ) -> tuple[bool, int, int]:
         now = self._clock()
         leases = self._leases.setdefault(key, {})
         for name in [m for m, expiry in leases.items() if expiry <= now]:
             del leases[name]
+        reaped = 0
+        if len(leases) >= limit and dead_owners:
+            dead = set(dead_owners)
+            for name in [m for m in leases if lease_owner(m) in dead]:
+                del leases[name]
+                reaped += 1
         if len(leases) >= limit:
-            return False, len(leases)
+            return False, len(leases), reaped
         leases[member] = now + ttl_s
         self._expire(_LEASES, key, now + ttl_s)
-        return True, len(leases)
+        return True, len(leases), reaped
 
     async def release_lease(self, key: str, member: str) -> None:
         leases = self._leases.get(key)
@@ -297,8 +320,11 @@ class MemoryStore:
         amount: int,
         ttls_s: Sequence[float | None],
         hold_s: float,
+        owner: str | None = None,
     ) -> tuple[int | None, list[int]]:
         check_amount(amount)
+        if owner is not None:
+            check_owner(owner)
         bounds = [limit_arg(limit) for limit in limits]  # same range rules as Redis
         now = self._clock()
         for expired in [r for r, res in self._reservations.items() if res.expiry <= now]:
@@ -310,7 +336,7 @@ class MemoryStore:
         for key, ttl in zip(keys, ttls_s, strict=True):
             self._add(key, amount, math.inf if ttl is None else ttl, now)
         windows = tuple(self._values[key][1] for key in keys)
-        self._reservations[rid] = _Reservation(amount, tuple(keys), now + hold_s, windows)
+        self._reservations[rid] = _Reservation(amount, tuple(keys), now + hold_s, windows, owner)
         for slot in zip(keys, windows, strict=True):
             self._holds[slot] = self._holds.get(slot, 0) + amount
         self._expire(_RESERVATION, rid, now + hold_s)
@@ -376,6 +402,20 @@ class MemoryStore:
     async def cancel(self, rid: str) -> None:
         self._drop(rid, self._clock())
 
+    async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
+        check_owner(owner)
+        now = self._clock()
+        self._beats[owner] = now + ttl_s
+        for gone in [o for o, until in self._beats.items() if until + keep_s <= now]:
+            del self._beats[gone]
+        return sorted(o for o, until in self._beats.items() if until <= now)
+
+    async def reap_holds(self, owner: str) -> int:
+        check_owner(owner)
+        now = self._clock()
+        mine = [rid for rid, res in self._reservations.items() if res.owner == owner]
+        return sum(self._drop(rid, now) for rid in mine)
+
     async def close(self) -> None:
         if self._journal is not None:
             now = self._clock()
@@ -394,5 +434,6 @@ class MemoryStore:
         self._leases.clear()
         self._reservations.clear()
         self._holds.clear()
+        self._beats.clear()
         self._lists.clear()
         self._expiry.clear()

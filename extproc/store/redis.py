@@ -23,7 +23,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.store.base import (
+    HEARTBEATS,
     HELD_PREFIX,
+    OWNER_CHARS,
     RESV_EXPIRY,
     RESV_HASH,
     StoreError,
@@ -31,7 +33,9 @@ from extproc.store.base import (
     StoreUnavailableError,
     check_amount,
     check_int64,
+    check_owner,
     limit_arg,
+    resv_owner_key,
 )
 
 __all__ = ["RedisStore"]
@@ -49,27 +53,62 @@ return {value, ttl}
 """
 
 # A lease set: members scored by their expiry (server time, ms). Expired leases are
-# dropped first, so a crashed process leaks a slot for at most the lease TTL.
-# Returns {1, in_flight} when acquired, {0, in_flight} when the set is full.
-_ACQUIRE = """
+# dropped first, so a lease no one gives back leaks its slot for at most the lease TTL.
+# When the set is full, the leases of dead processes (ARGV[4...]: the owners the
+# caller read as dead from the heartbeats, which live in another slot) are dropped
+# too: a member starts with its owner's id.
+# Returns {1 when acquired else 0, in_flight, leases of dead owners dropped}.
+_ACQUIRE = (
+    """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local n = redis.call('ZCARD', KEYS[1])
-if n >= tonumber(ARGV[2]) then
-  return {0, n}
+local limit = tonumber(ARGV[2])
+local reaped = 0
+if n >= limit and #ARGV > 3 then
+  local dead = {}
+  for i = 4, #ARGV do dead[ARGV[i]] = true end
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if dead[string.sub(m, 1, """
+    + str(OWNER_CHARS)
+    + """)] then
+      redis.call('ZREM', KEYS[1], m)
+      reaped = reaped + 1
+    end
+  end
+  n = n - reaped
+end
+if n >= limit then
+  return {0, n, reaped}
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {1, n + 1}
+return {1, n + 1, reaped}
+"""
+)
+
+# The heartbeats (one sorted set: process id → when its heartbeat runs out, server
+# time). KEYS: heartbeats; ARGV: id, ttl ms, keep ms → the ids that ran out in the
+# last keep ms (older ones are forgotten; the set itself goes keep ms after the last
+# process stopped beating: its expiry is only ever pushed later).
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl, keep = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - keep)
+if redis.call('PTTL', KEYS[1]) < ttl + keep then redis.call('PEXPIRE', KEYS[1], ttl + keep) end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 """
 
 
 # Budget reservations. Every budget key shares the hash tag of KEYS[1] and KEYS[2]
 # (``{spend}``), so one script can touch them all, on Redis Cluster too. A reservation
 # is a hash entry (JSON: amount, keys, and each key's PEXPIRETIME when reserved — its
-# window's identity) plus its expiry in a sorted set; expired ones are given back
-# first, a few per call, so a crashed process cannot hold budget forever. A hold is
+# window's identity, and the set of its owner's open ids, ``o``) plus its expiry in a
+# sorted set; expired ones are given back first, a few per call, and a dead owner's by
+# the reaper, so a crashed process cannot hold budget for long. A hold is
 # only ever taken back from, or settled into, the window it was added to: if the key
 # has rolled over since, the old window is gone and the new one never held it.
 # Spend values are settled + reserved micro-dollars; beside each budget key a "held"
@@ -119,6 +158,7 @@ local function drop(resv, expiry, id)
       if same_window(key, entry.e[i]) and counter(key) then release(key, tostring(entry.a)) end
     end
     redis.call('HDEL', resv, id)
+    if entry.o then redis.call('SREM', entry.o, id) end
   end
   redis.call('ZREM', expiry, id)
   return raw
@@ -134,9 +174,9 @@ end
 """
 )
 
-# KEYS: resv hash, expiry zset, budget keys...; ARGV: id, amount, hold ms, n,
-# limits (-1: none)..., ttls ms (0: none)... → {0 or the 1-based index of the
-# exhausted budget, spends before this call...}
+# KEYS: resv hash, expiry zset, budget keys..., [the owner's set of open ids];
+# ARGV: id, amount, hold ms, n, limits (-1: none)..., ttls ms (0: none)... → {0 or
+# the 1-based index of the exhausted budget, spends before this call...}
 _RESERVE = (
     _RESV_LIB
     + """
@@ -171,8 +211,14 @@ for i = 1, n do
   redis.call('INCRBY', held(key), amount)
   if windows[i] > 0 then redis.call('PEXPIREAT', held(key), windows[i]) end
 end
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({a = amount, k = keys, e = windows}))
+local owners = KEYS[n + 3]
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({a = amount, k = keys, e = windows, o = owners}))
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+if owners then
+  -- the set outlives every hold it lists
+  redis.call('SADD', owners, ARGV[1])
+  if redis.call('PTTL', owners) < tonumber(ARGV[3]) then redis.call('PEXPIRE', owners, ARGV[3]) end
+end
 local out = {0}
 for j = 1, n do out[j + 1] = spends[j] end
 return out
@@ -208,6 +254,7 @@ end
 if raw then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
+  if entry.o then redis.call('SREM', entry.o, ARGV[1]) end
 end
 return out
 """
@@ -221,6 +268,26 @@ if drop(KEYS[1], KEYS[2], ARGV[1]) then return 1 end
 return 0
 """
 )
+
+# A dead process's holds, a batch per call, each given back as a cancel would (drop).
+# KEYS: resv hash, expiry zset, the owner's set of open ids; ARGV: batch size
+# → {holds given back, ids left}. Rule: two reapers of one owner never give a hold
+# back twice (drop finds it gone).
+_REAP = (
+    _RESV_LIB
+    + """
+local n = 0
+for _, id in ipairs(redis.call('SRANDMEMBER', KEYS[3], tonumber(ARGV[1]))) do
+  if drop(KEYS[1], KEYS[2], id) then n = n + 1 end
+  redis.call('SREM', KEYS[3], id)
+end
+return {n, redis.call('SCARD', KEYS[3])}
+"""
+)
+#: Holds one reap script gives back (a few milliseconds of Redis time).
+_REAP_BATCH = 256
+#: Batches one reap sends at most (each takes ids off the set, so this ends).
+_REAP_ROUNDS = 1000
 
 
 #: Connections per server process to one Redis (requests beyond wait for one).
@@ -379,11 +446,18 @@ class RedisStore:
             return [None if v is None else int(v) for v in values]
 
     async def acquire_lease(
-        self, key: str, member: str, limit: int, ttl_s: float
-    ) -> tuple[bool, int]:
+        self,
+        key: str,
+        member: str,
+        limit: int,
+        ttl_s: float,
+        *,
+        dead_owners: Sequence[str] = (),
+    ) -> tuple[bool, int, int]:
+        args: list[Any] = [member, limit, _ms(ttl_s), *(check_owner(o) for o in dead_owners)]
         with _guard("lease"):
-            ok, count = await self._eval(_ACQUIRE, [key], [member, limit, _ms(ttl_s)])
-            return bool(ok), int(count)
+            ok, count, reaped = await self._eval(_ACQUIRE, [key], args)
+            return bool(ok), int(count), int(reaped)
 
     async def release_lease(self, key: str, member: str) -> None:
         with _guard("release"):
@@ -448,13 +522,17 @@ class RedisStore:
         amount: int,
         ttls_s: Sequence[float | None],
         hold_s: float,
+        owner: str | None = None,
     ) -> tuple[int | None, list[int]]:
         n = len(keys)
         args: list[Any] = [rid, check_amount(amount), _ms(hold_s), n]
         args += [limit_arg(limit) for limit in limits]
         args += [_ms(ttl) for ttl in ttls_s]
+        script_keys = [RESV_HASH, RESV_EXPIRY, *keys]
+        if owner is not None:
+            script_keys.append(resv_owner_key(owner))
         with _guard("reserve"):
-            out = await self._eval(_RESERVE, [RESV_HASH, RESV_EXPIRY, *keys], args)
+            out = await self._eval(_RESERVE, script_keys, args)
             spends = [int(v) for v in out[1:]]
             if len(spends) != n:
                 raise ValueError("one spend per budget")
@@ -474,6 +552,23 @@ class RedisStore:
     async def cancel(self, rid: str) -> None:
         with _guard("cancel"):
             await self._eval(_CANCEL, [RESV_HASH, RESV_EXPIRY], [rid])
+
+    async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
+        args = [check_owner(owner), _ms(ttl_s), _ms(keep_s)]
+        with _guard("heartbeat"):
+            dead = await self._eval(_HEARTBEAT, [HEARTBEATS], args)
+            return [d.decode() if isinstance(d, bytes) else str(d) for d in dead]
+
+    async def reap_holds(self, owner: str) -> int:
+        keys = [RESV_HASH, RESV_EXPIRY, resv_owner_key(owner)]
+        total = 0
+        with _guard("reap"):
+            for _ in range(_REAP_ROUNDS):
+                reaped, left = await self._eval(_REAP, keys, [_REAP_BATCH])
+                total += int(reaped)
+                if int(left) == 0:
+                    break
+        return total
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -140,8 +140,8 @@ async def test_stream_closed_before_delivery_releases_the_lease() -> None:
 
 class DownStore(MemoryStore):
     async def acquire_lease(
-        self, key: str, member: str, limit: int, ttl_s: float
-    ) -> tuple[bool, int]:
+        self, key: str, member: str, limit: int, ttl_s: float, **kwargs: Any
+    ) -> tuple[bool, int, int]:
         raise StoreUnavailableError("down")
 
 

@@ -63,14 +63,14 @@ def test_unknown_scheme() -> None:
 async def test_memory_leases_limit_release_and_expiry() -> None:
     clock = FakeClock()
     store = MemoryStore(clock)
-    assert await store.acquire_lease("p", "a", 2, ttl_s=10) == (True, 1)
-    assert await store.acquire_lease("p", "b", 2, ttl_s=10) == (True, 2)
-    assert await store.acquire_lease("p", "c", 2, ttl_s=10) == (False, 2)
+    assert await store.acquire_lease("p", "a", 2, ttl_s=10) == (True, 1, 0)
+    assert await store.acquire_lease("p", "b", 2, ttl_s=10) == (True, 2, 0)
+    assert await store.acquire_lease("p", "c", 2, ttl_s=10) == (False, 2, 0)
     await store.release_lease("p", "a")
     await store.release_lease("p", "a")  # twice is harmless
-    assert await store.acquire_lease("p", "c", 2, ttl_s=10) == (True, 2)
+    assert await store.acquire_lease("p", "c", 2, ttl_s=10) == (True, 2, 0)
     clock.now += 10  # a holder that never released: its lease runs out
-    assert await store.acquire_lease("p", "d", 2, ttl_s=10) == (True, 1)
+    assert await store.acquire_lease("p", "d", 2, ttl_s=10) == (True, 1, 0)
 
 
 async def test_redis_leases_atomic_and_script_flush(redis_url: str) -> None:
@@ -80,20 +80,20 @@ async def test_redis_leases_atomic_and_script_flush(redis_url: str) -> None:
     results = await asyncio.gather(
         *(store.acquire_lease("t:p", f"m{i}", 5, ttl_s=30) for i in range(50))
     )
-    assert sum(ok for ok, _ in results) == 5
+    assert sum(ok for ok, _, _ in results) == 5
     assert await client.zcard("t:p") == 5
     assert 0 < await client.pttl("t:p") <= 30_000
     await client.script_flush()
-    assert await store.acquire_lease("t:p", "late", 5, ttl_s=30) == (False, 5)
-    winner = next(f"m{i}" for i, (ok, _) in enumerate(results) if ok)
+    assert await store.acquire_lease("t:p", "late", 5, ttl_s=30) == (False, 5, 0)
+    winner = next(f"m{i}" for i, (ok, _, _) in enumerate(results) if ok)
     await store.release_lease("t:p", winner)
     await store.release_lease("t:p", "not-a-member")
-    assert await store.acquire_lease("t:p", "late", 5, ttl_s=30) == (True, 5)
+    assert await store.acquire_lease("t:p", "late", 5, ttl_s=30) == (True, 5, 0)
     await client.delete("t:p")
     # expired leases (TTL 1 ms) are dropped before counting
-    assert await store.acquire_lease("t:p", "x", 1, ttl_s=0.001) == (True, 1)
+    assert await store.acquire_lease("t:p", "x", 1, ttl_s=0.001) == (True, 1, 0)
     await asyncio.sleep(0.01)
-    assert await store.acquire_lease("t:p", "y", 1, ttl_s=30) == (True, 1)
+    assert await store.acquire_lease("t:p", "y", 1, ttl_s=30) == (True, 1, 0)
     await client.aclose()
     await store.close()
 
@@ -104,8 +104,8 @@ async def test_redis_cluster_store(redis_cluster_url: str) -> None:
     for i, key in enumerate(keys):
         assert await store.incr(key, i + 1, ttl_s=30) == i + 1
     assert await store.get_many(keys) == [i + 1 for i in range(len(keys))]
-    assert await store.acquire_lease("{t:p}", "m", 1, ttl_s=30) == (True, 1)
-    assert await store.acquire_lease("{t:p}", "n", 1, ttl_s=30) == (False, 1)
+    assert await store.acquire_lease("{t:p}", "m", 1, ttl_s=30) == (True, 1, 0)
+    assert await store.acquire_lease("{t:p}", "n", 1, ttl_s=30) == (False, 1, 0)
     await store.close()
 
 

@@ -209,10 +209,10 @@ class FaultStore(MemoryStore):
         return await super().incr_window(key, amount, ttl_s)
 
     async def acquire_lease(
-        self, key: str, member: str, limit: int, ttl_s: float
-    ) -> tuple[bool, int]:
+        self, key: str, member: str, limit: int, ttl_s: float, **kwargs: Any
+    ) -> tuple[bool, int, int]:
         self._check("lease")
-        return await super().acquire_lease(key, member, limit, ttl_s)
+        return await super().acquire_lease(key, member, limit, ttl_s, **kwargs)
 
     async def snapshot(
         self, keys: Sequence[str], lists: Sequence[str]
