@@ -25,6 +25,7 @@ from extproc.decision import GatewayConfig, Prepared, RouteDecision, prepare, ro
 from extproc.errors import InternalError, ServiceUnavailableError
 from extproc.failover import FailoverRoute
 from extproc.iterations import IterationCount, SessionCap, check_iterations
+from extproc.liveness import Liveness
 from extproc.metering import ResponseMeter
 from extproc.metrics import Metrics
 from extproc.parallel import (
@@ -110,6 +111,13 @@ class Gateway:
         #: In-process counters for session caps while the store is down.
         self._local = MemoryStore()
         self._store_retry_at = float("-inf")
+        #: This process's id on its leases and holds, and the peers seen dead.
+        self.liveness = Liveness(
+            store,
+            self.metrics,
+            ttl_s=settings.heartbeat_ttl_s,
+            keep_s=max(settings.lease_ttl_s, settings.reservation_ttl_s),
+        )
         self.alerts = Alerter(store, self.metrics, settings.alert_webhook_url)
         self.router = Router(
             store,
@@ -273,6 +281,7 @@ class Gateway:
                 amount=estimate,
                 ttls_s=charge.ttls,
                 hold_s=self.settings.reservation_ttl_s,
+                owner=self.liveness.owner,
             )
         except StoreError as exc:
             # Down and open: admitted unreserved; the settle still charges the real cost.
@@ -469,14 +478,20 @@ class Gateway:
         key = decision.caller.key if decision.caller is not None else None
         if key is None or key.max_parallel_requests is None:
             return None
-        lease = Lease.new(key)
+        lease = Lease.new(key, self.liveness.owner)
         try:
-            acquired, in_flight, _ = await self.store.acquire_lease(
-                lease.store_key, lease.member, key.max_parallel_requests, self.settings.lease_ttl_s
+            acquired, in_flight, reaped = await self.store.acquire_lease(
+                lease.store_key,
+                lease.member,
+                key.max_parallel_requests,
+                self.settings.lease_ttl_s,
+                dead_owners=self.liveness.dead,
             )
         except StoreError as exc:
             self._store_failed(exc, "lease")
             return None
+        if reaped:
+            self.metrics.leases.labels("reaped").inc(reaped)
         check_parallel(key, acquired, in_flight)
         self.metrics.leases.labels("acquired").inc()
         return lease

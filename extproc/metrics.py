@@ -79,7 +79,8 @@ class Metrics:
         self.leases = Counter(
             "extproc_parallel_leases",
             "max_parallel_requests leases: acquired, released, release_failed, "
-            "unknown (a logged token this server did not write).",
+            "unknown (a logged token this server did not write), reaped (a dead "
+            "process's, dropped to make room).",
             ["event"],
             registry=self.registry,
         )
@@ -122,8 +123,15 @@ class Metrics:
         )
         self.settlements = Counter(
             "extproc_settlements",
-            "Budget reservations ended, by outcome (settled, cancelled, failed).",
+            "Budget reservations ended, by outcome (settled, cancelled, failed, reaped: "
+            "a dead process's hold given back).",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.heartbeats = Counter(
+            "extproc_heartbeats",
+            "This process's heartbeats in the store, by result (ok, failed).",
+            ["result"],
             registry=self.registry,
         )
         self.budget_remaining = Gauge(

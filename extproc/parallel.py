@@ -7,9 +7,11 @@ The end of a stream is only visible to Envoy, so the server hands the lease to E
 as dynamic metadata (``lease``, in :data:`LEASE_NAMESPACE` for ext_proc and the
 ext_authz filter's own namespace for ext_authz) and Envoy's gRPC access logger sends
 it back when the stream ends (see ``envoy_config``): that works the same on both
-paths, and on any server process. A lease also expires after ``lease_ttl_s``
-(longer than the route timeout), so a lost log entry or a crashed process frees the
-slot in the end.
+paths, and on any server process. A lease names the process that took it (its
+member starts with the process id, see ``liveness``): when that process dies, the
+next acquire that finds the set full drops it. It also expires after
+``lease_ttl_s`` (longer than the route timeout), so a lost log entry frees the slot
+in the end.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class Lease:
     member: str
 
     @classmethod
-    def new(cls, key: VirtualKey) -> Lease:
-        return cls(parallel_key(key), secrets.token_hex(16))
+    def new(cls, key: VirtualKey, owner: str) -> Lease:
+        """A fresh lease of process ``owner`` (its id, then 16 random hex digits)."""
+        return cls(parallel_key(key), owner + secrets.token_hex(8))
 
     @property
     def token(self) -> str:

@@ -82,6 +82,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, gateway.reload_policy)
+        # Rule: this process beats before it takes its first lease or hold, so a crash
+        # at any later moment is seen by its peers.
+        await gateway.liveness.start(settings.heartbeat_interval_s)
         await server.start()
         await site.start()
         for name in (*_SERVICES, ""):
@@ -110,6 +113,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await server.stop(settings.shutdown_grace_s)
         await runner.cleanup()
         await gateway.drain()  # settlements, releases and alerts still in flight
+        await gateway.liveness.stop()
         await gateway.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

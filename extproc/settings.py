@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["DEFAULT_POLICY", "Settings", "state_home"]
@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     #: How long a max_parallel_requests lease lives at most (longer than Envoy's
     #: route timeout, 600 s): the bound on a slot leaked by a lost end-of-stream log.
     lease_ttl_s: float = Field(default=660.0, gt=0)
+    #: How long a process's heartbeat lives in the store, and how often it beats: a
+    #: process silent for longer is dead, and its leases and holds are given back.
+    heartbeat_ttl_s: float = Field(default=3.0, gt=0)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
     #: Seconds a session's iteration counter lives, from its first call (LiteLLM's
     #: ``LITELLM_MAX_ITERATIONS_TTL`` is honoured when ours is not set).
     max_iterations_ttl: float = Field(
@@ -115,6 +119,12 @@ class Settings(BaseSettings):
         if value.startswith(("x-envoy-", ":")):
             raise ValueError("Envoy does not let ext_proc mutate x-envoy-* or pseudo headers")
         return value
+
+    @model_validator(mode="after")
+    def _beat_before_it_runs_out(self) -> Settings:
+        if self.heartbeat_interval_s >= self.heartbeat_ttl_s:
+            raise ValueError("heartbeat_interval_s must be shorter than heartbeat_ttl_s")
+        return self
 
     @property
     def grpc_address(self) -> str:
