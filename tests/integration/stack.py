@@ -218,20 +218,32 @@ def wait_for_extproc_healthy(envoy_admin: str) -> None:
     wait_until(healthy, 20, "Envoy to see the server healthy")
 
 
+@dataclass
+class ServerProc:
+    """One server process of a pair: its process and admin port."""
+
+    proc: Proc
+    admin_port: int
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+
 @contextlib.contextmanager
-def start_two_servers(
+def start_server_pair(
     workdir: Path, policy: Path, server_env: dict[str, str]
-) -> Iterator[tuple[str, list[int]]]:
+) -> Iterator[tuple[str, list[ServerProc]]]:
     """Two server processes (sharing the store in ``server_env``) behind one Envoy.
 
-    Yields the Envoy URL and the servers' admin ports.
+    Yields the Envoy URL and the servers.
     """
     (workdir / "s1").mkdir()
     (workdir / "s2").mkdir()
     with (
         start_mocks(workdir) as mocks,
-        start_server(workdir / "s1", policy, server_env) as (_, port_1, admin_1),
-        start_server(workdir / "s2", policy, server_env) as (_, port_2, admin_2),
+        start_server(workdir / "s1", policy, server_env) as (proc_1, port_1, admin_1),
+        start_server(workdir / "s2", policy, server_env) as (proc_2, port_2, admin_2),
         start_envoy(workdir, mocks, port_1, extra_grpc_ports=(port_2,), policy=policy) as (
             _,
             url,
@@ -239,4 +251,13 @@ def start_two_servers(
         ),
     ):
         wait_for_extproc_healthy(admin)
-        yield url, [admin_1, admin_2]
+        yield url, [ServerProc(proc_1, admin_1), ServerProc(proc_2, admin_2)]
+
+
+@contextlib.contextmanager
+def start_two_servers(
+    workdir: Path, policy: Path, server_env: dict[str, str]
+) -> Iterator[tuple[str, list[int]]]:
+    """:func:`start_server_pair`, yielding the Envoy URL and the servers' admin ports."""
+    with start_server_pair(workdir, policy, server_env) as (url, servers):
+        yield url, [server.admin_port for server in servers]

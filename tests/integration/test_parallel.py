@@ -1,5 +1,6 @@
 """max_parallel_requests through real Envoys: a slot per request in flight, given back
-when Envoy logs the end of the stream (completed, or the client went away)."""
+when Envoy logs the end of the stream (completed, or the client went away), or soon
+after the process that took it was killed."""
 
 from __future__ import annotations
 
@@ -7,17 +8,23 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import socket
+import threading
+import time
 import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import pytest
+import redis
 
+from extproc.keys import hash_key
+from extproc.store.base import RESV_HASH
 from tests.helpers import wait_until
-from tests.integration.stack import POLICIES, post, start_stack
+from tests.integration.stack import POLICIES, ServerProc, post, start_server_pair, start_stack
 
 POLICY = POLICIES / "budgets.yaml"
 BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -121,3 +128,86 @@ async def test_parallel_limit_shared_across_processes(tmp_path: Path, redis_url:
 
         wait_until(released_everywhere, 5, "leases released")
         assert Counter(await burst(urls, 2, slow(300))) == {(200, ""): 2}
+
+
+ONE = {"authorization": "Bearer sk-crash-one"}
+ONE_SPEND = f"{{spend}}:key:{hash_key('sk-crash-one')}"
+ONE_SLOTS = f"{{key:{hash_key('sk-crash-one')}}}:parallel"
+
+
+def stream_until_cut(url: str) -> None:
+    """A slow streamed call (a chunk every 2 s), read until the connection ends."""
+    parts = urllib.parse.urlsplit(url)
+    body = json.dumps(
+        {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"authorization: Bearer sk-crash-one\r\nx-mock-chunk-delay-ms: 2000\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(request)
+        with contextlib.suppress(OSError):
+            while sock.recv(4096):
+                pass
+
+
+def acquired(server: ServerProc) -> float:
+    return lease_events(server.admin_url).get("acquired", 0)
+
+
+def test_a_killed_process_frees_its_slot_and_its_hold(tmp_path: Path, redis_url: str) -> None:
+    """max_parallel_requests: 1, a slow stream in flight on one of two processes, that
+    process SIGKILLed: within 5 s a call through the other one gets its slot, and the
+    killed call's hold is given back (the spend shows only settled calls)."""
+    client = redis.Redis.from_url(redis_url)
+    client.delete(ONE_SPEND, ONE_SLOTS)
+    env = {"EXTPROC_STORE_URL": redis_url}
+    with start_server_pair(tmp_path, POLICIES / "crash.yaml", env) as (url, servers):
+        chat = f"{url}/v1/chat/completions"
+        assert post(chat, BODY, ONE)[0] == 200
+        wait_until(lambda: client.hlen(RESV_HASH) == 0, 5, "the first call settled")
+        wait_until(lambda: client.zcard(ONE_SLOTS) == 0, 5, "the first call's slot released")
+        per_call = int(client.get(ONE_SPEND) or 0)
+        assert per_call > 0
+        before = [acquired(server) for server in servers]
+        streaming = threading.Thread(target=stream_until_cut, args=(url,), daemon=True)
+        streaming.start()
+        wait_until(
+            lambda: [acquired(s) for s in servers] != before, 10, "the stream to be admitted"
+        )
+        victim, survivor = servers if acquired(servers[0]) > before[0] else (servers[1], servers[0])
+        assert client.hlen(RESV_HASH) == 1  # the stream's hold
+        (member,) = cast("list[bytes]", client.zrange(ONE_SLOTS, 0, -1))
+        # Envoy logs the killed stream's end, and the survivor may release its lease
+        # from that; a second stream of the victim's whose log line is lost (Envoy
+        # leaves it nowhere else) can only be freed by the victim being seen dead.
+        seconds, micros = client.time()
+        lost = member[:16] + b"0" * 16
+        client.zadd(ONE_SLOTS, {lost: seconds * 1000 + micros // 1000 + 600_000})
+        victim.proc.stop(signal.SIGKILL)
+        killed = time.monotonic()
+
+        statuses: list[int] = []
+
+        def slot_free() -> bool:
+            statuses.append(post(chat, BODY, ONE)[0])
+            return statuses[-1] == 200
+
+        wait_until(slot_free, 5, "a call to get the killed one's slot")
+        print(f"slot back after {time.monotonic() - killed:.1f}s: {Counter(statuses)}")
+        assert set(statuses) <= {200, 429, 500, 503}, statuses
+        # the killed call's hold is given back: every hold is gone, the spend is the
+        # two settled calls
+        wait_until(lambda: client.hlen(RESV_HASH) == 0, 5, "the killed call's hold given back")
+        assert int(client.get(ONE_SPEND) or 0) == 2 * per_call
+        assert lost not in client.zrange(ONE_SLOTS, 0, -1)
+        events = lease_events(survivor.admin_url)
+        assert events.get("reaped", 0) >= 1
+        assert events.get("unknown", 0) == 0
+        streaming.join(30)
+        log = survivor.proc.log()
+    client.close()
+    assert "Traceback" not in log
+    assert " ERROR " not in log
