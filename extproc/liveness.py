@@ -23,7 +23,7 @@ import time
 
 from extproc.metrics import Metrics
 from extproc.store import Store, StoreError
-from extproc.store.base import OWNER_CHARS, check_owner
+from extproc.store.base import OWNER_CHARS, OWNER_ID, check_owner
 
 __all__ = ["Liveness"]
 
@@ -62,7 +62,9 @@ class Liveness:
 
         Raises :class:`StoreError`; a peer whose reap failed is tried again next beat."""
         dead = await self._store.heartbeat(self.owner, self._ttl_s, self._keep_s)
-        self.dead = tuple(peer for peer in dead if peer != self.owner)
+        # Rule: only what could be a process id travels on (a stray entry in the
+        # heartbeats must not make every lease acquire a fault).
+        self.dead = tuple(p for p in dead if p != self.owner and OWNER_ID.fullmatch(p))
         self._reaped &= set(self.dead)  # one that beats again may die again later
         for peer in self.dead:
             if peer in self._reaped:

@@ -107,6 +107,18 @@ async def test_a_clean_stop_is_seen_at_once_and_gives_back_what_it_held() -> Non
     await stopping.liveness.stop()  # twice is harmless
 
 
+class StrayStore(MemoryStore):
+    async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
+        return ["not-an-id", "b" * 16, owner]
+
+
+async def test_only_other_process_ids_count_as_dead() -> None:
+    liveness = Liveness(StrayStore(), Metrics(), ttl_s=3, keep_s=60, owner="a" * 16)
+    await liveness.tick()
+    assert liveness.dead == ("b" * 16,)
+    assert liveness._metrics.heartbeats.labels("ok")._value.get() == 1
+
+
 class SilentStore(MemoryStore):
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
         raise StoreUnavailableError("down")
