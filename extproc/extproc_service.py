@@ -333,6 +333,10 @@ def _redact_headers(msg: pb.HttpHeaders, redactor: Redactor, common: pb.CommonRe
     there was one."""
     if not redactor:
         return False
+    # the common case, no credential anywhere: one scan over all values at once
+    values = b"\n".join(h.raw_value or h.value.encode("latin-1") for h in msg.headers.headers)
+    if not redactor.found(values):
+        return False
     by_key: dict[str, list[str]] = {}
     hit: set[str] = set()
     for h in msg.headers.headers:

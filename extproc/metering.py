@@ -7,6 +7,7 @@ Adapter-neutral: fed body pieces by the ext_proc response phases today.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from envoy.config.core.v3 import base_pb2
 
@@ -44,9 +45,15 @@ _TERMINAL_TYPES = frozenset(
 )
 
 
+#: Bytes without which no event of a piece can be a terminal one.
+_MAY_END = re.compile(rb"\[DONE\]|message_stop|response\.(?:completed|incomplete|failed)")
+
+
 def _terminal(event: bytes) -> bool:
     """The last event of a stream: ``data: [DONE]`` (OpenAI chat and completions) or
     an ``event:`` line naming a terminal type."""
+    if not _MAY_END.search(event):
+        return False  # the common case, found in C
     for line in event.split(b"\n"):
         if line.startswith(b"data:") and line[5:].strip() == b"[DONE]":
             return True

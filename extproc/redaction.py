@@ -38,6 +38,10 @@ class Redactor:
     def __bool__(self) -> bool:
         return bool(self._forms)
 
+    def found(self, data: bytes) -> bool:
+        """Whether ``data`` holds any of the secrets."""
+        return any(form in data for form in self._forms)
+
     def bytes(self, data: bytes) -> bytes | None:
         """``data`` with every secret replaced, or None when it holds none."""
         found = False
