@@ -23,6 +23,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 
 from extproc.endpoints import lookup_endpoint
 from extproc.errors import AuthenticationError, BadRequestError, PermissionDeniedError
+from extproc.tools import ServerTarget, pins_servers
 from extproc.windows import DurationText, zone
 
 __all__ = [
@@ -349,7 +350,14 @@ def check_request_rules(
         allowed = caller.team.metadata.allowed_tools
     if not allowed:
         return
-    denied = sorted({name for name in tool_names() if name not in allowed})
+    pinned = pins_servers(allowed)
+    denied = sorted(
+        {
+            name
+            for name in tool_names()
+            if name not in allowed and (pinned or not isinstance(name, ServerTarget))
+        }
+    )
     if denied:
         raise PermissionDeniedError(
             f"Tools {[name[:64] for name in denied[:20]]} are not in the allowed tools list "

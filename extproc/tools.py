@@ -6,8 +6,9 @@ request, wherever the API lets a request put one:
 * OpenAI-style tool lists (chat completions, completions, the Responses API): a
   function tool by its function's name (``function.name``, or ``name`` in the
   Responses shape; both when both are given), a custom tool by its name, an MCP tool
-  by its ``server_label`` and, when it names them, its ``server_url`` and
-  ``connector_id`` (a label is only what the client calls the server), a
+  by its ``server_label`` (LiteLLM's rule) and, when the allowlist pins servers by
+  URL or connector id, also by its ``server_url`` / ``connector_id`` (a label is only
+  what the client calls the server), a
   ``namespace`` container by its member tools (never by its own name), any other
   tool by its ``type`` (built-in tools such as ``web_search_preview``,
   ``file_search``, ``code_interpreter``);
@@ -15,8 +16,8 @@ request, wherever the API lets a request put one:
   (the provider's web search) as ``web_search``;
 * Responses ``input`` items of type ``additional_tools`` (their ``tools`` list);
 * Anthropic messages: ``tools`` by ``name`` (server tools too, e.g. ``web_search``),
-  ``mcp_toolset`` tools by ``mcp_server_name``, and ``mcp_servers`` by ``name`` and
-  ``url``.
+  ``mcp_toolset`` tools by ``mcp_server_name``, and ``mcp_servers`` by ``name`` (and
+  ``url``, when the allowlist pins servers).
 
 Rule: a shape we cannot name (a list that is not a list, a tool that is not an
 object, a name that is not a string) is a 400, never a tool that slips past the list.
@@ -24,12 +25,12 @@ object, a name that is not a string) is a 400, never a tool that slips past the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 from extproc.errors import InvalidParameterError
 
-__all__ = ["ToolShapes", "request_tool_names"]
+__all__ = ["ServerTarget", "ToolShapes", "pins_servers", "request_tool_names"]
 
 #: Which tool fields an API has; ``none`` for APIs that take no tools (embeddings).
 ToolShapes = Literal["none", "chat", "completions", "responses", "anthropic"]
@@ -90,11 +91,26 @@ def _openai_tool(item: Any, param: str, depth: int) -> list[str]:
     return [kind]  # a built-in tool, named by its type
 
 
+class ServerTarget(str):
+    """Where an MCP server really is (``server_url``, ``connector_id``, ``url``), as
+    opposed to the label the client gives it: checked when the allowlist pins servers
+    (see :func:`pins_servers`)."""
+
+    __slots__ = ()
+
+
+def pins_servers(allowed: Iterable[str]) -> bool:
+    """Whether an allowlist names MCP servers by where they are (a URL, or a
+    ``connector_`` id): then every MCP tool's target must be in it too."""
+    return any("://" in entry or entry.startswith("connector_") for entry in allowed)
+
+
 def _mcp_target(tool: dict[str, Any], fields: tuple[str, ...], param: str) -> list[str]:
-    """Where an MCP server really is (``server_url``, ``connector_id``, ``url``): its
-    label is a name the client picks, so the target must be allowed too."""
+    """The targets an MCP tool or server names (see :class:`ServerTarget`)."""
     return [
-        _string(tool[field], f"{param}.{field}") for field in fields if tool.get(field) is not None
+        ServerTarget(_string(tool[field], f"{param}.{field}"))
+        for field in fields
+        if tool.get(field) is not None
     ]
 
 

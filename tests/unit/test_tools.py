@@ -403,3 +403,26 @@ def test_chat_web_search_needs_web_search_allowed(policy: CompiledPolicy) -> Non
     with pytest.raises(GatewayError) as bad:
         call(policy, KEY, "auto", extra={"web_search_options": "high"}, path=CHAT)
     assert (bad.value.status, bad.value.param) == (400, "web_search_options")
+
+
+@pytest.mark.parametrize(
+    ("tool", "allowed"),
+    [
+        ({"type": "mcp", "server_label": "db"}, True),
+        ({"type": "mcp", "server_label": "db", "server_url": "https://mcp.example/db"}, True),
+        ({"type": "mcp", "server_label": "db", "connector_id": "connector_gmail"}, True),
+        ({"type": "mcp", "server_label": "files", "server_url": "https://mcp.example/db"}, False),
+    ],
+)
+def test_mcp_by_label_where_no_server_is_pinned(
+    policy: CompiledPolicy, tool: dict[str, Any], allowed: bool
+) -> None:
+    """allowed_tools: [db] names no server by URL: an MCP tool is named by its label
+    alone (LiteLLM's rule, and the issue's example)."""
+    extra = {"tools": [tool]}
+    if allowed:
+        assert call(policy, "sk-mika-mcp", "auto", extra=extra, path=RESPONSES).caller is not None
+        return
+    with pytest.raises(GatewayError) as info:
+        call(policy, "sk-mika-mcp", "auto", extra=extra, path=RESPONSES)
+    assert info.value.code == "tool_access_denied"
