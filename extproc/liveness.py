@@ -11,6 +11,11 @@ store gives each hold back once, however many reap it).
 Rule: a process stalled longer than ``ttl_s`` counts as dead. Its slots and holds
 may be given back while it still runs: the limits admit a little more for a moment,
 its later settlements charge in full, nothing is counted twice or lost.
+
+Rule: after a beat that failed (the store was unreachable, so its peers could not beat
+either), the dead list is not believed until this process has beaten again for
+``ttl_s``: once the store is back every peer has had time to beat, and only the
+really dead are left in it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 from extproc.metrics import Metrics
 from extproc.store import Store, StoreError
@@ -44,8 +50,13 @@ class Liveness:
         ttl_s: float,
         keep_s: float,
         owner: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.owner = check_owner(owner or secrets.token_hex(OWNER_CHARS // 2))
+        self._clock = clock
+        #: When the dead list may be believed again after a failed beat (None: now).
+        self._trust_at: float | None = None
+        self._failed = False
         #: Processes whose heartbeat ran out, as of the last beat (never this one).
         self.dead: tuple[str, ...] = ()
         self._store = store
@@ -62,6 +73,13 @@ class Liveness:
 
         Raises :class:`StoreError`; a peer whose reap failed is tried again next beat."""
         dead = await self._store.heartbeat(self.owner, self._ttl_s, self._keep_s)
+        if self._failed:
+            self._failed, self._trust_at = False, self._clock() + self._ttl_s
+        if self._trust_at is not None:
+            if self._clock() < self._trust_at:
+                self.dead = ()  # peers may not have beaten since the store came back
+                return
+            self._trust_at = None
         # Rule: only what could be a process id travels on (a stray entry in the
         # heartbeats must not make every lease acquire a fault).
         self.dead = tuple(p for p in dead if p != self.owner and OWNER_ID.fullmatch(p))
@@ -84,6 +102,8 @@ class Liveness:
         try:
             await self.beat()
         except StoreError as exc:
+            self._failed = True
+            self.dead = ()
             self._metrics.heartbeats.labels("failed").inc()
             now = time.monotonic()
             if now - self._last_log >= 10.0:

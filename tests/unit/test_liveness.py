@@ -136,3 +136,42 @@ async def test_a_failed_heartbeat_is_counted_not_raised() -> None:
 def test_a_heartbeat_beats_before_it_runs_out() -> None:
     with pytest.raises(ValidationError, match="shorter"):
         Settings(heartbeat_ttl_s=1, heartbeat_interval_s=1)
+
+
+class _OutageStore(MemoryStore):
+    """A shared store that can be made unreachable."""
+
+    down = False
+
+    async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
+        if self.down:
+            raise StoreUnavailableError("redis heartbeat failed: ConnectionError")
+        return await super().heartbeat(owner, ttl_s, keep_s)
+
+
+async def test_a_store_outage_does_not_make_live_peers_dead() -> None:
+    """While the store is down nobody beats; when it is back, every peer's beat has run
+    out. A process believes that only after beating again for a whole TTL."""
+    clock = FakeClock()
+    store = _OutageStore(clock)
+    metrics = Metrics()
+    one = Liveness(store, metrics, ttl_s=3, keep_s=60, clock=clock)
+    two = Liveness(store, metrics, ttl_s=3, keep_s=60, clock=clock)
+    await one.tick()
+    await two.tick()
+    store.down = True
+    clock.now += 5
+    await one.tick()  # fails: the store is down
+    store.down = False
+    await one.tick()  # back first: two's beat ran out during the outage
+    assert one.dead == ()
+    clock.now += 2
+    await one.tick()
+    assert one.dead == ()  # not believed yet: two may not have beaten since
+    await two.tick()  # two beats again (every second, in a real process)
+    clock.now += 2
+    await one.tick()
+    assert not one.dead  # believed now, and two is alive
+    clock.now += 10  # now two really stops beating
+    await one.tick()
+    assert list(one.dead) == [two.owner]
