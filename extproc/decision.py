@@ -38,11 +38,12 @@ from extproc.keys import (
     resolve_model_alias,
 )
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
-from extproc.pricing import OutputAsk, estimate_call, requested_output
+from extproc.pricing import OutputAsk, cost_micros, estimate_call, requested_output
 from extproc.providers import CLIENT_CREDENTIAL_HEADERS
 from extproc.request import LLMRequest, RequestHead, parse_request
 from extproc.router import pick_deployment
 from extproc.settings import Settings
+from extproc.usage import Usage
 
 __all__ = [
     "GatewayConfig",
@@ -115,8 +116,10 @@ class RouteDecision:
     max_output_tokens: int = 0
     #: The most tokens of one kind the response's usage may report (clamped there).
     usage_cap: int = 0
-    #: The deployments a failover may reach (their prices bound the hold).
+    #: The deployments a failover may reach.
     attempts: tuple[CompiledDeployment, ...] = ()
+    #: Micro-dollars to hold: what the call may cost where it may land.
+    hold: int = 0
     #: The gateway added ``stream_options.include_usage``: the client did not ask for
     #: the usage chunk, so it is taken out of the stream it gets.
     asks_usage: bool = False
@@ -244,7 +247,7 @@ def prepare(
         # nested keys are read: a tool naming "name" twice must not pass as the other
         tool_names=lambda: endpoint.tool_names(request.strict_member),
     )
-    ask = requested_output(endpoint.name, request.body)
+    ask = requested_output(endpoint.name, request.body, raw_body)
     budgets: tuple[BudgetRef, ...] = ()
     if not group.zero_cost:
         end_user = request.user
@@ -346,6 +349,18 @@ def route_to(
         prompt_tokens=max(e.prompt_tokens for e in estimates),
         max_output_tokens=max(e.output_tokens for e in estimates),
         usage_cap=max(e.usage_cap for e in estimates),
+        # Rule: held at the dearest deployment the call may reach, each priced for
+        # what it can produce (not the largest window at the dearest price).
+        hold=max(
+            (
+                cost_micros(
+                    dep.prices, Usage(input_tokens=e.prompt_tokens, output_tokens=e.output_tokens)
+                )
+                for dep, e in zip((deployment, *attempts), estimates, strict=True)
+                if dep.prices is not None
+            ),
+            default=0,
+        ),
         asks_usage=asks_usage,
         attempts=attempts,
     )

@@ -37,7 +37,6 @@ from extproc.parallel import (
     check_parallel,
 )
 from extproc.policy import CompiledDeployment, CompiledPolicy, PolicyError, load_policy
-from extproc.pricing import cost_micros
 from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.request import RequestHead
 from extproc.routing import Router, context_tokens
@@ -247,12 +246,7 @@ class Gateway:
         refs = decision.budgets
         if decision.group is not None and not decision.group.zero_cost:
             refs += deployment_budgets(dep, policy, now)
-        guess = Usage(input_tokens=decision.prompt_tokens, output_tokens=decision.max_output_tokens)
-        # Rule: a call that may fail over is held at the dearest deployment it may reach.
-        estimate = max(
-            (cost_micros(d.prices, guess) for d in (dep, *decision.attempts) if d.prices),
-            default=0,
-        )
+        estimate = decision.hold
         key = decision.caller.key if decision.caller is not None else None
         share = policy.general.budget_alert_at
         charge = Charge.new(

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from extproc.errors import InvalidParameterError
+from extproc.provider_input import ProviderInput, provider_input
 from extproc.store.base import MAX_AMOUNT_MICROS
 from extproc.usage import Usage
 
@@ -162,9 +163,11 @@ class OutputAsk:
     token_ids: int = 0
     #: Whether the endpoint produces output tokens at all (embeddings do not).
     output: bool = True
-    #: The provider adds input the body does not hold (a stored conversation, files
-    #: by id or URL): the prompt is reserved at the whole context window.
+    #: The provider adds input the body does not hold (``provider_input``): the prompt
+    #: is reserved at the whole context window.
     remote_input: bool = False
+    #: Input tokens of images the provider fetches by URL.
+    image_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,8 +200,8 @@ def estimate_call(
     per_choice = min(ask.max_tokens or default_max_tokens, per_choice_max) if ask.output else 0
     output = per_choice * ask.choices * ask.batch
     window = context_window or CONTEXT_WINDOW_BOUND
-    prompt = max(estimate_prompt_tokens(raw_body), ask.token_ids)
-    if ask.output and (ask.remote_input or _names_remote_input(raw_body)):
+    prompt = max(estimate_prompt_tokens(raw_body), ask.token_ids) + ask.image_tokens
+    if ask.remote_input:
         prompt = max(prompt, window)
     most_output = per_choice_max * ask.choices if ask.output else 0
     cap = max(ask.batch * (window + most_output), prompt + output)
@@ -243,7 +246,7 @@ def _batch(value: Any) -> tuple[int, int]:
     return len(value), ids
 
 
-def requested_output(endpoint: str, body: dict[str, Any]) -> OutputAsk:
+def requested_output(endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> OutputAsk:
     """The output ``body`` asks for, checked: token counts must be non-negative
     integers, ``n``/``best_of`` integers in ``[1, MAX_CHOICES]`` (null: not given);
     anything else is a 400 naming the parameter."""
@@ -252,6 +255,7 @@ def requested_output(endpoint: str, body: dict[str, Any]) -> OutputAsk:
     given = [v for v in asked if v]
     choices = [_count_param(body, f, least=1, most=MAX_CHOICES) for f in choice_fields]
     batch, ids = _batch(body.get(batch_field)) if batch_field else (1, 0)
+    remote = ProviderInput() if endpoint == "embeddings" else provider_input(body, raw)
     return OutputAsk(
         # several fields (max_tokens beside max_completion_tokens): the larger counts
         max_tokens=max(given) if given else None,
@@ -259,28 +263,6 @@ def requested_output(endpoint: str, body: dict[str, Any]) -> OutputAsk:
         batch=batch,
         token_ids=ids,
         output=endpoint != "embeddings",
-        remote_input=_remote_input(endpoint, body),
-    )
-
-
-#: Members that make a provider bill input the body does not hold: Responses'
-#: stored conversation state.
-_REMOTE_MEMBERS = ("previous_response_id", "conversation")
-
-
-def _remote_input(endpoint: str, body: dict[str, Any]) -> bool:
-    return endpoint != "embeddings" and any(body.get(name) is not None for name in _REMOTE_MEMBERS)
-
-
-#: Body bytes that mean the provider adds input the body does not hold: files by id
-#: or URL, results of server-side tools (web search, file search, MCP) fed back as
-#: input. A substring test: a match inside the user's own text is escaped (``\"``),
-#: so it can only err towards reserving more.
-_REMOTE_PARTS = (b'"file_id"', b'"file_url"', b'"web_search', b'"file_search"', b'"mcp"')
-_REMOTE_PAIRS = ((b'"document"', b'"url"'),)  # a document by URL (Anthropic)
-
-
-def _names_remote_input(raw_body: bytes) -> bool:
-    return any(part in raw_body for part in _REMOTE_PARTS) or any(
-        a in raw_body and b in raw_body for a, b in _REMOTE_PAIRS
+        remote_input=remote.unbounded,
+        image_tokens=remote.image_tokens,
     )
