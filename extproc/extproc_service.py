@@ -334,7 +334,7 @@ def _redact_headers(msg: pb.HttpHeaders, redactor: Redactor, common: pb.CommonRe
     if not redactor:
         return False
     # the common case, no credential anywhere: one scan over all values at once
-    values = b"\n".join(h.raw_value or h.value.encode("latin-1") for h in msg.headers.headers)
+    values = b"\n".join(h.raw_value or h.value.encode() for h in msg.headers.headers)
     if not redactor.found(values):
         return False
     by_key: dict[str, list[str]] = {}

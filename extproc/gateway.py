@@ -196,6 +196,7 @@ class Gateway:
         lease and the charge to Envoy or keeps them for the response)."""
         charge = await self.reserve(decision, policy)
         lease: Lease | None = None
+        in_flight = False
         try:
             iterations = await self.count_iteration(decision.iterations)
             await self.check_rate_limits(decision)
@@ -203,9 +204,11 @@ class Gateway:
             if decision.group is not None:
                 ttl = self.settings.reservation_ttl_s
                 await self.router.admitted(decision.deployment, decision.group, ttl)
+                in_flight = True
         except BaseException:
-            # refused or cancelled after the reservation: nothing may stay held
-            self.cancel_soon(charge)
+            # refused or cancelled after the reservation: nothing may stay held (and
+            # an in-flight count it never took is not given back)
+            self.cancel_soon(charge, in_flight=in_flight)
             if lease is not None:
                 self.release_soon(lease)
             raise
@@ -364,13 +367,15 @@ class Gateway:
         metrics.settlements.labels("settled").inc()
         return cost
 
-    async def cancel(self, charge: Charge) -> None:
-        """Give a failed, reset or abandoned call's reservation back."""
-        await self.router.finished(
-            charge.deployment,
-            self._policy.groups.get(charge.group),
-            self.settings.reservation_ttl_s,
-        )
+    async def cancel(self, charge: Charge, *, in_flight: bool = True) -> None:
+        """Give a failed, reset or abandoned call's reservation back (and its in-flight
+        count, when it was counted)."""
+        if in_flight:
+            await self.router.finished(
+                charge.deployment,
+                self._policy.groups.get(charge.group),
+                self.settings.reservation_ttl_s,
+            )
         if not charge.keys:
             return
         try:
@@ -404,9 +409,9 @@ class Gateway:
             charge, meter.billable(charge), policy, reported=meter.usage() is not None
         )
 
-    def cancel_soon(self, charge: Charge) -> None:
+    def cancel_soon(self, charge: Charge, *, in_flight: bool = True) -> None:
         """:meth:`cancel` from code that cannot await (a closing stream)."""
-        self._spawn(self.cancel(charge))
+        self._spawn(self.cancel(charge, in_flight=in_flight))
 
     def memory_entries(self) -> dict[str, int]:
         """Entries held by this process's in-memory stores: the embedded store (when it

@@ -242,10 +242,11 @@ def parse_request(
     for name, _, _ in parsed.members:
         # Rule: some upstream parsers (Go's encoding/json) match member names without
         # regard to case, so "MODEL" could be what they serve.
-        if name not in POLICY_MEMBERS and name.lower() in POLICY_MEMBERS:
+        folded = name.casefold()  # Unicode folding: a long s (U+017F) is an "s" to Go
+        if name not in POLICY_MEMBERS and folded in POLICY_MEMBERS:
             raise InvalidJSONError(
-                f"The request body names '{name[:64]}': spell '{name.lower()}' in lower case.",
-                param=name.lower(),
+                f"The request body names '{name[:64]}': spell '{folded}' in lower case.",
+                param=folded,
             )
     if "model" not in body or body["model"] is None:
         raise MissingParameterError("You must provide a model parameter.", param="model")

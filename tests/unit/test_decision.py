@@ -572,15 +572,26 @@ def test_duplicate_model_with_escaped_first_spelling(policy: CompiledPolicy) -> 
     assert "'model'" in info.value.message
 
 
-@pytest.mark.parametrize("name", ["MODEL", "Stream", "Max_Tokens"])
-def test_other_letter_cases_of_policy_members(policy: CompiledPolicy, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "member"),
+    [
+        ("MODEL", "model"),
+        ("Stream", "stream"),
+        ("Max_Tokens", "max_tokens"),
+        ("tool\u017f", "tools"),  # long s: Go's encoding/json folds it to "s"
+        ("\u017ftream", "stream"),
+    ],
+)
+def test_other_letter_cases_of_policy_members(
+    policy: CompiledPolicy, name: str, member: str
+) -> None:
     raw = b'{"model": "auto", "messages": [], "%s": 1}' % name.encode()
     with pytest.raises(GatewayError) as info:
         decide(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
     assert (info.value.status, info.value.code, info.value.param) == (
         400,
         "invalid_json",
-        name.lower(),
+        member,
     )
 
 

@@ -77,3 +77,32 @@ async def test_a_settlement_survives_the_stream_being_reset_meanwhile(tmp_path: 
     key = admission.charge.keys[0]
     assert await store.get_many([key]) == [1_000_000]  # 1000 tokens at $0.001: $1
     assert gateway.metrics.settlements.labels("settled")._value.get() == 1
+
+
+async def test_a_call_refused_after_its_reservation_leaves_in_flight_counts_alone(
+    tmp_path: Path,
+) -> None:
+    """A 429 from the rpm limit comes after the hold but before the call is counted in
+    flight (least-busy): handing the hold back must not take a count it never added."""
+    from extproc.errors import GatewayError  # noqa: PLC0415
+    from extproc.health import inflight_key  # noqa: PLC0415
+    from extproc.keys import hash_key  # noqa: PLC0415
+
+    key = "sk-review-rpm"
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "model_groups: [{name: g, routing_strategy: least-busy, deployments: [{id: a,"
+        " cluster: c, model: m, prices: {input_cost_per_token: 0.000001}}]}]\n"
+        f"keys: [{{hash: {hash_key(key)}, alias: k, rpm_limit: 1}}]\n"
+    )
+    policy = load_policy(path)
+    store = MemoryStore()
+    gateway = Gateway(Settings(policy_path=path), policy, store, rng=lambda: 0.0)
+    head = RequestHead("POST", "/v1/chat/completions", {"authorization": f"Bearer {key}"})
+    raw = json.dumps({"model": "g", "messages": []}).encode()
+    await gateway.admit(await gateway.route(head, raw, policy), policy)  # in flight: 1
+    with pytest.raises(GatewayError) as info:
+        await gateway.admit(await gateway.route(head, raw, policy), policy)
+    assert info.value.code == "rpm_limit_exceeded"
+    await gateway.drain()
+    assert await store.get_many([inflight_key("a")]) == [1]

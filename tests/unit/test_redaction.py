@@ -47,3 +47,23 @@ def test_the_policy_knows_its_credentials_without_their_prefix() -> None:
     redactor = policy.redactor
     assert redactor.text("Bearer sk-openai-1") == "Bearer [REDACTED]"
     assert redactor.text("ant-2-key") == "[REDACTED]"
+
+
+def test_header_values_outside_latin_1_are_not_a_crash() -> None:
+    from envoy.config.core.v3 import base_pb2  # noqa: PLC0415
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: PLC0415
+
+    from extproc.extproc_service import _redact_headers  # noqa: PLC0415
+
+    msg = pb.HttpHeaders(
+        headers=base_pb2.HeaderMap(
+            headers=[
+                base_pb2.HeaderValue(key="x-price", value="5 €"),
+                base_pb2.HeaderValue(key="x-echo", raw_value=b"Bearer sk-secret-123456"),
+            ]
+        )
+    )
+    common = pb.CommonResponse()
+    assert _redact_headers(msg, Redactor(["sk-secret-123456"]), common)
+    (changed,) = common.header_mutation.set_headers
+    assert (changed.header.key, changed.header.raw_value) == ("x-echo", b"Bearer [REDACTED]")
