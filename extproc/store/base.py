@@ -9,6 +9,7 @@ from typing import Protocol
 from extproc.store.keys import SPEND, store_key
 
 __all__ = [
+    "ENDED_KEEP_S",
     "HEARTBEATS",
     "HELD_PREFIX",
     "INT64_MAX",
@@ -25,6 +26,7 @@ __all__ = [
     "check_amount",
     "check_int64",
     "check_owner",
+    "ended_key",
     "lease_owner",
     "limit_arg",
     "resv_owner_key",
@@ -47,6 +49,20 @@ HEARTBEATS = store_key(("proc",), "heartbeats")
 #: many lowercase hex digits.
 OWNER_CHARS = 16
 OWNER_ID = re.compile(f"[0-9a-f]{{{OWNER_CHARS}}}")
+
+
+#: How long a settled or cancelled reservation id stays marked as ended (and an
+#: increment with a marker stays marked as applied). Rule: longer than a write the
+#: store did not acknowledge can take to be retried once the store answers again, so
+#: a retry never charges twice (see ``extproc/owed.py``).
+ENDED_KEEP_S = 900.0
+
+
+def ended_key(rid: str) -> str:
+    """The marker that reservation ``rid`` has been settled or cancelled (``{spend}``
+    slot, beside the reservation book): a retry of either is a no-op, and a reserve
+    for that id that runs late (a script the client gave up on) changes nothing."""
+    return store_key(SPEND, "ended", rid)
 
 
 #: The largest amount one reservation or settlement moves: $1,000,000 in micro-dollars.
@@ -137,6 +153,15 @@ class Store(Protocol):
         """Like :meth:`incr`, also returning the seconds left before the key expires."""
         ...
 
+    async def incr_once(
+        self, key: str, amount: int, ttl_s: float, *, marker: str, keep_s: float = ENDED_KEEP_S
+    ) -> tuple[int, float, bool]:
+        """:meth:`incr_window` unless ``marker`` (a key in ``key``'s slot, see
+        :func:`extproc.store.keys.marker_key`) is set; sets it for ``keep_s``. Returns
+        (value, seconds left, whether this call added). Rule: a retry of an increment
+        whose answer was lost adds nothing."""
+        ...
+
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         """Current values (None where absent or expired)."""
         ...
@@ -182,6 +207,10 @@ class Store(Protocol):
         ``amount`` is at most :data:`MAX_AMOUNT_MICROS` (else a
         :class:`StoreFaultError`, nothing sent); a limit above 2**53 - 1 is that ($9 billion).
 
+        Rule: a reservation id is used once. A reserve for an id that is held, or has
+        ended (:func:`ended_key`), changes nothing and raises :class:`StoreFaultError`
+        (what a reserve that runs late, after its settlement or cancel, finds).
+
         Expired reservations are given back first. If a key's value (settled plus
         reserved) has reached its limit, nothing changes and the result is (index of
         that key, every key's value); else ``amount`` is added to each key (its TTL
@@ -191,15 +220,26 @@ class Store(Protocol):
         ...
 
     async def settle(
-        self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
+        self,
+        rid: str,
+        keys: Sequence[str],
+        cost: int,
+        ttls_s: Sequence[float | None],
+        *,
+        keep_s: float = ENDED_KEEP_S,
     ) -> list[int]:
         """Replace reservation ``rid`` by the real ``cost`` (charged in full when the
         reservation has expired meanwhile); returns each key's settled value after it:
-        its value less what open holds of other calls add (what alerts compare)."""
+        its value less what open holds of other calls add (what alerts compare).
+
+        Rule: idempotent by ``rid``. The id is marked ended for ``keep_s``; a settle
+        (or cancel) of an ended id changes nothing and returns the settled values."""
         ...
 
-    async def cancel(self, rid: str) -> None:
-        """Give reservation ``rid`` back (no-op when settled or expired)."""
+    async def cancel(self, rid: str, *, keep_s: float = ENDED_KEEP_S) -> None:
+        """Give reservation ``rid`` back and mark it ended for ``keep_s`` (a no-op when
+        ended already; an id never reserved is only marked, so a reserve of it that
+        runs late is refused)."""
         ...
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:

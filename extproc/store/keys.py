@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["SPEND", "split_key", "store_key"]
+__all__ = ["SPEND", "marker_key", "split_key", "store_key"]
 
 #: The hash tag every budget key (and the reservation book) shares.
 SPEND = ("spend",)
@@ -71,6 +71,17 @@ def store_key(tag: Sequence[str], *parts: str) -> str:
         raise ValueError("a hash tag starts with a fixed, non-empty namespace")
     head = "{" + ":".join(_escape(p) for p in tag) + "}"
     return head + "".join(":" + _escape(p) for p in parts)
+
+
+def marker_key(key: str, op: str) -> str:
+    """The marker that operation ``op`` was applied to ``key`` (a key :func:`store_key`
+    built): the same hash tag, so one script on one Redis Cluster slot sees both, and
+    a first part (``once``) no counter uses."""
+    split = split_key(key)
+    if split is None:
+        raise ValueError("not a key store_key built")
+    tag, parts = split
+    return store_key(tag, "once", *parts, op)
 
 
 def split_key(key: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:

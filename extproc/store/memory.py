@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from extproc.store.base import (
+    ENDED_KEEP_S,
     SPEND_TAG,
+    StoreFaultError,
     check_amount,
     check_int64,
     check_owner,
+    ended_key,
     lease_owner,
     limit_arg,
 )
@@ -35,7 +38,7 @@ SWEEP_INTERVAL_S = 1.0
 #: backlog continues in the next loop iteration.
 SWEEP_BATCH = 1000
 # Entry kinds in the expiry index.
-_VALUE, _LIST, _LEASES, _RESERVATION = range(4)
+_VALUE, _LIST, _LEASES, _RESERVATION, _MARKER = range(5)
 
 
 @dataclass(slots=True)
@@ -74,12 +77,14 @@ class MemoryStore:
         self._lists: dict[str, tuple[list[float], float]] = {}
         #: Process id → when its heartbeat runs out (one process here: the contract).
         self._beats: dict[str, float] = {}
-        self._expiry = ExpiryIndex(4)
+        #: Marker key → its expiry: ended reservation ids, increments applied once.
+        self._markers: dict[str, float] = {}
+        self._expiry = ExpiryIndex(5)
         self._sweep_interval_s = sweep_interval_s
         self._sweep_batch = sweep_batch
         self._sweeper: asyncio.Handle | None = None
         self._sweeper_loop: asyncio.AbstractEventLoop | None = None
-        self._peaks = [0, 0, 0, 0]
+        self._peaks = [0, 0, 0, 0, 0]
         self._journal = SpendJournal(journal) if journal is not None else None
         if self._journal is not None:
             self._replay(self._journal)
@@ -104,7 +109,13 @@ class MemoryStore:
 
     def entry_count(self) -> int:
         """Entries held now, expired ones not yet evicted included (tests, metrics)."""
-        return len(self._values) + len(self._lists) + len(self._leases) + len(self._reservations)
+        return (
+            len(self._values)
+            + len(self._lists)
+            + len(self._leases)
+            + len(self._reservations)
+            + len(self._markers)
+        )
 
     def _expire(self, kind: int, key: str, expiry: float) -> None:
         """Index an entry's expiry; arms the sweeper when it is not running."""
@@ -136,6 +147,7 @@ class MemoryStore:
                 len(self._lists),
                 len(self._leases),
                 len(self._reservations),
+                len(self._markers),
             )
             self._peaks = [max(peak, n) for peak, n in zip(self._peaks, sizes, strict=True)]
             now = self._clock()
@@ -177,6 +189,12 @@ class MemoryStore:
                     expiry = min(leases.values())
                 else:
                     del self._leases[key]
+        elif kind == _MARKER:
+            until = self._markers.get(key)
+            if until is not None and until <= now:
+                del self._markers[key]
+            elif until is not None:
+                expiry = until
         else:
             res = self._reservations.get(key)
             if res is not None and res.expiry <= now:
@@ -193,6 +211,7 @@ class MemoryStore:
         self._lists, peaks[1] = shrunk(self._lists, peaks[1])
         self._leases, peaks[2] = shrunk(self._leases, peaks[2])
         self._reservations, peaks[3] = shrunk(self._reservations, peaks[3])
+        self._markers, peaks[4] = shrunk(self._markers, peaks[4])
         self._expiry.shrink()
 
     def _wall_expiry(self, key: str, now: float) -> float | None:
@@ -221,6 +240,29 @@ class MemoryStore:
         now = self._clock()
         value = self._add(key, check_int64(amount, "amount"), ttl_s, now)
         return value, self._values[key][1] - now
+
+    def _marked(self, marker: str, now: float) -> bool:
+        until = self._markers.get(marker)
+        if until is not None and until <= now:
+            del self._markers[marker]
+            return False
+        return until is not None
+
+    def _mark(self, marker: str, keep_s: float, now: float) -> None:
+        self._markers[marker] = now + keep_s
+        self._expire(_MARKER, marker, now + keep_s)
+
+    async def incr_once(
+        self, key: str, amount: int, ttl_s: float, *, marker: str, keep_s: float = ENDED_KEEP_S
+    ) -> tuple[int, float, bool]:
+        check_int64(amount, "amount")
+        now = self._clock()
+        if self._marked(marker, now):
+            entry = self._live(key, now)
+            return (0, 0.0, False) if entry is None else (entry[0], entry[1] - now, False)
+        value = self._add(key, amount, ttl_s, now)
+        self._mark(marker, keep_s, now)
+        return value, self._values[key][1] - now, True
 
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         now = self._clock()
@@ -327,6 +369,8 @@ class MemoryStore:
             check_owner(owner)
         bounds = [limit_arg(limit) for limit in limits]  # same range rules as Redis
         now = self._clock()
+        if rid in self._reservations or self._marked(ended_key(rid), now):
+            raise StoreFaultError("reservation id already used")
         for expired in [r for r, res in self._reservations.items() if res.expiry <= now]:
             self._drop(expired, now)
         spends = [(self._live(key, now) or (0, 0.0))[0] for key in keys]
@@ -378,10 +422,20 @@ class MemoryStore:
         return True
 
     async def settle(
-        self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
+        self,
+        rid: str,
+        keys: Sequence[str],
+        cost: int,
+        ttls_s: Sequence[float | None],
+        *,
+        keep_s: float = ENDED_KEEP_S,
     ) -> list[int]:
         check_amount(cost, "cost")
         now = self._clock()
+        marker = ended_key(rid)
+        if self._marked(marker, now):
+            return [self._settled(key, now) for key in keys]
+        self._mark(marker, keep_s, now)
         res = self._reservations.pop(rid, None)
         held = res.amount if res is not None else 0
         if res is not None:
@@ -399,8 +453,13 @@ class MemoryStore:
                 self._journal.record(key, cost, self._wall_expiry(key, now))
         return [self._settled(key, now) for key in keys]
 
-    async def cancel(self, rid: str) -> None:
-        self._drop(rid, self._clock())
+    async def cancel(self, rid: str, *, keep_s: float = ENDED_KEEP_S) -> None:
+        now = self._clock()
+        marker = ended_key(rid)
+        if self._marked(marker, now):
+            return
+        self._drop(rid, now)
+        self._mark(marker, keep_s, now)
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
         check_owner(owner)
@@ -435,5 +494,6 @@ class MemoryStore:
         self._reservations.clear()
         self._holds.clear()
         self._beats.clear()
+        self._markers.clear()
         self._lists.clear()
         self._expiry.clear()

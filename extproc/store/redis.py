@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.store.base import (
+    ENDED_KEEP_S,
     HEARTBEATS,
     HELD_PREFIX,
     OWNER_CHARS,
@@ -34,6 +35,7 @@ from extproc.store.base import (
     check_amount,
     check_int64,
     check_owner,
+    ended_key,
     limit_arg,
     resv_owner_key,
 )
@@ -50,6 +52,24 @@ if ttl < 0 then
   ttl = tonumber(ARGV[2])
 end
 return {value, ttl}
+"""
+
+# KEYS: counter, marker (same slot); ARGV: amount, ttl ms, marker ms → {value, ms
+# left, 1 when this call added}. Rule: a set marker means the increment was applied
+# before (a retry whose answer was lost): nothing changes.
+_INCR_ONCE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local v = redis.call('GET', KEYS[1])
+  return {tonumber(v) or 0, redis.call('PTTL', KEYS[1]), 0}
+end
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  ttl = tonumber(ARGV[2])
+end
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
+return {value, ttl, 1}
 """
 
 # A lease set: members scored by their expiry (server time, ms). Expired leases are
@@ -174,12 +194,17 @@ end
 """
 )
 
-# KEYS: resv hash, expiry zset, budget keys..., [the owner's set of open ids];
-# ARGV: id, amount, hold ms, n, limits (-1: none)..., ttls ms (0: none)... → {0 or
-# the 1-based index of the exhausted budget, spends before this call...}
+# KEYS: resv hash, expiry zset, the id's ended marker, budget keys..., [the owner's
+# set of open ids]; ARGV: id, amount, hold ms, n, limits (-1: none)..., ttls ms (0:
+# none)... → {0 or the 1-based index of the exhausted budget, spends before this
+# call...}. Rule: an id that is held or has ended is refused before anything is
+# written (a reserve the client gave up on may run after its cancel or settlement).
 _RESERVE = (
     _RESV_LIB
     + """
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return redis.error_reply('reservation id already used')
+end
 local now = now_ms()
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 32)) do
   drop(KEYS[1], KEYS[2], id)
@@ -187,8 +212,8 @@ end
 local n = tonumber(ARGV[4])
 local spends = {}
 for i = 1, n do
-  spends[i] = counter(KEYS[i + 2])
-  if not (spends[i] and counter(held(KEYS[i + 2]))) then
+  spends[i] = counter(KEYS[i + 3])
+  if not (spends[i] and counter(held(KEYS[i + 3]))) then
     return redis.error_reply('budget counter ' .. i .. ' is not an integer')
   end
 end
@@ -203,7 +228,7 @@ end
 local amount = ARGV[2]
 local keys, windows = {}, {}
 for i = 1, n do
-  local key = KEYS[i + 2]
+  local key = KEYS[i + 3]
   add(key, amount, tonumber(ARGV[4 + n + i]))
   keys[i] = key
   windows[i] = redis.call('PEXPIRETIME', key)
@@ -211,7 +236,7 @@ for i = 1, n do
   redis.call('INCRBY', held(key), amount)
   if windows[i] > 0 then redis.call('PEXPIREAT', held(key), windows[i]) end
 end
-local owners = KEYS[n + 3]
+local owners = KEYS[n + 4]
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({a = amount, k = keys, e = windows, o = owners}))
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 if owners then
@@ -225,46 +250,56 @@ return out
 """
 )
 
-# KEYS: resv hash, expiry zset, budget keys...; ARGV: id, real cost, ttls ms...
-# A live reservation is replaced by the real cost; where it has expired (already
-# given back) or its window has rolled over, the cost is charged in full.
-# → {each budget's settled value after the settlement...}
+# KEYS: resv hash, expiry zset, the id's ended marker, budget keys...; ARGV: id,
+# real cost, marker ms, ttls ms... A live reservation is replaced by the real cost;
+# where it has expired (already given back) or its window has rolled over, the cost is
+# charged in full. Rule: an id that has ended is settled already (a retry whose first
+# answer was lost): nothing changes. → {each budget's settled value after it...}
 _SETTLE = (
     _RESV_LIB
     + """
+local out = {}
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  for i = 4, #KEYS do out[i - 3] = settled(KEYS[i]) end
+  return out
+end
 local cost = ARGV[2]
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local entry = raw and cjson.decode(raw)
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   if not (counter(KEYS[i]) and counter(held(KEYS[i]))) then
-    return redis.error_reply('budget counter ' .. (i - 2) .. ' is not an integer')
+    return redis.error_reply('budget counter ' .. (i - 3) .. ' is not an integer')
   end
 end
-local out = {}
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local key = KEYS[i]
-  if entry and entry.k[i - 2] == key and same_window(key, entry.e[i - 2]) then
+  if entry and entry.k[i - 3] == key and same_window(key, entry.e[i - 3]) then
     redis.call('INCRBY', key, cost)
     release(key, tostring(entry.a))
   else
     add(key, cost, tonumber(ARGV[i]))
   end
-  out[i - 2] = settled(key)
+  out[i - 3] = settled(key)
 end
 if raw then
   redis.call('HDEL', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
   if entry.o then redis.call('SREM', entry.o, ARGV[1]) end
 end
+redis.call('SET', KEYS[3], 1, 'PX', ARGV[3])
 return out
 """
 )
 
-# KEYS: resv hash, expiry zset; ARGV: id
+# KEYS: resv hash, expiry zset, the id's ended marker; ARGV: id, marker ms. An id
+# never reserved is only marked (a reserve of it that runs late is then refused).
 _CANCEL = (
     _RESV_LIB
     + """
-if drop(KEYS[1], KEYS[2], ARGV[1]) then return 1 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local found = drop(KEYS[1], KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], 1, 'PX', ARGV[2])
+if found then return 1 end
 return 0
 """
 )
@@ -435,6 +470,14 @@ class RedisStore:
             value, ttl_ms = await self._eval(_INCR_WITH_TTL, [key], [amount, _ms(ttl_s)])
             return int(value), int(ttl_ms) / 1000
 
+    async def incr_once(
+        self, key: str, amount: int, ttl_s: float, *, marker: str, keep_s: float = ENDED_KEEP_S
+    ) -> tuple[int, float, bool]:
+        with _guard("incr"):
+            args = [amount, _ms(ttl_s), _ms(keep_s)]
+            value, ttl_ms, added = await self._eval(_INCR_ONCE, [key, marker], args)
+            return int(value), max(0, int(ttl_ms)) / 1000, bool(int(added))
+
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         if not keys:
             return []
@@ -528,7 +571,7 @@ class RedisStore:
         args: list[Any] = [rid, check_amount(amount), _ms(hold_s), n]
         args += [limit_arg(limit) for limit in limits]
         args += [_ms(ttl) for ttl in ttls_s]
-        script_keys = [RESV_HASH, RESV_EXPIRY, *keys]
+        script_keys = [RESV_HASH, RESV_EXPIRY, ended_key(rid), *keys]
         if owner is not None:
             script_keys.append(resv_owner_key(owner))
         with _guard("reserve"):
@@ -539,19 +582,28 @@ class RedisStore:
             return (None if int(out[0]) == 0 else int(out[0]) - 1), spends
 
     async def settle(
-        self, rid: str, keys: Sequence[str], cost: int, ttls_s: Sequence[float | None]
+        self,
+        rid: str,
+        keys: Sequence[str],
+        cost: int,
+        ttls_s: Sequence[float | None],
+        *,
+        keep_s: float = ENDED_KEEP_S,
     ) -> list[int]:
-        args: list[Any] = [rid, check_amount(cost, "cost"), *(_ms(ttl) for ttl in ttls_s)]
+        args: list[Any] = [rid, check_amount(cost, "cost"), _ms(keep_s)]
+        args += [_ms(ttl) for ttl in ttls_s]
         with _guard("settle"):
-            out = await self._eval(_SETTLE, [RESV_HASH, RESV_EXPIRY, *keys], args)
+            script_keys = [RESV_HASH, RESV_EXPIRY, ended_key(rid), *keys]
+            out = await self._eval(_SETTLE, script_keys, args)
             settled = [int(v) for v in out]
             if len(settled) != len(keys):
                 raise ValueError("one settled value per budget")
             return settled
 
-    async def cancel(self, rid: str) -> None:
+    async def cancel(self, rid: str, *, keep_s: float = ENDED_KEEP_S) -> None:
         with _guard("cancel"):
-            await self._eval(_CANCEL, [RESV_HASH, RESV_EXPIRY], [rid])
+            keys = [RESV_HASH, RESV_EXPIRY, ended_key(rid)]
+            await self._eval(_CANCEL, keys, [rid, _ms(keep_s)])
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
         args = [check_owner(owner), _ms(ttl_s), _ms(keep_s)]

@@ -155,8 +155,8 @@ async def test_journal_restore_and_compaction_unchanged_by_the_sweep(tmp_path: P
     store = MemoryStore(clock, journal, sweep_interval_s=0.01)
     await store.reserve("r1", [SPEND, "{spend}:tag:t:1h"], limits=[None, None], amount=9,
                         ttls_s=[None, 1], hold_s=60)  # fmt: skip
-    await store.settle("r1", [SPEND, "{spend}:tag:t:1h"], 4, [None, 1])
-    clock.now += 2  # the tag window ends
+    await store.settle("r1", [SPEND, "{spend}:tag:t:1h"], 4, [None, 1], keep_s=1)
+    clock.now += 2  # the tag window ends, and the id's ended marker
     await wait_for(lambda: store.entry_count() == 1)
     await store.close()
     assert len(journal.read_text().splitlines()) == 1  # compacted to the live key
@@ -204,7 +204,8 @@ async def test_metrics_gauge_counts_entries() -> None:
 
 async def test_settled_reservations_leave_nothing_in_the_expiry_index() -> None:
     """A settled or cancelled reservation is unscheduled: the index does not keep it
-    for the rest of its hold (660 s of every call, otherwise)."""
+    for the rest of its hold (660 s of every call, otherwise); only its ended marker
+    stays, for as long as it was asked to."""
     store = MemoryStore()
     key = "{spend}:key:abc"
     for i in range(5000):
@@ -214,8 +215,8 @@ async def test_settled_reservations_leave_nothing_in_the_expiry_index() -> None:
             await store.settle(rid, [key], 5, [None])
         else:
             await store.cancel(rid)
-    assert store.entry_count() == 1  # the budget key
-    assert len(store._expiry) <= 1024  # rebuilt once leftovers dominate
+    assert store.entry_count() == 1 + 5000  # the budget key, one marker per id
+    assert len(store._expiry) <= 2 * store.entry_count()  # rebuilt once leftovers dominate
     await store.close()
 
 

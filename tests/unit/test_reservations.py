@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.store import MemoryStore, Store, open_store
+from extproc.store import MemoryStore, Store, StoreFaultError, open_store
+from extproc.store.keys import marker_key, split_key
 from tests.unit.test_store import FakeClock
 
 A, B = "{spend}:key:a", "{spend}:global:all"
@@ -46,8 +47,8 @@ async def test_reserve_settle_cancel(store: Store) -> None:
     assert await values(store) == [30, 30]
     await store.settle("r1", [A, B], 12, [None, 60])  # the real cost replaces the hold
     assert await values(store) == [12, 12]
-    await store.settle("r1", [A, B], 12, [None, 60])  # settled twice: charged again
-    assert await values(store) == [24, 24]
+    await store.settle("r1", [A, B], 12, [None, 60])  # a retry: charged once
+    assert await values(store) == [12, 12]
     assert (
         await store.reserve(
             "r2", [A, B], limits=[100, None], amount=50, ttls_s=[None, 60], hold_s=60
@@ -55,7 +56,7 @@ async def test_reserve_settle_cancel(store: Store) -> None:
     )[0] is None
     await store.cancel("r2")
     await store.cancel("r2")  # harmless
-    assert await values(store) == [24, 24]
+    assert await values(store) == [12, 12]
 
 
 async def test_refused_when_a_budget_is_reached(store: Store) -> None:
@@ -222,11 +223,11 @@ async def test_settle_returns_settled_spend_net_of_open_holds(store: Store) -> N
     assert await store.settle("s2", [A], 30, [None]) == [30]  # s1's 1000 still held
     assert await values(store) == [1030, 1000]
     assert await store.settle("s1", [A, B], 400, [None, 60]) == [430, 400]
-    assert await store.settle("s1", [A, B], 5, [None, 60]) == [435, 405]  # again: charged
+    assert await store.settle("s1", [A, B], 5, [None, 60]) == [430, 400]  # a retry: no-op
     await store.reserve("s3", [A], limits=[None], amount=70, ttls_s=[None], hold_s=60)
     await store.cancel("s3")
-    assert await store.settle("s4", [A], 0, [None]) == [435]  # nothing held any more
-    assert await values(store) == [435, 405]
+    assert await store.settle("s4", [A], 0, [None]) == [430]  # nothing held any more
+    assert await values(store) == [430, 400]
 
 
 async def test_settled_spend_after_a_hold_expired(store: Store) -> None:
@@ -244,3 +245,89 @@ async def test_settled_spend_in_a_new_window(store: Store) -> None:
     await store.reserve("v" * 32, [key], limits=[None], amount=40, ttls_s=[0.2], hold_s=600)
     assert await store.settle("w" * 32, [key], 100, [0.2]) == [100]  # not the old hold
     assert await store.settle("v" * 32, [key], 40, [0.2]) == [140]
+
+
+# --- retries: every end of a reservation is idempotent by its id ---------------------
+
+
+async def held_sums(store: Store) -> list[int]:
+    """The sums of open holds beside A and B (what alerts subtract)."""
+    settled = await store.settle("probe" + "0" * 27, [A, B], 0, [None, 60])
+    return [(v or 0) - s for v, s in zip(await values(store), settled, strict=True)]
+
+
+async def test_a_settlement_retried_charges_once_and_keeps_held_sums(store: Store) -> None:
+    await store.reserve("h1", [A, B], limits=[None, None], amount=40, ttls_s=[None, 60], hold_s=60)
+    await store.reserve("h2", [A], limits=[None], amount=25, ttls_s=[None], hold_s=60)
+    for _ in range(3):  # the first answer was lost: the same settlement twice more
+        assert await store.settle("h1", [A, B], 10, [None, 60]) == [10, 10]
+    assert await values(store) == [35, 10]  # h2's 25 still held
+    assert await held_sums(store) == [25, 0]
+    await store.cancel("h2")
+    await store.cancel("h2")
+    assert await values(store) == [10, 10]
+    assert await held_sums(store) == [0, 0]
+
+
+async def test_a_reserve_that_runs_after_its_cancel_changes_nothing(store: Store) -> None:
+    await store.cancel("late")  # the reserve's answer timed out: it is cancelled ...
+    with pytest.raises(StoreFaultError, match="already used"):  # ... and runs late
+        await store.reserve("late", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60)
+    assert await values(store) == [None, None]
+    assert await held_sums(store) == [0, 0]
+
+
+async def test_a_reserve_that_runs_after_its_settlement_changes_nothing(store: Store) -> None:
+    # admitted unreserved (fail mode open), settled, then the reserve script runs
+    assert await store.settle("late2", [A], 12, [None]) == [12]
+    with pytest.raises(StoreFaultError, match="already used"):
+        await store.reserve("late2", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60)
+    assert await values(store) == [12, None]
+    assert await held_sums(store) == [0, 0]
+
+
+async def test_a_reserve_sent_twice_holds_once(store: Store) -> None:
+    await store.reserve("dup", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60)
+    with pytest.raises(StoreFaultError, match="already used"):
+        await store.reserve("dup", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60)
+    assert await values(store) == [30, None]
+    await store.cancel("dup")
+    assert await values(store) == [0, None]
+    assert await held_sums(store) == [0, 0]
+
+
+async def test_a_cancel_of_a_landed_reserve_gives_it_back_once(store: Store) -> None:
+    await store.reserve("u1", [A, B], limits=[None, None], amount=70, ttls_s=[None, 60], hold_s=60)
+    await store.cancel("u1")
+    await store.cancel("u1")
+    await store.settle("u1", [A, B], 9, [None, 60])  # ended: a settle after it is a no-op
+    assert await values(store) == [0, 0]
+    assert await held_sums(store) == [0, 0]
+
+
+async def test_increment_once(store: Store) -> None:
+    counter = "{session_iterations:team:t:s}:count"
+    marker = marker_key(counter, "op1")
+    assert split_key(marker) is not None
+    assert marker.startswith("{session_iterations:team:t:s}:")  # the counter's slot
+    value, left, added = await store.incr_once(counter, 3, 60, marker=marker)
+    assert (value, added) == (3, True)
+    assert 59 < left <= 60
+    value, left, added = await store.incr_once(counter, 3, 60, marker=marker)
+    assert (value, added) == (3, False)
+    assert 0 < left <= 60
+    value, _, added = await store.incr_once(counter, 1, 60, marker=marker_key(counter, "op2"))
+    assert (value, added) == (4, True)
+
+
+async def test_ended_marker_lasts_as_long_as_asked() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    await store.settle("m1", [A], 5, [None], keep_s=10)
+    clock.now += 9
+    await store.settle("m1", [A], 5, [None], keep_s=10)
+    assert await store.get_many([A]) == [5]
+    clock.now += 2  # past the retry horizon the id is forgotten
+    await store.settle("m1", [A], 5, [None], keep_s=10)
+    assert await store.get_many([A]) == [10]
+    await store.close()
