@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.liveness import Liveness
 from extproc.metering import ResponseMeter
 from extproc.metrics import Metrics
+from extproc.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites
 from extproc.parallel import (
     CHARGE_FIELD,
     ITERATIONS_LIMIT_FIELD,
@@ -42,6 +44,7 @@ from extproc.request import RequestHead
 from extproc.routing import Router, context_tokens
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, StoreUnavailableError, open_store
+from extproc.store.keys import marker_key
 from extproc.usage import Usage
 
 __all__ = ["Admission", "Gateway"]
@@ -116,6 +119,19 @@ class Gateway:
             self.metrics,
             ttl_s=settings.heartbeat_ttl_s,
             keep_s=max(settings.lease_ttl_s, settings.reservation_ttl_s),
+        )
+        embedded = isinstance(store, MemoryStore)
+        #: How long the store remembers an ended reservation or an added count. The
+        #: embedded store answers every call in process (nothing is ever retried), so
+        #: a minute keeps its contract without a marker per call for long.
+        self._marker_s = 60.0 if embedded else settings.settlement_marker_ttl_s
+        #: Settlements, cancels and counts the store did not acknowledge, until it does.
+        self.owed = OwedWrites(
+            store,
+            self.metrics,
+            owner=self.liveness.owner,
+            directory=None if embedded else settings.owed_directory,
+            keep_s=self._marker_s,
         )
         self.alerts = Alerter(store, self.metrics, settings.alert_webhook_url)
         self.router = Router(
@@ -198,7 +214,7 @@ class Gateway:
         lease: Lease | None = None
         in_flight = False
         try:
-            iterations = await self.count_iteration(decision.iterations)
+            iterations = await self.count_iteration(decision.iterations, op=charge.rid)
             await self.check_rate_limits(decision)
             lease = await self.take_lease(decision)
             if decision.group is not None:
@@ -281,7 +297,12 @@ class Gateway:
                 owner=self.liveness.owner,
             )
         except StoreError as exc:
-            # Down and open: admitted unreserved; the settle still charges the real cost.
+            # Rule: a reserve whose answer was lost may still run later. Closed: the call
+            # is refused, so its cancel is owed (a reserve that runs after it is refused
+            # by the store). Open: admitted unreserved; the call's own settlement (the
+            # real cost) or cancel ends the id the same way.
+            if isinstance(exc, StoreUnavailableError) and self.settings.fail_mode == "closed":
+                self.owed.add(OwedCancel(charge.rid))
             self._store_failed(exc, "reserve")
             return charge
         if index is not None:
@@ -350,22 +371,40 @@ class Gateway:
             tokens=usage.total_input + usage.output_tokens if usage is not None else 0,
             seconds_per_token=per_token,
         )
-        try:
-            if charge.keys:
-                settled = await self.store.settle(charge.rid, charge.keys, cost, charge.ttls)
+        outcome = "settled"
+        if charge.keys:
+            try:
+                settled = await self.store.settle(
+                    charge.rid, charge.keys, cost, charge.ttls, keep_s=self._marker_s
+                )
+            except StoreError as exc:
+                # Rule: a settlement is never dropped: kept (and journaled) until the
+                # store acknowledges it; settling is idempotent by the reservation id.
+                outcome = "failed"
+                self._log_store_failure(exc)
+                self.owed.add(OwedSettle(charge.rid, charge.keys, cost, charge.ttls))
+            else:
                 if charge.watch:
                     share = (policy or self._policy).general.budget_alert_at
                     by_key = dict(zip(charge.keys, settled, strict=True))
                     self._spawn(self._budget_alerts(charge.watch, by_key, share))
-            if charge.tpm_key is not None and usage is not None:
-                tokens = usage.total_input + usage.output_tokens
-                await self.store.incr(charge.tpm_key, tokens, WINDOW_S)
-        except StoreError as exc:
-            metrics.settlements.labels("failed").inc()
-            self._log_store_failure(exc)
-            return cost
-        metrics.settlements.labels("settled").inc()
+        if charge.tpm_key is not None and usage is not None:
+            tokens = usage.total_input + usage.output_tokens
+            await self._count_once(charge.tpm_key, tokens, WINDOW_S, charge.rid)
+        metrics.settlements.labels(outcome).inc()
         return cost
+
+    async def _count_once(self, key: str, amount: int, ttl_s: float, op: str) -> None:
+        """Add to a counter off the request path; owed (exactly once) when it fails."""
+        marker = marker_key(key, op)
+        try:
+            await self.store.incr_once(
+                key, amount, ttl_s, marker=marker, keep_s=min(ttl_s, self._marker_s)
+            )
+        except StoreError as exc:
+            self._log_store_failure(exc)
+            until = self.clock().timestamp() + ttl_s
+            self.owed.add(OwedCount(key, amount, marker, until))
 
     async def cancel(self, charge: Charge, *, in_flight: bool = True) -> None:
         """Give a failed, reset or abandoned call's reservation back (and its in-flight
@@ -379,11 +418,12 @@ class Gateway:
         if not charge.keys:
             return
         try:
-            await self.store.cancel(charge.rid)
+            await self.store.cancel(charge.rid, keep_s=self._marker_s)
         except StoreError as exc:
-            # the hold runs out after EXTPROC_RESERVATION_TTL_S anyway
+            # Rule: never left to the hold's TTL: kept until the store acknowledges it.
             self.metrics.settlements.labels("failed").inc()
             self._log_store_failure(exc)
+            self.owed.add(OwedCancel(charge.rid))
             return
         self.metrics.settlements.labels("cancelled").inc()
 
@@ -422,7 +462,9 @@ class Gateway:
         return out
 
     async def close(self) -> None:
-        """Close the store and the in-process fallback counts (stops their sweepers)."""
+        """Stop retrying owed writes (the journal keeps what is left), close the store
+        and the in-process fallback counts (stops their sweepers)."""
+        await self.owed.close()
         await self.store.close()
         await self._local.close()
 
@@ -443,21 +485,32 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def count_iteration(self, cap: SessionCap | None) -> IterationCount | None:
-        """Count this call of a capped session (one store round trip) and compare.
+    async def count_iteration(
+        self, cap: SessionCap | None, op: str | None = None
+    ) -> IterationCount | None:
+        """Count this call (``op``: its id) of a capped session (one store round trip)
+        and compare.
 
         When the store fails, the fail mode decides: ``closed`` answers 503, ``open``
-        counts in this process (LiteLLM's fallback) and tries the store again after
-        ``store_retry_s``, so counting goes back to it once it is up.
+        counts in this process (LiteLLM's fallback), owes the count to the store, and
+        tries the store again after ``store_retry_s``, so counting goes back to it once
+        it is up.
         """
         if cap is None:
             return None
         ttl = self.settings.max_iterations_ttl
+        # Rule: the store attempt and the count owed after it share one marker, so an
+        # attempt whose answer was lost (it may still run) and its retry add once.
+        marker = marker_key(cap.store_key, op or uuid.uuid4().hex)
+        keep = min(ttl, self._marker_s)
         now = time.monotonic()
         if now >= self._store_retry_at:
             try:
-                count, left = await self.store.incr_window(cap.store_key, 1, ttl)
-                return check_iterations(cap, count, left)
+                count, left, _ = await self.store.incr_once(
+                    cap.store_key, 1, ttl, marker=marker, keep_s=keep
+                )
+                # counts this process still owes the session are part of its count
+                return check_iterations(cap, count + self.owed.pending_count(cap.store_key), left)
             except StoreError as exc:
                 if isinstance(exc, StoreUnavailableError):
                     self._store_retry_at = now + self.settings.store_retry_s
@@ -469,6 +522,8 @@ class Gateway:
             )
         self.metrics.iterations_fallback.inc()
         count, left = await self._local.incr_window(cap.store_key, 1, ttl)
+        # owed to the store while this count's window lasts (the local counter's)
+        self.owed.add(OwedCount(cap.store_key, 1, marker, self.clock().timestamp() + left))
         return check_iterations(cap, count, left)
 
     async def take_lease(self, decision: RouteDecision) -> Lease | None:

@@ -123,9 +123,24 @@ class Metrics:
         )
         self.settlements = Counter(
             "extproc_settlements",
-            "Budget reservations ended, by outcome (settled, cancelled, failed, reaped: "
-            "a dead process's hold given back).",
+            "Budget reservations ended, by outcome (settled, cancelled, reaped: a dead "
+            "process's hold given back; failed: the store did not acknowledge it, kept "
+            "and retried, see extproc_settlement_retries_total).",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.settlements_pending = Gauge(
+            "extproc_settlements_pending",
+            "Store writes kept for retry because the store did not acknowledge them, by "
+            "kind (settle, cancel, count: a session or tpm count).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.settlement_retries = Counter(
+            "extproc_settlement_retries",
+            "Retries of kept store writes, by kind and result (landed, unavailable, fault, "
+            "expired: a count whose window had ended).",
+            ["kind", "result"],
             registry=self.registry,
         )
         self.heartbeats = Counter(

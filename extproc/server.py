@@ -85,6 +85,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         # Rule: this process beats before it takes its first lease or hold, so a crash
         # at any later moment is seen by its peers.
         await gateway.liveness.start(settings.heartbeat_interval_s)
+        # what a stopped process left owed (settlements, cancels, counts) is retried
+        await gateway.owed.start()
         await server.start()
         await site.start()
         for name in (*_SERVICES, ""):
@@ -113,6 +115,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         await server.stop(settings.shutdown_grace_s)
         await runner.cleanup()
         await gateway.drain()  # settlements, releases and alerts still in flight
+        # owed writes get the grace period to land; the rest stays journaled
+        await gateway.owed.drain(settings.shutdown_grace_s)
         await gateway.liveness.stop()
         await gateway.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     #: Spend journal of the embedded store (settled spend survives restarts); empty
     #: turns it off. ``extproc up`` sets it to its own state directory.
     spend_journal: str = Field(default_factory=lambda: str(state_home() / "spend.jsonl"))
+    #: Where a process keeps the store writes it still owes (settlements, cancels,
+    #: counts the store did not acknowledge), one small file per process. None: an
+    #: ``owed`` directory beside the spend journal (else in the state home); empty: off.
+    owed_dir: str | None = None
+    #: How long the store remembers that a reservation was settled or cancelled (and
+    #: that a retried count was added): a retry within it never counts twice.
+    settlement_marker_ttl_s: float = Field(default=900.0, gt=0)
     #: POSTed a JSON event when a soft budget (or ``alert_at`` share) is crossed.
     alert_webhook_url: str = ""
     #: How long a process reuses what it read about a group's deployments (cooldowns,
@@ -125,6 +132,15 @@ class Settings(BaseSettings):
         if self.heartbeat_interval_s >= self.heartbeat_ttl_s:
             raise ValueError("heartbeat_interval_s must be shorter than heartbeat_ttl_s")
         return self
+
+    @property
+    def owed_directory(self) -> Path | None:
+        """The directory of owed store writes (see ``owed_dir``)."""
+        if self.owed_dir is not None:
+            return Path(self.owed_dir).expanduser() if self.owed_dir else None
+        if self.spend_journal:
+            return Path(self.spend_journal).expanduser().parent / "owed"
+        return state_home() / "owed"
 
     @property
     def grpc_address(self) -> str:

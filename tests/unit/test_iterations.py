@@ -136,6 +136,14 @@ class FlakyStore(MemoryStore):
             raise StoreUnavailableError("connection refused")
         return await super().incr_window(key, amount, ttl_s)
 
+    async def incr_once(
+        self, key: str, amount: int, ttl_s: float, *, marker: str, keep_s: float = 900
+    ) -> tuple[int, float, bool]:
+        self.calls += 1
+        if self.down:
+            raise StoreUnavailableError("connection refused")
+        return await super().incr_once(key, amount, ttl_s, marker=marker, keep_s=keep_s)
+
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         return [None for _ in keys]
 
@@ -154,11 +162,32 @@ async def test_store_down_counts_in_process_then_goes_back(
     assert gateway.metrics.iterations_fallback._value.get() == 4
     assert caplog.text.count("store unavailable") == 1  # logged once per interval
     store.down = False
-    back = await gateway.count_iteration(decision.iterations)
-    assert back is not None
-    assert back.remaining == 2  # counting in the store again
+    # counting in the store again, and the 4 calls counted in process are owed to it
+    with pytest.raises(GatewayError) as info:
+        await gateway.count_iteration(decision.iterations)
+    assert info.value.status == 429
+    await gateway.owed.drain(5)
+    assert len(gateway.owed) == 0
     assert decision.iterations is not None
-    assert await MemoryStore.get_many(store, [decision.iterations.store_key]) == [1]
+    assert await MemoryStore.get_many(store, [decision.iterations.store_key]) == [5]
+    await gateway.close()
+
+
+async def test_counts_owed_to_the_store_keep_the_cap_exact(policy: CompiledPolicy) -> None:
+    """Counted in process while the store is down, then in the store: the cap holds
+    across both, and the store ends with every call counted once."""
+    store = FlakyStore()
+    gateway = make_gateway(policy, store, store_retry_s=0)
+    decision = route(policy, "sk-iter-agent")  # cap 3
+    assert decision.iterations is not None
+    await gateway.count_iteration(decision.iterations)  # 1, in process
+    store.down = False
+    back = await gateway.count_iteration(decision.iterations)  # 2: 1 in the store + 1 owed
+    assert back is not None
+    assert back.remaining == 1
+    await gateway.owed.drain(5)
+    assert await MemoryStore.get_many(store, [decision.iterations.store_key]) == [2]
+    await gateway.close()
 
 
 async def test_store_retry_interval_skips_the_store(policy: CompiledPolicy) -> None:

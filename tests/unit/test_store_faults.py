@@ -208,6 +208,12 @@ class FaultStore(MemoryStore):
         self._check("rate_limit" if ":ratelimit:" in key else "session_count")
         return await super().incr_window(key, amount, ttl_s)
 
+    async def incr_once(
+        self, key: str, amount: int, ttl_s: float, *, marker: str, keep_s: float = 900
+    ) -> tuple[int, float, bool]:
+        self._check("rate_limit" if ":ratelimit:" in key else "session_count")
+        return await super().incr_once(key, amount, ttl_s, marker=marker, keep_s=keep_s)
+
     async def acquire_lease(
         self, key: str, member: str, limit: int, ttl_s: float, **kwargs: Any
     ) -> tuple[bool, int, int]:

@@ -1,0 +1,301 @@
+"""Owed store writes: kept, journaled and retried until they land, each exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from extproc.gateway import Gateway
+from extproc.metrics import Metrics
+from extproc.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites, read_owed
+from extproc.policy import load_policy
+from extproc.request import RequestHead
+from extproc.settings import Settings
+from extproc.store import MemoryStore, StoreFaultError, StoreUnavailableError
+from extproc.store.keys import marker_key
+from extproc.usage import Usage
+
+T = TypeVar("T")
+A, B = "{spend}:key:a", "{spend}:global:all"
+COUNTER = "{session_iterations:team:t:s}:count"
+OWNER_1, OWNER_2 = "1" * 16, "2" * 16
+
+
+class LossyStore(MemoryStore):
+    """Fails the next ``fail`` settlements, cancels and counts as unavailable. With
+    ``lost``, each of those failed calls has been applied first: its answer was lost
+    (a script the client gave up on, that ran anyway)."""
+
+    def __init__(self, fail: int = 0, *, lost: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.lost = lost
+        self.calls = 0
+
+    async def _call(self, work: Coroutine[Any, Any, T]) -> T:
+        self.calls += 1
+        if self.fail > 0:
+            self.fail -= 1
+            if self.lost:
+                await work
+            else:
+                work.close()
+            raise StoreUnavailableError("redis settle failed: TimeoutError")
+        return await work
+
+    async def settle(self, *args: Any, **kwargs: Any) -> list[int]:
+        return await self._call(super().settle(*args, **kwargs))
+
+    async def cancel(self, rid: str, *, keep_s: float = 900) -> None:
+        await self._call(super().cancel(rid, keep_s=keep_s))
+
+    async def incr_once(
+        self, key: str, amount: int, ttl_s: float, *, marker: str, keep_s: float = 900
+    ) -> tuple[int, float, bool]:
+        return await self._call(super().incr_once(key, amount, ttl_s, marker=marker, keep_s=keep_s))
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> tuple[int | None, list[int]]:
+        return await self._call(super().reserve(*args, **kwargs))
+
+
+def owed_writes(store: MemoryStore, directory: Path | None = None, **kwargs: Any) -> OwedWrites:
+    return OwedWrites(
+        store,
+        Metrics(),
+        owner=kwargs.pop("owner", OWNER_1),
+        directory=directory,
+        min_backoff_s=0.001,
+        max_backoff_s=0.01,
+        **kwargs,
+    )
+
+
+def retries(owed: OwedWrites, kind: str, result: str) -> float:
+    metric = owed._metrics.settlement_retries.labels(kind, result)
+    return float(metric._value.get())
+
+
+def pending(owed: OwedWrites, kind: str) -> float:
+    return float(owed._metrics.settlements_pending.labels(kind)._value.get())
+
+
+async def held(store: MemoryStore, keys: Sequence[str]) -> list[int]:
+    """What open holds add to each key (its value less its settled part)."""
+    values = await MemoryStore.get_many(store, keys)
+    return [(v or 0) - store._settled(k, store._clock()) for k, v in zip(keys, values, strict=True)]
+
+
+@pytest.mark.parametrize("lost", [False, True])
+async def test_a_settlement_is_retried_until_it_lands_and_charges_once(
+    tmp_path: Path, lost: bool
+) -> None:
+    store = LossyStore()
+    await store.reserve("r1", [A, B], limits=[None, None], amount=40, ttls_s=[None, 60], hold_s=60)
+    await store.reserve("r2", [A], limits=[None], amount=25, ttls_s=[None], hold_s=60)
+    store.fail, store.lost = 3, lost
+    owed = owed_writes(store, tmp_path)
+    owed.add(OwedSettle("r1", (A, B), 10, (None, 60)))
+    owed.add(OwedSettle("r1", (A, B), 10, (None, 60)))  # the same write: kept once
+    assert pending(owed, "settle") == 1
+    await owed.drain(5)
+    assert len(owed) == 0
+    assert await store.get_many([A, B]) == [35, 10]  # 10 each, r2's 25 still held
+    assert await held(store, [A, B]) == [25, 0]
+    assert (retries(owed, "settle", "unavailable"), retries(owed, "settle", "landed")) == (3, 1)
+    assert pending(owed, "settle") == 0
+    await owed.close()
+    assert os.listdir(tmp_path) == []  # nothing owed: no file left behind
+
+
+@pytest.mark.parametrize("lost", [False, True])
+async def test_a_cancel_is_retried_and_gives_back_once(lost: bool) -> None:
+    store = LossyStore()
+    await store.reserve("c1", [A], limits=[None], amount=70, ttls_s=[None], hold_s=60)
+    await store.reserve("c2", [A], limits=[None], amount=5, ttls_s=[None], hold_s=60)
+    store.fail, store.lost = 2, lost
+    owed = owed_writes(store)
+    owed.add(OwedCancel("c1"))
+    await owed.drain(5)
+    assert await store.get_many([A]) == [5]
+    assert await held(store, [A]) == [5]
+    await owed.close()
+
+
+async def test_a_cancel_of_a_reserve_that_lands_later_leaves_no_hold() -> None:
+    store = LossyStore()
+    owed = owed_writes(store)
+    owed.add(OwedCancel("u1"))  # its reserve's answer timed out
+    await owed.drain(5)
+    with pytest.raises(StoreFaultError):  # the reserve script runs after all
+        await MemoryStore.reserve(
+            store, "u1", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60
+        )
+    assert await store.get_many([A]) == [None]
+    assert store._reservations == {}
+    await owed.close()
+
+
+@pytest.mark.parametrize("lost", [False, True])
+async def test_a_count_is_added_once(lost: bool) -> None:
+    store = LossyStore(fail=3, lost=lost)
+    owed = owed_writes(store)
+    until = owed._wall() + 60
+    for op in ("a", "b"):
+        owed.add(OwedCount(COUNTER, 1, marker_key(COUNTER, op), until))
+    assert owed.pending_count(COUNTER) == 2
+    await owed.drain(5)
+    assert await store.get_many([COUNTER]) == [2]
+    assert owed.pending_count(COUNTER) == 0
+    value, left = (await store.get_many_with_ttl([COUNTER]))[0]
+    assert value == 2
+    assert left is not None
+    assert 55 < left <= 60  # the window the counts were made in
+    await owed.close()
+
+
+async def test_a_count_whose_window_ended_is_not_added() -> None:
+    now = [1000.0]
+    store = LossyStore(fail=1)
+    owed = owed_writes(store, wall=lambda: now[0])
+    owed.add(OwedCount(COUNTER, 1, marker_key(COUNTER, "x"), 1001.0))
+    now[0] = 1002.0
+    await owed.drain(5)
+    assert await store.get_many([COUNTER]) == [None]
+    assert retries(owed, "count", "expired") == 1
+    await owed.close()
+
+
+async def test_a_fault_is_retried_too(tmp_path: Path) -> None:
+    store = LossyStore()
+    await store.set_flag("x", 60)
+    owed = owed_writes(store)
+    broken = [True]
+
+    async def settle(*args: Any, **kwargs: Any) -> list[int]:
+        if broken[0]:
+            raise StoreFaultError("budget counter 1 is not an integer")
+        return await MemoryStore.settle(store, *args, **kwargs)
+
+    store.settle = settle  # type: ignore[method-assign]
+    owed.add(OwedSettle("f1", (A,), 3, (None,)))
+    await owed.drain(0.05)
+    assert len(owed) == 1  # kept: an operator may fix the key
+    assert retries(owed, "settle", "fault") >= 1
+    broken[0] = False
+    await owed.drain(5)
+    assert await store.get_many([A]) == [3]
+    await owed.close()
+
+
+async def test_what_is_owed_survives_a_restart(tmp_path: Path) -> None:
+    down = LossyStore(fail=10**9)
+    first = owed_writes(down, tmp_path, owner=OWNER_1)
+    first.add(OwedSettle("s1", (A, B), 12, (None, 60)))
+    first.add(OwedCancel("c1"))
+    first.add(OwedCount(COUNTER, 1, marker_key(COUNTER, "n1"), first._wall() + 60))
+    first.add(OwedSettle("s2", (A,), 1, (None,)))
+    down.fail = 0
+    await first.drain(5)  # everything lands ...
+    down.fail = 10**9
+    first.add(OwedSettle("s3", (A,), 7, (None,)))  # ... but this one, before the stop
+    await first.drain(0.01)
+    await first.close()
+    journal = tmp_path / f"owed-{OWNER_1}.jsonl"
+    assert set(read_owed(journal)) == {"settle:s3"}
+
+    up = LossyStore()
+    second = owed_writes(up, tmp_path, owner=OWNER_2)
+    await second.start()  # adopts the stopped process's journal
+    assert not journal.exists()
+    await second.drain(5)
+    assert await up.get_many([A]) == [7]
+    await second.close()
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+    journal = tmp_path / f"owed-{OWNER_1}.jsonl"
+    line = {"op": "settle", "rid": "t1", "keys": [A], "cost": 4, "ttls": [None]}
+    journal.write_text(json.dumps(line) + '\n{"op": "sett')
+    store = LossyStore()
+    owed = owed_writes(store, tmp_path, owner=OWNER_2)
+    await owed.start()
+    await owed.drain(5)
+    assert await store.get_many([A]) == [4]
+    await owed.close()
+
+
+async def test_a_live_processes_journal_is_not_adopted(tmp_path: Path) -> None:
+    down = LossyStore(fail=10**9)
+    live = owed_writes(down, tmp_path, owner=OWNER_1)
+    live.add(OwedCancel("c1"))
+    other = owed_writes(LossyStore(), tmp_path, owner=OWNER_2)
+    await other.start()
+    assert len(other) == 0
+    assert len(live) == 1
+    await other.close()
+    await live.close()
+
+
+# --- through the gateway ---------------------------------------------------------------
+
+
+def _gateway(tmp_path: Path, store: MemoryStore, **settings: Any) -> Gateway:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "model_groups: [{name: g, deployments: [{id: a, cluster: c, model: m,"
+        " prices: {input_cost_per_token: 0.001}}]}]\n"
+        "general_settings: {max_budget: 100}\n"
+    )
+    return Gateway(Settings(policy_path=path, **settings), load_policy(path), store)
+
+
+async def _admit(gateway: Gateway) -> Any:
+    raw = json.dumps({"model": "g", "messages": [], "max_tokens": 1}).encode()
+    decision = await gateway.route(RequestHead("POST", "/v1/chat/completions", {}), raw,
+                                   gateway.policy)  # fmt: skip
+    return await gateway.admit(decision, gateway.policy)
+
+
+async def test_gateway_keeps_a_settlement_the_store_did_not_acknowledge(tmp_path: Path) -> None:
+    store = LossyStore()
+    gateway = _gateway(tmp_path, store)
+    admission = await _admit(gateway)
+    store.fail, store.lost = 2, True
+    cost = await gateway.settle(admission.charge, Usage(input_tokens=1000))
+    assert gateway.metrics.settlements.labels("failed")._value.get() == 1
+    await gateway.owed.drain(5)
+    assert await store.get_many(list(admission.charge.keys)) == [cost]
+    assert await held(store, admission.charge.keys) == [0]
+    await gateway.close()
+
+
+async def test_gateway_closed_mode_cancels_a_reserve_whose_answer_was_lost(
+    tmp_path: Path,
+) -> None:
+    store = LossyStore(fail=1, lost=True)  # the reserve ran, its answer was lost
+    gateway = _gateway(tmp_path, store, fail_mode="closed")
+    with pytest.raises(Exception, match="cannot check its limits"):
+        await _admit(gateway)
+    assert len(gateway.owed) == 1
+    await gateway.owed.drain(5)
+    assert store._reservations == {}
+    key = "{spend}:global:all"
+    assert await store.get_many([key]) == [0]  # given back
+    assert await held(store, [key]) == [0]
+    await gateway.close()
+
+
+async def test_gateway_open_mode_settles_a_reserve_that_ran_late(tmp_path: Path) -> None:
+    store = LossyStore(fail=1, lost=True)  # admitted unreserved: the hold exists anyway
+    gateway = _gateway(tmp_path, store)
+    admission = await _admit(gateway)
+    cost = await gateway.settle(admission.charge, Usage(input_tokens=10))
+    assert await store.get_many(list(admission.charge.keys)) == [cost]  # hold replaced
+    assert store._reservations == {}
+    await gateway.close()
