@@ -127,7 +127,9 @@ def test_redis_stalled_under_traffic_loses_nothing(
     assert spent_global == spent
     assert all(v == 0 for v in held.values()), held
     assert count == ok + 1  # every admitted call counted once, none that was refused
-    # the stall was felt: writes were kept, and landed later
-    assert any('result="landed"' in k for k in landed), landed
+    if fail_mode == "open":
+        # the stall was felt: writes were kept, and landed later (closed refuses the
+        # calls instead, so it owes something only when a call was mid-reservation)
+        assert any('result="landed"' in k for k in landed), landed
     assert "Traceback" not in log
     assert " ERROR " not in log, log
