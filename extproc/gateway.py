@@ -506,6 +506,10 @@ class Gateway:
         now = time.monotonic()
         if now >= self._store_retry_at:
             try:
+                if self.owed.pending_count(cap.store_key):
+                    # land what is owed first: an owed count whose lost attempt ran
+                    # later is already in the store's count
+                    await self.owed.land_counts(cap.store_key)
                 count, left, _ = await self.store.incr_once(
                     cap.store_key, 1, ttl, marker=marker, keep_s=keep
                 )

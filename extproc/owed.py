@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -59,6 +60,8 @@ class OwedSettle:
     keys: tuple[str, ...]
     cost: int
     ttls: tuple[float | None, ...]
+    #: Unix time of the first attempt (0: set when it is owed).
+    since: float = 0.0
 
     @property
     def ident(self) -> str:
@@ -70,6 +73,8 @@ class OwedCancel:
     """Give reservation ``rid`` back, or refuse it if it lands later."""
 
     rid: str
+    #: Unix time of the first attempt (0: set when it is owed).
+    since: float = 0.0
 
     @property
     def ident(self) -> str:
@@ -108,9 +113,10 @@ def _line(item: Owed) -> dict[str, Any]:
             "keys": list(item.keys),
             "cost": item.cost,
             "ttls": list(item.ttls),
+            "t": item.since,
         }
     if isinstance(item, OwedCancel):
-        return {"op": "cancel", "rid": item.rid}
+        return {"op": "cancel", "rid": item.rid, "t": item.since}
     return {"op": "count", "key": item.key, "n": item.amount, "m": item.marker, "u": item.until}
 
 
@@ -122,9 +128,10 @@ def _parse(entry: dict[str, Any]) -> Owed | str:
         ttls = tuple(None if t is None else float(t) for t in entry["ttls"])
         if len(keys) != len(ttls):
             raise ValueError("one ttl per key")
-        return OwedSettle(str(entry["rid"]), keys, int(entry["cost"]), ttls)
+        since = float(entry.get("t") or 0.0)
+        return OwedSettle(str(entry["rid"]), keys, int(entry["cost"]), ttls, since)
     if op == "cancel":
-        return OwedCancel(str(entry["rid"]))
+        return OwedCancel(str(entry["rid"]), float(entry.get("t") or 0.0))
     if op == "count":
         return OwedCount(str(entry["key"]), int(entry["n"]), str(entry["m"]), float(entry["u"]))
     if op == "done":
@@ -238,6 +245,8 @@ class OwedWrites:
         self._counts: dict[str, int] = {}
         self._journal: _Journal | None = None
         self._journal_failed = False
+        #: Lines in the journal since it was last emptied (compaction).
+        self._lines = 0
         self._task: asyncio.Task[None] | None = None
         #: Set while nothing is owed.
         self._settled = asyncio.Event()
@@ -269,14 +278,19 @@ class OwedWrites:
         self._kick()
 
     def _keep(self, item: Owed) -> None:
+        if isinstance(item, OwedSettle | OwedCancel) and not item.since:
+            item = dataclasses.replace(item, since=self._wall())  # unknown: from now
         self._items[item.ident] = item
         self._settled.clear()
         if isinstance(item, OwedCount):
             self._counts[item.key] = self._counts.get(item.key, 0) + item.amount
         self._metrics.settlements_pending.labels(_kind(item)).inc()
 
-    def _forget(self, item: Owed) -> None:
-        del self._items[item.ident]
+    def _forget(self, item: Owed) -> bool:
+        """Whether ``item`` was still owed (a count landed by a decision and by the
+        retry loop at once is forgotten once)."""
+        if self._items.pop(item.ident, None) is None:
+            return False
         if not self._items:
             self._settled.set()
         if isinstance(item, OwedCount):
@@ -286,26 +300,42 @@ class OwedWrites:
             else:
                 self._counts.pop(item.key, None)
         self._metrics.settlements_pending.labels(_kind(item)).dec()
+        return True
 
-    def _record(self, lines: list[dict[str, Any]]) -> None:
-        """Journal ``lines``; a journal that cannot be written leaves the writes in
-        memory only (logged once: they still land while this process lives)."""
+    def _record(self, lines: list[dict[str, Any]]) -> bool:
+        """Journal ``lines``; whether the journal now lists everything owed.
+
+        A journal that cannot be written keeps the writes in memory (logged once; they
+        still land while this process lives) and is tried again with the next line,
+        then written whole. Rule: once the done lines far outnumber what is owed, the file is
+        rewritten with only what is owed, so it never grows past what one outage owes.
+        """
         path = self.journal_path
-        if path is None or self._journal_failed:
-            return
+        if path is None:
+            return False
         try:
             if self._journal is None:
                 self._journal = _Journal(path)
+            if self._journal_failed or self._lines > 4 * len(self._items) + 1000:
+                self._journal.empty()
+                lines = [_line(item) for item in self._items.values()]
+                self._lines = 0
             self._journal.write(lines)
+            self._lines += len(lines)
             if not self._items:
                 self._journal.empty()
+                self._lines = 0
         except OSError as exc:
+            if not self._journal_failed:
+                log.error(  # noqa: TRY400 - one line, no traceback: the cause is the disk
+                    "owed writes journal %s cannot be written, keeping them in memory: %s",
+                    path,
+                    exc,
+                )
             self._journal_failed = True
-            log.error(  # noqa: TRY400 - one line, no traceback: the cause is the disk
-                "owed writes journal %s cannot be written, keeping them in memory only: %s",
-                path,
-                exc,
-            )
+            return False
+        self._journal_failed = False
+        return True
 
     async def start(self) -> None:
         """Adopt what stopped processes left owed in the directory, and retry it."""
@@ -326,11 +356,12 @@ class OwedWrites:
                 adopted = [i for i in read_owed(path).values() if i.ident not in self._items]
                 for item in adopted:
                     self._keep(item)
-                self._record([_line(item) for item in adopted])
                 if adopted:
                     log.warning("adopted %d owed store writes from %s", len(adopted), path)
-                path.unlink()
-                path.with_name(path.name + ".lock").unlink()
+                # Rule: the dead process's file goes only once this one's lists them.
+                if self._record([_line(item) for item in adopted]) or not adopted:
+                    path.unlink()
+                    path.with_name(path.name + ".lock").unlink()
             except OSError as exc:
                 log.warning("could not adopt owed store writes from %s: %s", path, exc)
             finally:
@@ -354,20 +385,36 @@ class OwedWrites:
         """Send every owed write once (a few at a time); False when the store is still
         down or answered an error (the caller backs off), True when all went out."""
         items = list(self._items.values())
+        landed_all = True
         for start in range(0, len(items), _BATCH):
+            # Rule: every batch is tried each round: a write the store refuses (a fault)
+            # must not hold back the ones behind it.
             batch = items[start : start + _BATCH]
             results = await asyncio.gather(*(self._apply(i) for i in batch))
-            done = [item for item, ok in zip(batch, results, strict=True) if ok]
-            for item in done:
-                self._forget(item)
-            if done:
-                self._record([{"op": "done", "id": item.ident} for item in done])
-            if not all(results):
-                return False
-        return True
+            await self._done([item for item, ok in zip(batch, results, strict=True) if ok])
+            landed_all = landed_all and all(results)
+        return landed_all
+
+    async def _done(self, items: list[Owed]) -> None:
+        forgotten = [item for item in items if self._forget(item)]
+        if forgotten:
+            self._record([{"op": "done", "id": item.ident} for item in forgotten])
+
+    async def land_counts(self, key: str) -> None:
+        """Send what is owed to the counter ``key`` now (before a decision reads it:
+        an owed count whose lost attempt landed meanwhile must not count twice)."""
+        owed = [i for i in self._items.values() if isinstance(i, OwedCount) and i.key == key]
+        results = await asyncio.gather(*(self._apply(i) for i in owed))
+        await self._done([item for item, ok in zip(owed, results, strict=True) if ok])
 
     async def _apply(self, item: Owed) -> bool:
         kind = _kind(item)
+        if isinstance(item, OwedSettle | OwedCancel) and self._wall() - item.since > self.keep_s:
+            # Its first attempt may have landed and its marker has expired since: sent
+            # again it could charge twice. Dropped, counted and logged instead.
+            self._metrics.settlement_retries.labels(kind, "expired").inc()
+            log.warning("owed %s older than the marker TTL, dropped: %s", kind, item.rid)
+            return True
         try:
             if isinstance(item, OwedSettle):
                 await self._store.settle(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
 from collections.abc import Coroutine, Sequence
@@ -10,6 +12,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+import extproc.owed as owed_module
 from extproc.gateway import Gateway
 from extproc.metrics import Metrics
 from extproc.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites, read_owed
@@ -298,4 +301,134 @@ async def test_gateway_open_mode_settles_a_reserve_that_ran_late(tmp_path: Path)
     cost = await gateway.settle(admission.charge, Usage(input_tokens=10))
     assert await store.get_many(list(admission.charge.keys)) == [cost]  # hold replaced
     assert store._reservations == {}
+    await gateway.close()
+
+
+# --- what a second reader found ------------------------------------------------------
+
+
+class _FaultyFor(LossyStore):
+    """Settlements touching ``bad`` are answered with an error, for ever."""
+
+    bad = "{spend}:key:bad"
+
+    async def settle(self, rid: str, keys: Any, *args: Any, **kwargs: Any) -> list[int]:
+        if self.bad in keys:
+            raise StoreFaultError("budget counter 1 is not an integer")
+        return await super().settle(rid, keys, *args, **kwargs)
+
+
+async def test_writes_the_store_refuses_do_not_hold_back_the_others() -> None:
+    store = _FaultyFor()
+    owed = owed_writes(store)
+    for i in range(40):
+        owed.add(OwedSettle(f"bad{i}", (_FaultyFor.bad,), 1, (None,)))
+    owed.add(OwedSettle("good", (A,), 7, (None,)))
+    await owed.drain(1.0)
+    assert await store.get_many([A]) == [7]
+    assert len(owed) == 40
+    await owed.close()
+
+
+async def test_the_journal_stays_small_behind_a_write_that_never_lands(tmp_path: Path) -> None:
+    store = _FaultyFor()
+    owed = owed_writes(store, tmp_path)
+    owed.add(OwedSettle("bad", (_FaultyFor.bad,), 1, (None,)))
+    path = tmp_path / f"owed-{OWNER_1}.jsonl"
+    for blip in range(4):
+        for i in range(1000):
+            owed.add(OwedSettle(f"g{blip}-{i}", (A,), 1, (None,)))
+        await owed.drain(0.01)
+        wait_until_true = 0
+        while len(owed) > 1 and wait_until_true < 500:
+            await asyncio.sleep(0.01)
+            wait_until_true += 1
+    assert len(owed) == 1
+    assert path.stat().st_size < 300_000  # compacted: not 4,000 adds and dones
+    assert set(read_owed(path)) == {"settle:bad"}
+    await owed.close()
+
+
+async def test_a_journal_that_failed_once_is_written_whole_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owed = owed_writes(LossyStore(fail=10**9), tmp_path)
+    real = owed_module._Journal.write
+    fails = [1]
+
+    def flaky(self: Any, lines: Any) -> None:
+        if fails[0]:
+            fails[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, lines)
+
+    monkeypatch.setattr(owed_module._Journal, "write", flaky)
+    owed.add(OwedSettle("s1", (A,), 1, (None,)))  # the disk is full for a moment
+    owed.add(OwedSettle("s2", (A,), 2, (None,)))
+    assert set(read_owed(tmp_path / f"owed-{OWNER_1}.jsonl")) == {"settle:s1", "settle:s2"}
+    await owed.close()
+
+
+async def test_adoption_keeps_the_dead_journal_while_its_own_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = tmp_path / f"owed-{OWNER_1}.jsonl"
+    line = {"op": "settle", "rid": "s1", "keys": [A], "cost": 5, "ttls": [None], "t": 0}
+    dead.write_text(json.dumps(line) + "\n")
+
+    def enospc(self: Any, lines: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(owed_module._Journal, "write", enospc)
+    adopter = owed_writes(LossyStore(fail=10**9), tmp_path, owner=OWNER_2)
+    await adopter.start()
+    assert len(adopter) == 1
+    assert set(read_owed(dead)) == {"settle:s1"}  # still the one durable copy
+    await adopter.close()
+
+
+async def test_an_owed_settlement_older_than_its_marker_is_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    """Its first attempt may have landed and the marker that made a retry harmless is
+    gone: sending it again could charge twice. It is dropped and counted."""
+    now = [1000.0]
+    store = LossyStore()
+    await store.reserve("r1", [A], limits=[None], amount=50, ttls_s=[None], hold_s=60)
+    store.fail, store.lost = 10**9, True  # every settle runs, its answer is lost
+    first = owed_writes(store, tmp_path, owner=OWNER_1, keep_s=900, wall=lambda: now[0])
+    first.add(OwedSettle("r1", (A,), 10, (None,)))
+    await first.drain(0.05)
+    await first.close()
+    assert await store.get_many([A]) == [10]
+    now[0] += 1200  # the next start, twenty minutes later
+    store.fail = 0
+    second = owed_writes(store, tmp_path, owner=OWNER_2, keep_s=900, wall=lambda: now[0])
+    await second.start()
+    await second.drain(5)
+    assert await store.get_many([A]) == [10]
+    assert len(second) == 0
+    await second.close()
+
+
+async def test_a_lost_count_that_landed_is_not_counted_twice_by_the_next_call(
+    tmp_path: Path,
+) -> None:
+    """The first call's store count ran but its answer was lost: counted in process and
+    owed. The next call lands what is owed first, so the cap sees 2 calls, not 3."""
+    from extproc.iterations import SessionCap  # noqa: PLC0415
+
+    path = tmp_path / "p.yaml"
+    path.write_text("model_groups: [{name: g, deployments: [{id: a, cluster: c, model: m}]}]\n")
+    store = LossyStore(fail=1, lost=True)
+    gateway = Gateway(Settings(policy_path=path, store_retry_s=0), load_policy(path), store)
+    cap = SessionCap("s", 2, COUNTER)
+    first = await gateway.count_iteration(cap, op="call1")
+    assert first is not None
+    assert first.remaining == 1
+    second = await gateway.count_iteration(cap, op="call2")  # no false 429
+    assert second is not None
+    assert second.remaining == 0
+    await gateway.owed.drain(5)
+    assert await MemoryStore.get_many(store, [COUNTER]) == [2]
     await gateway.close()
