@@ -51,6 +51,9 @@ __all__ = ["Admission", "Gateway"]
 
 log = logging.getLogger("extproc")
 
+#: Sessions whose last store count a process remembers (for counting through an outage).
+_STORE_COUNTS_KEPT = 100_000
+
 
 def _fits_every_attempt(route: FailoverRoute, policy: CompiledPolicy, prepared: Prepared) -> bool:
     """Whether the call fits the context window of every deployment it may fail over to."""
@@ -112,6 +115,8 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         #: In-process counters for session caps while the store is down.
         self._local = MemoryStore()
+        #: Session counter key → (the store's last count, monotonic end of its window).
+        self._store_counts: dict[str, tuple[int, float]] = {}
         self._store_retry_at = float("-inf")
         #: This process's id on its leases and holds, and the peers seen dead.
         self.liveness = Liveness(
@@ -513,6 +518,7 @@ class Gateway:
                 count, left, _ = await self.store.incr_once(
                     cap.store_key, 1, ttl, marker=marker, keep_s=keep
                 )
+                self._remember_count(cap.store_key, count, now + left)
                 # counts this process still owes the session are part of its count
                 return check_iterations(cap, count + self.owed.pending_count(cap.store_key), left)
             except StoreError as exc:
@@ -525,10 +531,27 @@ class Gateway:
                 "session_count",
             )
         self.metrics.iterations_fallback.inc()
+        seen = self._store_counts.pop(cap.store_key, None)
+        if (
+            seen is not None
+            and seen[1] > now
+            and (await self._local.get_many([cap.store_key]))[0] is None
+        ):
+            # Rule: counting in process goes on from the store's last count, so a
+            # session cannot pass its cap by the calls made before the outage.
+            await self._local.incr_window(cap.store_key, seen[0], seen[1] - now)
         count, left = await self._local.incr_window(cap.store_key, 1, ttl)
         # owed to the store while this count's window lasts (the local counter's)
         self.owed.add(OwedCount(cap.store_key, 1, marker, self.clock().timestamp() + left))
         return check_iterations(cap, count, left)
+
+    def _remember_count(self, key: str, count: int, until: float) -> None:
+        """The store's latest count of a session (until its window ends), for counting
+        in process from there when the store fails; the oldest are forgotten first."""
+        self._store_counts.pop(key, None)
+        self._store_counts[key] = (count, until)
+        if len(self._store_counts) > _STORE_COUNTS_KEPT:
+            del self._store_counts[next(iter(self._store_counts))]
 
     async def take_lease(self, decision: RouteDecision) -> Lease | None:
         """A slot of the key's ``max_parallel_requests``, or a 429; None when the key

@@ -220,3 +220,29 @@ def test_ttl_from_litellm_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().max_iterations_ttl == 120
     monkeypatch.setenv("EXTPROC_MAX_ITERATIONS_TTL", "30")
     assert Settings().max_iterations_ttl == 30
+
+
+async def test_counting_in_process_goes_on_from_the_stores_last_count(
+    policy: CompiledPolicy,
+) -> None:
+    """Two calls counted in the store, then the store fails: the in-process count
+    starts at 2, so the cap of 3 still admits one call, not three more."""
+    store = FlakyStore()
+    store.down = False
+    gateway = make_gateway(policy, store, store_retry_s=0)
+    decision = route(policy, "sk-iter-agent")  # cap 3
+    for _ in range(2):
+        await gateway.count_iteration(decision.iterations)
+    store.down = True
+    third = await gateway.count_iteration(decision.iterations)  # in process: 3
+    assert third is not None
+    assert third.remaining == 0
+    with pytest.raises(GatewayError) as info:
+        await gateway.count_iteration(decision.iterations)
+    assert info.value.code == "max_iterations_exceeded"
+    store.down = False
+    await gateway.owed.drain(5)
+    assert decision.iterations is not None
+    # the store got the two calls counted in process once each, not the seed
+    assert await MemoryStore.get_many(store, [decision.iterations.store_key]) == [4]
+    await gateway.close()
