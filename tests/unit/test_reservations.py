@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,6 @@ from extproc.store.keys import marker_key, split_key
 from tests.unit.test_store import FakeClock
 
 A, B = "{spend}:key:a", "{spend}:global:all"
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    url = request.getfixturevalue("redis_url")
-    client = aioredis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
-    opened = open_store(url)
-    yield opened
-    await opened.close()
 
 
 async def values(store: Store) -> list[int | None]:

@@ -4,7 +4,7 @@ leaves behind given back (leases dropped when a set is full, holds reaped)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -19,20 +19,6 @@ SLOTS = "{key:owners}:parallel"
 
 def lease(owner: str, n: int) -> str:
     return f"{owner}{n:016x}"
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    url = request.getfixturevalue("redis_url")
-    client = aioredis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
-    opened = open_store(url)
-    yield opened
-    await opened.close()
 
 
 async def poll(check: Callable[[], Awaitable[bool]], what: str) -> None:
