@@ -12,8 +12,9 @@ deployment) and the same load:
      same generated Envoy config as c, answering the same phases with empty replies:
      the framework floor;
   c  Envoy + this server, full policy (bench/policy.yaml): virtual key, session cap,
-     key + team + tag + provider budgets with reservation and settlement, weighted
-     routing over three deployments, usage accounting, on a private Redis;
+     key rpm/tpm/parallel limits, key + team + tag + provider budgets with reservation
+     and settlement, weighted routing over three deployments, usage accounting, on a
+     private Redis;
   c' the same server and policy through the ext_authz variant (--skip-authz drops it);
   d  the LiteLLM proxy (pinned version, installed on first run into
      bench/.litellm-venv), one worker, no database: three deployments with weights,
@@ -50,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis as redis_sync
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,12 +355,15 @@ def measure(
     envoy: int | None,
     redis: int | None,
     mock_ports: dict[str, int],
+    redis_port: int | None = None,
 ) -> Row:
     run_load(url, warmup, load)
     for port in mock_ports.values():
         _mock_requests(port, "DELETE")
     envoy_roots = [envoy] if envoy else []
     redis_roots = [redis] if redis else []
+    if redis_port is not None:
+        redis_commands(redis_port, reset=True)
     before = {
         "server": cpu_by_pid(server),
         "envoy": cpu_by_pid(envoy_roots),
@@ -380,12 +385,100 @@ def measure(
         redis_cpu_us=per_request(redis_roots, "redis"),
         notes=[upstream_seen(mock_ports)],
     )
+    if redis_port is not None:
+        row.notes.append(commands_note(redis_commands(redis_port), result["requests"]))
+        row.notes.append(sample_round_trips(redis_port, url, load))
     print(
         f"  {key:<3} {label}: {result['rps']:.0f} req/s, p50 {result['p50']:.2f} ms, "
         f"non-2xx {result['non2xx']:.0f}",
         flush=True,
     )
     return row
+
+
+def redis_commands(port: int, *, reset: bool = False) -> dict[str, int]:
+    """Redis's count of calls per command since its last reset (``INFO commandstats``);
+    ``reset`` starts the count again."""
+    client = redis_sync.Redis(host="127.0.0.1", port=port)
+    try:
+        if reset:
+            client.config_resetstat()
+            return {}
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if isinstance(value, dict) and name not in ("cmdstat_config", "cmdstat_info")
+    }
+
+
+_MONITOR_LINE = re.compile(r'^[0-9.]+ \[\d+ ([^\]]+)\] "([^"]+)"')
+#: Reads a client sends as one pipeline (the routing snapshot): a run of them on one
+#: connection is one round trip.
+_PIPELINED = frozenset({"get", "pttl", "lrange", "lpush", "ltrim", "pexpire"})
+
+
+def round_trips(monitor_log: str) -> tuple[int, dict[str, int]]:
+    """(round trips, client commands by name) in a ``MONITOR`` log: every command a
+    client sent (commands run by scripts, ``[0 lua]``, are not trips), a run of
+    pipelined reads on one connection counted once."""
+    trips, by_name = 0, dict[str, int]()
+    last: dict[str, str] = {}
+    for line in monitor_log.splitlines():
+        match = _MONITOR_LINE.match(line)
+        if match is None or match.group(1) == "lua":
+            continue
+        client, name = match.group(1), match.group(2).lower()
+        if name in ("monitor", "config", "info"):
+            continue
+        by_name[name] = by_name.get(name, 0) + 1
+        if not (name in _PIPELINED and last.get(client) in _PIPELINED):
+            trips += 1
+        last[client] = name
+    return trips, by_name
+
+
+def sample_round_trips(port: int, url: str, load: Load, seconds: int = 5) -> str:
+    """Store round trips per call under the same load, from Redis's ``MONITOR`` over a
+    short extra run (after the measured one: MONITOR slows Redis down)."""
+    log = load.workdir / f"monitor-{port}.log"
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        return "round trips: redis-cli not found"
+    with log.open("w") as out:
+        monitor = subprocess.Popen([cli, "-h", "127.0.0.1", "-p", str(port), "monitor"], stdout=out)
+        try:
+            time.sleep(0.3)
+            result = run_load(url, seconds, load)
+            time.sleep(0.3)
+        finally:
+            monitor.terminate()
+            monitor.wait(timeout=10)
+    trips, by_name = round_trips(log.read_text(errors="replace"))
+    calls = result["requests"] or float("nan")
+    parts = ", ".join(
+        f"{n} {c / calls:.2f}" for n, c in sorted(by_name.items(), key=lambda i: -i[1])
+    )
+    return (
+        f"store round trips per call: {trips / calls:.2f} over {calls:.0f} calls "
+        f"(client commands per call: {parts}; Redis MONITOR, background work included)"
+    )
+
+
+def commands_note(calls: dict[str, int], requests: float) -> str:
+    """Store round trips per call: every command Redis served over the measured run
+    (the row's requests, background work included), divided by the requests."""
+    if not requests:
+        return "redis commands: no requests"
+    total = sum(calls.values())
+    top = sorted(calls.items(), key=lambda item: -item[1])
+    parts = ", ".join(f"{name} {count / requests:.2f}" for name, count in top)
+    return (
+        "redis commands executed per call (scripts' own included): "
+        f"{total / requests:.2f} ({parts}; INFO commandstats)"
+    )
 
 
 def _pid(proc: Proc) -> int:
@@ -685,7 +778,8 @@ ROW_NOTES = {
     "headers, buffered body (replied with the routing header + credential of the next "
     "deployment in a fixed 3/2/1 rotation), response headers (a 2xx switches the response "
     "body to STREAMED, as the server does), response body pieces; empty replies otherwise.",
-    "c": "Envoy + this server, bench/policy.yaml: virtual key, session cap, key + team + "
+    "c": "Envoy + this server, bench/policy.yaml: virtual key, session cap, the key's "
+    "rpm, tpm and parallel-request limits, key + team + "
     "tag + provider budgets (reserved at admission, settled from the response's usage), "
     "simple-shuffle by weight 3/2/1 over three deployments, on a private redis-server.",
     "c'": "the same server and policy through Envoy's ext_authz (unary Check with the "
@@ -848,6 +942,7 @@ class Bench:
                 envoy=envoy_pid,
                 redis=self.redis_pid if redis else None,
                 mock_ports=self.mock_ports,
+                redis_port=self.redis_port if redis and self.redis is not None else None,
             )
         )
 
