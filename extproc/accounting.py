@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -72,8 +71,8 @@ def deployment_budgets(
 
 def exhausted_deployments(
     group: CompiledGroup,
-    refs: dict[str, tuple[BudgetRef, ...]],
-    spends: dict[str, int | None],
+    refs: Mapping[str, tuple[BudgetRef, ...]],
+    spends: Mapping[str, int | None],
 ) -> dict[str, list[tuple[BudgetRef, int]]]:
     """Deployment id → its provider/deployment budgets whose spend reached the limit."""
     out: dict[str, list[tuple[BudgetRef, int]]] = {}
@@ -222,7 +221,7 @@ class Charge:
             keys=tuple(ref.store_key for ref in refs),
             ttls=tuple(_period_ttl(ref, now) for ref in refs),
             tpm_key=tpm_key,
-            started=time.time(),
+            started=now.timestamp(),
             prompt_tokens=prompt_tokens,
             max_output_tokens=max_output_tokens,
             usage_cap=usage_cap,

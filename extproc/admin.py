@@ -40,7 +40,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _statuses(gateway: Gateway) -> list[BudgetStatus]:
-    now = gateway.clock()
+    now = gateway.clock.now()
     return await budget_statuses(gateway.store, all_budgets(gateway.policy, now), now)
 
 

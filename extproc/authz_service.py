@@ -59,7 +59,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         head = RequestHead(method=http.method, path=http.path, headers=headers)
         body = http.raw_body or http.body.encode("utf-8")
         has_body = bool(body) or headers.get("content-length", "0") not in ("", "0")
-        now = gateway.clock()
+        now = gateway.clock.now()
         policy = gateway.policy
         head_decision = decide_head(head, gateway.config, policy, now, has_body=has_body)
         if head_decision.action == "pass":

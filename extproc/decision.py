@@ -1,15 +1,17 @@
 """The decision core: pure functions from a request snapshot to a decision.
 
 Nothing here does I/O. The gRPC adapters (``extproc_service``, ``authz_service``)
-translate protobufs into :class:`~extproc.request.RequestHead` and body bytes, call
-:func:`decide_head` and :func:`decide`, and translate the result back; so ext_proc and
-ext_authz cannot disagree on the same request.
+translate protobufs into :class:`~extproc.request.RequestHead` and body bytes; the
+gateway calls :func:`decide_head`, :func:`prepare`, reads the
+:class:`~extproc.router.RoutingView` of :func:`view_scope` from the store and calls
+:func:`decide`; the adapters translate the result back. So ext_proc and ext_authz
+cannot disagree on the same request.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -41,7 +43,7 @@ from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 from extproc.pricing import OutputAsk, cost_micros, estimate_call, requested_output
 from extproc.providers import CLIENT_CREDENTIAL_HEADERS
 from extproc.request import LLMRequest, RequestHead, parse_request
-from extproc.router import pick_deployment
+from extproc.router import RoutingView, context_tokens, fitting_group, select
 from extproc.settings import Settings
 from extproc.usage import Usage
 
@@ -54,6 +56,7 @@ __all__ = [
     "decide_head",
     "prepare",
     "route_to",
+    "view_scope",
     "with_group",
 ]
 
@@ -366,26 +369,66 @@ def route_to(
     )
 
 
+def view_scope(
+    prepared: Prepared, policy: CompiledPolicy
+) -> tuple[CompiledGroup, list[CompiledDeployment]]:
+    """The group (maybe a context-window fallback) and deployments whose state
+    :func:`decide` reads: what the adapter reads into the :class:`RoutingView`. A 400
+    ``context_length_exceeded`` when no deployment is large enough."""
+    return fitting_group(prepared.group, policy, context_tokens(prepared.request.body))
+
+
+def _fits_every_attempt(route: FailoverRoute, policy: CompiledPolicy, tokens: int) -> bool:
+    """Whether the call fits the context window of every deployment it may fail over to."""
+    for dep_id, _ in route.attempts:
+        dep = policy.deployment(dep_id)
+        if dep is not None and dep.context_window is not None and tokens > dep.context_window:
+            return False
+    return True
+
+
 def decide(
-    head: RequestHead,
-    raw_body: bytes,
+    prepared: Prepared,
     policy: CompiledPolicy,
     config: GatewayConfig,
+    view: RoutingView,
     rng: Callable[[], float],
     *,
     now: datetime,
-    exclude: Collection[str] = (),
     inject_usage: bool = True,
 ) -> RouteDecision:
-    """Check and route one LLM request to a deployment of its model group, weighted
-    random among those not in ``exclude`` (the pure path; the gateway adds the
-    store-backed strategies, cooldowns and budget filter)."""
-    prepared = prepare(head, raw_body, policy, config, now=now)
-    deployment = pick_deployment(prepared.group, rng, exclude)
+    """Route one checked request: the deployment :func:`~extproc.router.select` picks
+    with what ``view`` says of the group of :func:`view_scope` (or a refusal), its
+    failover route when every attempt can take the call, and the header and body
+    edits that send it there.
+
+    Rule: this is the one routing decision of both adapters; nothing in it reads the
+    store or the clock (``now``) or draws randomness other than ``rng``."""
+    tokens = context_tokens(prepared.request.body)
+    group, deployment = select(
+        prepared.group,
+        policy,
+        view,
+        rng,
+        now=now.timestamp(),
+        tokens=tokens,
+        stream=prepared.request.stream,
+    )
+    if group is not prepared.group:
+        prepared = with_group(prepared, group)
+    failover = policy.failover.get(deployment.id)
+    if failover is not None and not _fits_every_attempt(failover, policy, tokens):
+        # a retry could land on a deployment too small for this call: no failover
+        failover = None
+    attempts: tuple[CompiledDeployment, ...] = ()
+    if failover is not None:
+        found = (policy.deployment(dep_id) for dep_id, _ in failover.attempts)
+        attempts = tuple(d for d in found if d is not None)
     return route_to(
         prepared,
         deployment,
         config,
         inject_usage=inject_usage,
-        failover=policy.failover.get(deployment.id),
+        failover=failover,
+        attempts=attempts,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Iterable
 
 import grpc
@@ -128,11 +127,11 @@ class _Stream:
         return immediate_response(err)
 
     def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        self._started = time.perf_counter()
+        self._started = self._gateway.clock.monotonic()
         head = self._head = _head_from_proto(msg)
         gateway = self._gateway
         decision = decide_head(
-            head, gateway.config, self._policy, gateway.clock(), has_body=not msg.end_of_stream
+            head, gateway.config, self._policy, gateway.clock.now(), has_body=not msg.end_of_stream
         )
         common = pb.CommonResponse(header_mutation=_header_mutation((), decision.remove_headers))
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
@@ -293,7 +292,7 @@ class _Stream:
         dep = decision.deployment
         metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
         metrics.routed.labels(dep.group, dep.id).inc()
-        metrics.decision_seconds.observe(time.perf_counter() - self._started)
+        metrics.decision_seconds.observe(self._gateway.clock.monotonic() - self._started)
 
     async def handle(self, msg: pb.ProcessingRequest) -> pb.ProcessingResponse:
         """Answer one message; every refusal becomes an immediate response."""

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,9 @@ from typing import Any
 from extproc.accounting import Charge, deployment_budgets, limit_micros
 from extproc.alerts import Alerter
 from extproc.budgets import BudgetRef, check_budgets
-from extproc.decision import GatewayConfig, Prepared, RouteDecision, prepare, route_to
+from extproc.clock import Clock, SystemClock
+from extproc.decision import GatewayConfig, RouteDecision, decide, prepare, view_scope
 from extproc.errors import InternalError, ServiceUnavailableError
-from extproc.failover import FailoverRoute
 from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.liveness import Liveness
 from extproc.metering import ResponseMeter
@@ -38,10 +36,10 @@ from extproc.parallel import (
     Lease,
     check_parallel,
 )
-from extproc.policy import CompiledDeployment, CompiledPolicy, PolicyError, load_policy
+from extproc.policy import CompiledPolicy, PolicyError, load_policy
 from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.request import RequestHead
-from extproc.routing import Router, context_tokens
+from extproc.routing import Router
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, StoreUnavailableError, open_store
 from extproc.store.keys import marker_key
@@ -53,16 +51,6 @@ log = logging.getLogger("extproc")
 
 #: Sessions whose last store count a process remembers (for counting through an outage).
 _STORE_COUNTS_KEPT = 100_000
-
-
-def _fits_every_attempt(route: FailoverRoute, policy: CompiledPolicy, prepared: Prepared) -> bool:
-    """Whether the call fits the context window of every deployment it may fail over to."""
-    tokens = context_tokens(prepared)
-    for dep_id, _ in route.attempts:
-        dep = policy.deployment(dep_id)
-        if dep is not None and dep.context_window is not None and tokens > dep.context_window:
-            return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +88,7 @@ class Gateway:
         metrics: Metrics | None = None,
         *,
         rng: Callable[[], float] | None = None,
-        clock: Callable[[], datetime] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.config = GatewayConfig.from_settings(settings)
@@ -108,7 +96,8 @@ class Gateway:
         self.store = store
         self.metrics = metrics or Metrics()
         self.rng: Callable[[], float] = rng or random.SystemRandom().random
-        self.clock: Callable[[], datetime] = clock or (lambda: datetime.now(UTC))
+        #: Rule: the process's one clock; nothing else here reads the time.
+        self.clock: Clock = clock or SystemClock()
         self.ready = True
         self._last_store_log = float("-inf")
         self._last_fault_log = float("-inf")
@@ -124,6 +113,7 @@ class Gateway:
             self.metrics,
             ttl_s=settings.heartbeat_ttl_s,
             keep_s=max(settings.lease_ttl_s, settings.reservation_ttl_s),
+            clock=self.clock.monotonic,
         )
         embedded = isinstance(store, MemoryStore)
         #: How long the store remembers an ended reservation or an added count. The
@@ -137,25 +127,26 @@ class Gateway:
             owner=self.liveness.owner,
             directory=None if embedded else settings.owed_directory,
             keep_s=self._marker_s,
+            wall=self.clock.wall,
         )
         self.alerts = Alerter(store, self.metrics, settings.alert_webhook_url)
         self.router = Router(
             store,
             self.metrics,
-            self.rng,
+            self.clock,
             on_read_error=lambda exc: self._store_failed(exc, "routing"),
             on_write_error=self._log_store_failure,
             cache_s=settings.routing_cache_s,
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Gateway:
+    def from_settings(cls, settings: Settings, clock: Clock) -> Gateway:
         """Load the policy and open the store named by ``settings``."""
         policy = load_policy(
             settings.policy_path, allow_inline_credentials=settings.allow_inline_credentials
         )
         journal = Path(settings.spend_journal).expanduser() if settings.spend_journal else None
-        return cls(settings, policy, open_store(settings.store_url, journal=journal))
+        return cls(settings, policy, open_store(settings.store_url, journal=journal), clock=clock)
 
     @property
     def policy(self) -> CompiledPolicy:
@@ -188,27 +179,14 @@ class Gateway:
         *,
         inject_usage: bool = True,
     ) -> RouteDecision:
-        """Check the request, then choose its deployment with what the store knows:
-        context windows (and fallbacks), cooldowns, the budget filter, the group's
-        strategy (one store round trip)."""
-        now = self.clock()
+        """Check the request, read what the store knows of the deployments that can
+        take it (one store round trip), and let the core decide."""
+        now = self.clock.now()
         prepared = prepare(head, raw, policy, self.config, now=now)
-        prepared, deployment = await self.router.choose(prepared, policy, now)
-        failover = policy.failover.get(deployment.id)
-        if failover is not None and not _fits_every_attempt(failover, policy, prepared):
-            # a retry could land on a deployment too small for this call: no failover
-            failover = None
-        attempts: tuple[CompiledDeployment, ...] = ()
-        if failover is not None:
-            found = (policy.deployment(dep_id) for dep_id, _ in failover.attempts)
-            attempts = tuple(d for d in found if d is not None)
-        return route_to(
-            prepared,
-            deployment,
-            self.config,
-            inject_usage=inject_usage,
-            failover=failover,
-            attempts=attempts,
+        group, deployments = view_scope(prepared, policy)
+        view = await self.router.view(group, deployments, policy, now)
+        return decide(
+            prepared, policy, self.config, view, self.rng, now=now, inject_usage=inject_usage
         )
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
@@ -252,20 +230,20 @@ class Gateway:
         dep = policy.deployment(charge.priced_by)
         group = policy.groups.get(dep.group) if dep is not None else None
         if dep is not None and group is not None:
-            await self.router.first_token(dep, group, max(0.0, time.time() - charge.started))
+            await self.router.first_token(dep, group, max(0.0, self.clock.wall() - charge.started))
 
     async def answered(self, charge: Charge, status: int, policy: CompiledPolicy) -> None:
         """The upstream's status for a call: health counts, maybe a cooldown."""
         dep = policy.deployment(charge.deployment)
         group = policy.groups.get(charge.group)
         if dep is not None and group is not None:
-            ttft = max(0.0, time.time() - charge.started) if charge.stream else None
+            ttft = max(0.0, self.clock.wall() - charge.started) if charge.stream else None
             await self.router.answered(dep, group, status, ttft_s=ttft)
 
     async def reserve(self, decision: RouteDecision, policy: CompiledPolicy) -> Charge:
         """Reserve the call's estimated cost against every budget it falls under, in one
         store round trip; a 429 for the first budget already spent."""
-        now = self.clock()
+        now = self.clock.now()
         dep = decision.deployment
         refs = decision.budgets
         if decision.group is not None and not decision.group.zero_cost:
@@ -368,7 +346,7 @@ class Gateway:
         metrics.spend.labels(charge.group, charge.priced_by).inc(float(cost) / 1_000_000)
         per_token = None
         if usage is not None and not charge.stream:
-            per_token = max(0.0, time.time() - charge.started) / max(1, usage.output_tokens)
+            per_token = max(0.0, self.clock.wall() - charge.started) / max(1, usage.output_tokens)
         await self.router.finished(
             charge.deployment,
             (policy or self._policy).groups.get(charge.group),
@@ -408,7 +386,7 @@ class Gateway:
             )
         except StoreError as exc:
             self._log_store_failure(exc)
-            until = self.clock().timestamp() + ttl_s
+            until = self.clock.wall() + ttl_s
             self.owed.add(OwedCount(key, amount, marker, until))
 
     async def cancel(self, charge: Charge, *, in_flight: bool = True) -> None:
@@ -508,7 +486,7 @@ class Gateway:
         # attempt whose answer was lost (it may still run) and its retry add once.
         marker = marker_key(cap.store_key, op or uuid.uuid4().hex)
         keep = min(ttl, self._marker_s)
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if now >= self._store_retry_at:
             try:
                 if self.owed.pending_count(cap.store_key):
@@ -542,7 +520,7 @@ class Gateway:
             await self._local.incr_window(cap.store_key, seen[0], seen[1] - now)
         count, left = await self._local.incr_window(cap.store_key, 1, ttl)
         # owed to the store while this count's window lasts (the local counter's)
-        self.owed.add(OwedCount(cap.store_key, 1, marker, self.clock().timestamp() + left))
+        self.owed.add(OwedCount(cap.store_key, 1, marker, self.clock.wall() + left))
         return check_iterations(cap, count, left)
 
     def _remember_count(self, key: str, count: int, until: float) -> None:
@@ -615,7 +593,7 @@ class Gateway:
         never be able to make itself admitted for free."""
         if not isinstance(exc, StoreUnavailableError):
             self.metrics.store_faults.labels(operation).inc()
-            now = time.monotonic()
+            now = self.clock.monotonic()
             if now - self._last_fault_log >= 10.0:
                 self._last_fault_log = now
                 log.error("store answered %s with an error, call refused: %s", operation, exc)
@@ -633,7 +611,7 @@ class Gateway:
 
     def _log_store_failure(self, exc: StoreError) -> None:
         """At most one log line per 10 s: a dead store must not flood the log."""
-        now = time.monotonic()
+        now = self.clock.monotonic()
         if not isinstance(exc, StoreUnavailableError):
             if now - self._last_fault_log >= 10.0:
                 self._last_fault_log = now

@@ -26,6 +26,7 @@ from extproc.store.keys import store_key
 
 __all__ = [
     "DeploymentState",
+    "HealthSample",
     "cooldown_key",
     "cooldown_reason",
     "counts_as_failure",
@@ -107,3 +108,16 @@ class DeploymentState:
     def mean_latency(self, *, stream: bool) -> float | None:
         samples = self.ttft if stream and self.ttft else self.latency
         return statistics.fmean(samples) if samples else None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSample:
+    """What one answer teaches about a deployment's health, to record in the store.
+
+    ``status`` None: only a time-to-first-token sample (a failover call's first byte,
+    whose status its attempt already counted)."""
+
+    deployment: str
+    status: int | None = None
+    #: Seconds from admission to the response headers (streams only).
+    ttft_s: float | None = None

@@ -30,6 +30,7 @@ from types import FrameType
 
 import yaml
 
+from extproc.clock import Clock, SystemClock
 from extproc.envoy_config import Upstream, render_envoy_config
 from extproc.failover import failover_plan
 from extproc.policy import Policy, parse_policy
@@ -93,9 +94,13 @@ def mock_plan(
 
 
 def _wait_http(
-    url: str, deadline: float, alive: Callable[[], bool], stopping: Callable[[], bool]
+    url: str,
+    deadline: float,
+    alive: Callable[[], bool],
+    stopping: Callable[[], bool],
+    clock: Clock,
 ) -> None:
-    while time.monotonic() < deadline:
+    while clock.monotonic() < deadline:
         if stopping():
             raise _StopRequestedError
         if not alive():
@@ -110,14 +115,16 @@ def _wait_http(
     raise TimeoutError(f"{url} did not become ready")
 
 
-def _terminate(children: list[subprocess.Popen[bytes]], grace_s: float = 10.0) -> None:
+def _terminate(
+    children: list[subprocess.Popen[bytes]], clock: Clock, grace_s: float = 10.0
+) -> None:
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
+    deadline = clock.monotonic() + grace_s
     for child in children:
         try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            child.wait(timeout=max(0.1, deadline - clock.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
@@ -199,6 +206,7 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
         EXTPROC_SPEND_JOURNAL=str(journal or ""),
     )
     python = [sys.executable, "-m", "extproc"]
+    clock = SystemClock()
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
@@ -218,9 +226,9 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
         def is_stopping() -> bool:
             return stopping
 
-        deadline = time.monotonic() + 30
+        deadline = clock.monotonic() + 30
         admin = f"http://127.0.0.1:{options.admin_port}/healthz"
-        _wait_http(admin, deadline, alive, is_stopping)
+        _wait_http(admin, deadline, alive, is_stopping, clock)
         children.append(
             subprocess.Popen(
                 [
@@ -235,7 +243,7 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
             )
         )
         envoy_ready = f"http://127.0.0.1:{options.envoy_admin_port}/ready"
-        _wait_http(envoy_ready, deadline, alive, is_stopping)
+        _wait_http(envoy_ready, deadline, alive, is_stopping, clock)
         print(_banner(options, policy, workdir, journal), flush=True)
         while not stopping and alive():
             time.sleep(0.2)
@@ -245,7 +253,7 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
         print(f"extproc up failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        _terminate(children)
+        _terminate(children, clock)
         for sig, handler in old.items():
             signal.signal(sig, handler)
     if not stopping:

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
 from collections.abc import Callable
 
 from extproc.metrics import Metrics
@@ -50,7 +49,7 @@ class Liveness:
         ttl_s: float,
         keep_s: float,
         owner: str | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float],
     ) -> None:
         self.owner = check_owner(owner or secrets.token_hex(OWNER_CHARS // 2))
         self._clock = clock
@@ -105,7 +104,7 @@ class Liveness:
             self._failed = True
             self.dead = ()
             self._metrics.heartbeats.labels("failed").inc()
-            now = time.monotonic()
+            now = self._clock()
             if now - self._last_log >= 10.0:
                 self._last_log = now
                 log.warning("heartbeat failed (peers may take this process for dead): %s", exc)

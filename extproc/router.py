@@ -1,25 +1,178 @@
 """Choosing a deployment of a model group: LiteLLM's routing strategies.
 
-Pure functions: the gateway reads each deployment's :class:`DeploymentState` from the
-store, removes the ones that cannot serve (cooling down, out of budget, too small a
-context window, over their rpm/tpm for usage-based routing), and the group's strategy
-picks among the rest. ``rng`` is injected so tests can pin every draw.
+Pure functions. :func:`select` is the whole routing decision: context windows first
+(when no deployment of the group is large enough, the call goes to the group's
+``context_window_fallbacks``, at most five deep, else a 400
+``context_length_exceeded``), then the deployments that cannot serve are removed
+(cooling down, out of budget, over their rpm/tpm for usage-based routing) and the
+group's strategy picks among the rest. What the store knows arrives as a read-only
+:class:`RoutingView` (``routing.Router`` reads it); ``rng`` and ``now`` are injected
+so tests can pin every draw and every clock minute.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Collection, Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
+from extproc.accounting import exhausted_deployments, no_deployment_left
+from extproc.budgets import BudgetRef
+from extproc.errors import BadRequestError, RateLimitError
 from extproc.health import DeploymentState
-from extproc.policy import CompiledDeployment, CompiledGroup
+from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 
-__all__ = ["STATEFUL", "choose", "over_usage_limits", "pick_deployment"]
+__all__ = [
+    "EMPTY_VIEW",
+    "MAX_FALLBACKS",
+    "STATEFUL",
+    "RoutingView",
+    "choose",
+    "context_tokens",
+    "fitting_group",
+    "over_usage_limits",
+    "select",
+]
 
 Rng = Callable[[], float]
 #: Strategies that need the deployments' load from the store.
 STATEFUL = frozenset({"least-busy", "usage-based-routing", "latency-based-routing"})
+#: How deep context-window fallbacks go.
+MAX_FALLBACKS = 5
+
+
+def _frozen() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingView:
+    """What the store says about the deployments one call may go to, read once.
+
+    Rule: read-only; a deployment missing from ``states`` is one nothing is known
+    about (not cooling, no load), so an empty view routes by the strategy alone (the
+    fail-open answer when the store cannot be read).
+    """
+
+    #: Deployment id → its cooldown and load.
+    states: Mapping[str, DeploymentState] = field(default_factory=_frozen)
+    #: Budget store key → micro-dollars spent (None: nothing spent yet).
+    spends: Mapping[str, int | None] = field(default_factory=_frozen)
+    #: Deployment id → the provider and deployment budgets of the budget filter.
+    budgets: Mapping[str, tuple[BudgetRef, ...]] = field(default_factory=_frozen)
+
+    @classmethod
+    def of(
+        cls,
+        states: Mapping[str, DeploymentState],
+        spends: Mapping[str, int | None],
+        budgets: Mapping[str, tuple[BudgetRef, ...]],
+    ) -> RoutingView:
+        """A view over copies of the given mappings (later changes do not leak in)."""
+        return cls(
+            MappingProxyType(dict(states)),
+            MappingProxyType(dict(spends)),
+            MappingProxyType(dict(budgets)),
+        )
+
+
+#: Nothing known: every deployment may serve.
+EMPTY_VIEW = RoutingView()
+
+
+def context_tokens(body: Mapping[str, Any]) -> int:
+    """Input tokens for the context-window check: the text the model reads (messages,
+    input, prompt, system) at a token per 4 characters."""
+    chars = 0
+    for name in ("messages", "input", "prompt", "system", "instructions"):
+        value = body.get(name)
+        if value is not None:
+            chars += len(str(value))
+    return max(1, math.ceil(chars / 4))
+
+
+def fitting_group(
+    group: CompiledGroup, policy: CompiledPolicy, tokens: int
+) -> tuple[CompiledGroup, list[CompiledDeployment]]:
+    """The group that serves a call of ``tokens`` input tokens (``group`` or one of its
+    context-window fallbacks) and its deployments large enough for it; a 400
+    ``context_length_exceeded`` when there is none.
+
+    Rule: the router reads the view of exactly this group, and :func:`select` finds
+    the same one again (both from the policy alone)."""
+    tried = [group.name]
+    for _ in range(MAX_FALLBACKS + 1):
+        fits = [
+            d for d in group.deployments if d.context_window is None or tokens <= d.context_window
+        ]
+        if fits:
+            return group, fits
+        nxt = next(
+            (policy.groups[n] for n in group.context_window_fallbacks if n not in tried), None
+        )
+        if nxt is None:
+            break
+        tried.append(nxt.name)
+        group = nxt
+    largest = max((d.context_window or 0) for d in group.deployments)
+    raise BadRequestError(
+        f"This request (about {tokens} input tokens) exceeds the context window of every "
+        f"deployment of {', '.join(repr(t[:128]) for t in tried)} (largest {largest}).",
+        code="context_length_exceeded",
+        param="messages",
+    )
+
+
+def select(
+    group: CompiledGroup,
+    policy: CompiledPolicy,
+    view: RoutingView,
+    rng: Rng,
+    *,
+    now: float,
+    tokens: int,
+    stream: bool = False,
+) -> tuple[CompiledGroup, CompiledDeployment]:
+    """The group (``group`` or a context-window fallback) and deployment a call goes
+    to, or a refusal: 400 ``context_length_exceeded``, 429
+    ``deployments_at_capacity`` (usage-based routing, every rpm/tpm used up this
+    minute), 429 ``deployments_cooling_down``, or the budget filter's
+    ``no_deployment_left``.
+
+    ``now``: Unix time (the retry-after of a full minute); ``tokens``: the call's
+    :func:`context_tokens`; ``stream``: latency-based routing compares time to first
+    token."""
+    group, fits = fitting_group(group, policy, tokens)
+    exhausted = exhausted_deployments(group, view.budgets, view.spends)
+    empty = DeploymentState()
+    states = {d.id: view.states.get(d.id, empty) for d in fits}
+    cooling = {d.id: s.cooling_s for d in fits if (s := states[d.id]).cooling_s}
+    left = [d for d in fits if d.id not in exhausted and d.id not in cooling]
+    if group.strategy == "usage-based-routing":
+        within = [d for d in left if not over_usage_limits(d, states[d.id], tokens)]
+        if left and not within:
+            raise RateLimitError(
+                f"Every deployment of {group.name[:256]!r} is at its rpm/tpm limit "
+                "for this minute.",
+                code="deployments_at_capacity",
+                headers={"retry-after": str(max(1, 60 - int(now) % 60))},
+            )
+        left = within
+    if left:
+        return group, choose(group, left, states, rng, stream=stream)
+    if cooling:
+        wait = min(s for s in cooling.values() if s is not None)
+        raise RateLimitError(
+            f"Every deployment of {group.name[:256]!r} is cooling down after failures; "
+            "try again shortly.",
+            code="deployments_cooling_down",
+            headers={"retry-after": str(max(1, math.ceil(wait)))},
+        )
+    raise no_deployment_left(group, exhausted)
 
 
 def _weighted(
@@ -36,18 +189,6 @@ def _weighted(
 
 def _uniform(candidates: Sequence[CompiledDeployment], rng: Rng) -> CompiledDeployment:
     return candidates[min(int(rng() * len(candidates)), len(candidates) - 1)]
-
-
-def pick_deployment(
-    group: CompiledGroup, rng: Rng, exclude: Collection[str] = ()
-) -> CompiledDeployment:
-    """Weighted random over ``group`` minus ``exclude`` (the caller leaves one)."""
-    if not exclude:
-        if len(group.deployments) == 1:
-            return group.deployments[0]
-        return group.pick_weighted(rng())
-    left = [d for d in group.deployments if d.id not in exclude]
-    return _weighted(left, [d.weight for d in left], rng)
 
 
 def simple_shuffle(candidates: Sequence[CompiledDeployment], rng: Rng) -> CompiledDeployment:

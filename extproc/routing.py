@@ -1,30 +1,25 @@
-"""Store-backed routing: which deployments can serve a call right now, then the
-group's strategy (``router.choose``), and what each answer teaches about health.
+"""Store-backed routing: the adapter around the pure :func:`extproc.router.select`.
 
-One store round trip per routed call reads every deployment's cooldown, the budgets
-of the budget filter and the load the strategy needs. Context windows are checked
-first (pure): when no deployment of the group is large enough, the call goes to the
-group's ``context_window_fallbacks`` (at most five deep), else a 400
-``context_length_exceeded``.
+It reads, in one store round trip per routed call, the :class:`~extproc.router.RoutingView`
+of the group :func:`~extproc.router.fitting_group` names (every deployment's cooldown,
+the budgets of the budget filter, the load the strategy needs), maybe from a short
+process cache; and it records what each answer teaches about health (cooldowns,
+in-flight counts, latency samples, success counts in batches).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from extproc.accounting import deployment_budgets, exhausted_deployments, no_deployment_left
-from extproc.budgets import BudgetRef
-from extproc.decision import Prepared, with_group
-from extproc.errors import BadRequestError, RateLimitError
+from extproc.accounting import deployment_budgets
+from extproc.clock import Clock
 from extproc.health import (
     SAMPLES,
     DeploymentState,
+    HealthSample,
     cooldown_key,
     cooldown_reason,
     counts_as_failure,
@@ -35,50 +30,26 @@ from extproc.health import (
 )
 from extproc.metrics import Metrics
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
-from extproc.router import choose, over_usage_limits
+from extproc.router import EMPTY_VIEW, RoutingView
 from extproc.store import Store, StoreError
 
-__all__ = ["MAX_FALLBACKS", "Router", "context_tokens"]
+__all__ = ["Router"]
 
 log = logging.getLogger("extproc.routing")
 
-MAX_FALLBACKS = 5
 #: Minute counters live a little longer than their minute.
 _MINUTE_TTL_S = 120.0
 _SAMPLE_TTL_S = 3600.0
 
 
-def context_tokens(prepared: Prepared) -> int:
-    """Input tokens for the context-window check: the text the model reads (messages,
-    input, prompt, system) at a token per 4 characters."""
-    body = prepared.request.body
-    chars = 0
-    for field in ("messages", "input", "prompt", "system", "instructions"):
-        value = body.get(field)
-        if value is not None:
-            chars += len(str(value))
-    return max(1, math.ceil(chars / 4))
-
-
-def _minute() -> int:
-    return int(time.time() // 60)
-
-
-@dataclass(frozen=True, slots=True)
-class _View:
-    """The group's state from the store, for one routing decision."""
-
-    states: dict[str, DeploymentState]
-    spends: dict[str, int | None]
-    budgets: dict[str, tuple[BudgetRef, ...]]
-
-
 class Router:
+    """The store side of routing: views in, health out."""
+
     def __init__(
         self,
         store: Store,
         metrics: Metrics,
-        rng: Callable[[], float],
+        clock: Clock,
         *,
         on_read_error: Callable[[StoreError], None],
         on_write_error: Callable[[StoreError], None],
@@ -86,14 +57,14 @@ class Router:
     ) -> None:
         self._store = store
         self._metrics = metrics
-        self._rng = rng
+        self._clock = clock
         #: Reads follow the fail mode (may raise a 503); writes are only logged.
         self._on_read_error = on_read_error
         self._on_store_error = on_write_error
         self._cache_s = cache_s
         #: group name → (monotonic expiry, deployment ids, view): reads only (budgets
         #: are still enforced by the atomic reservation), dropped on a local failure.
-        self._views: dict[str, tuple[float, tuple[str, ...], _View]] = {}
+        self._views: dict[str, tuple[float, tuple[str, ...], RoutingView]] = {}
         #: (deployment, minute) → successes not yet added to the store.
         self._successes: dict[tuple[str, int], int] = {}
         self._flush: asyncio.TimerHandle | None = None
@@ -101,52 +72,40 @@ class Router:
         self._flushing = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def choose(
-        self, prepared: Prepared, policy: CompiledPolicy, now: datetime
-    ) -> tuple[Prepared, CompiledDeployment]:
-        """The deployment for ``prepared`` (maybe in a fallback group), or a refusal."""
-        tokens = context_tokens(prepared)
-        tried = [prepared.group.name]
-        for _ in range(MAX_FALLBACKS + 1):
-            group = prepared.group
-            fits = [
-                d
-                for d in group.deployments
-                if d.context_window is None or tokens <= d.context_window
-            ]
-            if fits:
-                chosen = await self._choose_among(prepared, fits, policy, now=now, tokens=tokens)
-                return prepared, chosen
-            nxt = next(
-                (policy.groups[n] for n in group.context_window_fallbacks if n not in tried), None
-            )
-            if nxt is None:
-                break
-            log.debug("context window: %s too small, falling back to %s", group.name, nxt.name)
-            tried.append(nxt.name)
-            prepared = with_group(prepared, nxt)
-        largest = max((d.context_window or 0) for d in prepared.group.deployments)
-        raise BadRequestError(
-            f"This request (about {tokens} input tokens) exceeds the context window of every "
-            f"deployment of {', '.join(repr(t[:128]) for t in tried)} (largest {largest}).",
-            code="context_length_exceeded",
-            param="messages",
-        )
+    def _minute(self) -> int:
+        return int(self._clock.wall() // 60)
+
+    async def view(
+        self,
+        group: CompiledGroup,
+        deps: Sequence[CompiledDeployment],
+        policy: CompiledPolicy,
+        now: datetime,
+    ) -> RoutingView:
+        """What :func:`~extproc.router.select` needs to know of ``deps`` (of ``group``).
+
+        Rule: a store that cannot be read goes to the fail mode (a 503 when closed);
+        open, the call is routed on an empty view (by the strategy alone)."""
+        try:
+            return await self._cached_read(group, deps, policy, now)
+        except StoreError as exc:
+            self._on_read_error(exc)
+            return EMPTY_VIEW
 
     async def _read(
         self,
         group: CompiledGroup,
-        deps: list[CompiledDeployment],
+        deps: Sequence[CompiledDeployment],
         policy: CompiledPolicy,
         now: datetime,
-    ) -> _View:
+    ) -> RoutingView:
         budgets = (
             {d.id: deployment_budgets(d, policy, now) for d in deps}
             if policy.has_deployment_budgets(group)
             else {}
         )
         budget_keys = sorted({r.store_key for refs in budgets.values() for r in refs})
-        minute = _minute()
+        minute = self._minute()
         keys = [cooldown_key(d.id) for d in deps]
         if group.strategy == "least-busy":
             keys += [inflight_key(d.id) for d in deps]
@@ -171,15 +130,15 @@ class Router:
                 ttft=sampled.get(ttft_key(dep.id), ()),
             )
         spends = {k: found[k][0] for k in budget_keys}
-        return _View(states, spends, budgets)
+        return RoutingView.of(states, spends, budgets)
 
     async def _cached_read(
         self,
         group: CompiledGroup,
-        deps: list[CompiledDeployment],
+        deps: Sequence[CompiledDeployment],
         policy: CompiledPolicy,
         now: datetime,
-    ) -> _View:
+    ) -> RoutingView:
         """:meth:`_read`, kept for ``cache_s`` for strategies that do not live on
         per-call load (least-busy and usage-based always read, and so do groups with
         provider or deployment budgets)."""
@@ -193,53 +152,12 @@ class Router:
             return await self._read(group, deps, policy, now)
         ids = tuple(d.id for d in deps)
         cached = self._views.get(group.name)
-        clock = time.monotonic()
+        clock = self._clock.monotonic()
         if cached is not None and cached[0] > clock and cached[1] == ids:
             return cached[2]
         view = await self._read(group, deps, policy, now)
         self._views[group.name] = (clock + self._cache_s, ids, view)
         return view
-
-    async def _choose_among(
-        self,
-        prepared: Prepared,
-        fits: list[CompiledDeployment],
-        policy: CompiledPolicy,
-        *,
-        now: datetime,
-        tokens: int,
-    ) -> CompiledDeployment:
-        group = prepared.group
-        try:
-            view = await self._cached_read(group, fits, policy, now)
-        except StoreError as exc:
-            # fail mode open: no cooldowns or load known, route by weight
-            self._on_read_error(exc)
-            return choose(group, fits, {}, self._rng, stream=prepared.request.stream)
-        exhausted = exhausted_deployments(group, view.budgets, view.spends)
-        cooling = {d.id: view.states[d.id].cooling_s for d in fits if view.states[d.id].cooling_s}
-        left = [d for d in fits if d.id not in exhausted and d.id not in cooling]
-        if group.strategy == "usage-based-routing":
-            within = [d for d in left if not over_usage_limits(d, view.states[d.id], tokens)]
-            if left and not within:
-                raise RateLimitError(
-                    f"Every deployment of {group.name[:256]!r} is at its rpm/tpm limit "
-                    "for this minute.",
-                    code="deployments_at_capacity",
-                    headers={"retry-after": str(max(1, 60 - int(time.time()) % 60))},
-                )
-            left = within
-        if left:
-            return choose(group, left, view.states, self._rng, stream=prepared.request.stream)
-        if cooling:
-            wait = min(s for s in cooling.values() if s is not None)
-            raise RateLimitError(
-                f"Every deployment of {group.name[:256]!r} is cooling down after failures; "
-                "try again shortly.",
-                code="deployments_cooling_down",
-                headers={"retry-after": str(max(1, math.ceil(wait)))},
-            )
-        raise no_deployment_left(group, exhausted)
 
     # --- what answers teach -----------------------------------------------------
 
@@ -250,7 +168,7 @@ class Router:
                 await self._store.incr_many([(inflight_key(dep.id), 1)], ttl_s, refresh_ttl=True)
             elif group.strategy == "usage-based-routing":
                 await self._store.incr_many(
-                    [(minute_key(dep.id, _minute(), "rpm"), 1)], _MINUTE_TTL_S
+                    [(minute_key(dep.id, self._minute(), "rpm"), 1)], _MINUTE_TTL_S
                 )
         except StoreError as exc:
             self._on_store_error(exc)
@@ -272,7 +190,7 @@ class Router:
                 await self._store.incr_many([(inflight_key(dep_id), -1)], ttl_s, refresh_ttl=True)
             elif group.strategy == "usage-based-routing" and tokens:
                 await self._store.incr_many(
-                    [(minute_key(dep_id, _minute(), "tpm"), tokens)], _MINUTE_TTL_S
+                    [(minute_key(dep_id, self._minute(), "tpm"), tokens)], _MINUTE_TTL_S
                 )
             elif group.strategy == "latency-based-routing" and seconds_per_token is not None:
                 await self._store.push_sample(
@@ -280,6 +198,18 @@ class Router:
                 )
         except StoreError as exc:
             self._on_store_error(exc)
+
+    async def record(self, sample: HealthSample, policy: CompiledPolicy) -> None:
+        """Record a health sample the core decided on (a deployment or group the
+        policy no longer has is not recorded)."""
+        dep = policy.deployment(sample.deployment)
+        group = policy.groups.get(dep.group) if dep is not None else None
+        if dep is None or group is None:
+            return
+        if sample.status is not None:
+            await self.answered(dep, group, sample.status, ttft_s=sample.ttft_s)
+        elif sample.ttft_s is not None:
+            await self.first_token(dep, group, sample.ttft_s)
 
     async def answered(
         self,
@@ -295,7 +225,7 @@ class Router:
         failure needs the minute's counts at once, and it flushes this process's
         pending successes with it.
         """
-        minute = _minute()
+        minute = self._minute()
         failed = counts_as_failure(status)
         self._metrics.upstream_answers.labels(dep.id, str(status)).inc()
         if ttft_s is not None and group.strategy == "latency-based-routing":
@@ -367,7 +297,7 @@ class Router:
 
     async def deployment_states(self, policy: CompiledPolicy) -> dict[str, dict[str, object]]:
         """For the admin API: every deployment's cooldown and this minute's counts."""
-        minute = _minute()
+        minute = self._minute()
         deps = policy.deployments()
         keys = [
             k

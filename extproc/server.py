@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc.admin import make_admin_app
 from extproc.als_service import AccessLogService
 from extproc.authz_service import AuthorizationService
+from extproc.clock import SystemClock
 from extproc.extproc_service import ExternalProcessorService
 from extproc.gateway import Gateway
 from extproc.settings import Settings
@@ -45,7 +46,7 @@ def grpc_receive_limit(settings: Settings) -> int:
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; SIGHUP reloads the policy."""
-    gateway = Gateway.from_settings(settings)
+    gateway = Gateway.from_settings(settings, SystemClock())
     if isinstance(gateway.store, MemoryStore):
         journal = gateway.store.journal_path
         if journal is None:

@@ -14,13 +14,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc.decision import GatewayConfig, RouteDecision, decide, prepare
 from extproc.launcher import envoy_binary
+from extproc.policy import CompiledPolicy
+from extproc.request import RequestHead
+from extproc.router import EMPTY_VIEW, RoutingView
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -202,3 +207,37 @@ def mutation_dict(mutation: pb.HeaderMutation) -> dict[str, Any]:
         "set": {h.header.key: h.header.raw_value.decode() for h in mutation.set_headers},
         "remove": list(mutation.remove_headers),
     }
+
+
+def decide_request(
+    head: RequestHead,
+    raw: bytes,
+    policy: CompiledPolicy,
+    config: GatewayConfig,
+    rng: Callable[[], float],
+    *,
+    now: datetime,
+    view: RoutingView = EMPTY_VIEW,
+    inject_usage: bool = True,
+) -> RouteDecision:
+    """The core's routing decision for one request, taken as the gateway takes it
+    (:func:`prepare`, then :func:`decide`), on a hand-built view instead of the store."""
+    prepared = prepare(head, raw, policy, config, now=now)
+    return decide(prepared, policy, config, view, rng, now=now, inject_usage=inject_usage)
+
+
+class StoppedClock:
+    """A :class:`~extproc.clock.Clock` that shows ``at`` until a test moves it."""
+
+    def __init__(self, at: datetime, monotonic: float = 1000.0) -> None:
+        self.at = at
+        self.mono = monotonic
+
+    def wall(self) -> float:
+        return self.at.timestamp()
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def now(self) -> datetime:
+        return self.at

@@ -20,7 +20,7 @@ from extproc.budgets import (
     spend_key,
     team_member_ref,
 )
-from extproc.decision import GatewayConfig, RouteDecision, decide
+from extproc.decision import GatewayConfig, RouteDecision
 from extproc.errors import GatewayError
 from extproc.gateway import Gateway
 from extproc.keys import Caller, KeyMetadata, Team, VirtualKey, hash_key, request_tags
@@ -29,6 +29,7 @@ from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError
 from extproc.usage import Usage
+from tests.helpers import StoppedClock, decide_request
 
 POLICY = Path(__file__).resolve().parent.parent / "policies" / "budgets.yaml"
 ENV = {"TEST_KEY_A": "sk-a"}
@@ -46,7 +47,7 @@ def policy() -> CompiledPolicy:
 def route(policy: CompiledPolicy, key: str, **body: object) -> RouteDecision:
     head = RequestHead("POST", "/v1/chat/completions", {"authorization": f"Bearer {key}"})
     raw = json.dumps({"model": "auto", "messages": [], **body}).encode()
-    return decide(head, raw, policy, GatewayConfig(), lambda: 0.1, now=NOW)
+    return decide_request(head, raw, policy, GatewayConfig(), lambda: 0.1, now=NOW)
 
 
 def test_applicable_budgets_in_order(policy: CompiledPolicy) -> None:
@@ -230,7 +231,7 @@ def test_calendar_window_is_in_the_store_key(policy: CompiledPolicy) -> None:
 async def test_daily_budget_resets_at_local_midnight(policy: CompiledPolicy) -> None:
     (daily, _) = route(policy, "sk-yuri-daily").budgets
     gateway = await seeded(policy, {daily.store_key: 3})
-    gateway.clock = lambda: NOW
+    gateway.clock = StoppedClock(NOW)
     with pytest.raises(GatewayError) as info:
         await gateway.reserve(route(policy, "sk-yuri-daily"), gateway.policy)
     assert info.value.code == "key_budget_exceeded"
@@ -240,9 +241,9 @@ async def test_daily_budget_resets_at_local_midnight(policy: CompiledPolicy) -> 
     tomorrow = NOW.replace(day=24, hour=5, minute=0)
     head = RequestHead("POST", "/v1/chat/completions", {"authorization": "Bearer sk-yuri-daily"})
     raw = json.dumps({"model": "auto", "messages": []}).encode()
-    fresh = decide(head, raw, policy, GatewayConfig(), lambda: 0.1, now=tomorrow)
+    fresh = decide_request(head, raw, policy, GatewayConfig(), lambda: 0.1, now=tomorrow)
     assert fresh.budgets[0].store_key != daily.store_key
-    gateway.clock = lambda: tomorrow
+    gateway.clock = StoppedClock(tomorrow)
     await gateway.reserve(fresh, gateway.policy)
 
 
@@ -278,7 +279,7 @@ async def test_soft_alert_once_per_calendar_window(tmp_path: Path) -> None:
     gateway = await seeded(daily, {})
     for day in (23, 23, 24, 24):
         now = NOW.replace(day=day)
-        decision = decide(
+        decision = decide_request(
             RequestHead("POST", "/v1/chat/completions", {"authorization": "Bearer sk-sam-budget"}),
             json.dumps({"model": "auto", "messages": []}).encode(),
             daily,
@@ -288,7 +289,7 @@ async def test_soft_alert_once_per_calendar_window(tmp_path: Path) -> None:
         )
         if (await gateway.store.get_many([decision.budgets[0].store_key]))[0] is None:
             await gateway.store.incr(decision.budgets[0].store_key, 6_000_000, 86_400)
-        gateway.clock = lambda now=now: now  # type: ignore[misc]
+        gateway.clock = StoppedClock(now)
         await call(gateway, decision, gateway.policy)
     # over the soft budget on two days: one alert each day
     await gateway.drain()

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from extproc.decision import GatewayConfig, decide, decide_head
+from extproc.decision import GatewayConfig, decide_head
 from extproc.errors import GatewayError
 from extproc.policy import CompiledPolicy, load_policy
 from extproc.request import POLICY_MEMBERS, RequestHead
+from tests.helpers import decide_request
 
 POLICY_PATH = Path(__file__).resolve().parent.parent / "policies" / "valid.yaml"
 ENV = {"TEST_KEY_A": "sk-a", "TEST_KEY_B": "sk-b", "TEST_KEY_C": "sk-c"}
@@ -163,7 +164,7 @@ def test_route(
     u: float,
     expect: dict[str, Any],
 ) -> None:
-    decision = decide(req_head, raw, policy, CONFIG, lambda: u, now=NOW)
+    decision = decide_request(req_head, raw, policy, CONFIG, lambda: u, now=NOW)
     headers = dict(decision.set_headers)
     dep = decision.deployment
     assert headers[CONFIG.cluster_header] == dep.cluster
@@ -335,7 +336,7 @@ def test_refusal(
     param: str | None,
 ) -> None:
     with pytest.raises(GatewayError) as info:
-        decide(req_head, raw, policy, CONFIG, lambda: 0.5, now=NOW)
+        decide_request(req_head, raw, policy, CONFIG, lambda: 0.5, now=NOW)
     err = info.value
     assert (err.status, err.code, err.param) == (status, code, param)
     payload = json.loads(err.body())
@@ -440,7 +441,7 @@ def test_head_refusal(
 
 def test_unknown_model_message_is_bounded(policy: CompiledPolicy) -> None:
     with pytest.raises(GatewayError) as info:
-        decide(head(), body(model="m" * 10_000), policy, CONFIG, lambda: 0.5, now=NOW)
+        decide_request(head(), body(model="m" * 10_000), policy, CONFIG, lambda: 0.5, now=NOW)
     assert len(info.value.message) < 400
 
 
@@ -451,7 +452,7 @@ def _const(u: float) -> Callable[[], float]:
 def test_weighted_split_is_three_to_one(policy: CompiledPolicy) -> None:
     draws = [i / 1000 for i in range(1000)]
     picks = [
-        decide(head(), body(model="auto"), policy, CONFIG, _const(u), now=NOW).deployment.id
+        decide_request(head(), body(model="auto"), policy, CONFIG, _const(u), now=NOW).deployment.id
         for u in draws
     ]
     assert picks.count("dep-a") == 750
@@ -460,7 +461,7 @@ def test_weighted_split_is_three_to_one(policy: CompiledPolicy) -> None:
 def test_lone_surrogate_session_id_is_a_400(policy: CompiledPolicy) -> None:
     raw = b'{"model": "auto", "metadata": {"session_id": "\\ud800"}}'
     with pytest.raises(GatewayError) as info:
-        decide(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
+        decide_request(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
     assert (info.value.status, info.value.code) == (400, "invalid_session_id")
 
 
@@ -507,7 +508,7 @@ def test_random_input_only_raises_gateway_errors(policy: CompiledPolicy) -> None
         )
         try:
             decide_head(req_head, CONFIG, policy, NOW, has_body=True)
-            decide(req_head, bytes(raw), policy, CONFIG, rng.random, now=NOW)
+            decide_request(req_head, bytes(raw), policy, CONFIG, rng.random, now=NOW)
         except GatewayError:
             pass
 
@@ -547,13 +548,15 @@ def test_streams_ask_for_usage(
 ) -> None:
     raw = b'{"model": "auto", "temperature": 1e400, "prompt": "x", "messages": [], "z": "\\u00e9"'
     raw += b"".join(b", " + json.dumps({k: v})[1:-1].encode() for k, v in extra.items()) + b"}"
-    decision = decide(head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW)
+    decision = decide_request(head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW)
     assert decision.asks_usage is asks
     assert b'"temperature": 1e400' in decision.body  # untouched bytes stay untouched
     assert b'"z": "\\u00e9"' in decision.body
     sent = json.loads(decision.body.replace(b"1e400", b"1"))
     assert sent.get("stream_options") == options
-    no_inject = decide(head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW, inject_usage=False)
+    no_inject = decide_request(
+        head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW, inject_usage=False
+    )
     assert no_inject.asks_usage is False
     assert b"include_usage" not in no_inject.body or "stream_options" in extra
 
@@ -567,7 +570,7 @@ def test_policy_members_cover_the_list_of_the_issue() -> None:
 def test_duplicate_model_with_escaped_first_spelling(policy: CompiledPolicy) -> None:
     raw = b'{"\\u006dodel": "only-a", "model": "auto", "messages": []}'
     with pytest.raises(GatewayError) as info:
-        decide(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
+        decide_request(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
     assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_json", "model")
     assert "'model'" in info.value.message
 
@@ -587,7 +590,7 @@ def test_other_letter_cases_of_policy_members(
 ) -> None:
     raw = b'{"model": "auto", "messages": [], "%s": 1}' % name.encode()
     with pytest.raises(GatewayError) as info:
-        decide(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
+        decide_request(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
     assert (info.value.status, info.value.code, info.value.param) == (
         400,
         "invalid_json",
@@ -599,13 +602,13 @@ def test_other_letter_cases_of_policy_members(
 def test_duplicates_inside_objects_the_policy_reads(policy: CompiledPolicy, member: str) -> None:
     raw = b'{"model": "auto", "%s": {"user_id": "a", "x": 1, "user_id": "b"}}' % member.encode()
     with pytest.raises(GatewayError) as info:
-        decide(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
+        decide_request(head(), raw, policy, CONFIG, lambda: 0.5, now=NOW)
     assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_json", member)
 
 
 def test_duplicates_of_other_members_pass_byte_exact(policy: CompiledPolicy) -> None:
     raw = b'{"temperature": 1, "model": "auto", "temperature": 2, "x": {"a": 1, "a": 2}}'
-    decision = decide(head(), raw, policy, CONFIG, lambda: 0.1, now=NOW)
+    decision = decide_request(head(), raw, policy, CONFIG, lambda: 0.1, now=NOW)
     assert decision.body == raw.replace(b'"auto"', b'"up-model-a"')
 
 
@@ -614,7 +617,7 @@ def test_usage_opt_in_spliced_around_the_model(policy: CompiledPolicy, before: b
     options = b'"stream_options": {"include_obfuscation": false}'
     rest = b'"model": "auto", "z": "\xc3\xa9", "stream": true'
     raw = b"{" + (options + b", " + rest if before else rest + b", " + options) + b"}"
-    decision = decide(head(), raw, policy, CONFIG, lambda: 0.1, now=NOW)
+    decision = decide_request(head(), raw, policy, CONFIG, lambda: 0.1, now=NOW)
     sent = json.loads(decision.body)
     assert sent["model"] == "up-model-a"
     assert sent["stream_options"] == {"include_obfuscation": False, "include_usage": True}

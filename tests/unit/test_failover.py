@@ -12,6 +12,7 @@ from extproc.failover import (
     failover_plan,
 )
 from extproc.policy import compile_policy, parse_policy
+from tests.helpers import decide_request
 
 TRIO = FailoverGroup("trio", [("a", "ca"), ("b", "cb"), ("c", "cc")], num_retries=2)
 
@@ -82,7 +83,7 @@ def test_only_the_server_names_the_chosen_deployment() -> None:
     import json  # noqa: PLC0415
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from extproc.decision import GatewayConfig, decide  # noqa: PLC0415
+    from extproc.decision import GatewayConfig  # noqa: PLC0415
     from extproc.failover import DEPLOYMENT_HEADER  # noqa: PLC0415
     from extproc.policy import load_policy  # noqa: PLC0415
     from extproc.request import RequestHead  # noqa: PLC0415
@@ -97,7 +98,7 @@ def test_only_the_server_names_the_chosen_deployment() -> None:
     def route(model: str) -> tuple[dict[str, str], tuple[str, ...]]:
         raw = json.dumps({"model": model, "messages": []}).encode()
         head = RequestHead("POST", "/v1/chat/completions", forged)
-        decision = decide(head, raw, policy, GatewayConfig(), lambda: 0.0, now=now)
+        decision = decide_request(head, raw, policy, GatewayConfig(), lambda: 0.0, now=now)
         return dict(decision.set_headers), decision.remove_headers
 
     plain_set, plain_removed = route("cheap")  # no failover: a client's header is dropped

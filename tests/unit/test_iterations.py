@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from extproc.decision import GatewayConfig, RouteDecision, decide
+from extproc.decision import GatewayConfig, RouteDecision
 from extproc.errors import GatewayError
 from extproc.gateway import Gateway
 from extproc.iterations import counter_key
@@ -19,6 +19,7 @@ from extproc.policy import CompiledPolicy, load_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError
+from tests.helpers import decide_request
 from tests.unit.test_store import FakeClock
 
 POLICY = Path(__file__).resolve().parent.parent / "policies" / "iterations.yaml"
@@ -43,7 +44,7 @@ def route(
         headers["x-litellm-session-id"] = session
     raw = json.dumps({"model": model, "messages": [], **body}).encode()
     head = RequestHead("POST", "/v1/chat/completions", headers)
-    return decide(head, raw, policy, GatewayConfig(), lambda: 0.1, now=_NOW)
+    return decide_request(head, raw, policy, GatewayConfig(), lambda: 0.1, now=_NOW)
 
 
 @pytest.mark.parametrize(

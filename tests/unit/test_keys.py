@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 
 from extproc.cli import main
-from extproc.decision import GatewayConfig, RouteDecision, decide, decide_head
+from extproc.decision import GatewayConfig, RouteDecision, decide_head
 from extproc.errors import GatewayError
 from extproc.keys import hash_key, new_key
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
 from extproc.request import RequestHead
+from tests.helpers import decide_request
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 ENV = {"TEST_KEY_A": "sk-a", "TEST_KEY_B": "sk-b", "TEST_KEY_C": "sk-c"}
@@ -46,7 +47,7 @@ def call(
     head = RequestHead("POST", path, hdrs)
     decide_head(head, CONFIG, policy, NOW, has_body=True)
     raw = json.dumps({"model": model, "messages": [], **(extra or {})}).encode()
-    return decide(head, raw, policy, CONFIG, lambda: 0.1, now=NOW)
+    return decide_request(head, raw, policy, CONFIG, lambda: 0.1, now=NOW)
 
 
 ALLOWED = [

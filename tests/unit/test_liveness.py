@@ -113,7 +113,9 @@ class StrayStore(MemoryStore):
 
 
 async def test_only_other_process_ids_count_as_dead() -> None:
-    liveness = Liveness(StrayStore(), Metrics(), ttl_s=3, keep_s=60, owner="a" * 16)
+    liveness = Liveness(
+        StrayStore(), Metrics(), ttl_s=3, keep_s=60, owner="a" * 16, clock=FakeClock()
+    )
     await liveness.tick()
     assert liveness.dead == ("b" * 16,)
     assert liveness._metrics.heartbeats.labels("ok")._value.get() == 1
@@ -126,7 +128,7 @@ class SilentStore(MemoryStore):
 
 async def test_a_failed_heartbeat_is_counted_not_raised() -> None:
     metrics = Metrics()
-    liveness = Liveness(SilentStore(), metrics, ttl_s=3, keep_s=60)
+    liveness = Liveness(SilentStore(), metrics, ttl_s=3, keep_s=60, clock=FakeClock())
     await liveness.tick()
     await liveness.tick()
     assert metrics.heartbeats.labels("failed")._value.get() == 2

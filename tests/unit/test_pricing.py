@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.decision import GatewayConfig, decide
+from extproc.decision import GatewayConfig
 from extproc.errors import GatewayError
 from extproc.policy import CompiledPolicy, compile_policy, parse_policy
 from extproc.pricing import (
@@ -26,6 +26,7 @@ from extproc.pricing import (
 from extproc.request import RequestHead
 from extproc.store.base import MAX_AMOUNT_MICROS
 from extproc.usage import Usage
+from tests.helpers import decide_request
 from tests.unit.test_budgets import NOW
 
 BAD = [1.5, -1, "100", True, [1], {"n": 1}, 1e30]
@@ -183,7 +184,7 @@ def load_policy_text(text: str) -> CompiledPolicy:
 def test_decision_clamps_to_the_deployment(group: str, output: int, cap: int) -> None:
     policy = load_policy_text(POLICY)
     raw = json.dumps({"model": group, "messages": [], "max_tokens": 10**30, "n": 100}).encode()
-    decision = decide(
+    decision = decide_request(
         RequestHead("POST", "/v1/chat/completions", {}),
         raw,
         policy,
@@ -198,7 +199,7 @@ def test_embeddings_reserve_every_input_and_no_output() -> None:
     policy = load_policy_text(POLICY)
     ids = [[7] * 3000, [8] * 3000]  # short JSON per token id
     raw = json.dumps({"model": "table", "input": ids}).encode()
-    decision = decide(
+    decision = decide_request(
         RequestHead("POST", "/v1/embeddings", {}),
         raw,
         policy,

@@ -1,4 +1,5 @@
-"""Routing strategies and LiteLLM's cooldown rules (pure)."""
+"""Routing strategies, the whole pure routing decision on hand-built views, and
+LiteLLM's cooldown rules."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ from decimal import Decimal
 
 import pytest
 
+from extproc.budgets import BudgetRef
+from extproc.errors import GatewayError
 from extproc.health import DeploymentState, cooldown_reason
-from extproc.policy import CompiledDeployment, CompiledGroup
+from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 from extproc.pricing import Prices
-from extproc.router import choose, over_usage_limits
+from extproc.router import (
+    EMPTY_VIEW,
+    RoutingView,
+    choose,
+    context_tokens,
+    fitting_group,
+    over_usage_limits,
+    select,
+)
 
 
 def dep(name: str, **fields: object) -> CompiledDeployment:
@@ -118,3 +129,143 @@ def test_cooldown_rules(status: int, size: int, failures: int, requests: int, co
         status, group_size=size, failures=failures, requests=requests, allowed_fails=3
     )
     assert (reason is not None) is cools
+
+
+# --- the whole routing decision on hand-built views (no store) ----------------------
+
+#: 12:00:20 UTC: 40 seconds of the minute left.
+NOW = 1_795_000_000.0 - 1_795_000_000.0 % 60 + 20
+
+
+def policy_of(*groups: CompiledGroup) -> CompiledPolicy:
+    return CompiledPolicy(groups={g.name: g for g in groups})
+
+
+def named(name: str, strategy: str, *deps: CompiledDeployment, **fields: object) -> CompiledGroup:
+    g = group(strategy, *(replace(d, group=name) for d in deps))
+    return replace(g, name=name, **fields)  # type: ignore[arg-type]
+
+
+def budget(dep_id: str, limit: str = "1") -> BudgetRef:
+    return BudgetRef("deployment", dep_id, f"deployment {dep_id}", Decimal(limit))
+
+
+SELECT_CASES: list[tuple[str, str, RoutingView, str]] = [
+    # (case, strategy, view, the deployment or 'status code retry-after')
+    ("nothing known: the strategy alone", "least-busy", EMPTY_VIEW, "a"),
+    (
+        "a cooling deployment is skipped",
+        "simple-shuffle",
+        RoutingView.of({"a": DeploymentState(cooling_s=3.0)}, {}, {}),
+        "b",
+    ),
+    (
+        "every deployment cooling: 429 with the shortest wait",
+        "simple-shuffle",
+        RoutingView.of(
+            {"a": DeploymentState(cooling_s=3.2), "b": DeploymentState(cooling_s=9.0)}, {}, {}
+        ),
+        "429 deployments_cooling_down 4",
+    ),
+    (
+        "a deployment out of budget is skipped",
+        "simple-shuffle",
+        RoutingView.of({}, {budget("a").store_key: 1_000_000}, {"a": (budget("a"),)}),
+        "b",
+    ),
+    (
+        "every deployment out of budget",
+        "simple-shuffle",
+        RoutingView.of(
+            {},
+            {budget("a").store_key: 1_000_000, budget("b").store_key: 2_000_000},
+            {"a": (budget("a"),), "b": (budget("b"),)},
+        ),
+        "429 deployment_budgets_exhausted",
+    ),
+    (
+        "least-busy reads the in-flight counts",
+        "least-busy",
+        RoutingView.of({"a": DeploymentState(inflight=2)}, {}, {}),
+        "b",
+    ),
+    (
+        "usage-based skips a full minute",
+        "usage-based-routing",
+        RoutingView.of({"a": DeploymentState(rpm=10)}, {}, {}),
+        "b",
+    ),
+    (
+        "usage-based: every minute used up is a 429 until the minute ends",
+        "usage-based-routing",
+        RoutingView.of({"a": DeploymentState(rpm=10), "b": DeploymentState(tpm=10_000)}, {}, {}),
+        "429 deployments_at_capacity 40",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "strategy", "view", "expected"), SELECT_CASES, ids=[c[0] for c in SELECT_CASES]
+)
+def test_select(case: str, strategy: str, view: RoutingView, expected: str) -> None:
+    g = named("g", strategy, dep("a", rpm=10, tpm=10_000), dep("b", rpm=10, tpm=10_000))
+    try:
+        outcome = select(g, policy_of(g), view, lambda: 0.0, now=NOW, tokens=10)[1].id
+    except GatewayError as err:
+        outcome = f"{err.status} {err.code} {err.headers.get('retry-after', '')}".strip()
+    assert outcome == expected, case
+
+
+def test_select_reads_only_its_arguments() -> None:
+    """The same view and draws give the same answer, however often it is asked."""
+    g = named("g", "latency-based-routing", dep("a"), dep("b"), dep("c"))
+    view = RoutingView.of(
+        {
+            "a": DeploymentState(latency=(0.5,)),
+            "b": DeploymentState(latency=(0.1,)),
+            "c": DeploymentState(latency=(0.2,)),
+        },
+        {},
+        {},
+    )
+    answers = {
+        select(g, policy_of(g), view, lambda: 0.7, now=NOW, tokens=1)[1].id for _ in range(20)
+    }
+    assert answers == {"b"}
+
+
+def test_context_window_fallbacks() -> None:
+    small = named(
+        "small", "simple-shuffle", dep("s", context_window=100), context_window_fallbacks=("mid",)
+    )
+    mid = named(
+        "mid", "simple-shuffle", dep("m", context_window=1_000), context_window_fallbacks=("big",)
+    )
+    big = named("big", "simple-shuffle", dep("b", context_window=10_000))
+    policy = policy_of(small, mid, big)
+    assert fitting_group(small, policy, 50) == (small, [small.deployments[0]])
+    chosen_group, chosen = select(small, policy, EMPTY_VIEW, lambda: 0.0, now=NOW, tokens=5_000)
+    assert (chosen_group.name, chosen.id) == ("big", "b")
+    # the view of the fallback group is the one consulted
+    cooling = RoutingView.of({"b": DeploymentState(cooling_s=1.0)}, {}, {})
+    with pytest.raises(GatewayError) as info:
+        select(small, policy, cooling, lambda: 0.0, now=NOW, tokens=5_000)
+    assert info.value.code == "deployments_cooling_down"
+    with pytest.raises(GatewayError) as too_big:
+        select(small, policy, EMPTY_VIEW, lambda: 0.0, now=NOW, tokens=50_000)
+    assert (too_big.value.status, too_big.value.code) == (400, "context_length_exceeded")
+    assert "'small', 'mid', 'big' (largest 10000)" in too_big.value.message
+
+
+def test_view_is_read_only() -> None:
+    states = {"a": DeploymentState(cooling_s=1.0)}
+    view = RoutingView.of(states, {}, {})
+    states.clear()  # the view holds its own copy
+    assert "a" in view.states
+    with pytest.raises(TypeError):
+        view.states["b"] = DeploymentState()  # type: ignore[index]
+
+
+def test_context_tokens() -> None:
+    assert context_tokens({}) == 1
+    assert context_tokens({"messages": "x" * 40, "system": "y" * 4}) == 11

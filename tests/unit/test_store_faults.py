@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.decision import GatewayConfig, RouteDecision, decide
+from extproc.decision import GatewayConfig, RouteDecision
 from extproc.errors import GatewayError
 from extproc.gateway import Gateway
 from extproc.policy import load_policy
@@ -24,7 +24,7 @@ from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreFaultError, StoreUnavailableError, open_store
 from extproc.store.base import MAX_AMOUNT_MICROS
-from tests.helpers import free_port
+from tests.helpers import decide_request, free_port
 from tests.unit.test_budgets import NOW
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -234,7 +234,7 @@ def _route(policy_path: Path, key: str, session: str | None = None) -> tuple[Any
         headers["x-litellm-session-id"] = session
     head = RequestHead("POST", "/v1/chat/completions", headers)
     raw = json.dumps({"model": "auto", "messages": []}).encode()
-    return policy, decide(head, raw, policy, GatewayConfig(), lambda: 0.1, now=NOW)
+    return policy, decide_request(head, raw, policy, GatewayConfig(), lambda: 0.1, now=NOW)
 
 
 CASES = [

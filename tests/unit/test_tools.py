@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-from extproc.decision import decide
 from extproc.endpoints import lookup_endpoint
 from extproc.errors import GatewayError
 from extproc.policy import CompiledPolicy, load_policy
 from extproc.request import RequestHead
 from extproc.tools import request_tool_names
+from tests.helpers import decide_request
 from tests.unit.test_keys import CONFIG, ENV, NOW, POLICIES, call
 
 #: allowed_tools of the key: get_weather, db, web_search_preview, web_search
@@ -388,11 +388,11 @@ def test_a_tool_naming_a_key_twice_is_a_400(
     """The allowlist would read the last name; an upstream may read the first."""
     req_head = RequestHead("POST", path, {"authorization": f"Bearer {KEY}"})
     with pytest.raises(GatewayError) as info:
-        decide(req_head, raw, policy, CONFIG, lambda: 0.1, now=NOW)
+        decide_request(req_head, raw, policy, CONFIG, lambda: 0.1, now=NOW)
     assert (info.value.status, info.value.code, info.value.param) == (400, "invalid_json", param)
     # without an allowlist nothing reads the tools: the body passes untouched
     other = RequestHead("POST", path, {"authorization": "Bearer sk-alice-all"})
-    assert decide(other, raw, policy, CONFIG, lambda: 0.1, now=NOW).caller is not None
+    assert decide_request(other, raw, policy, CONFIG, lambda: 0.1, now=NOW).caller is not None
 
 
 def test_chat_web_search_needs_web_search_allowed(policy: CompiledPolicy) -> None:
