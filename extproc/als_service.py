@@ -17,6 +17,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2 as pb
 from envoy.service.accesslog.v3 import als_pb2_grpc as pb_grpc
 
+from extproc.decision import failed_attempt
 from extproc.failover import DEPLOYMENT_CLUSTER_PREFIX
 from extproc.gateway import Gateway
 from extproc.parallel import AUTHZ_NAMESPACE, LEASE_FIELD, LEASE_NAMESPACE, Lease
@@ -54,10 +55,13 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):  # type: ignore[misc]
                 upstream = entry.common_properties.upstream_cluster
                 if upstream.startswith(DEPLOYMENT_CLUSTER_PREFIX):
                     # a failover attempt that failed without a response (router
-                    # upstream_log); a client hanging up is not the deployment's fault
+                    # upstream_log)
                     flags = entry.common_properties.response_flags
-                    if not flags.downstream_connection_termination:
-                        await self._gateway.attempt_failed(upstream)
+                    policy = self._gateway.policy
+                    sample = failed_attempt(
+                        policy, upstream, client_left=flags.downstream_connection_termination
+                    )
+                    await self._gateway.record_health(sample, policy)
                     continue
                 lease = lease_of(entry)
                 if lease is None:

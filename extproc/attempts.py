@@ -12,28 +12,21 @@ from __future__ import annotations
 
 import re
 
-from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.failover import (
-    DEPLOYMENT_HEADER,
-    RETRY_REASON_HEADER,
-    SERVED_BY_HEADER,
-    FailoverRoute,
-)
+from extproc.failover import DEPLOYMENT_HEADER, FailoverRoute, attempt_answer, content_policy_retry
 from extproc.gateway import Gateway
+from extproc.headers import header_option
 from extproc.jsonbody import member_span, replace_member
 from extproc.policy import CompiledDeployment, CompiledPolicy
-from extproc.providers import CLIENT_CREDENTIAL_HEADERS
-from extproc.upstream_errors import normalize_error
+from extproc.providers import credential_edits
 
 __all__ = ["Attempt", "attempt_deployment"]
 
 _ATTRIBUTE = "xds.upstream_host_metadata"
 # the attribute is the host metadata in protobuf text format
 _DEPLOYMENT = re.compile(r'key: \\?"deployment\\?" value \{ string_value: \\?"([^"\\]+)\\?"')
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
 
 
@@ -45,13 +38,6 @@ def attempt_deployment(msg: pb.ProcessingRequest) -> str | None:
             match = _DEPLOYMENT.search(value.string_value)
             return match.group(1) if match else ""
     return None
-
-
-def _set(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, raw_value=value.encode("latin-1")),
-        append_action=_OVERWRITE,
-    )
 
 
 class Attempt:
@@ -75,15 +61,13 @@ class Attempt:
         if dep is None:
             # not in this policy (reloaded since Envoy's config was made): never let
             # another deployment's credential travel to it
-            mutation.remove_headers.extend(CLIENT_CREDENTIAL_HEADERS)
+            mutation.remove_headers.extend(credential_edits(None, None)[1])
             return reply
         if headers.get(DEPLOYMENT_HEADER) == dep.id:
             return reply  # the first attempt: rewritten for this deployment already
-        if dep.auth_value is not None:
-            mutation.set_headers.append(_set(dep.auth_header, dep.auth_value))
-        mutation.remove_headers.extend(
-            h for h in CLIENT_CREDENTIAL_HEADERS if h != dep.auth_header or dep.auth_value is None
-        )
+        credential, remove = credential_edits(dep.auth_header, dep.auth_value)
+        mutation.set_headers.extend(header_option(k, v) for k, v in credential)
+        mutation.remove_headers.extend(remove)
         if not msg.end_of_stream:
             reply.mode_override.request_body_mode = _BUFFERED  # for the model name
         return reply
@@ -97,7 +81,7 @@ class Attempt:
         body = replace_member(msg.body, span, dep.model)
         common = reply.request_body.response
         common.body_mutation.body = body
-        common.header_mutation.set_headers.append(_set("content-length", str(len(body))))
+        common.header_mutation.set_headers.append(header_option("content-length", str(len(body))))
         return reply
 
     async def on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
@@ -108,19 +92,12 @@ class Attempt:
         status = next(
             (h.raw_value.decode() or h.value for h in msg.headers.headers if h.key == ":status"), ""
         )
-        group = self._policy.groups.get(dep.group)
-        if group is not None and status.isascii() and status.isdigit():
-            await self._gateway.router.answered(dep, group, int(status))
-        reply.response_headers.response.header_mutation.set_headers.append(
-            _set(SERVED_BY_HEADER, dep.id)
+        answer = attempt_answer(dep.id, self._route, status, end_of_stream=msg.end_of_stream)
+        await self._gateway.record_health(answer.health, self._policy)
+        reply.response_headers.response.header_mutation.set_headers.extend(
+            header_option(k, v) for k, v in answer.set_headers
         )
-        route = self._route
-        if (
-            status == "400"
-            and not msg.end_of_stream
-            and route is not None
-            and route.content_policy_fallback_after(dep.id)
-        ):
+        if answer.check_content_policy:
             self._checking = True
             reply.mode_override.response_body_mode = _BUFFERED
         return reply
@@ -131,10 +108,9 @@ class Attempt:
         reply = pb.ProcessingResponse(response_body=pb.BodyResponse())
         if not self._checking:
             return reply
-        normalized = normalize_error(400, msg.body)
-        if normalized is not None and b"content_policy_violation" in normalized:
+        retry = content_policy_retry(msg.body)
+        if retry:
             mutation = reply.response_body.response.header_mutation
-            mutation.set_headers.append(_set(":status", "503"))
-            mutation.set_headers.append(_set(RETRY_REASON_HEADER, "content_policy"))
+            mutation.set_headers.extend(header_option(k, v) for k, v in retry)
             self._gateway.metrics.content_policy_retries.inc()
         return reply

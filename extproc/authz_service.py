@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -20,19 +19,12 @@ from google.rpc import code_pb2, status_pb2
 from extproc.decision import decide_head
 from extproc.errors import GatewayError, InternalError
 from extproc.gateway import Gateway
+from extproc.headers import header_option
 from extproc.request import RequestHead
 
 __all__ = ["AuthorizationService"]
 
 log = logging.getLogger("extproc.ext_authz")
-
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-
-
-def _option(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
-    )
 
 
 def denied_response(err: GatewayError) -> pb.CheckResponse:
@@ -40,7 +32,7 @@ def denied_response(err: GatewayError) -> pb.CheckResponse:
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=err.code),
         denied_response=pb.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=err.status),
-            headers=[_option(k, v) for k, v in err.response_headers().items()],
+            headers=[header_option(k, v, raw=False) for k, v in err.response_headers().items()],
             body=err.body().decode("utf-8"),
         ),
     )
@@ -79,7 +71,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         reply = pb.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=pb.OkHttpResponse(
-                headers=[_option(k, v) for k, v in set_headers],
+                headers=[header_option(k, v, raw=False) for k, v in set_headers],
                 headers_to_remove=decision.remove_headers,
             ),
         )

@@ -11,11 +11,12 @@ cannot disagree on the same request.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from extproc.accounting import Charge
 from extproc.budgets import BudgetRef, applicable_budgets
 from extproc.endpoints import lookup_endpoint
 from extproc.errors import (
@@ -26,7 +27,8 @@ from extproc.errors import (
     UnknownRouteError,
     UnsupportedMediaTypeError,
 )
-from extproc.failover import DEPLOYMENT_HEADER, FailoverRoute
+from extproc.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER, FailoverRoute
+from extproc.health import HealthSample
 from extproc.iterations import SessionCap, session_cap
 from extproc.jsonbody import add_member, splice
 from extproc.keys import (
@@ -41,7 +43,7 @@ from extproc.keys import (
 )
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 from extproc.pricing import OutputAsk, cost_micros, estimate_call, requested_output
-from extproc.providers import CLIENT_CREDENTIAL_HEADERS
+from extproc.providers import credential_edits
 from extproc.request import LLMRequest, RequestHead, parse_request
 from extproc.router import RoutingView, context_tokens, fitting_group, select
 from extproc.settings import Settings
@@ -51,9 +53,12 @@ __all__ = [
     "GatewayConfig",
     "HeadDecision",
     "Prepared",
+    "ResponseDecision",
     "RouteDecision",
     "decide",
     "decide_head",
+    "decide_response",
+    "failed_attempt",
     "prepare",
     "route_to",
     "view_scope",
@@ -317,12 +322,9 @@ def route_to(
             # the first attempt is already rewritten for this deployment
             (DEPLOYMENT_HEADER, deployment.id),
         ]
-    if deployment.auth_value is not None:
-        set_headers.append((deployment.auth_header, deployment.auth_value))
+    credential, remove = credential_edits(deployment.auth_header, deployment.auth_value)
+    set_headers += credential
     set_headers.append(("content-length", str(len(body))))
-    remove = tuple(h for h in CLIENT_CREDENTIAL_HEADERS if h != deployment.auth_header)
-    if deployment.auth_value is None:
-        remove += (deployment.auth_header,)
     # Usage is read from the response: ask the upstream for an uncompressed one.
     remove += ("accept-encoding",)
     if failover is None:
@@ -432,3 +434,89 @@ def decide(
         failover=failover,
         attempts=attempts,
     )
+
+
+# --- the response side --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDecision:
+    """What the response headers of an admitted call decide."""
+
+    #: The call's charge, priced by the deployment that served it.
+    charge: Charge
+    #: Response headers to strip (``x-extproc-served-by`` never reaches a client).
+    remove_headers: tuple[str, ...]
+    #: What the answer teaches about the deployment's health, if anything.
+    health: HealthSample | None
+    #: A 2xx: the body is metered and the call settled from it.
+    meter: bool
+    #: Not a 2xx: the call costs nothing, its reservation is given back.
+    cancel: bool
+    #: Not a 2xx and a body follows: the status whose error body is read (redacted,
+    #: provider error words normalized).
+    read_error: int | None
+    #: A 2xx and a body follows: it streams through the meter.
+    stream_body: bool
+
+
+def decide_response(
+    charge: Charge,
+    headers: Mapping[str, str],
+    policy: CompiledPolicy,
+    *,
+    end_of_stream: bool,
+    now: float,
+) -> ResponseDecision:
+    """Decide from the upstream's response headers (``:status`` among them; lower-case
+    names) which deployment served and prices the call, the health sample, and whether
+    the reservation is metered or given back. ``now``: Unix time (time to first token).
+
+    Rule: ``x-extproc-served-by`` is trusted only on a call routed through a failover
+    cluster, where the attempt filter sets it; anywhere else an upstream sent it, and
+    it is stripped and ignored. Rule: a failover call's statuses were counted by its
+    attempts, so only its first byte is a sample here (Envoy's own reply after failed
+    attempts teaches nothing more); any other call's status counts for its deployment.
+    """
+    status = headers.get(":status", "")
+    numeric = int(status) if status.isascii() and status.isdigit() else None
+    served = headers.get(SERVED_BY_HEADER)
+    failover = charge.deployment in policy.failover
+    remove: tuple[str, ...] = ()
+    if served is not None:
+        remove = (SERVED_BY_HEADER,)
+        if not failover:
+            served = None
+    known = served is not None and policy.deployment(served) is not None
+    if known and served != charge.deployment:
+        charge = dataclasses.replace(charge, served=served)
+    ttft = max(0.0, now - charge.started) if charge.stream else None
+    health: HealthSample | None = None
+    if served is not None:
+        if ttft is not None:
+            health = HealthSample(charge.priced_by, ttft_s=ttft)
+    elif not failover and numeric is not None:
+        health = HealthSample(charge.deployment, numeric, ttft)
+    ok = status.startswith("2")
+    return ResponseDecision(
+        charge=charge,
+        remove_headers=remove,
+        health=health,
+        meter=ok,
+        cancel=not ok,
+        read_error=numeric if not ok and not end_of_stream else None,
+        stream_body=ok and not end_of_stream,
+    )
+
+
+def failed_attempt(
+    policy: CompiledPolicy, cluster: str, *, client_left: bool
+) -> HealthSample | None:
+    """A failover attempt to the per-deployment ``cluster`` that ended without a
+    response: a 503 for its deployment's health.
+
+    Rule: a client hanging up is not the deployment's fault."""
+    if client_left:
+        return None
+    dep_id = policy.attempt_deployment(cluster)
+    return HealthSample(dep_id, 503) if dep_id is not None else None

@@ -8,9 +8,8 @@ off with ``mode_override``). Other phases, if a config enables them, get empty r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -21,10 +20,10 @@ from envoy.type.v3 import http_status_pb2
 
 from extproc.accounting import Charge
 from extproc.attempts import Attempt, attempt_deployment
-from extproc.decision import RouteDecision, decide_head
+from extproc.decision import RouteDecision, decide_head, decide_response
 from extproc.errors import GatewayError, InternalError, PayloadTooLargeError
-from extproc.failover import SERVED_BY_HEADER
 from extproc.gateway import Gateway
+from extproc.headers import header_mutation, header_option
 from extproc.metering import ResponseMeter, charge_from_metadata
 from extproc.parallel import LEASE_NAMESPACE, Lease
 from extproc.redaction import Redactor
@@ -35,26 +34,10 @@ __all__ = ["ExternalProcessorService"]
 
 log = logging.getLogger("extproc.ext_proc")
 
-_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _BODY_NONE = processing_mode_pb2.ProcessingMode.NONE
 _SKIP = processing_mode_pb2.ProcessingMode.SKIP
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 _BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
-
-
-def _header_mutation(
-    set_headers: Iterable[tuple[str, str]], remove: Iterable[str]
-) -> pb.HeaderMutation:
-    return pb.HeaderMutation(
-        set_headers=[
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=k, raw_value=v.encode("latin-1")),
-                append_action=_OVERWRITE,
-            )
-            for k, v in set_headers
-        ],
-        remove_headers=list(remove),
-    )
 
 
 def immediate_response(err: GatewayError) -> pb.ProcessingResponse:
@@ -62,7 +45,7 @@ def immediate_response(err: GatewayError) -> pb.ProcessingResponse:
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=err.status),
-            headers=_header_mutation(err.response_headers().items(), ()),
+            headers=header_mutation(err.response_headers().items(), ()),
             body=err.body(),
             details=f"extproc_{err.code}",
         )
@@ -133,7 +116,7 @@ class _Stream:
         decision = decide_head(
             head, gateway.config, self._policy, gateway.clock.now(), has_body=not msg.end_of_stream
         )
-        common = pb.CommonResponse(header_mutation=_header_mutation((), decision.remove_headers))
+        common = pb.CommonResponse(header_mutation=header_mutation((), decision.remove_headers))
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         if decision.action == "pass":
             # Not ours: stop the stream after this reply instead of buffering the body.
@@ -169,7 +152,7 @@ class _Stream:
         self._record(decision)
         self.finished = True
         common = pb.CommonResponse(
-            header_mutation=_header_mutation(decision.set_headers, decision.remove_headers),
+            header_mutation=header_mutation(decision.set_headers, decision.remove_headers),
             body_mutation=pb.BodyMutation(body=decision.body),
             clear_route_cache=True,
         )
@@ -193,21 +176,19 @@ class _Stream:
         if charge is None:
             return reply
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
-        if _redact_headers(msg, self._policy.redactor, reply.response_headers.response):
+        common = reply.response_headers.response
+        if _redact_headers(msg, self._policy.redactor, common):
             self._gateway.metrics.credentials_redacted.labels("header").inc()
-        status = headers.get(":status", "")
-        served = headers.get(SERVED_BY_HEADER)
-        failover = charge.deployment in self._policy.failover
-        if served is not None and not failover:
-            # not from our attempt filter (an upstream's own header): ignored, stripped
-            reply.response_headers.response.header_mutation.remove_headers.append(SERVED_BY_HEADER)
-            served = None
-        if served is not None:
-            # Failover: the attempts recorded their own health; price what served.
-            reply.response_headers.response.header_mutation.remove_headers.append(SERVED_BY_HEADER)
-            if served != charge.deployment and self._policy.deployment(served) is not None:
-                charge = self.charge = dataclasses.replace(charge, served=served)
-        if status.startswith("2"):
+        answer = decide_response(
+            charge,
+            headers,
+            self._policy,
+            end_of_stream=msg.end_of_stream,
+            now=self._gateway.clock.wall(),
+        )
+        charge = self.charge = answer.charge
+        common.header_mutation.remove_headers.extend(answer.remove_headers)
+        if answer.meter:
             # Rule: the meter exists before the first await, so a stream reset from here
             # on is billed for what the upstream answered, never handed back.
             self.meter = ResponseMeter(
@@ -216,29 +197,18 @@ class _Stream:
                 encoding=headers.get("content-encoding", ""),
                 content_length=headers.get("content-length", ""),
             )
-        if served is not None:
-            await self._gateway.first_token(charge, self._policy)
-        elif failover:
-            pass  # Envoy's own reply after failed attempts: each was counted already
-        elif status.isascii() and status.isdigit():
-            # Health: every answer counts, and may cool the deployment down.
-            await self._gateway.answered(charge, int(status), self._policy)
-        if not status.startswith("2"):
-            # A failed call costs nothing: give its reservation back.
+        await self._gateway.record_health(answer.health, self._policy)
+        if answer.cancel:
             self.charge = None
             self._gateway.cancel_soon(charge)
-            if status.isascii() and status.isdigit() and not msg.end_of_stream:
-                # read the error: it may echo a credential, and provider words for
-                # context overflow or content policy become OpenAI's codes
-                self.error_status = int(status)
-                reply.mode_override.response_body_mode = _BUFFERED
-            return reply
-        if msg.end_of_stream or self.meter is None:
-            return reply
-        reply.mode_override.response_body_mode = _STREAMED
-        if self.meter.rewrites:
-            # The body loses the usage chunk the client did not ask for.
-            reply.response_headers.response.header_mutation.remove_headers.append("content-length")
+        if answer.read_error is not None:
+            self.error_status = answer.read_error
+            reply.mode_override.response_body_mode = _BUFFERED
+        if answer.stream_body and self.meter is not None:
+            reply.mode_override.response_body_mode = _STREAMED
+            if self.meter.rewrites:
+                # The body loses the usage chunk the client did not ask for.
+                common.header_mutation.remove_headers.append("content-length")
         return reply
 
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
@@ -258,12 +228,7 @@ class _Stream:
                 common = reply.response_body.response
                 common.body_mutation.body = normalized
                 common.header_mutation.set_headers.append(
-                    base_pb2.HeaderValueOption(
-                        header=base_pb2.HeaderValue(
-                            key="content-length", raw_value=str(len(normalized)).encode()
-                        ),
-                        append_action=_OVERWRITE,
-                    )
+                    header_option("content-length", str(len(normalized)))
                 )
             return reply
         if meter is None:
@@ -347,12 +312,7 @@ def _redact_headers(msg: pb.HttpHeaders, redactor: Redactor, common: pb.CommonRe
         # Rule: one value replaces every value of the header (repeated headers are
         # joined with ",", as HTTP allows), so none of them survives unredacted.
         value = ",".join(redactor.text(v) or v for v in by_key[key])
-        common.header_mutation.set_headers.append(
-            base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key=key, raw_value=value.encode("latin-1")),
-                append_action=_OVERWRITE,
-            )
-        )
+        common.header_mutation.set_headers.append(header_option(key, value))
     return bool(hit)
 
 

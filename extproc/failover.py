@@ -28,15 +28,21 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from extproc.health import HealthSample
+from extproc.upstream_errors import normalize_error
+
 __all__ = [
     "DEPLOYMENT_CLUSTER_PREFIX",
     "DEPLOYMENT_HEADER",
     "MAX_RETRIES",
     "RETRY_REASON_HEADER",
     "SERVED_BY_HEADER",
+    "AttemptAnswer",
     "FailoverGroup",
     "FailoverRoute",
+    "attempt_answer",
     "composite_name",
+    "content_policy_retry",
     "deployment_cluster_name",
     "failover_plan",
 ]
@@ -142,3 +148,43 @@ def failover_plan(
             if len(attempts) > 1:
                 plan[dep[0]] = FailoverRoute(composite_name(dep[0]), tuple(attempts), content_from)
     return plan
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptAnswer:
+    """What the response headers of one failover attempt decide."""
+
+    #: The attempt's status, for its deployment's health (cooldowns).
+    health: HealthSample | None
+    #: Response headers to set: which deployment served (read back for pricing).
+    set_headers: tuple[tuple[str, str], ...]
+    #: A 400 whose body is read: a content-policy refusal moves the call on.
+    check_content_policy: bool
+
+
+def attempt_answer(
+    dep_id: str, route: FailoverRoute | None, status: str, *, end_of_stream: bool
+) -> AttemptAnswer:
+    """Rule: every attempt's status counts for its own deployment, and its answer
+    names that deployment in ``x-extproc-served-by``; a 400 with a body is read only
+    while a content-policy fallback is still to come after this attempt."""
+    numeric = int(status) if status.isascii() and status.isdigit() else None
+    return AttemptAnswer(
+        health=HealthSample(dep_id, numeric) if numeric is not None else None,
+        set_headers=((SERVED_BY_HEADER, dep_id),),
+        check_content_policy=(
+            status == "400"
+            and not end_of_stream
+            and route is not None
+            and route.content_policy_fallback_after(dep_id)
+        ),
+    )
+
+
+def content_policy_retry(body: bytes) -> tuple[tuple[str, str], ...]:
+    """The response headers that turn a content-policy refusal (a 400 ``body``) into
+    a 503 Envoy retries on the next deployment; none for any other 400."""
+    normalized = normalize_error(400, body)
+    if normalized is not None and b"content_policy_violation" in normalized:
+        return ((":status", "503"), (RETRY_REASON_HEADER, "content_policy"))
+    return ()

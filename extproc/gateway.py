@@ -23,6 +23,7 @@ from extproc.budgets import BudgetRef, check_budgets
 from extproc.clock import Clock, SystemClock
 from extproc.decision import GatewayConfig, RouteDecision, decide, prepare, view_scope
 from extproc.errors import InternalError, ServiceUnavailableError
+from extproc.health import HealthSample
 from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.liveness import Liveness
 from extproc.metering import ResponseMeter
@@ -213,32 +214,11 @@ class Gateway:
             raise
         return Admission(lease, iterations, charge)
 
-    async def attempt_failed(self, cluster: str) -> None:
-        """A failover attempt to the per-deployment ``cluster`` could not connect."""
-        policy = self._policy
-        dep_id = policy.attempt_deployment(cluster)
-        dep = policy.deployment(dep_id) if dep_id is not None else None
-        group = policy.groups.get(dep.group) if dep is not None else None
-        if dep is not None and group is not None:
-            await self.router.answered(dep, group, 503)
-
-    async def first_token(self, charge: Charge, policy: CompiledPolicy) -> None:
-        """A failover call's first byte: a time-to-first-token sample for the
-        deployment that served it (its status was counted by its attempt)."""
-        if not charge.stream:
-            return
-        dep = policy.deployment(charge.priced_by)
-        group = policy.groups.get(dep.group) if dep is not None else None
-        if dep is not None and group is not None:
-            await self.router.first_token(dep, group, max(0.0, self.clock.wall() - charge.started))
-
-    async def answered(self, charge: Charge, status: int, policy: CompiledPolicy) -> None:
-        """The upstream's status for a call: health counts, maybe a cooldown."""
-        dep = policy.deployment(charge.deployment)
-        group = policy.groups.get(charge.group)
-        if dep is not None and group is not None:
-            ttft = max(0.0, self.clock.wall() - charge.started) if charge.stream else None
-            await self.router.answered(dep, group, status, ttft_s=ttft)
+    async def record_health(self, sample: HealthSample | None, policy: CompiledPolicy) -> None:
+        """Record the health sample the core decided on (an answer's status, a time to
+        first token): health counts, maybe a cooldown."""
+        if sample is not None:
+            await self.router.record(sample, policy)
 
     async def reserve(self, decision: RouteDecision, policy: CompiledPolicy) -> Charge:
         """Reserve the call's estimated cost against every budget it falls under, in one
