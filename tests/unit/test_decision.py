@@ -12,8 +12,10 @@ import pytest
 
 from extproc.decision import GatewayConfig, decide_head
 from extproc.errors import GatewayError
+from extproc.health import DeploymentState
 from extproc.policy import CompiledPolicy, load_policy
 from extproc.request import POLICY_MEMBERS, RequestHead
+from extproc.router import RoutingView
 from tests.helpers import decide_request
 
 POLICY_PATH = Path(__file__).resolve().parent.parent / "policies" / "valid.yaml"
@@ -622,3 +624,21 @@ def test_usage_opt_in_spliced_around_the_model(policy: CompiledPolicy, before: b
     assert sent["model"] == "up-model-a"
     assert sent["stream_options"] == {"include_obfuscation": False, "include_usage": True}
     assert b'"z": "\xc3\xa9"' in decision.body
+
+
+def test_decide_routes_on_the_view_it_is_given(policy: CompiledPolicy) -> None:
+    """The store's answer arrives as a view: the same draw lands elsewhere when the
+    deployment it would pick is cooling down, and every one cooling is a 429."""
+    raw = body(model="auto", messages=[])
+    assert decide_request(head(), raw, policy, CONFIG, lambda: 0.0, now=NOW).deployment.id == (
+        "dep-a"
+    )
+    cooling_a = RoutingView.of({"dep-a": DeploymentState(cooling_s=2.0)}, {}, {})
+    moved = decide_request(head(), raw, policy, CONFIG, lambda: 0.0, now=NOW, view=cooling_a)
+    assert moved.deployment.id != "dep-a"
+    every = RoutingView.of(
+        {d.id: DeploymentState(cooling_s=2.0) for d in policy.groups["auto"].deployments}, {}, {}
+    )
+    with pytest.raises(GatewayError) as info:
+        decide_request(head(), raw, policy, CONFIG, lambda: 0.0, now=NOW, view=every)
+    assert (info.value.status, info.value.code) == (429, "deployments_cooling_down")
