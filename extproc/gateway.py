@@ -185,6 +185,8 @@ class Gateway:
         now = self.clock.now()
         prepared = prepare(head, raw, policy, self.config, now=now)
         group, deployments = view_scope(prepared, policy)
+        if group is not prepared.group:
+            log.debug("context window: %s too small, %s serves", prepared.group.name, group.name)
         view = await self.router.view(group, deployments, policy, now)
         return decide(
             prepared, policy, self.config, view, self.rng, now=now, inject_usage=inject_usage

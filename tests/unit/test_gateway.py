@@ -106,3 +106,29 @@ async def test_a_call_refused_after_its_reservation_leaves_in_flight_counts_alon
     assert info.value.code == "rpm_limit_exceeded"
     await gateway.drain()
     assert await store.get_many([inflight_key("a")]) == [1]
+
+
+async def test_routing_reads_the_injected_clock(tmp_path: Path) -> None:
+    """The clock minute of usage-based routing and the retry-after of a full minute
+    come from the gateway's clock: a fake one moves across the minute, no sleeping."""
+    from datetime import UTC, datetime, timedelta  # noqa: PLC0415
+
+    from extproc.errors import GatewayError  # noqa: PLC0415
+    from tests.helpers import StoppedClock  # noqa: PLC0415
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "model_groups: [{name: g, routing_strategy: usage-based-routing, deployments: ["
+        "{id: a, cluster: c, model: m, rpm: 1}]}]\n"
+    )
+    policy = load_policy(path)
+    clock = StoppedClock(datetime(2026, 11, 23, 12, 0, 20, tzinfo=UTC))
+    gateway = Gateway(Settings(policy_path=path), policy, MemoryStore(), clock=clock)
+    head = RequestHead("POST", "/v1/chat/completions", {})
+    raw = json.dumps({"model": "g", "messages": []}).encode()
+    await gateway.admit(await gateway.route(head, raw, policy), policy)  # the minute's one
+    with pytest.raises(GatewayError) as info:
+        await gateway.route(head, raw, policy)
+    assert (info.value.code, info.value.headers["retry-after"]) == ("deployments_at_capacity", "40")
+    clock.at += timedelta(seconds=40)  # the next minute: a fresh count
+    assert (await gateway.route(head, raw, policy)).deployment.id == "a"
