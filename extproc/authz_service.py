@@ -60,18 +60,16 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 status=status_pb2.Status(code=code_pb2.OK),
                 ok_response=pb.OkHttpResponse(headers_to_remove=head_decision.remove_headers),
             )
-        # ext_authz cannot rewrite the body: no usage opt-in for streams here.
-        decision = await gateway.route(head, body, policy, inject_usage=False)
+        # ext_authz cannot rewrite the body
+        decision = await gateway.route(head, body, policy, rewrite_body=False)
         admission = await gateway.admit(decision, policy)
         dep = decision.deployment
         gateway.metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
         gateway.metrics.routed.labels(dep.group, dep.id).inc()
-        # The body is not rewritten here, so its length stays what the client sent.
-        set_headers = [(k, v) for k, v in decision.set_headers if k != "content-length"]
         reply = pb.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=pb.OkHttpResponse(
-                headers=[header_option(k, v, raw=False) for k, v in set_headers],
+                headers=[header_option(k, v, raw=False) for k, v in decision.set_headers],
                 headers_to_remove=decision.remove_headers,
             ),
         )

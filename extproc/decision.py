@@ -285,17 +285,19 @@ def route_to(
     deployment: CompiledDeployment,
     config: GatewayConfig,
     *,
-    inject_usage: bool = True,
+    rewrite_body: bool = True,
     failover: FailoverRoute | None = None,
     attempts: tuple[CompiledDeployment, ...] = (),
 ) -> RouteDecision:
     """The changes that send ``prepared`` to ``deployment`` (through its composite
     cluster when it can fail over: Envoy retries other deployments in the same call).
 
-    ``inject_usage``: for a streamed chat/completions call that does not ask for
-    usage, ask for it upstream (``stream_options.include_usage``); off where the body
-    cannot be rewritten. ``attempts``: the deployments a failover may reach; the
-    estimate and the usage bound cover the largest of them.
+    A streamed chat/completions call that does not ask for usage asks for it upstream
+    (``stream_options.include_usage``). ``rewrite_body``: off where the body cannot be
+    changed (ext_authz): the upstream gets the client's bytes, so neither the model
+    name nor the usage opt-in is edited and the length stays the client's.
+    ``attempts``: the deployments a failover may reach; the estimate and the usage
+    bound cover the largest of them.
     """
     request, raw_body, group = prepared.request, prepared.raw, prepared.group
     endpoint = request.endpoint
@@ -303,7 +305,7 @@ def route_to(
     edits: list[tuple[tuple[int, int], Any]] = [(request.model_span, deployment.model)]
     add_options: dict[str, Any] | None = None
     asks_usage = False
-    if inject_usage and request.stream and endpoint.name in _USAGE_OPT_IN:
+    if rewrite_body and request.stream and endpoint.name in _USAGE_OPT_IN:
         options = request.body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage") is True):
             merged = {**options} if isinstance(options, dict) else {}
@@ -312,7 +314,7 @@ def route_to(
             else:
                 edits.append((request.stream_options_span, {**merged, "include_usage": True}))
             asks_usage = True
-    body = splice(raw_body, edits)
+    body = splice(raw_body, edits) if rewrite_body else raw_body
     if add_options is not None:
         body = add_member(body, "stream_options", add_options)
     set_headers: list[tuple[str, str]] = [(config.cluster_header, deployment.cluster)]
@@ -324,7 +326,8 @@ def route_to(
         ]
     credential, remove = credential_edits(deployment.auth_header, deployment.auth_value)
     set_headers += credential
-    set_headers.append(("content-length", str(len(body))))
+    if rewrite_body:
+        set_headers.append(("content-length", str(len(body))))
     # Usage is read from the response: ask the upstream for an uncompressed one.
     remove += ("accept-encoding",)
     if failover is None:
@@ -397,7 +400,7 @@ def decide(
     rng: Callable[[], float],
     *,
     now: datetime,
-    inject_usage: bool = True,
+    rewrite_body: bool = True,
 ) -> RouteDecision:
     """Route one checked request: the deployment :func:`~extproc.router.select` picks
     with what ``view`` says of the group of :func:`view_scope` (or a refusal), its
@@ -430,7 +433,7 @@ def decide(
         prepared,
         deployment,
         config,
-        inject_usage=inject_usage,
+        rewrite_body=rewrite_body,
         failover=failover,
         attempts=attempts,
     )

@@ -178,7 +178,7 @@ class Gateway:
         raw: bytes,
         policy: CompiledPolicy,
         *,
-        inject_usage: bool = True,
+        rewrite_body: bool = True,
     ) -> RouteDecision:
         """Check the request, read what the store knows of the deployments that can
         take it (one store round trip), and let the core decide."""
@@ -189,7 +189,7 @@ class Gateway:
             log.debug("context window: %s too small, %s serves", prepared.group.name, group.name)
         view = await self.router.view(group, deployments, policy, now)
         return decide(
-            prepared, policy, self.config, view, self.rng, now=now, inject_usage=inject_usage
+            prepared, policy, self.config, view, self.rng, now=now, rewrite_body=rewrite_body
         )
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:

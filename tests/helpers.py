@@ -218,12 +218,12 @@ def decide_request(
     *,
     now: datetime,
     view: RoutingView = EMPTY_VIEW,
-    inject_usage: bool = True,
+    rewrite_body: bool = True,
 ) -> RouteDecision:
     """The core's routing decision for one request, taken as the gateway takes it
     (:func:`prepare`, then :func:`decide`), on a hand-built view instead of the store."""
     prepared = prepare(head, raw, policy, config, now=now)
-    return decide(prepared, policy, config, view, rng, now=now, inject_usage=inject_usage)
+    return decide(prepared, policy, config, view, rng, now=now, rewrite_body=rewrite_body)
 
 
 class StoppedClock:

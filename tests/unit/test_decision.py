@@ -556,11 +556,13 @@ def test_streams_ask_for_usage(
     assert b'"z": "\\u00e9"' in decision.body
     sent = json.loads(decision.body.replace(b"1e400", b"1"))
     assert sent.get("stream_options") == options
-    no_inject = decide_request(
-        head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW, inject_usage=False
+    unchanged = decide_request(
+        head(path), raw, policy, CONFIG, lambda: 0.1, now=NOW, rewrite_body=False
     )
-    assert no_inject.asks_usage is False
-    assert b"include_usage" not in no_inject.body or "stream_options" in extra
+    assert unchanged.asks_usage is False
+    # where the body cannot be rewritten (ext_authz), the client's bytes and length stay
+    assert unchanged.body == raw
+    assert "content-length" not in dict(unchanged.set_headers)
 
 
 def test_policy_members_cover_the_list_of_the_issue() -> None:
