@@ -186,6 +186,9 @@ class Charge:
     usage_cap: int = 0
     #: The budgets whose alerts the settlement checks (soft budgets, alert shares).
     watch: tuple[BudgetRef, ...] = ()
+    #: Sent through a failover (composite) cluster: its attempts' filters counted the
+    #: statuses and may name the deployment that served it.
+    failover: bool = False
 
     @property
     def priced_by(self) -> str:
@@ -208,6 +211,7 @@ class Charge:
         max_output_tokens: int = 0,
         usage_cap: int = 0,
         watch: Sequence[BudgetRef] = (),
+        failover: bool = False,
     ) -> Charge:
         return cls(
             rid=uuid.uuid4().hex,
@@ -226,6 +230,7 @@ class Charge:
             max_output_tokens=max_output_tokens,
             usage_cap=usage_cap,
             watch=tuple(watch),
+            failover=failover,
         )
 
     def bounded(self, usage: Usage | None) -> tuple[Usage | None, bool]:
@@ -288,6 +293,7 @@ class Charge:
             and (tpm is None or (isinstance(tpm, str) and is_tpm_key(tpm)))
             and isinstance(v["started"], int | float)
             and (v["served"] is None or isinstance(v["served"], str))
+            and isinstance(v["failover"], bool)
         )
         watch = v["watch"]
         if not ok or not isinstance(watch, list) or len(watch) > len(keys):

@@ -484,7 +484,7 @@ def decide_response(
     status = headers.get(":status", "")
     numeric = int(status) if status.isascii() and status.isdigit() else None
     served = headers.get(SERVED_BY_HEADER)
-    failover = charge.deployment in policy.failover
+    failover = charge.failover
     remove: tuple[str, ...] = ()
     if served is not None:
         remove = (SERVED_BY_HEADER,)

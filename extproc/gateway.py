@@ -248,6 +248,7 @@ class Gateway:
             usage_cap=decision.usage_cap,
             # the budgets the settlement checks for alerts
             watch=[r for r in refs if r.soft is not None or (share and r.limit is not None)],
+            failover=bool(decision.attempts),
         )
         if not refs:
             return charge

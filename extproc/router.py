@@ -153,7 +153,13 @@ def select(
     cooling = {d.id: s.cooling_s for d in fits if (s := states[d.id]).cooling_s}
     left = [d for d in fits if d.id not in exhausted and d.id not in cooling]
     if group.strategy == "usage-based-routing":
-        within = [d for d in left if not over_usage_limits(d, states[d.id], tokens)]
+        # Rule: only load the view knows of filters (a store that could not be read,
+        # fail mode open, knows none: the strategy alone decides, as without a store)
+        within = [
+            d
+            for d in left
+            if d.id not in view.states or not over_usage_limits(d, states[d.id], tokens)
+        ]
         if left and not within:
             raise RateLimitError(
                 f"Every deployment of {group.name[:256]!r} is at its rpm/tpm limit "

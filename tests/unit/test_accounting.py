@@ -56,6 +56,7 @@ def test_token_round_trip() -> None:
         lambda v: [*v[:8], ["{spend}:key:x}"], *v[9:]],  # not as the builder writes it
         lambda v: [*v[:8], ["{spend}:key:%78"], *v[9:]],  # nor this ("x" spelled escaped)
         lambda v: [*v[:7], True, *v[8:]],  # a bool for the estimate
+        lambda v: [*v[:-1], 1],  # a number for the failover flag
         lambda v: [*v[:10], "ratelimit-not", *v[11:]],
         lambda v: [*v[:10], "{key:x}:ratelimit:tpm", *v[11:]],  # not a key hash
         lambda v: [*v[:10], f"{{key:{'ab' * 32}}}:ratelimit:rpm", *v[11:]],
@@ -202,7 +203,9 @@ def test_watched_budgets_travel_in_the_token() -> None:
     )
     assert Charge.parse(charge.token()) == charge
     values = json.loads(charge.token())
-    broken = [*values[:-1], [[*values[-1][0][:3], "lots", *values[-1][0][4:]]]]
+    watch = len(values) - 2  # the watched budgets, before the failover flag
+    broken = [*values[:watch], [[*values[watch][0][:3], "lots", *values[watch][0][4:]]], False]
     assert Charge.parse(json.dumps(broken)) is None  # a limit that is no number
-    foreign = [*values[:-1], [["key", "other", "API key other", None, "1", None, None, None]]]
+    other = ["key", "other", "API key other", None, "1", None, None, None]
+    foreign = [*values[:watch], [other], False]
     assert Charge.parse(json.dumps(foreign)) is None  # a budget the charge does not spend

@@ -42,7 +42,9 @@ POLICY: CompiledPolicy = compile_policy(
 STARTED = 1_000.0
 
 
-def charge(dep: str, *, stream: bool = False) -> Charge:
+def charge(dep: str, *, stream: bool = False, failover: bool | None = None) -> Charge:
+    """A call admitted to ``dep``; sent through its failover cluster when it has one
+    (unless ``failover`` says otherwise)."""
     return Charge(
         rid="r",
         api="openai",
@@ -55,6 +57,7 @@ def charge(dep: str, *, stream: bool = False) -> Charge:
         keys=(),
         ttls=(),
         started=STARTED,
+        failover=dep in POLICY.failover if failover is None else failover,
     )
 
 
@@ -257,3 +260,17 @@ def test_header_builder() -> None:
     mutation = header_mutation([("x-a", "1")], ["x-b"])
     assert [h.header.key for h in mutation.set_headers] == ["x-a"]
     assert list(mutation.remove_headers) == ["x-b"]
+
+
+def test_a_call_whose_failover_was_dropped_is_a_plain_call() -> None:
+    """A deployment with a failover route, called straight (the call did not fit
+    every attempt): no attempt filter counted its status or set the served-by
+    header, so an upstream's header is stripped and ignored and the status counts."""
+    direct = charge("a", failover=False)
+    assert "a" in POLICY.failover
+    answer = decide_response(
+        direct, {":status": "500", SERVED_BY_HEADER: "b"}, POLICY, end_of_stream=True, now=0.0
+    )
+    assert answer.charge.priced_by == "a"
+    assert answer.remove_headers == (SERVED_BY_HEADER,)
+    assert answer.health == HealthSample("a", 500, None)

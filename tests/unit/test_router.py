@@ -269,3 +269,13 @@ def test_view_is_read_only() -> None:
 def test_context_tokens() -> None:
     assert context_tokens({}) == 1
     assert context_tokens({"messages": "x" * 40, "system": "y" * 4}) == 11
+
+
+def test_usage_limits_filter_only_what_the_view_knows() -> None:
+    """A store that could not be read (fail mode open) knows no load: usage-based
+    routing then picks by its strategy alone, even for a call above every tpm, as
+    without a store; a deployment the view does know to be full is still skipped."""
+    g = named("g", "usage-based-routing", dep("a", tpm=50), dep("b", tpm=50))
+    assert select(g, policy_of(g), EMPTY_VIEW, lambda: 0.0, now=NOW, tokens=110)[1].id == "a"
+    known = RoutingView.of({"a": DeploymentState(tpm=50)}, {}, {})
+    assert select(g, policy_of(g), known, lambda: 0.0, now=NOW, tokens=10)[1].id == "b"

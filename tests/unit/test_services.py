@@ -189,3 +189,53 @@ async def test_check_passes_unknown_paths(gateway: Gateway) -> None:
     )
     assert reply.status.code == 0
     assert list(reply.ok_response.headers_to_remove) == ["x-extproc-cluster"]
+
+
+async def test_a_call_whose_failover_was_dropped_counts_its_own_status() -> None:
+    """A deployment with a failover route, called straight because the call does not
+    fit one of its attempts: no attempt filter saw it, so its 500 counts for its own
+    health and an upstream's served-by header does not re-price it."""
+    from extproc.policy import compile_policy, parse_policy  # noqa: PLC0415
+
+    policy = compile_policy(
+        parse_policy(
+            {
+                "model_groups": [
+                    {
+                        "name": "small",
+                        "num_retries": 1,
+                        "deployments": [
+                            {
+                                "id": "big",
+                                "cluster": "cbig",
+                                "model": "m",
+                                "context_window": 100_000,
+                            },
+                            {"id": "tiny", "cluster": "ctiny", "model": "m", "context_window": 10},
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    assert "big" in policy.failover
+    gw = Gateway(Settings(policy_path=POLICY_PATH), policy, MemoryStore(), rng=lambda: 0.0)
+    raw = json.dumps({"model": "small", "messages": [{"role": "user", "content": "x" * 400}]})
+    response = pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(
+            headers=headers_msg(
+                [(":status", "500"), ("x-extproc-served-by", "tiny")]
+            ).request_headers.headers,
+            end_of_stream=True,
+        )
+    )
+    replies = await run_stream(gw, headers_msg(post_headers()), body_msg(raw.encode()), response)
+    routed = mutation_dict(replies[1].request_body.response.header_mutation)["set"]
+    assert routed["x-extproc-cluster"] == "cbig"  # straight to it: no composite cluster
+    answers = {
+        (s.labels["deployment"], s.labels["status"])
+        for m in gw.metrics.upstream_answers.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert answers == {("big", "500")}
