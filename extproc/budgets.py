@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from extproc.errors import BudgetExceededError
 from extproc.keys import Caller, Team
-from extproc.store.keys import SPEND, split_key, store_key
+from extproc.store.keys import SPEND, is_tenant_tag, split_key, store_key, tenant_tag
 from extproc.windows import Duration, DurationText, Period, cached_duration, calendar_period
 
 __all__ = [
@@ -109,6 +109,9 @@ class BudgetRef:
     period: Period | None = None
     #: A team member's user id (``ident`` is the team's).
     member: str | None = None
+    #: The hash tag of a tenant's own budget (key, team, team member: see
+    #: :func:`extproc.store.keys.tenant_tag`); None for budgets that span tenants.
+    tenant: tuple[str, ...] | None = None
 
     @property
     def key_parts(self) -> tuple[str, ...]:
@@ -124,7 +127,7 @@ class BudgetRef:
 
     @property
     def store_key(self) -> str:
-        return spend_key(*self.key_parts)
+        return spend_key(*self.key_parts, tenant=self.tenant)
 
     @property
     def window_s(self) -> float | None:
@@ -148,13 +151,22 @@ def alert_key(ref: BudgetRef, event: str) -> str:
     return store_key(("alert", *ref.key_parts), event)
 
 
-def spend_key(kind: str, ident: str, *window: str) -> str:
+#: Budgets of one tenant: their spend keys carry the tenant's tag.
+TENANT_KINDS = frozenset({"key", "team", "team_member"})
+
+
+def spend_key(kind: str, ident: str, *window: str, tenant: tuple[str, ...] | None = None) -> str:
     """The store key holding the spend of one budget owner, in micro-dollars.
 
-    Rule: the id is the key hash for keys, never a plaintext key. Every spend key
-    carries the ``{spend}`` hash tag, so one script can reserve against all of a
-    request's budgets at once (one slot on Redis Cluster).
+    Rule: the id is the key hash for keys, never a plaintext key. A tenant's own budget
+    (:data:`TENANT_KINDS`) carries its tenant's tag, beside the tenant's counters and
+    leases (one script admits a call); every other budget the ``{spend}`` tag.
     """
+    if kind in TENANT_KINDS:
+        if tenant is None:
+            # a key without a team is its own tenant; a team is its own
+            tenant = tenant_tag(ident if kind != "key" else None, ident if kind == "key" else None)
+        return store_key(tenant, kind, ident, *window)
     return store_key(SPEND, kind, ident, *window)
 
 
@@ -162,7 +174,12 @@ def is_spend_key(key: str) -> bool:
     """Whether ``key`` is a budget's spend key (checked on keys that come back from
     outside, such as a charge carried through Envoy)."""
     split = split_key(key)
-    return split is not None and split[0] == SPEND and len(split[1]) >= 2 and split[1][0] in KINDS
+    if split is None or len(split[1]) < 2 or split[1][0] not in KINDS:
+        return False
+    tag, kind = split[0], split[1][0]
+    if kind in TENANT_KINDS:
+        return is_tenant_tag(tag) and tag[1] != "anon"
+    return tag == SPEND
 
 
 def make_ref(
@@ -177,13 +194,14 @@ def make_ref(
     soft: Decimal | None = None,
     rolling: bool = False,
     member: str | None = None,
+    tenant: tuple[str, ...] | None = None,
 ) -> BudgetRef | None:
     """A budget in the window ``now`` falls in; None when it has no limit at all."""
     if limit is None and soft is None:
         return None
     parsed = cached_duration(duration) if duration else None
     period = None if parsed is None or rolling else calendar_period(parsed, now, tz)
-    return BudgetRef(kind, ident, label, limit, soft, parsed, period, member)
+    return BudgetRef(kind, ident, label, limit, soft, parsed, period, member, tenant)
 
 
 def team_member_ref(team: Team, user: str, now: datetime, tz: ZoneInfo) -> BudgetRef | None:
@@ -191,7 +209,15 @@ def team_member_ref(team: Team, user: str, now: datetime, tz: ZoneInfo) -> Budge
     limit, duration = team.member_budget(user)
     label = f"user {user} in team {team.id}"
     return make_ref(
-        "team_member", team.id, label, limit, duration=duration, now=now, tz=tz, member=user
+        "team_member",
+        team.id,
+        label,
+        limit,
+        duration=duration,
+        now=now,
+        tz=tz,
+        member=user,
+        tenant=tenant_tag(team.id, None),
     )
 
 
@@ -228,15 +254,27 @@ def applicable_budgets(
         *,
         soft: Decimal | None = None,
         rolling: bool = False,
+        tenant: tuple[str, ...] | None = None,
     ) -> None:
         ref = make_ref(
-            kind, ident, label, limit, duration=duration, now=now, tz=tz, soft=soft, rolling=rolling
+            kind,
+            ident,
+            label,
+            limit,
+            duration=duration,
+            now=now,
+            tz=tz,
+            soft=soft,
+            rolling=rolling,
+            tenant=tenant,
         )
         if ref is not None:
             refs.append(ref)
 
     if caller is not None:
         key = caller.key
+        team = caller.team
+        tenant = key.tenant
         add(
             "key",
             key.hash,
@@ -244,8 +282,8 @@ def applicable_budgets(
             key.max_budget,
             key.budget_duration,
             soft=key.soft_budget,
+            tenant=tenant,
         )
-        team = caller.team
         if team is not None:
             add(
                 "team",
@@ -254,6 +292,7 @@ def applicable_budgets(
                 team.max_budget,
                 team.budget_duration,
                 soft=team.soft_budget,
+                tenant=tenant,
             )
             if key.user is not None:
                 member = team_member_ref(team, key.user, now, tz)

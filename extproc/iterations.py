@@ -9,7 +9,8 @@ counter is created: a fixed window from the session's first call, so calls refus
 over the cap still count, as in LiteLLM.
 
 Unlike LiteLLM, whose counter key is global (``{session_iterations:<sid>}:count``), the
-counter is scoped by the caller's team (or key, or ``anon`` without keys): session ids
+counter is scoped by the caller's tenant (team, or key, or the session itself without
+keys): session ids
 come from clients, so with a global key one tenant could exhaust, or probe, another
 tenant's session by sending the same id.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from extproc.errors import RateLimitError
 from extproc.keys import Caller
-from extproc.store.keys import store_key
+from extproc.store.keys import store_key, tenant_tag
 
 __all__ = [
     "LIMIT_HEADER",
@@ -47,9 +48,16 @@ def session_scope(caller: Caller | None) -> tuple[str, ...]:
 
 
 def counter_key(scope: tuple[str, ...], session_id: str) -> str:
-    """The store key (hash-tagged by scope and session: one Redis Cluster slot per
-    session)."""
-    return store_key(("session_iterations", *scope, session_id), "count")
+    """The store key of a session's count: in its tenant's slot (the scope's team or
+    key, see :func:`extproc.store.keys.tenant_tag`), beside the caller's budgets;
+    without a caller each session is a tenant of its own."""
+    if scope[0] == "team":
+        tenant = tenant_tag(scope[1], None)
+    elif scope[0] == "key":
+        tenant = tenant_tag(None, scope[1])
+    else:
+        tenant = tenant_tag(None, None, session_id)
+    return store_key(tenant, "session_iterations", session_id, "count")
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validato
 
 from extproc.endpoints import lookup_endpoint
 from extproc.errors import AuthenticationError, BadRequestError, PermissionDeniedError
+from extproc.store.keys import tenant_tag
 from extproc.tools import ServerTarget, pins_servers
 from extproc.windows import DurationText, zone
 
@@ -117,6 +118,11 @@ class VirtualKey(BaseModel):
     def label(self) -> str:
         """How messages and logs name this key: alias, else a hash prefix."""
         return self.alias or f"hash:{self.hash[:8]}"
+
+    @property
+    def tenant(self) -> tuple[str, ...]:
+        """The hash tag of this key's state: its team's, else its own."""
+        return tenant_tag(self.team, self.hash)
 
 
 class TeamMember(BaseModel):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from extproc.errors import RateLimitError
 from extproc.keys import VirtualKey
-from extproc.store.keys import split_key, store_key
+from extproc.store.keys import is_tenant_tag, split_key, store_key
 
 __all__ = [
     "AUTHZ_NAMESPACE",
@@ -50,13 +50,13 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 _MEMBER = re.compile(r"[0-9a-f]{32}")
 
 
-def _lease_set(key_hash: str) -> str:
-    return store_key(("key", key_hash), "parallel")
+def _lease_set(tenant: tuple[str, ...], key_hash: str) -> str:
+    return store_key(tenant, "key", key_hash, "parallel")
 
 
 def parallel_key(key: VirtualKey) -> str:
-    """The store's lease set of one key (hash-tagged: one Redis Cluster slot per key)."""
-    return _lease_set(key.hash)
+    """The store's lease set of one key (in its tenant's slot, beside its budgets)."""
+    return _lease_set(key.tenant, key.hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +83,12 @@ class Lease:
         split = split_key(store)
         if split is None or not _MEMBER.fullmatch(member):
             return None
-        tag = split[0]
-        if len(tag) != 2 or tag[0] != "key" or not _HASH.fullmatch(tag[1]):
+        tag, parts = split
+        if not is_tenant_tag(tag) or tag[1] == "anon" or len(parts) != 3:
             return None
-        return cls(store, member) if store == _lease_set(tag[1]) else None
+        if parts[0] != "key" or not _HASH.fullmatch(parts[1]):
+            return None
+        return cls(store, member) if store == _lease_set(tag, parts[1]) else None
 
 
 def check_parallel(key: VirtualKey, acquired: bool, in_flight: int) -> None:

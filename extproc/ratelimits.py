@@ -3,7 +3,8 @@
 A window starts at the key's first request and lasts :data:`WINDOW_S`; the counter is
 incremented before it is compared (atomic in the store, so several server processes
 share one limit exactly), and a refused request tells the caller when the window
-resets. Keys carry a Redis Cluster hash tag per virtual key (``{key:<hash>}``).
+resets. The counters live in the key's tenant's slot (``{t:team:<id>}`` or
+``{t:key:<hash>}``), beside its budgets.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 
 from extproc.errors import RateLimitError
 from extproc.keys import VirtualKey
-from extproc.store.keys import split_key, store_key
+from extproc.store.keys import is_tenant_tag, split_key, store_key
 
 __all__ = ["WINDOW_S", "check_rpm", "check_tpm", "is_tpm_key", "rpm_key", "tpm_key"]
 
@@ -23,17 +24,18 @@ WINDOW_S = 60.0
 _HASH = re.compile(r"[0-9a-f]{64}")
 
 
-def _key(key_hash: str, what: str) -> str:
-    return store_key(("key", key_hash), "ratelimit", what)
+def _key(key: VirtualKey, what: str) -> str:
+    """A key's counter, in its tenant's slot (see :func:`extproc.store.keys.tenant_tag`)."""
+    return store_key(key.tenant, "key", key.hash, "ratelimit", what)
 
 
 def rpm_key(key: VirtualKey) -> str:
-    return _key(key.hash, "rpm")
+    return _key(key, "rpm")
 
 
 def tpm_key(key: VirtualKey) -> str:
     """Tokens used in the current window; charged from response usage."""
-    return _key(key.hash, "tpm")
+    return _key(key, "tpm")
 
 
 def is_tpm_key(text: str) -> bool:
@@ -44,10 +46,12 @@ def is_tpm_key(text: str) -> bool:
         return False
     tag, parts = split
     return (
-        len(tag) == 2
-        and tag[0] == "key"
-        and _HASH.fullmatch(tag[1]) is not None
-        and parts == ("ratelimit", "tpm")
+        is_tenant_tag(tag)
+        and tag[1] != "anon"
+        and len(parts) == 4
+        and parts[0] == "key"
+        and _HASH.fullmatch(parts[1]) is not None
+        and parts[2:] == ("ratelimit", "tpm")
     )
 
 

@@ -56,6 +56,11 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def holds_open(client: Any) -> int:
+    """Open budget holds in a Redis, over every slot's reservation book."""
+    return sum(int(client.hlen(key)) for key in client.scan_iter(match="{*}:reservations"))
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
     """Poll ``predicate`` until it holds or the deadline passes."""
     deadline = time.monotonic() + timeout

@@ -12,10 +12,12 @@ no escaped part holds a ``:``, ``{``, ``}`` or bare ``%``. That gives the rules:
 - Rule: the tag is never empty (``{}`` would hash the whole key): its first part is
   a fixed namespace.
 
-What is tagged by what is each module's choice: every budget key shares the
-``{spend}`` tag (one reservation script touches all of a call's budgets), a session
-counter is tagged by its own scope and id, rate limits and leases by their key, a
-deployment's health by the deployment.
+What is tagged by what: the keys of one tenant (the caller's team, else its key) share
+the tenant's tag (:func:`tenant_tag`): its key, team and team-member budgets, session
+counters, rate limits and parallel-request leases, so one script per call touches them
+all, and on Redis Cluster tenants spread over the nodes. Budgets that span tenants
+(users, end users, organizations, projects, tags, providers, deployments, the global
+budget) share the ``{spend}`` tag; a deployment's health is tagged by the deployment.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["SPEND", "marker_key", "split_key", "store_key"]
+__all__ = ["SPEND", "TENANT", "is_tenant_tag", "marker_key", "split_key", "store_key", "tenant_tag"]
 
-#: The hash tag every budget key (and the reservation book) shares.
+#: The hash tag of the budgets that span tenants (and of their reservation book).
 SPEND = ("spend",)
+#: The namespace of tenant tags.
+TENANT = "t"
+_TENANT_KINDS = frozenset({"team", "key", "anon"})
 
 _SAFE = "A-Za-z0-9\\-_.~/@+=!*,"
 _PLAIN = re.compile(f"[{_SAFE}]*")
@@ -71,6 +76,29 @@ def store_key(tag: Sequence[str], *parts: str) -> str:
         raise ValueError("a hash tag starts with a fixed, non-empty namespace")
     head = "{" + ":".join(_escape(p) for p in tag) + "}"
     return head + "".join(":" + _escape(p) for p in parts)
+
+
+def tenant_tag(
+    team: str | None, key_hash: str | None, session: str | None = None
+) -> tuple[str, ...]:
+    """The hash tag of one tenant's keys: ``("t", "team", <id>)`` for a team's callers,
+    else ``("t", "key", <key hash>)``; without a caller (no virtual keys), each session
+    is its own tenant: ``("t", "anon", <session id>)``.
+
+    Rule: a key's tenant is its team when it has one, so a key's own budget, rate limits
+    and leases live in the slot of its team's budget and one script admits the call."""
+    if team is not None:
+        return (TENANT, "team", team)
+    if key_hash is not None:
+        return (TENANT, "key", key_hash)
+    if session is not None:
+        return (TENANT, "anon", session)
+    raise ValueError("a tenant is a team, a key or a session")
+
+
+def is_tenant_tag(tag: Sequence[str]) -> bool:
+    """Whether ``tag`` (as :func:`split_key` returns it) is one :func:`tenant_tag` builds."""
+    return len(tag) == 3 and tag[0] == TENANT and tag[1] in _TENANT_KINDS and bool(tag[2])
 
 
 def marker_key(key: str, op: str) -> str:

@@ -176,7 +176,7 @@ def test_redis_killed_mid_run_falls_back_then_returns(tmp_path: Path) -> None:
     headers = {"authorization": "Bearer sk-iter-team-a1", "x-litellm-session-id": "survivor"}
     url_path = "/v1/chat/completions"
     body = json.dumps({"model": "auto", "messages": []}).encode()
-    counter = "{session_iterations:team:team-a:survivor}:count"
+    counter = "{t:team:team-a}:session_iterations:survivor:count"
     with (
         running(proc, lambda: port_open(port)) as redis_server,
         start_stack(tmp_path, policy=POLICY, server_env=env) as stack,

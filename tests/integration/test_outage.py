@@ -17,13 +17,14 @@ from typing import Literal
 import pytest
 import redis
 
-from tests.helpers import port_open, redis_proc, running, wait_until
+from tests.helpers import holds_open, port_open, redis_proc, running, wait_until
 from tests.integration.stack import POLICIES, post, start_stack
 
 POLICY = POLICIES / "outage.yaml"
-KEY_BUDGET = "{spend}:key:770f3c8c19d442db6683bbec14eb956ec02c313706f6f99aef4542472307f2a0"
+OUTAGE = "770f3c8c19d442db6683bbec14eb956ec02c313706f6f99aef4542472307f2a0"
+KEY_BUDGET = f"{{t:key:{OUTAGE}}}:key:{OUTAGE}"
 GLOBAL_BUDGET = "{spend}:global:all"
-SESSION = "{session_iterations:key:770f3c8c19d442db6683bbec14eb956ec02c313706f6f99aef4542472307f2a0:s-outage}:count"  # noqa: E501
+SESSION = f"{{t:key:{OUTAGE}}}:session_iterations:s-outage:count"
 HEADERS = {"authorization": "Bearer sk-outage", "x-litellm-session-id": "s-outage"}
 BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).encode()
 #: Calls per second, and for how long; Redis stalls in the middle of it.
@@ -68,7 +69,7 @@ def test_redis_stalled_under_traffic_loses_nothing(
         url = stack.url + "/v1/chat/completions"
         # one call first: what a call costs (the mock's usage, the policy's prices)
         assert post(url, BODY, HEADERS)[0] == 200
-        wait_until(lambda: client.hlen("{spend}:reservations") == 0, 10, "the first settlement")
+        wait_until(lambda: holds_open(client) == 0, 10, "the first settlement")
         one_call = int(client.get(KEY_BUDGET) or 0)
         assert one_call > 0
 
@@ -107,12 +108,12 @@ def test_redis_stalled_under_traffic_loses_nothing(
 
         # after the stall: every owed write lands, no hold is left
         wait_until(lambda: pending(stack.admin_url) == 0, 30, "owed writes to land")
-        wait_until(lambda: client.hlen("{spend}:reservations") == 0, 30, "holds to end")
+        wait_until(lambda: holds_open(client) == 0, 30, "holds to end")
         m = metrics(stack.admin_url)
         log = stack.server_log()
         spent = int(client.get(KEY_BUDGET) or 0)
         spent_global = int(client.get(GLOBAL_BUDGET) or 0)
-        held = {k: int(client.get(k) or 0) for k in client.scan_iter(match="{spend}#held|*")}
+        held = {k: int(client.get(k) or 0) for k in client.scan_iter(match="{*}#held|*")}
         count = int(client.get(SESSION) or 0)
         client.close()
 

@@ -21,9 +21,9 @@ from typing import Literal, cast
 import pytest
 import redis
 
+from extproc.budgets import spend_key
 from extproc.keys import hash_key
-from extproc.store.base import RESV_HASH
-from tests.helpers import wait_until
+from tests.helpers import holds_open, wait_until
 from tests.integration.stack import POLICIES, ServerProc, post, start_server_pair, start_stack
 
 POLICY = POLICIES / "budgets.yaml"
@@ -131,8 +131,8 @@ async def test_parallel_limit_shared_across_processes(tmp_path: Path, redis_url:
 
 
 ONE = {"authorization": "Bearer sk-crash-one"}
-ONE_SPEND = f"{{spend}}:key:{hash_key('sk-crash-one')}"
-ONE_SLOTS = f"{{key:{hash_key('sk-crash-one')}}}:parallel"
+ONE_SPEND = spend_key("key", hash_key("sk-crash-one"))
+ONE_SLOTS = f"{{t:key:{hash_key('sk-crash-one')}}}:key:{hash_key('sk-crash-one')}:parallel"
 
 
 def stream_until_cut(url: str) -> None:
@@ -167,7 +167,7 @@ def test_a_killed_process_frees_its_slot_and_its_hold(tmp_path: Path, redis_url:
     with start_server_pair(tmp_path, POLICIES / "crash.yaml", env) as (url, servers):
         chat = f"{url}/v1/chat/completions"
         assert post(chat, BODY, ONE)[0] == 200
-        wait_until(lambda: client.hlen(RESV_HASH) == 0, 5, "the first call settled")
+        wait_until(lambda: holds_open(client) == 0, 5, "the first call settled")
         wait_until(lambda: client.zcard(ONE_SLOTS) == 0, 5, "the first call's slot released")
         per_call = int(client.get(ONE_SPEND) or 0)
         assert per_call > 0
@@ -178,7 +178,7 @@ def test_a_killed_process_frees_its_slot_and_its_hold(tmp_path: Path, redis_url:
             lambda: [acquired(s) for s in servers] != before, 10, "the stream to be admitted"
         )
         victim, survivor = servers if acquired(servers[0]) > before[0] else (servers[1], servers[0])
-        assert client.hlen(RESV_HASH) == 1  # the stream's hold
+        assert holds_open(client) == 1  # the stream's hold
         (member,) = cast("list[bytes]", client.zrange(ONE_SLOTS, 0, -1))
         # Envoy logs the killed stream's end, and the survivor may release its lease
         # from that; a second stream of the victim's whose log line is lost (Envoy
@@ -200,7 +200,7 @@ def test_a_killed_process_frees_its_slot_and_its_hold(tmp_path: Path, redis_url:
         assert set(statuses) <= {200, 429, 500, 503}, statuses
         # the killed call's hold is given back: every hold is gone, the spend is the
         # two settled calls
-        wait_until(lambda: client.hlen(RESV_HASH) == 0, 5, "the killed call's hold given back")
+        wait_until(lambda: holds_open(client) == 0, 5, "the killed call's hold given back")
         assert int(client.get(ONE_SPEND) or 0) == 2 * per_call
         assert lost not in client.zrange(ONE_SLOTS, 0, -1)
         events = lease_events(survivor.admin_url)

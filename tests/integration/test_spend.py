@@ -21,9 +21,10 @@ import openai
 import pytest
 import redis
 
+from extproc.budgets import spend_key
 from extproc.keys import hash_key
 from extproc.mock_upstream import _WORDS, _prompt_tokens
-from tests.helpers import wait_until
+from tests.helpers import holds_open, wait_until
 from tests.integration.stack import (
     POLICIES,
     Stack,
@@ -34,12 +35,12 @@ from tests.integration.stack import (
 )
 
 POLICY = POLICIES / "spend.yaml"
-ANN = f"{{spend}}:key:{hash_key('sk-spend-ann')}"
-BOB = f"{{spend}}:key:{hash_key('sk-spend-bob')}"
-CARL = f"{{spend}}:key:{hash_key('sk-spend-carl')}"
-DORA = f"{{spend}}:key:{hash_key('sk-spend-dora')}"
-ERIN = f"{{spend}}:key:{hash_key('sk-spend-erin')}"
-FAY = f"{{spend}}:key:{hash_key('sk-spend-fay')}"
+ANN = spend_key("key", hash_key("sk-spend-ann"), tenant=("t", "team", "t-spend"))
+BOB = spend_key("key", hash_key("sk-spend-bob"))
+CARL = spend_key("key", hash_key("sk-spend-carl"))
+DORA = spend_key("key", hash_key("sk-spend-dora"))
+ERIN = spend_key("key", hash_key("sk-spend-erin"))
+FAY = spend_key("key", hash_key("sk-spend-fay"))
 MSGS: list[Any] = [{"role": "user", "content": "How much does this cost?"}]
 # dep-a: $ per token
 IN, OUT, CACHED = Decimal("0.000001"), Decimal("0.000002"), Decimal("0.0000005")
@@ -69,7 +70,7 @@ def spend(redis_url: str) -> Iterator[Any]:
         # A client may finish reading before the response's last (empty) piece is
         # settled: wait until no reservation is outstanding.
         if settled:
-            wait_until(lambda: client.hlen("{spend}:reservations") == 0, 5, "settlement")
+            wait_until(lambda: holds_open(client) == 0, 5, "settlement")
         value = client.get(key)
         return int(value) if value is not None else 0
 
@@ -93,8 +94,8 @@ def oai(stack: Stack) -> openai.OpenAI:
 
 ANN_BUDGETS = [
     ANN,
-    "{spend}:team:t-spend",
-    "{spend}:team_member:t-spend:u-ann",
+    "{t:team:t-spend}:team:t-spend",
+    "{t:team:t-spend}:team_member:t-spend:u-ann",
     "{spend}:global:all",
 ]
 
@@ -680,7 +681,7 @@ def _paid_once_then_refused(
     headers = {"authorization": f"Bearer {api_key}"}
     status, _, payload = post(url, raw, headers)
     assert status == 200, payload
-    wait_until(lambda: client.hlen("{spend}:reservations") == 0, 5, "settlement")
+    wait_until(lambda: holds_open(client) == 0, 5, "settlement")
     assert sum(int(client.get(k) or 0) for k in client.scan_iter(match=spend_keys)) > 0
     status, resp_headers, payload = post(url, raw, headers)
     client.close()
@@ -696,7 +697,7 @@ def test_tiny_key_budget_admits_one_call(stack: Stack, redis_url: str) -> None:
     """$1e-12 is rounded up to one micro-dollar, never down to a zero that refuses all."""
     cy = hash_key("sk-spend-cy")
     error = _paid_once_then_refused(
-        stack, redis_url, "sk-spend-cy", f"{{spend}}:key:{cy}*", "key_budget_exceeded"
+        stack, redis_url, "sk-spend-cy", f"{{t:key:{cy}}}:key:{cy}*", "key_budget_exceeded"
     )
     assert "API key cy" in error["message"]
 
@@ -707,7 +708,7 @@ def test_member_entry_without_budget_gets_the_team_default(stack: Stack, redis_u
         stack,
         redis_url,
         "sk-spend-eve",
-        "{spend}:team_member:t-fall:u-eve:1h*",  # her own window, the default's limit
+        "{t:team:t-fall}:team_member:t-fall:u-eve:1h*",  # her own window, the default's limit
         "team_member_budget_exceeded",
     )
     assert "user u-eve in team t-fall" in error["message"]

@@ -34,7 +34,7 @@ CHARGE = Charge(
     8200,
     (spend_key("key", "x"), spend_key("team_member", "t", "u:1", "1d")),
     (3600.0, None),
-    f"{{key:{'ab' * 32}}}:ratelimit:tpm",
+    f"{{t:key:{'ab' * 32}}}:key:{'ab' * 32}:ratelimit:tpm",
     1795440000.5,
     25,
     4096,
@@ -51,15 +51,19 @@ def test_token_round_trip() -> None:
         lambda v: v[:-1],  # a field short
         lambda v: [*v, 1],  # one too many
         lambda v: ["short", *v[1:]],  # not a reservation id
-        lambda v: [*v[:8], ["spend:key:x"], *v[9:]],  # a key outside the {spend} tag
+        lambda v: [*v[:8], ["spend:key:x"], *v[9:]],  # a key without a tag
+        lambda v: [*v[:8], ["{spend}:key:x"], *v[9:]],  # a key budget outside its tenant
+        lambda v: [*v[:8], ["{t:key:x}:tag:x"], *v[9:]],  # a shared budget in a tenant
+        lambda v: [*v[:8], ["{t:anon:s}:key:x"], *v[9:]],  # no budget of an anonymous one
         lambda v: [*v[:8], ["{spend}:reservations:expiry"], *v[9:]],  # not a budget
         lambda v: [*v[:8], ["{spend}:key:x}"], *v[9:]],  # not as the builder writes it
         lambda v: [*v[:8], ["{spend}:key:%78"], *v[9:]],  # nor this ("x" spelled escaped)
         lambda v: [*v[:7], True, *v[8:]],  # a bool for the estimate
         lambda v: [*v[:-1], 1],  # a number for the failover flag
         lambda v: [*v[:10], "ratelimit-not", *v[11:]],
-        lambda v: [*v[:10], "{key:x}:ratelimit:tpm", *v[11:]],  # not a key hash
-        lambda v: [*v[:10], f"{{key:{'ab' * 32}}}:ratelimit:rpm", *v[11:]],
+        lambda v: [*v[:10], "{t:key:x}:key:x:ratelimit:tpm", *v[11:]],  # not a key hash
+        lambda v: [*v[:10], f"{{t:key:{'ab' * 32}}}:key:{'ab' * 32}:ratelimit:rpm", *v[11:]],
+        lambda v: [*v[:10], f"{{key:{'ab' * 32}}}:ratelimit:tpm", *v[11:]],  # the old form
     ],
 )
 def test_foreign_or_malformed_tokens_are_refused(mutate: object) -> None:

@@ -200,12 +200,12 @@ def test_team_member_budgets(policy: CompiledPolicy) -> None:
         ("team_member", "t-members", "walt", "1"),  # the team's default member budget
         ("global", "all", None, "1000"),
     ]
-    assert walt[0].store_key.startswith("{spend}:team_member:t-members:walt:7d:")
+    assert walt[0].store_key.startswith("{t:team:t-members}:team_member:t-members:walt:7d:")
     assert walt[0].duration is not None
     assert walt[0].duration.text == "7d"
     xena = route(policy, "sk-xena-member").budgets
     assert (xena[0].store_key, str(xena[0].limit), xena[0].duration) == (
-        "{spend}:team_member:t-members:xena",
+        "{t:team:t-members}:team_member:t-members:xena",
         "4",
         None,
     )
@@ -223,7 +223,7 @@ async def test_team_member_over_budget(policy: CompiledPolicy) -> None:
 def test_calendar_window_is_in_the_store_key(policy: CompiledPolicy) -> None:
     (daily, _) = route(policy, "sk-yuri-daily").budgets
     # 12:00 UTC is 07:00 in New York: the window is that local day.
-    assert daily.store_key == f"{{spend}}:key:{YURI}:1d:20261123T050000"
+    assert daily.store_key == f"{{t:key:{YURI}}}:key:{YURI}:1d:20261123T050000"
     assert daily.window_s == 86_400
     assert daily.retry_after(NOW) == 17 * 3600
 

@@ -63,7 +63,7 @@ def test_which_cap_applies(
     decision = route(policy, key, model=model)
     assert decision.iterations is not None
     assert decision.iterations.cap == cap
-    assert decision.iterations.store_key == f"{{session_iterations:{scope}:s1}}:count"
+    assert decision.iterations.store_key == f"{{t:{scope}}}:session_iterations:s1:count"
 
 
 def test_uncapped(policy: CompiledPolicy) -> None:
@@ -210,10 +210,11 @@ async def test_store_down_fail_closed_is_a_503(policy: CompiledPolicy) -> None:
 
 
 def test_counter_key_has_one_hash_tag() -> None:
-    assert counter_key(("team", "t"), "abc") == "{session_iterations:team:t:abc}:count"
+    assert counter_key(("team", "t"), "abc") == "{t:team:t}:session_iterations:abc:count"
+    assert counter_key(("anon",), "abc") == "{t:anon:abc}:session_iterations:abc:count"
     # ids with ':' make different counters, and cannot move the hash tag
     assert counter_key(("team", "t"), "u:s") != counter_key(("team", "t:u"), "s")
-    assert counter_key(("team", "t"), "x}{y") == "{session_iterations:team:t:x%7D%7By}:count"
+    assert counter_key(("team", "t"), "x}{y") == "{t:team:t}:session_iterations:x%7D%7By:count"
 
 
 def test_ttl_from_litellm_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,7 @@ from tests.unit.test_budgets import SAM as SAM_HASH
 from tests.unit.test_parallel import ext_proc_lease
 from tests.unit.test_store import FakeClock
 
-SAM = f"{{spend}}:key:{SAM_HASH}"
+SAM = f"{{t:key:{SAM_HASH}}}:key:{SAM_HASH}"
 
 
 def two_processes(clock: FakeClock) -> tuple[MemoryStore, Gateway, Gateway]:

@@ -30,7 +30,7 @@ ENV = {"TEST_KEY_A": "sk-a"}
 BODY = json.dumps({"model": "auto", "messages": []}).encode()
 NO_CONTEXT: Any = None
 ZED = hash_key("sk-zed-parallel")
-SLOTS = f"{{key:{ZED}}}:parallel"
+SLOTS = f"{{t:key:{ZED}}}:key:{ZED}:parallel"
 
 
 def make_gateway(store: MemoryStore | None = None, **settings: Any) -> Gateway:
@@ -112,6 +112,9 @@ async def test_check_puts_the_lease_in_its_dynamic_metadata() -> None:
         f"{SLOTS}|{'a' * 32}\n",
         "spend:global:all|x",
         f"parallel:{{key:{ZED}}}|{'a' * 32}",  # not the builder's shape
+        f"{{key:{ZED}}}:parallel|{'a' * 32}",  # the old shape
+        f"{{t:team:x}}:key:{ZED}:parallel:x|{'a' * 32}",
+        f"{{t:anon:x}}:key:{ZED}:parallel|{'a' * 32}",
         f"{{key:{ZED}}}:parallel:x|{'a' * 32}",
         f"{{key:{ZED}}}:ratelimit:rpm|{'a' * 32}",  # another key of the same caller
         f"{{key:{ZED.upper()}}}:parallel|{'a' * 32}",

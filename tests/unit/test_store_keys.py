@@ -13,6 +13,9 @@ from redis.crc import key_slot
 from extproc.budgets import BudgetRef, alert_key, spend_key
 from extproc.health import cooldown_key, minute_key
 from extproc.iterations import counter_key
+from extproc.keys import VirtualKey
+from extproc.parallel import parallel_key
+from extproc.ratelimits import rpm_key, tpm_key
 from extproc.store.base import RESV_EXPIRY, RESV_HASH
 from extproc.store.keys import SPEND, split_key, store_key
 from extproc.windows import cached_duration, calendar_period
@@ -99,14 +102,17 @@ def test_budget_keys_keep_their_shape() -> None:
     day = cached_duration("1d")
     period = calendar_period(day, NOW, ZoneInfo("UTC"))
     member = BudgetRef("team_member", "t", "l", Decimal(1), duration=day, period=period, member="u")
-    assert member.store_key == f"{{spend}}:team_member:t:u:1d:{period.ident}"
+    assert member.store_key == f"{{t:team:t}}:team_member:t:u:1d:{period.ident}"
     assert (
         alert_key(member, "soft_budget")
         == f"{{alert:team_member:t:u:1d:{period.ident}}}:soft_budget"
     )
-    assert spend_key("key", "ab") == "{spend}:key:ab"
+    assert spend_key("key", "ab") == "{t:key:ab}:key:ab"
+    assert spend_key("key", "ab", tenant=("t", "team", "x")) == "{t:team:x}:key:ab"
+    assert spend_key("team", "x") == "{t:team:x}:team:x"
+    assert spend_key("tag", "x", tenant=("t", "team", "x")) == "{spend}:tag:x"  # shared
     assert spend_key("end_user", "x:1d") == "{spend}:end_user:x%3A1d"
-    assert counter_key(("anon",), "s") == "{session_iterations:anon:s}:count"
+    assert counter_key(("anon",), "s") == "{t:anon:s}:session_iterations:s:count"
 
 
 @pytest.mark.parametrize(
@@ -136,3 +142,32 @@ def test_an_empty_namespace_is_refused() -> None:
         store_key(())
     with pytest.raises(ValueError, match="namespace"):
         store_key(("",), "x")
+
+
+def test_tenants_spread_over_a_three_node_cluster() -> None:
+    """30 teams' keys fall in all three slot ranges a 3-node cluster splits 16,384
+    slots into (``redis-cli --cluster create``), and each tenant's budgets, session
+    counters, rate limits and leases share one slot."""
+    ranges = [range(5461), range(5461, 10923), range(10923, 16384)]
+    nodes = set()
+    for i in range(30):
+        team = f"team-{i}"
+        tenant = ("t", "team", team)
+        member = VirtualKey(hash="ab" * 32, team=team)
+        keys = [
+            spend_key("team", team),
+            spend_key("key", "ab" * 32, tenant=tenant),
+            spend_key("team_member", team, "u", tenant=tenant),
+            counter_key(("team", team), "session-1"),
+            rpm_key(member),
+            tpm_key(member),
+            parallel_key(member),
+        ]
+        slots = {key_slot(k.encode()) for k in keys}
+        assert len(slots) == 1, keys
+        (slot,) = slots
+        nodes.add(next(n for n, r in enumerate(ranges) if slot in r))
+    assert nodes == {0, 1, 2}
+    # budgets that span tenants stay in one slot of their own
+    shared = {spend_key(kind, "x") for kind in ("tag", "provider", "global", "end_user")}
+    assert {key_slot(k.encode()) for k in shared} == {key_slot(store_key(SPEND).encode())}
