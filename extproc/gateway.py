@@ -268,7 +268,7 @@ class Gateway:
             # by the store). Open: admitted unreserved; the call's own settlement (the
             # real cost) or cancel ends the id the same way.
             if isinstance(exc, StoreUnavailableError) and self.settings.fail_mode == "closed":
-                self.owed.add(OwedCancel(charge.rid))
+                self.owed.add(OwedCancel(charge.rid, charge.keys))
             self._store_failed(exc, "reserve")
             return charge
         if index is not None:
@@ -384,12 +384,12 @@ class Gateway:
         if not charge.keys:
             return
         try:
-            await self.store.cancel(charge.rid, keep_s=self._marker_s)
+            await self.store.cancel(charge.rid, charge.keys, keep_s=self._marker_s)
         except StoreError as exc:
             # Rule: never left to the hold's TTL: kept until the store acknowledges it.
             self.metrics.settlements.labels("failed").inc()
             self._log_store_failure(exc)
-            self.owed.add(OwedCancel(charge.rid))
+            self.owed.add(OwedCancel(charge.rid, charge.keys))
             return
         self.metrics.settlements.labels("cancelled").inc()
 

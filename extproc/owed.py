@@ -73,6 +73,9 @@ class OwedCancel:
     """Give reservation ``rid`` back, or refuse it if it lands later."""
 
     rid: str
+    #: The budget keys it was made with (their slots' books); none: the ``{spend}``
+    #: book (what a journal line written before reservations had keys means).
+    keys: tuple[str, ...] = ()
     #: Unix time of the first attempt (0: set when it is owed).
     since: float = 0.0
 
@@ -116,7 +119,7 @@ def _line(item: Owed) -> dict[str, Any]:
             "t": item.since,
         }
     if isinstance(item, OwedCancel):
-        return {"op": "cancel", "rid": item.rid, "t": item.since}
+        return {"op": "cancel", "rid": item.rid, "keys": list(item.keys), "t": item.since}
     return {"op": "count", "key": item.key, "n": item.amount, "m": item.marker, "u": item.until}
 
 
@@ -131,7 +134,8 @@ def _parse(entry: dict[str, Any]) -> Owed | str:
         since = float(entry.get("t") or 0.0)
         return OwedSettle(str(entry["rid"]), keys, int(entry["cost"]), ttls, since)
     if op == "cancel":
-        return OwedCancel(str(entry["rid"]), float(entry.get("t") or 0.0))
+        keys = tuple(str(k) for k in entry.get("keys") or ())
+        return OwedCancel(str(entry["rid"]), keys, float(entry.get("t") or 0.0))
     if op == "count":
         return OwedCount(str(entry["key"]), int(entry["n"]), str(entry["m"]), float(entry["u"]))
     if op == "done":
@@ -421,7 +425,7 @@ class OwedWrites:
                     item.rid, item.keys, item.cost, item.ttls, keep_s=self.keep_s
                 )
             elif isinstance(item, OwedCancel):
-                await self._store.cancel(item.rid, keep_s=self.keep_s)
+                await self._store.cancel(item.rid, item.keys, keep_s=self.keep_s)
             else:
                 left = item.until - self._wall()
                 if left <= 0:

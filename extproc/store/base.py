@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from extproc.store.keys import SPEND, store_key
+from extproc.store.keys import SPEND, key_tag, store_key, tagged_key
 
 __all__ = [
     "ENDED_KEEP_S",
@@ -19,28 +20,78 @@ __all__ = [
     "RESV_EXPIRY",
     "RESV_HASH",
     "SPEND_TAG",
+    "Admission",
+    "Admitted",
+    "Budget",
+    "Ceiling",
+    "Count",
+    "Finish",
+    "Gauge",
+    "Release",
+    "Step",
     "Store",
     "StoreError",
     "StoreFaultError",
     "StoreUnavailableError",
+    "Take",
+    "book_groups",
+    "book_tag",
+    "books_key",
     "check_amount",
     "check_int64",
     "check_owner",
     "ended_key",
+    "held_key",
     "lease_owner",
     "limit_arg",
+    "resv_expiry",
+    "resv_hash",
     "resv_owner_key",
 ]
 
-#: Every budget key carries this hash tag: a reservation touches all of a request's
-#: budgets atomically, and on Redis Cluster that needs them in one slot.
+#: The hash tag of budget keys that carry none of their own (and of the reservation
+#: book they use). A budget key may carry any tag: the reservation book of a hold
+#: lives in the slot of its budget keys (see :func:`book_tag`).
 SPEND_TAG = store_key(SPEND)
 RESV_HASH = store_key(SPEND, "reservations")
 RESV_EXPIRY = store_key(SPEND, "reservations", "expiry")
-#: Prefixes a budget key to name the sum of its open holds (Redis, where the scripts
-#: derive it): ``#`` never follows a tag in a key :func:`store_key` builds, so no key
-#: can alias it, and the prefix's own tag keeps it in the budget's slot.
+#: Prefixes a ``{spend}`` budget key to name the sum of its open holds (see
+#: :func:`held_key`).
 HELD_PREFIX = f"{SPEND_TAG}#held|"
+
+
+def book_tag(key: str) -> str:
+    """The hash tag (``{...}``) of the reservation book that holds against ``key``:
+    the key's own tag, so the book is in the key's slot; :data:`SPEND_TAG` for a key
+    without one. Rule: the Lua scripts derive the same tag the same way."""
+    return key_tag(key) or SPEND_TAG
+
+
+def book_groups(keys: Sequence[str]) -> dict[str, list[int]]:
+    """Book tag → the indexes of ``keys`` held in that book, in order of first use."""
+    books: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        books.setdefault(book_tag(key), []).append(index)
+    return books
+
+
+def resv_hash(tag: str) -> str:
+    """The reservation book of slot ``tag``: reservation id → its entry."""
+    return tagged_key(tag, "reservations")
+
+
+def resv_expiry(tag: str) -> str:
+    """When each reservation of the book of ``tag`` runs out (a sorted set)."""
+    return tagged_key(tag, "reservations", "expiry")
+
+
+def held_key(key: str) -> str:
+    """The sum of the open holds on budget ``key`` (Redis, where the scripts derive
+    it): ``#`` never follows a tag in a key :func:`store_key` builds, so no key can
+    alias it, and the prefix's tag (the key's book tag) keeps it in the key's slot."""
+    return f"{book_tag(key)}#held|{key}"
+
+
 #: Every server process's heartbeat: a sorted set of process ids scored by when their
 #: heartbeat runs out. One key, so a peer learns which processes died without knowing
 #: their ids beforehand (one slot on Redis Cluster, apart from what they owned).
@@ -58,11 +109,12 @@ OWNER_ID = re.compile(f"[0-9a-f]{{{OWNER_CHARS}}}")
 ENDED_KEEP_S = 900.0
 
 
-def ended_key(rid: str) -> str:
-    """The marker that reservation ``rid`` has been settled or cancelled (``{spend}``
-    slot, beside the reservation book): a retry of either is a no-op, and a reserve
-    for that id that runs late (a script the client gave up on) changes nothing."""
-    return store_key(SPEND, "ended", rid)
+def ended_key(rid: str, tag: str = SPEND_TAG) -> str:
+    """The marker that reservation ``rid`` has been settled or cancelled in the book of
+    ``tag`` (its slot, beside the book): a retry of either is a no-op, and a reserve
+    for that id that runs late (a script the client gave up on) changes nothing.
+    Rule: one marker per slot book, so each slot of a reservation ends on its own."""
+    return tagged_key(tag, "ended", rid)
 
 
 #: The largest amount one reservation or settlement moves: $1,000,000 in micro-dollars.
@@ -117,9 +169,15 @@ def lease_owner(member: str) -> str:
     return member[:OWNER_CHARS]
 
 
-def resv_owner_key(owner: str) -> str:
-    """The set of a process's open reservation ids (the ``{spend}`` slot, beside them)."""
-    return store_key(SPEND, "reservations", "owner", check_owner(owner))
+def resv_owner_key(owner: str, tag: str = SPEND_TAG) -> str:
+    """The set of a process's open reservation ids in the book of ``tag`` (its slot)."""
+    return tagged_key(tag, "reservations", "owner", check_owner(owner))
+
+
+def books_key(owner: str) -> str:
+    """The book tags a process has held in (a set, ``{proc}`` slot): what a reaper of
+    that process goes through. Rule: a process adds a tag before its first hold there."""
+    return store_key(("proc",), "books", check_owner(owner))
 
 
 def limit_arg(limit: int | None) -> int:
@@ -129,6 +187,119 @@ def limit_arg(limit: int | None) -> int:
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         raise StoreFaultError(f"limit out of range: {str(limit)[:32]}")
     return min(limit, _LIMIT_CEILING)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A budget counter an admission holds its ``amount`` against (``ttl_s`` None:
+    the counter never expires; ``limit`` None: none)."""
+
+    key: str
+    limit: int | None
+    ttl_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Add ``amount`` to ``key`` (its TTL set when created): :meth:`Store.incr_window`,
+    or :meth:`Store.incr_once` with a ``marker`` (a key in ``key``'s slot). Refuses when
+    ``limit`` is set and the new value passes it; the addition stays (a count of every
+    attempt, compared after). Result: (value, seconds left, whether this call added)."""
+
+    key: str
+    amount: int
+    ttl_s: float
+    limit: int | None = None
+    marker: str | None = None
+    keep_s: float = ENDED_KEEP_S
+
+
+@dataclass(frozen=True, slots=True)
+class Ceiling:
+    """Read the counter ``key``; refuses when its value has reached ``limit``. Writes
+    nothing. Result: the value."""
+
+    key: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """Take a lease (:meth:`Store.acquire_lease`, the admission's dead owners dropped
+    first when full); refuses when the set is full. Result: (acquired, live, reaped)."""
+
+    key: str
+    member: str
+    limit: int
+    ttl_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Gauge:
+    """Add ``amount`` to ``key``, never below 0, its TTL refreshed (a count of what is
+    in flight: :meth:`Store.incr_many` with ``refresh_ttl``). With a ``marker`` it is
+    applied once (a retried :class:`Finish`). Never refuses. Result: the value."""
+
+    key: str
+    amount: int
+    ttl_s: float
+    marker: str | None = None
+    keep_s: float = ENDED_KEEP_S
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Give a lease back (:meth:`Store.release_lease`); idempotent. Result: None."""
+
+    key: str
+    member: str
+
+
+Step = Count | Ceiling | Take | Gauge
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What admitting one call checks and writes (see :meth:`Store.admit`)."""
+
+    rid: str
+    owner: str
+    amount: int
+    hold_s: float
+    budgets: tuple[Budget, ...]
+    steps: tuple[Step, ...]
+    dead_owners: tuple[str, ...] = ()
+    #: How long the id stays marked ended when a step refuses (its hold given back).
+    keep_s: float = ENDED_KEEP_S
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The outcome of :meth:`Store.admit`: admitted when both refusals are None.
+
+    ``spends``: each budget's value before the call (None where it was not read);
+    ``results``: one per step that ran (the refusing one included), in order."""
+
+    refused_budget: int | None
+    refused_step: int | None
+    spends: tuple[int | None, ...]
+    results: tuple[object, ...]
+
+    @property
+    def admitted(self) -> bool:
+        return self.refused_budget is None and self.refused_step is None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """What finishing one call writes (see :meth:`Store.finish`)."""
+
+    rid: str
+    keys: tuple[str, ...]
+    cost: int
+    ttls_s: tuple[float | None, ...]
+    keep_s: float
+    steps: tuple[Count | Gauge | Release, ...] = ()
 
 
 class Store(Protocol):
@@ -236,10 +407,37 @@ class Store(Protocol):
         (or cancel) of an ended id changes nothing and returns the settled values."""
         ...
 
-    async def cancel(self, rid: str, *, keep_s: float = ENDED_KEEP_S) -> None:
-        """Give reservation ``rid`` back and mark it ended for ``keep_s`` (a no-op when
-        ended already; an id never reserved is only marked, so a reserve of it that
-        runs late is refused)."""
+    async def cancel(self, rid: str, keys: Sequence[str], *, keep_s: float = ENDED_KEEP_S) -> None:
+        """Give reservation ``rid`` back in the books of ``keys`` (the budget keys it
+        was made with: their slots; none means the ``{spend}`` book) and mark it ended
+        there for ``keep_s``. Rule: per slot, a no-op where ended already; an id never
+        reserved there is only marked, so a reserve of it that runs late is refused."""
+        ...
+
+    async def admit(self, admission: Admission) -> Admitted:
+        """Check and apply everything admitting one call needs, as if in this order:
+
+        1. Every budget is checked (its value, open holds included, has reached its
+           limit: ``refused_budget``, nothing written; what another slot took is
+           handed back); if none refuses, ``amount`` is held against all of them under
+           ``rid`` as :meth:`reserve` would (no budgets: no hold, no book touched).
+        2. The steps in order. The first that refuses stops: ``refused_step``; the
+           hold is given back (as :meth:`cancel`: the id ends) and a lease taken by
+           an earlier step released. Counts applied stay applied.
+
+        Rule: one script per hash slot touched (one in all on a single Redis): a slot
+        of budgets only first, in a fixed order, then the slot of the steps with its
+        own budgets. Amounts and limits are checked before anything is sent. An
+        unknown outcome is a :class:`StoreUnavailableError`: the caller then owes
+        ``cancel(rid, keys)``, which is safe whatever ran."""
+        ...
+
+    async def finish(self, finish: Finish) -> list[int]:
+        """:meth:`settle` and then the steps (a tpm count with a marker, a lease
+        released, the in-flight gauge down), one script per slot. Returns the settled
+        values. Rule: a retry changes nothing: the settlement ends the id, counts and
+        gauges with markers are applied once, a release is idempotent (a gauge without
+        a marker is applied again, so a retry passes one or leaves it out)."""
         ...
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:

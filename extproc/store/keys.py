@@ -25,7 +25,17 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-__all__ = ["SPEND", "TENANT", "is_tenant_tag", "marker_key", "split_key", "store_key", "tenant_tag"]
+__all__ = [
+    "SPEND",
+    "TENANT",
+    "is_tenant_tag",
+    "key_tag",
+    "marker_key",
+    "split_key",
+    "store_key",
+    "tagged_key",
+    "tenant_tag",
+]
 
 #: The hash tag of the budgets that span tenants (and of their reservation book).
 SPEND = ("spend",)
@@ -99,6 +109,25 @@ def tenant_tag(
 def is_tenant_tag(tag: Sequence[str]) -> bool:
     """Whether ``tag`` (as :func:`split_key` returns it) is one :func:`tenant_tag` builds."""
     return len(tag) == 3 and tag[0] == TENANT and tag[1] in _TENANT_KINDS and bool(tag[2])
+
+
+#: The hash tag a key starts with, as Redis Cluster reads it (the first ``{...}``).
+_TAG = re.compile(r"\{[^}]+\}")
+
+
+def key_tag(key: str) -> str | None:
+    """The hash tag text ``{...}`` a key starts with (what Redis Cluster hashes), or
+    None when it starts with none."""
+    match = _TAG.match(key)
+    return None if match is None else match.group(0)
+
+
+def tagged_key(tag: str, *parts: str) -> str:
+    """A key in the slot of the hash tag text ``tag`` (``{...}``, as :func:`key_tag`
+    returns it): ``tag`` followed by ``:<part>`` for each part, every part escaped."""
+    if _TAG.fullmatch(tag) is None:
+        raise ValueError("not a hash tag")
+    return tag + "".join(":" + _escape(p) for p in parts)
 
 
 def marker_key(key: str, op: str) -> str:

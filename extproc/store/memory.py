@@ -19,7 +19,18 @@ from pathlib import Path
 from extproc.store.base import (
     ENDED_KEEP_S,
     SPEND_TAG,
+    Admission,
+    Admitted,
+    Budget,
+    Ceiling,
+    Count,
+    Finish,
+    Gauge,
+    Release,
+    Step,
     StoreFaultError,
+    Take,
+    book_groups,
     check_amount,
     check_int64,
     check_owner,
@@ -52,6 +63,19 @@ class _Reservation:
     owner: str | None = None
 
 
+def _check_step(step: Step | Release) -> None:
+    """A step's numbers are in range (as Redis checks them before sending)."""
+    if isinstance(step, Count):
+        check_int64(step.amount, "amount")
+        limit_arg(step.limit)
+    elif isinstance(step, Ceiling):
+        limit_arg(step.limit)
+    elif isinstance(step, Take):
+        check_int64(step.limit, "limit")
+    elif isinstance(step, Gauge):
+        check_int64(step.amount, "amount")
+
+
 class MemoryStore:
     """In-process counters with expiry; ``clock`` is injectable for tests.
 
@@ -71,7 +95,11 @@ class MemoryStore:
         self._clock = clock
         self._values: dict[str, tuple[int, float]] = {}
         self._leases: dict[str, dict[str, float]] = {}
+        #: The ended marker of (reservation id, book tag) → that book's hold: one
+        #: entry per slot book, as in Redis.
         self._reservations: dict[str, _Reservation] = {}
+        #: Budget keys whose settled spend is journaled (what a compaction keeps).
+        self._journaled: set[str] = set()
         #: (key, window) → the sum of the open holds taken in that window of the key.
         self._holds: dict[tuple[str, float], int] = {}
         self._lists: dict[str, tuple[list[float], float]] = {}
@@ -96,6 +124,7 @@ class MemoryStore:
                 continue
             ttl = math.inf if expiry is None else expiry - wall
             self._add(key, amount, ttl, now)
+            self._journaled.add(key)
 
     def _add(self, key: str, amount: int, ttl_s: float, now: float) -> int:
         entry = self._live(key, now)
@@ -172,6 +201,7 @@ class MemoryStore:
             entry = self._values.get(key)
             if entry is not None and entry[1] <= now:
                 del self._values[key]
+                self._journaled.discard(key)
             elif entry is not None:
                 expiry = entry[1]
         elif kind == _LIST:
@@ -281,13 +311,15 @@ class MemoryStore:
         *,
         dead_owners: Sequence[str] = (),
     ) -> tuple[bool, int, int]:
-        now = self._clock()
+        return self._acquire(Take(key, member, limit, ttl_s), set(dead_owners), self._clock())
+
+    def _acquire(self, take: Take, dead: set[str], now: float) -> tuple[bool, int, int]:
+        key, member, limit, ttl_s = take.key, take.member, take.limit, take.ttl_s
         leases = self._leases.setdefault(key, {})
         for name in [m for m, expiry in leases.items() if expiry <= now]:
             del leases[name]
         reaped = 0
-        if len(leases) >= limit and dead_owners:
-            dead = set(dead_owners)
+        if len(leases) >= limit and dead:
             for name in [m for m in leases if lease_owner(m) in dead]:
                 del leases[name]
                 reaped += 1
@@ -298,6 +330,9 @@ class MemoryStore:
         return True, len(leases), reaped
 
     async def release_lease(self, key: str, member: str) -> None:
+        self._release(key, member)
+
+    def _release(self, key: str, member: str) -> None:
         leases = self._leases.get(key)
         if leases is not None:
             leases.pop(member, None)
@@ -310,12 +345,20 @@ class MemoryStore:
         now = self._clock()
         out = []
         for key, amount in items:
+            if refresh_ttl:
+                out.append(self._gauge(key, check_int64(amount, "amount"), ttl_s, now))
+                continue
             value = max(0, self._add(key, check_int64(amount, "amount"), ttl_s, now))
-            expiry = now + ttl_s if refresh_ttl else self._values[key][1]
-            self._values[key] = (value, expiry)
-            self._expire(_VALUE, key, expiry)
+            self._values[key] = (value, self._values[key][1])
             out.append(value)
         return out
+
+    def _gauge(self, key: str, amount: int, ttl_s: float, now: float) -> int:
+        """Add to a counter that lives while it is used (TTL refreshed), never below 0."""
+        value = max(0, self._add(key, amount, ttl_s, now))
+        self._values[key] = (value, now + ttl_s)
+        self._expire(_VALUE, key, now + ttl_s)
+        return value
 
     async def set_flag(self, key: str, ttl_s: float) -> None:
         expiry = self._clock() + ttl_s
@@ -364,27 +407,93 @@ class MemoryStore:
         hold_s: float,
         owner: str | None = None,
     ) -> tuple[int | None, list[int]]:
-        check_amount(amount)
+        budgets = tuple(
+            Budget(key, limit, ttl) for key, limit, ttl in zip(keys, limits, ttls_s, strict=True)
+        )
         if owner is not None:
             check_owner(owner)
-        bounds = [limit_arg(limit) for limit in limits]  # same range rules as Redis
+        out = self._admit(Admission(rid, owner or "", amount, hold_s, budgets, ()), owner)
+        return out.refused_budget, [s or 0 for s in out.spends]
+
+    async def admit(self, admission: Admission) -> Admitted:
+        return self._admit(admission, check_owner(admission.owner))
+
+    def _admit(self, adm: Admission, owner: str | None) -> Admitted:
+        """:meth:`admit` in one step of the loop (so atomic); ``owner`` None: a hold
+        nobody reaps."""
+        amount = check_amount(adm.amount)
+        bounds = [limit_arg(b.limit) for b in adm.budgets]  # same range rules as Redis
+        for step in adm.steps:
+            _check_step(step)
+        dead = {check_owner(o) for o in adm.dead_owners}
         now = self._clock()
-        if rid in self._reservations or self._marked(ended_key(rid), now):
-            raise StoreFaultError("reservation id already used")
-        for expired in [r for r, res in self._reservations.items() if res.expiry <= now]:
-            self._drop(expired, now)
+        keys = [b.key for b in adm.budgets]
+        books = book_groups(keys)
+        for tag in books:
+            if ended_key(adm.rid, tag) in self._reservations or self._marked(
+                ended_key(adm.rid, tag), now
+            ):
+                raise StoreFaultError("reservation id already used")
+        if books:
+            for expired in [r for r, res in self._reservations.items() if res.expiry <= now]:
+                self._drop(expired, now)
         spends = [(self._live(key, now) or (0, 0.0))[0] for key in keys]
         for index, (spent, limit) in enumerate(zip(spends, bounds, strict=True)):
             if limit >= 0 and spent >= limit:
-                return index, spends
-        for key, ttl in zip(keys, ttls_s, strict=True):
-            self._add(key, amount, math.inf if ttl is None else ttl, now)
-        windows = tuple(self._values[key][1] for key in keys)
-        self._reservations[rid] = _Reservation(amount, tuple(keys), now + hold_s, windows, owner)
-        for slot in zip(keys, windows, strict=True):
-            self._holds[slot] = self._holds.get(slot, 0) + amount
-        self._expire(_RESERVATION, rid, now + hold_s)
-        return None, spends
+                return Admitted(index, None, tuple(spends), ())
+        for budget in adm.budgets:
+            self._add(budget.key, amount, math.inf if budget.ttl_s is None else budget.ttl_s, now)
+        for tag, indexes in books.items():
+            held = tuple(keys[i] for i in indexes)
+            windows = tuple(self._values[key][1] for key in held)
+            book = ended_key(adm.rid, tag)
+            self._reservations[book] = _Reservation(amount, held, now + adm.hold_s, windows, owner)
+            for slot in zip(held, windows, strict=True):
+                self._holds[slot] = self._holds.get(slot, 0) + amount
+            self._expire(_RESERVATION, book, now + adm.hold_s)
+        results: list[object] = []
+        taken: list[Take] = []
+        for index, step in enumerate(adm.steps):
+            result, refused = self._step(step, dead, now)
+            results.append(result)
+            if refused:
+                for tag in books:
+                    self._drop(ended_key(adm.rid, tag), now)
+                    self._mark(ended_key(adm.rid, tag), adm.keep_s, now)
+                for take in taken:
+                    self._release(take.key, take.member)
+                return Admitted(None, index, tuple(spends), tuple(results))
+            if isinstance(step, Take):
+                taken.append(step)
+        return Admitted(None, None, tuple(spends), tuple(results))
+
+    def _step(self, step: Step | Release, dead: set[str], now: float) -> tuple[object, bool]:
+        """Run one step: (its result, whether it refused)."""
+        if isinstance(step, Count):
+            limit = limit_arg(step.limit)
+            if step.marker is not None and self._marked(step.marker, now):
+                entry = self._live(step.key, now)
+                value, left = (0, 0.0) if entry is None else (entry[0], entry[1] - now)
+                return (value, left, False), 0 <= limit < value
+            value = self._add(step.key, step.amount, step.ttl_s, now)
+            if step.marker is not None:
+                self._mark(step.marker, step.keep_s, now)
+            return (value, self._values[step.key][1] - now, True), 0 <= limit < value
+        if isinstance(step, Ceiling):
+            value = (self._live(step.key, now) or (0, 0.0))[0]
+            return value, value >= step.limit
+        if isinstance(step, Take):
+            got = self._acquire(step, dead, now)
+            return got, not got[0]
+        if isinstance(step, Gauge):
+            if step.marker is not None and self._marked(step.marker, now):
+                return (self._live(step.key, now) or (0, 0.0))[0], False
+            value = self._gauge(step.key, step.amount, step.ttl_s, now)
+            if step.marker is not None:
+                self._mark(step.marker, step.keep_s, now)
+            return value, False
+        self._release(step.key, step.member)
+        return None, False
 
     def _forget_holds(self, res: _Reservation) -> None:
         """``res`` is no longer open: its windows hold less (rolled-over ones too)."""
@@ -409,11 +518,11 @@ class MemoryStore:
         entry = self._live(key, now)
         return entry is not None and entry[1] == res.windows[res.keys.index(key)]
 
-    def _drop(self, rid: str, now: float) -> bool:
-        res = self._reservations.pop(rid, None)
+    def _drop(self, book: str, now: float) -> bool:
+        res = self._reservations.pop(book, None)
         if res is None:
             return False
-        self._expiry.unschedule(_RESERVATION, rid)
+        self._expiry.unschedule(_RESERVATION, book)
         self._forget_holds(res)
         for key in res.keys:
             if self._held(res, key, now):
@@ -430,36 +539,51 @@ class MemoryStore:
         *,
         keep_s: float = ENDED_KEEP_S,
     ) -> list[int]:
-        check_amount(cost, "cost")
-        now = self._clock()
-        marker = ended_key(rid)
-        if self._marked(marker, now):
-            return [self._settled(key, now) for key in keys]
-        self._mark(marker, keep_s, now)
-        res = self._reservations.pop(rid, None)
-        held = res.amount if res is not None else 0
-        if res is not None:
-            self._expiry.unschedule(_RESERVATION, rid)
-            self._forget_holds(res)
-        for key, ttl in zip(keys, ttls_s, strict=True):
-            if self._held(res, key, now):
-                self._values[key] = (
-                    max(0, self._values[key][0] + cost - held),
-                    self._values[key][1],
-                )
-            else:
-                self._add(key, cost, math.inf if ttl is None else ttl, now)
-            if self._journal is not None and cost:
-                self._journal.record(key, cost, self._wall_expiry(key, now))
-        return [self._settled(key, now) for key in keys]
+        return await self.finish(Finish(rid, tuple(keys), cost, tuple(ttls_s), keep_s))
 
-    async def cancel(self, rid: str, *, keep_s: float = ENDED_KEEP_S) -> None:
+    async def finish(self, finish: Finish) -> list[int]:
+        check_amount(finish.cost, "cost")
+        if len(finish.ttls_s) != len(finish.keys):
+            raise StoreFaultError("one ttl per budget key")
+        for step in finish.steps:
+            _check_step(step)
         now = self._clock()
-        marker = ended_key(rid)
-        if self._marked(marker, now):
-            return
-        self._drop(rid, now)
-        self._mark(marker, keep_s, now)
+        cost, keys = finish.cost, finish.keys
+        for tag, indexes in book_groups(keys).items():
+            marker = ended_key(finish.rid, tag)
+            if self._marked(marker, now):
+                continue  # settled already in this book: a retry
+            self._mark(marker, finish.keep_s, now)
+            res = self._reservations.pop(marker, None)
+            held = res.amount if res is not None else 0
+            if res is not None:
+                self._expiry.unschedule(_RESERVATION, marker)
+                self._forget_holds(res)
+            for i in indexes:
+                key, ttl = keys[i], finish.ttls_s[i]
+                if self._held(res, key, now):
+                    self._values[key] = (
+                        max(0, self._values[key][0] + cost - held),
+                        self._values[key][1],
+                    )
+                else:
+                    self._add(key, cost, math.inf if ttl is None else ttl, now)
+                self._journaled.add(key)
+                if self._journal is not None and cost:
+                    self._journal.record(key, cost, self._wall_expiry(key, now))
+        settled = [self._settled(key, now) for key in keys]
+        for step in finish.steps:
+            self._step(step, set(), now)
+        return settled
+
+    async def cancel(self, rid: str, keys: Sequence[str], *, keep_s: float = ENDED_KEEP_S) -> None:
+        now = self._clock()
+        for tag in book_groups(keys) or {SPEND_TAG: []}:
+            marker = ended_key(rid, tag)
+            if self._marked(marker, now):
+                continue
+            self._drop(marker, now)
+            self._mark(marker, keep_s, now)
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
         check_owner(owner)
@@ -472,8 +596,8 @@ class MemoryStore:
     async def reap_holds(self, owner: str) -> int:
         check_owner(owner)
         now = self._clock()
-        mine = [rid for rid, res in self._reservations.items() if res.owner == owner]
-        return sum(self._drop(rid, now) for rid in mine)
+        mine = [book for book, res in self._reservations.items() if res.owner == owner]
+        return sum(self._drop(book, now) for book in mine)
 
     async def close(self) -> None:
         if self._journal is not None:
@@ -482,8 +606,8 @@ class MemoryStore:
             # that rolled over since a hold was taken never held it).
             self._journal.compact(
                 (key, self._settled(key, now), self._wall_expiry(key, now))
-                for key in list(self._values)
-                if key.startswith(SPEND_TAG) and self._live(key, now) is not None
+                for key in list(self._journaled)
+                if self._live(key, now) is not None
             )
             self._journal.close()
         if self._sweeper is not None:
@@ -493,6 +617,7 @@ class MemoryStore:
         self._leases.clear()
         self._reservations.clear()
         self._holds.clear()
+        self._journaled.clear()
         self._beats.clear()
         self._markers.clear()
         self._lists.clear()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import (
     BusyLoadingError,
     ClusterError,
@@ -25,18 +28,30 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from extproc.store.base import (
     ENDED_KEEP_S,
     HEARTBEATS,
-    HELD_PREFIX,
     OWNER_CHARS,
-    RESV_EXPIRY,
-    RESV_HASH,
+    SPEND_TAG,
+    Admission,
+    Admitted,
+    Budget,
+    Ceiling,
+    Count,
+    Finish,
+    Gauge,
+    Release,
     StoreError,
     StoreFaultError,
     StoreUnavailableError,
+    Take,
+    book_groups,
+    book_tag,
+    books_key,
     check_amount,
     check_int64,
     check_owner,
     ended_key,
     limit_arg,
+    resv_expiry,
+    resv_hash,
     resv_owner_key,
 )
 
@@ -111,7 +126,8 @@ return {1, n + 1, reaped}
 # The heartbeats (one sorted set: process id → when its heartbeat runs out, server
 # time). KEYS: heartbeats; ARGV: id, ttl ms, keep ms → the ids that ran out in the
 # last keep ms (older ones are forgotten; the set itself goes keep ms after the last
-# process stopped beating: its expiry is only ever pushed later).
+# process stopped beating: its expiry is only ever pushed later). KEYS[2]: the id's
+# registry of book tags (same slot), kept as long as the heartbeat is remembered.
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -119,28 +135,34 @@ local ttl, keep = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - keep)
 if redis.call('PTTL', KEYS[1]) < ttl + keep then redis.call('PEXPIRE', KEYS[1], ttl + keep) end
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 and redis.call('PTTL', KEYS[2]) < ttl + keep then
+  redis.call('PEXPIRE', KEYS[2], ttl + keep)
+end
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
 """
 
 
-# Budget reservations. Every budget key shares the hash tag of KEYS[1] and KEYS[2]
-# (``{spend}``), so one script can touch them all, on Redis Cluster too. A reservation
-# is a hash entry (JSON: amount, keys, and each key's PEXPIRETIME when reserved — its
-# window's identity, and the set of its owner's open ids, ``o``) plus its expiry in a
-# sorted set; expired ones are given back first, a few per call, and a dead owner's by
-# the reaper, so a crashed process cannot hold budget for long. A hold is
-# only ever taken back from, or settled into, the window it was added to: if the key
+# Budget reservations. A budget key may carry any hash tag; the reservation book of
+# a hold lives in the slot of its keys: for the tag T of a key (``book_tag``), the
+# hash ``T:reservations``, its expiry zset, the owners' sets of open ids and the ended
+# markers, all built from T. A script touches the books of the slots it was sent
+# (one on Redis Cluster, any number on a single Redis). A reservation is one entry per
+# book (JSON: amount, the keys of that slot, and each key's PEXPIRETIME when reserved —
+# its window's identity, and the set of its owner's open ids, ``o``) plus its expiry
+# in the book's sorted set; expired ones are given back first, a few per call, and a
+# dead owner's by the reaper, so a crashed process cannot hold budget for long. A hold
+# is only ever taken back from, or settled into, the window it was added to: if the key
 # has rolled over since, the old window is gone and the new one never held it.
 # Spend values are settled + reserved micro-dollars; beside each budget key a "held"
-# counter (HELD_PREFIX .. key, same hash tag, same expiry) sums its open holds, so a
+# counter (``T#held|`` .. key, same tag, same expiry) sums its open holds, so a
 # settlement can say what is settled (value - held) without reading every hold.
 #
 # Rules: amounts travel as the decimal strings the caller sent (ARGV) and are stored
 # as strings in the entry, never as Lua numbers (doubles; cjson keeps only 14 digits).
-# Every budget counter is checked to be an integer before the script writes anything,
-# so a script that fails has changed nothing (Redis does not roll a script back).
-_RESV_LIB = (
-    """
+# Every counter a script writes is checked to be of its type before the script writes
+# anything, so a script that fails has changed nothing (Redis does not roll a script
+# back).
+_RESV_LIB = """
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -153,9 +175,12 @@ local function counter(key)
   if not string.match(v, '^%-?%d+$') or string.len(v) > 18 then return nil end
   return tonumber(v)
 end
-local function held(key) return '"""
-    + HELD_PREFIX
-    + """' .. key end
+-- the book tag of a key (see book_tag): its own hash tag, else {spend}
+local function tag_of(key) return string.match(key, '^{[^}]+}') or '"""
+_RESV_LIB += (
+    SPEND_TAG
+    + """' end
+local function held(key) return tag_of(key) .. '#held|' .. key end
 local function same_window(key, expires)
   return redis.call('EXISTS', key) == 1 and redis.call('PEXPIRETIME', key) == expires
 end
@@ -191,123 +216,317 @@ local function add(key, amount, ttl)
   redis.call('INCRBY', key, amount)
   if ttl > 0 and redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ttl) end
 end
+-- KEYS and ARGV are read in order
+local ki, ai = 0, 0
+local function key() ki = ki + 1 return KEYS[ki] end
+local function arg() ai = ai + 1 return ARGV[ai] end
+-- a book's keys: hash, expiry zset, the id's ended marker
+local function read_book(first)
+  local book = {first = first}
+  book.resv = key()
+  book.expiry = key()
+  book.ended = key()
+  return book
+end
+-- steps (see _step_args): c count, x ceiling, t take, g gauge, r release
+local function read_steps(n)
+  local steps = {}
+  for s = 1, n do
+    -- one argument per statement: Lua leaves the order of a list's evaluation open
+    local st = {}
+    st.kind = arg()
+    st.key = key()
+    if st.kind == 'c' then
+      st.amount = arg()
+      st.ttl = tonumber(arg())
+      st.limit = tonumber(arg())
+    elseif st.kind == 'x' then
+      st.limit = tonumber(arg())
+    elseif st.kind == 't' then
+      st.member = arg()
+      st.limit = tonumber(arg())
+      st.ttl = tonumber(arg())
+    elseif st.kind == 'g' then
+      st.amount = arg()
+      st.ttl = tonumber(arg())
+    else
+      st.member = arg()
+    end
+    if (st.kind == 'c' or st.kind == 'g') and arg() == '1' then
+      st.marker = key()
+      st.keep = tonumber(arg())
+    end
+    steps[s] = st
+  end
+  return steps
+end
+-- nil when every step's key is of its type, else the error reply
+local function check_steps(steps)
+  for i, st in ipairs(steps) do
+    if st.kind == 't' or st.kind == 'r' then
+      local t = redis.call('TYPE', st.key)['ok']
+      if t ~= 'zset' and t ~= 'none' then
+        return redis.error_reply('lease set of step ' .. i .. ' is not a sorted set')
+      end
+    elseif not counter(st.key) then
+      return redis.error_reply('counter of step ' .. i .. ' is not an integer')
+    end
+  end
+  return nil
+end
+-- run one step: its result, and whether it refused
+local function run_step(st, now, dead)
+  if st.kind == 'c' then
+    if st.marker and redis.call('EXISTS', st.marker) == 1 then
+      local v = counter(st.key) or 0
+      return {v, math.max(0, redis.call('PTTL', st.key)), 0}, st.limit >= 0 and v > st.limit
+    end
+    local v = redis.call('INCRBY', st.key, st.amount)
+    local ttl = redis.call('PTTL', st.key)
+    if ttl < 0 then
+      redis.call('PEXPIRE', st.key, st.ttl)
+      ttl = st.ttl
+    end
+    if st.marker then redis.call('SET', st.marker, 1, 'PX', st.keep) end
+    return {v, ttl, 1}, st.limit >= 0 and v > st.limit
+  elseif st.kind == 'x' then
+    local v = counter(st.key) or 0
+    return v, v >= st.limit
+  elseif st.kind == 't' then
+    redis.call('ZREMRANGEBYSCORE', st.key, '-inf', now)
+    local n = redis.call('ZCARD', st.key)
+    local reaped = 0
+    if n >= st.limit and next(dead) then
+      for _, m in ipairs(redis.call('ZRANGE', st.key, 0, -1)) do
+        if dead[string.sub(m, 1, """
+)
+_RESV_LIB += (
+    str(OWNER_CHARS)
+    + """)] then
+          redis.call('ZREM', st.key, m)
+          reaped = reaped + 1
+        end
+      end
+      n = n - reaped
+    end
+    if n >= st.limit then return {0, n, reaped}, true end
+    redis.call('ZADD', st.key, now + st.ttl, st.member)
+    redis.call('PEXPIRE', st.key, st.ttl)
+    return {1, n + 1, reaped}, false
+  elseif st.kind == 'g' then
+    if st.marker and redis.call('EXISTS', st.marker) == 1 then
+      return counter(st.key) or 0, false
+    end
+    local v = redis.call('INCRBY', st.key, st.amount)
+    if v < 0 then
+      redis.call('SET', st.key, 0, 'KEEPTTL')
+      v = 0
+    end
+    redis.call('PEXPIRE', st.key, st.ttl)
+    if st.marker then redis.call('SET', st.marker, 1, 'PX', st.keep) end
+    return v, false
+  end
+  redis.call('ZREM', st.key, st.member)
+  return 0, false
+end
 """
 )
 
-# KEYS: resv hash, expiry zset, the id's ended marker, budget keys..., [the owner's
-# set of open ids]; ARGV: id, amount, hold ms, n, limits (-1: none)..., ttls ms (0:
-# none)... → {0 or the 1-based index of the exhausted budget, spends before this
-# call...}. Rule: an id that is held or has ended is refused before anything is
-# written (a reserve the client gave up on may run after its cancel or settlement).
-_RESERVE = (
+# Admission (see RedisStore.admit). ARGV: id, amount, hold ms, marker ms, books, steps,
+# dead owners, each dead owner; per book: 1 with an owner set else 0, budgets, then
+# (limit (-1: none), ttl ms (0: none)) per budget; the steps; 1 with a registry of
+# book tags else 0 (then its ttl ms). KEYS: per book: hash, expiry zset, the id's ended
+# marker, [the owner's set], budget keys...; the steps' keys; [the registry].
+# → {0 or the 1-based index of the budget found spent, 0 or the 1-based index of the
+# step that refused, {spends before this call...}, {each step's result...}}.
+# Rule: an id that is held or has ended in any book is refused before anything is
+# written (an admission the client gave up on may run after its cancel or settlement).
+_ADMIT = (
     _RESV_LIB
     + """
-if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
-  return redis.error_reply('reservation id already used')
+local rid = arg()
+local amount = arg()
+local hold = tonumber(arg())
+local keep = tonumber(arg())
+local nbooks = tonumber(arg())
+local nsteps = tonumber(arg())
+local ndead = tonumber(arg())
+local dead = {}
+for _ = 1, ndead do dead[arg()] = true end
+local books, budgets = {}, {}
+for b = 1, nbooks do
+  local book = read_book(#budgets + 1)
+  if arg() == '1' then book.owners = key() end
+  for _ = 1, tonumber(arg()) do
+    local budget = {}
+    budget.key = key()
+    budget.limit = tonumber(arg())
+    budget.ttl = tonumber(arg())
+    budgets[#budgets + 1] = budget
+  end
+  book.last = #budgets
+  books[b] = book
+end
+local steps = read_steps(nsteps)
+local registry, registry_ms
+if arg() == '1' then
+  registry = key()
+  registry_ms = tonumber(arg())
+end
+for _, book in ipairs(books) do
+  if redis.call('EXISTS', book.ended) == 1 or redis.call('HEXISTS', book.resv, rid) == 1 then
+    return redis.error_reply('reservation id already used')
+  end
 end
 local now = now_ms()
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 32)) do
-  drop(KEYS[1], KEYS[2], id)
+for _, book in ipairs(books) do
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', book.expiry, '-inf', now, 'LIMIT', 0, 32)) do
+    drop(book.resv, book.expiry, id)
+  end
 end
-local n = tonumber(ARGV[4])
 local spends = {}
-for i = 1, n do
-  spends[i] = counter(KEYS[i + 3])
-  if not (spends[i] and counter(held(KEYS[i + 3]))) then
+for i, b in ipairs(budgets) do
+  spends[i] = counter(b.key)
+  if not (spends[i] and counter(held(b.key))) then
     return redis.error_reply('budget counter ' .. i .. ' is not an integer')
   end
 end
-for i = 1, n do
-  local limit = tonumber(ARGV[4 + i])
-  if limit >= 0 and spends[i] >= limit then
-    local out = {i}
-    for j = 1, n do out[j + 1] = spends[j] end
-    return out
+local bad = check_steps(steps)
+if bad then return bad end
+for i, b in ipairs(budgets) do
+  if b.limit >= 0 and spends[i] >= b.limit then return {i, 0, spends, {}} end
+end
+for _, book in ipairs(books) do
+  local keys, windows = {}, {}
+  for i = book.first, book.last do
+    local k = budgets[i].key
+    add(k, amount, budgets[i].ttl)
+    local w = redis.call('PEXPIRETIME', k)
+    keys[#keys + 1], windows[#windows + 1] = k, w
+    -- the held counter lives exactly as long as the window it counts holds of
+    redis.call('INCRBY', held(k), amount)
+    if w > 0 then redis.call('PEXPIREAT', held(k), w) end
   end
+  local entry = {a = amount, k = keys, e = windows, o = book.owners}
+  redis.call('HSET', book.resv, rid, cjson.encode(entry))
+  redis.call('ZADD', book.expiry, now + hold, rid)
+  if book.owners then
+    -- the set outlives every hold it lists
+    redis.call('SADD', book.owners, rid)
+    if redis.call('PTTL', book.owners) < hold then redis.call('PEXPIRE', book.owners, hold) end
+  end
+  if registry then redis.call('SADD', registry, tag_of(book.resv)) end
 end
-local amount = ARGV[2]
-local keys, windows = {}, {}
-for i = 1, n do
-  local key = KEYS[i + 3]
-  add(key, amount, tonumber(ARGV[4 + n + i]))
-  keys[i] = key
-  windows[i] = redis.call('PEXPIRETIME', key)
-  -- the held counter lives exactly as long as the window it counts holds of
-  redis.call('INCRBY', held(key), amount)
-  if windows[i] > 0 then redis.call('PEXPIREAT', held(key), windows[i]) end
+if registry and redis.call('PTTL', registry) < registry_ms then
+  redis.call('PEXPIRE', registry, registry_ms)
 end
-local owners = KEYS[n + 4]
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({a = amount, k = keys, e = windows, o = owners}))
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-if owners then
-  -- the set outlives every hold it lists
-  redis.call('SADD', owners, ARGV[1])
-  if redis.call('PTTL', owners) < tonumber(ARGV[3]) then redis.call('PEXPIRE', owners, ARGV[3]) end
+local results, taken, refused = {}, {}, 0
+for i, st in ipairs(steps) do
+  local res, no = run_step(st, now, dead)
+  results[i] = res
+  if no then
+    refused = i
+    break
+  end
+  if st.kind == 't' then taken[#taken + 1] = st end
 end
-local out = {0}
-for j = 1, n do out[j + 1] = spends[j] end
-return out
+if refused > 0 then
+  for _, book in ipairs(books) do
+    drop(book.resv, book.expiry, rid)
+    redis.call('SET', book.ended, 1, 'PX', keep)
+  end
+  for _, st in ipairs(taken) do redis.call('ZREM', st.key, st.member) end
+end
+return {0, refused, spends, results}
 """
 )
 
-# KEYS: resv hash, expiry zset, the id's ended marker, budget keys...; ARGV: id,
-# real cost, marker ms, ttls ms... A live reservation is replaced by the real cost;
-# where it has expired (already given back) or its window has rolled over, the cost is
-# charged in full. Rule: an id that has ended is settled already (a retry whose first
-# answer was lost): nothing changes. → {each budget's settled value after it...}
-_SETTLE = (
+# Finishing (settle, see RedisStore.finish). ARGV: id, real cost, marker ms, books,
+# steps; per book: budgets, then a ttl ms (0: none) per budget; the steps. KEYS: per
+# book: hash, expiry zset, the id's ended marker, budget keys...; the steps' keys.
+# A live reservation is replaced by the real cost; where it has expired (already given
+# back) or its window has rolled over, the cost is charged in full. Rule: a book where
+# the id has ended is settled already (a retry whose first answer was lost): nothing
+# changes there. → {{each budget's settled value after it...}, {each step's result}}
+_FINISH = (
     _RESV_LIB
     + """
+local rid = arg()
+local cost = arg()
+local keep = arg()
+local nbooks = tonumber(arg())
+local nsteps = tonumber(arg())
+local books, budgets = {}, {}
+for b = 1, nbooks do
+  local book = read_book(#budgets + 1)
+  for _ = 1, tonumber(arg()) do
+    local budget = {}
+    budget.key = key()
+    budget.ttl = tonumber(arg())
+    budgets[#budgets + 1] = budget
+  end
+  book.last = #budgets
+  books[b] = book
+end
+local steps = read_steps(nsteps)
+for i, b in ipairs(budgets) do
+  if not (counter(b.key) and counter(held(b.key))) then
+    return redis.error_reply('budget counter ' .. i .. ' is not an integer')
+  end
+end
+local bad = check_steps(steps)
+if bad then return bad end
+for _, book in ipairs(books) do
+  if redis.call('EXISTS', book.ended) == 0 then
+    local raw = redis.call('HGET', book.resv, rid)
+    local entry = raw and cjson.decode(raw)
+    for i = book.first, book.last do
+      local k, j = budgets[i].key, i - book.first + 1
+      if entry and entry.k[j] == k and same_window(k, entry.e[j]) then
+        redis.call('INCRBY', k, cost)
+        release(k, tostring(entry.a))
+      else
+        add(k, cost, budgets[i].ttl)
+      end
+    end
+    if raw then
+      redis.call('HDEL', book.resv, rid)
+      redis.call('ZREM', book.expiry, rid)
+      if entry.o then redis.call('SREM', entry.o, rid) end
+    end
+    redis.call('SET', book.ended, 1, 'PX', keep)
+  end
+end
 local out = {}
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  for i = 4, #KEYS do out[i - 3] = settled(KEYS[i]) end
-  return out
-end
-local cost = ARGV[2]
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local entry = raw and cjson.decode(raw)
-for i = 4, #KEYS do
-  if not (counter(KEYS[i]) and counter(held(KEYS[i]))) then
-    return redis.error_reply('budget counter ' .. (i - 3) .. ' is not an integer')
-  end
-end
-for i = 4, #KEYS do
-  local key = KEYS[i]
-  if entry and entry.k[i - 3] == key and same_window(key, entry.e[i - 3]) then
-    redis.call('INCRBY', key, cost)
-    release(key, tostring(entry.a))
-  else
-    add(key, cost, tonumber(ARGV[i]))
-  end
-  out[i - 3] = settled(key)
-end
-if raw then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  if entry.o then redis.call('SREM', entry.o, ARGV[1]) end
-end
-redis.call('SET', KEYS[3], 1, 'PX', ARGV[3])
-return out
+for i, b in ipairs(budgets) do out[i] = settled(b.key) end
+local now = now_ms()
+local results = {}
+for i, st in ipairs(steps) do results[i] = run_step(st, now, {}) end
+return {out, results}
 """
 )
 
-# KEYS: resv hash, expiry zset, the id's ended marker; ARGV: id, marker ms. An id
-# never reserved is only marked (a reserve of it that runs late is then refused).
+# KEYS: per book: hash, expiry zset, the id's ended marker; ARGV: id, marker ms. An
+# id never reserved in a book is only marked there (a reserve of it that runs late is
+# then refused). → the number of holds given back
 _CANCEL = (
     _RESV_LIB
     + """
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local found = drop(KEYS[1], KEYS[2], ARGV[1])
-redis.call('SET', KEYS[3], 1, 'PX', ARGV[2])
-if found then return 1 end
-return 0
+local n = 0
+for b = 1, #KEYS, 3 do
+  if redis.call('EXISTS', KEYS[b + 2]) == 0 then
+    if drop(KEYS[b], KEYS[b + 1], ARGV[1]) then n = n + 1 end
+    redis.call('SET', KEYS[b + 2], 1, 'PX', ARGV[2])
+  end
+end
+return n
 """
 )
 
-# A dead process's holds, a batch per call, each given back as a cancel would (drop).
-# KEYS: resv hash, expiry zset, the owner's set of open ids; ARGV: batch size
-# → {holds given back, ids left}. Rule: two reapers of one owner never give a hold
-# back twice (drop finds it gone).
+# A dead process's holds in one book, a batch per call, each given back as a cancel
+# would (drop). KEYS: resv hash, expiry zset, the owner's set of open ids; ARGV: batch
+# size → {holds given back, ids left}. Rule: two reapers of one owner never give a
+# hold back twice (drop finds it gone).
 _REAP = (
     _RESV_LIB
     + """
@@ -319,6 +538,14 @@ end
 return {n, redis.call('SCARD', KEYS[3])}
 """
 )
+
+# The registry of a process's book tags (KEYS[1]): ARGV: ttl ms, tags... Rule: its
+# expiry is only ever pushed later.
+_REGISTER = """
+redis.call('SADD', KEYS[1], unpack(ARGV, 2))
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
 #: Holds one reap script gives back (a few milliseconds of Redis time).
 _REAP_BATCH = 256
 #: Batches one reap sends at most (each takes ids off the set, so this ends).
@@ -417,6 +644,8 @@ class RedisStore:
         #: Redis Cluster: multi-key reads are split by slot (every script uses one key).
         self._cluster = cluster
         self._shas: dict[str, str] = {}
+        #: (owner, book tag) → when this process files the tag again (Redis Cluster).
+        self._registered: dict[tuple[str, str], float] = {}
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = 0.25) -> RedisStore:
@@ -556,6 +785,126 @@ class RedisStore:
                 pipe.pttl(key)
             return _with_ttls(await pipe.execute())
 
+    def _slot(self, key: str) -> int:
+        """The hash slot of ``key`` on Redis Cluster; 0 for every key on one Redis (a
+        script there may touch keys of any slot)."""
+        return key_slot(key.encode()) if self._cluster else 0
+
+    def _units(self, budgets: Sequence[str], steps: Sequence[str]) -> list[_Unit]:
+        """The scripts one admission (or finish) sends: their budgets' and steps'
+        indexes. Rule: one per slot, slots of budgets only first (by slot number, so
+        every call touches slots in one order), then the steps' slot with its budgets;
+        steps of several slots (unusual) go after all budgets, one per run of a slot."""
+        by_slot: dict[int, list[int]] = {}
+        for index, key in enumerate(budgets):
+            by_slot.setdefault(self._slot(key), []).append(index)
+        runs: list[tuple[int, list[int]]] = []
+        for index, key in enumerate(steps):
+            slot = self._slot(key)
+            if runs and runs[-1][0] == slot:
+                runs[-1][1].append(index)
+            else:
+                runs.append((slot, [index]))
+        last = runs[0][0] if len(runs) == 1 else None
+        units = [_Unit(by_slot[s], []) for s in sorted(by_slot) if s != last]
+        if last is not None:
+            units.append(_Unit(by_slot.get(last, []), runs[0][1]))
+        else:
+            units += [_Unit([], indexes) for _, indexes in runs]
+        return units
+
+    async def admit(self, admission: Admission) -> Admitted:
+        return await self._admit(admission, check_owner(admission.owner))
+
+    async def _admit(self, adm: Admission, owner: str | None) -> Admitted:
+        budget_args = [(limit_arg(b.limit), _ms(b.ttl_s)) for b in adm.budgets]
+        step_args = [_step_args(step) for step in adm.steps]
+        head: list[Any] = [adm.rid, check_amount(adm.amount), _ms(adm.hold_s), _ms(adm.keep_s)]
+        dead = [check_owner(o) for o in adm.dead_owners]
+        keys = [b.key for b in adm.budgets]
+        units = self._units(keys, [step.key for step in adm.steps])
+        registry = owner is not None and bool(keys)
+        if registry and self._cluster and owner is not None:
+            await self._register(owner, [book_tag(k) for k in keys], adm.hold_s)
+        spends: list[int | None] = [None] * len(keys)
+        results: list[object] = []
+        held: list[str] = []
+        taken: list[Take] = []
+        for unit in units:
+            books = book_groups([keys[i] for i in unit.budgets])
+            order = [unit.budgets[j] for indexes in books.values() for j in indexes]
+            script_keys: list[str] = []
+            args = [*head, len(books), len(unit.steps), len(dead), *dead]
+            for tag, indexes in books.items():
+                script_keys += [resv_hash(tag), resv_expiry(tag), ended_key(adm.rid, tag)]
+                if owner is not None:
+                    script_keys.append(resv_owner_key(owner, tag))
+                args += [1 if owner is not None else 0, len(indexes)]
+                for j in indexes:
+                    script_keys.append(keys[unit.budgets[j]])
+                    args += budget_args[unit.budgets[j]]
+            for i in unit.steps:
+                step_keys, more = step_args[i]
+                script_keys += step_keys
+                args += more
+            if registry and not self._cluster and owner is not None:
+                script_keys.append(books_key(owner))
+                args += [1, _registry_ms(adm.hold_s)]
+            else:
+                args.append(0)
+            try:
+                with _guard("admit"):
+                    out = await self._eval(_ADMIT, script_keys, args)
+                    refused_budget, refused_step = int(out[0]), int(out[1])
+                    read = [int(v) for v in out[2]]
+                    if len(read) != len(order) or len(out[3]) > len(unit.steps):
+                        raise ValueError("one spend per budget, a result per step")
+                    ran = [
+                        _result(adm.steps[i], raw)
+                        for i, raw in zip(unit.steps, out[3], strict=False)
+                    ]
+            except StoreError:
+                await self._hand_back(adm.rid, held, taken, adm.keep_s)
+                raise
+            for index, value in zip(order, read, strict=True):
+                spends[index] = value
+            results += ran
+            if refused_budget or refused_step:
+                await self._hand_back(adm.rid, held, taken, adm.keep_s)
+                return Admitted(
+                    order[refused_budget - 1] if refused_budget else None,
+                    unit.steps[refused_step - 1] if refused_step else None,
+                    tuple(spends),
+                    tuple(results),
+                )
+            held += [keys[i] for i in unit.budgets]
+            taken += [s for i in unit.steps if isinstance(s := adm.steps[i], Take)]
+        return Admitted(None, None, tuple(spends), tuple(results))
+
+    async def _hand_back(self, rid: str, held: list[str], taken: list[Take], keep_s: float) -> None:
+        """Give back what earlier slots of a refused (or failed) admission took. Rule:
+        best effort: a hold it cannot give back runs out with its hold time, and the
+        caller of an admission whose outcome is unknown owes its cancel anyway."""
+        with contextlib.suppress(StoreError):
+            if held:
+                await self.cancel(rid, held, keep_s=keep_s)
+            for take in taken:
+                await self.release_lease(take.key, take.member)
+
+    async def _register(self, owner: str, tags: Sequence[str], hold_s: float) -> None:
+        """File the book tags under ``owner``'s registry (Redis Cluster: its own slot,
+        one more round trip), once per tag while the registration lasts."""
+        now = time.monotonic()
+        ttl_ms = _registry_ms(hold_s)
+        new = sorted({t for t in tags if self._registered.get((owner, t), 0.0) <= now})
+        if not new:
+            return
+        with _guard("register"):
+            await self._eval(_REGISTER, [books_key(owner)], [ttl_ms, *new])
+        for tag in new:
+            # renewed well before it can run out (heartbeats push it later meanwhile)
+            self._registered[(owner, tag)] = now + ttl_ms / 2000
+
     async def reserve(
         self,
         rid: str,
@@ -567,19 +916,56 @@ class RedisStore:
         hold_s: float,
         owner: str | None = None,
     ) -> tuple[int | None, list[int]]:
-        n = len(keys)
-        args: list[Any] = [rid, check_amount(amount), _ms(hold_s), n]
-        args += [limit_arg(limit) for limit in limits]
-        args += [_ms(ttl) for ttl in ttls_s]
-        script_keys = [RESV_HASH, RESV_EXPIRY, ended_key(rid), *keys]
+        budgets = tuple(
+            Budget(key, limit, ttl) for key, limit, ttl in zip(keys, limits, ttls_s, strict=True)
+        )
         if owner is not None:
-            script_keys.append(resv_owner_key(owner))
-        with _guard("reserve"):
-            out = await self._eval(_RESERVE, script_keys, args)
-            spends = [int(v) for v in out[1:]]
-            if len(spends) != n:
-                raise ValueError("one spend per budget")
-            return (None if int(out[0]) == 0 else int(out[0]) - 1), spends
+            check_owner(owner)
+        admission = Admission(rid, owner or "", amount, hold_s, budgets, ())
+        out = await self._admit(admission, owner)
+        return out.refused_budget, [s or 0 for s in out.spends]
+
+    async def finish(self, finish: Finish) -> list[int]:
+        keys = list(finish.keys)
+        if len(finish.ttls_s) != len(keys):
+            raise StoreFaultError("one ttl per budget key")
+        ttls = [_ms(ttl) for ttl in finish.ttls_s]
+        step_args = [_step_args(step) for step in finish.steps]
+        head: list[Any] = [finish.rid, check_amount(finish.cost, "cost"), _ms(finish.keep_s)]
+        settled: list[int] = [0] * len(keys)
+        with _guard("settle"):
+            for unit in self._finish_units(keys, [step.key for step in finish.steps]):
+                books = book_groups([keys[i] for i in unit.budgets])
+                order = [unit.budgets[j] for indexes in books.values() for j in indexes]
+                script_keys: list[str] = []
+                args = [*head, len(books), len(unit.steps)]
+                for tag, indexes in books.items():
+                    script_keys += [resv_hash(tag), resv_expiry(tag), ended_key(finish.rid, tag)]
+                    args.append(len(indexes))
+                    for j in indexes:
+                        script_keys.append(keys[unit.budgets[j]])
+                        args.append(ttls[unit.budgets[j]])
+                for i in unit.steps:
+                    step_keys, more = step_args[i]
+                    script_keys += step_keys
+                    args += more
+                out = await self._eval(_FINISH, script_keys, args)
+                values = [int(v) for v in out[0]]
+                if len(values) != len(order):
+                    raise ValueError("one settled value per budget")
+                for index, value in zip(order, values, strict=True):
+                    settled[index] = value
+        return settled
+
+    def _finish_units(self, budgets: Sequence[str], steps: Sequence[str]) -> list[_Unit]:
+        """One script per slot (one in all on a single Redis): a finish never refuses,
+        so its steps go with the budgets of their slot, in any order."""
+        units: dict[int, _Unit] = {}
+        for index, key in enumerate(budgets):
+            units.setdefault(self._slot(key), _Unit([], [])).budgets.append(index)
+        for index, key in enumerate(steps):
+            units.setdefault(self._slot(key), _Unit([], [])).steps.append(index)
+        return [units[slot] for slot in sorted(units)]
 
     async def settle(
         self,
@@ -590,40 +976,92 @@ class RedisStore:
         *,
         keep_s: float = ENDED_KEEP_S,
     ) -> list[int]:
-        args: list[Any] = [rid, check_amount(cost, "cost"), _ms(keep_s)]
-        args += [_ms(ttl) for ttl in ttls_s]
-        with _guard("settle"):
-            script_keys = [RESV_HASH, RESV_EXPIRY, ended_key(rid), *keys]
-            out = await self._eval(_SETTLE, script_keys, args)
-            settled = [int(v) for v in out]
-            if len(settled) != len(keys):
-                raise ValueError("one settled value per budget")
-            return settled
+        return await self.finish(Finish(rid, tuple(keys), cost, tuple(ttls_s), keep_s))
 
-    async def cancel(self, rid: str, *, keep_s: float = ENDED_KEEP_S) -> None:
+    async def cancel(self, rid: str, keys: Sequence[str], *, keep_s: float = ENDED_KEEP_S) -> None:
+        by_slot: dict[int, list[str]] = {}
+        for tag in book_groups(keys) or {SPEND_TAG: []}:
+            by_slot.setdefault(self._slot(tag), []).append(tag)
         with _guard("cancel"):
-            keys = [RESV_HASH, RESV_EXPIRY, ended_key(rid)]
-            await self._eval(_CANCEL, keys, [rid, _ms(keep_s)])
+            for slot in sorted(by_slot):
+                script_keys: list[str] = []
+                for tag in by_slot[slot]:
+                    script_keys += [resv_hash(tag), resv_expiry(tag), ended_key(rid, tag)]
+                await self._eval(_CANCEL, script_keys, [rid, _ms(keep_s)])
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
         args = [check_owner(owner), _ms(ttl_s), _ms(keep_s)]
         with _guard("heartbeat"):
-            dead = await self._eval(_HEARTBEAT, [HEARTBEATS], args)
+            dead = await self._eval(_HEARTBEAT, [HEARTBEATS, books_key(owner)], args)
             return [d.decode() if isinstance(d, bytes) else str(d) for d in dead]
 
     async def reap_holds(self, owner: str) -> int:
-        keys = [RESV_HASH, RESV_EXPIRY, resv_owner_key(owner)]
+        check_owner(owner)
         total = 0
         with _guard("reap"):
-            for _ in range(_REAP_ROUNDS):
-                reaped, left = await self._eval(_REAP, keys, [_REAP_BATCH])
-                total += int(reaped)
-                if int(left) == 0:
-                    break
+            listed = await self._client.smembers(books_key(owner))
+            tags = {t.decode() if isinstance(t, bytes) else str(t) for t in listed}
+            for tag in sorted(tags | {SPEND_TAG}):
+                keys = [resv_hash(tag), resv_expiry(tag), resv_owner_key(owner, tag)]
+                for _ in range(_REAP_ROUNDS):
+                    reaped, left = await self._eval(_REAP, keys, [_REAP_BATCH])
+                    total += int(reaped)
+                    if int(left) == 0:
+                        break
         return total
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+@dataclass(slots=True)
+class _Unit:
+    """What one script of an admission or finish carries: indexes of its budgets and
+    of its steps."""
+
+    budgets: list[int]
+    steps: list[int]
+
+
+def _registry_ms(hold_s: float) -> int:
+    """How long a registry of book tags lasts when filed: beyond every hold it lists,
+    and the ended markers' time (heartbeats push it later while the process lives)."""
+    return max(_ms(hold_s), _ms(ENDED_KEEP_S))
+
+
+def _marker_args(marker: str | None, keep_s: float) -> tuple[list[str], list[Any]]:
+    if marker is None:
+        return [], [0]
+    return [marker], [1, _ms(keep_s)]
+
+
+def _step_args(step: Count | Ceiling | Take | Gauge | Release) -> tuple[list[str], list[Any]]:
+    """(KEYS, ARGV) of one step, checked before anything is sent (see read_steps)."""
+    if isinstance(step, Count):
+        keys, more = _marker_args(step.marker, step.keep_s)
+        amount = check_int64(step.amount, "amount")
+        return [step.key, *keys], ["c", amount, _ms(step.ttl_s), limit_arg(step.limit), *more]
+    if isinstance(step, Ceiling):
+        return [step.key], ["x", limit_arg(step.limit)]
+    if isinstance(step, Take):
+        return [step.key], ["t", step.member, check_int64(step.limit, "limit"), _ms(step.ttl_s)]
+    if isinstance(step, Gauge):
+        keys, more = _marker_args(step.marker, step.keep_s)
+        return [step.key, *keys], ["g", check_int64(step.amount, "amount"), _ms(step.ttl_s), *more]
+    return [step.key], ["r", step.member]
+
+
+def _result(step: object, raw: Any) -> object:
+    """A step's result in the shape every store gives (see :class:`Admitted`)."""
+    if isinstance(step, Count):
+        value, ttl_ms, added = raw
+        return int(value), max(0, int(ttl_ms)) / 1000, bool(int(added))
+    if isinstance(step, Take):
+        ok, live, reaped = raw
+        return bool(int(ok)), int(live), int(reaped)
+    if isinstance(step, Release):
+        return None
+    return int(raw)
 
 
 def _with_ttls(raw: Sequence[Any]) -> list[tuple[int | None, float | None]]:

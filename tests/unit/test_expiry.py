@@ -214,7 +214,7 @@ async def test_settled_reservations_leave_nothing_in_the_expiry_index() -> None:
         if i % 2:
             await store.settle(rid, [key], 5, [None])
         else:
-            await store.cancel(rid)
+            await store.cancel(rid, [key])
     assert store.entry_count() == 1 + 5000  # the budget key, one marker per id
     assert len(store._expiry) <= 2 * store.entry_count()  # rebuilt once leftovers dominate
     await store.close()

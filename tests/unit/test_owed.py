@@ -54,8 +54,8 @@ class LossyStore(MemoryStore):
     async def settle(self, *args: Any, **kwargs: Any) -> list[int]:
         return await self._call(super().settle(*args, **kwargs))
 
-    async def cancel(self, rid: str, *, keep_s: float = 900) -> None:
-        await self._call(super().cancel(rid, keep_s=keep_s))
+    async def cancel(self, rid: str, keys: Sequence[str], *, keep_s: float = 900) -> None:
+        await self._call(super().cancel(rid, keys, keep_s=keep_s))
 
     async def incr_once(
         self, key: str, amount: int, ttl_s: float, *, marker: str, keep_s: float = 900

@@ -39,8 +39,8 @@ async def test_reserve_settle_cancel(store: Store) -> None:
             "r2", [A, B], limits=[100, None], amount=50, ttls_s=[None, 60], hold_s=60
         )
     )[0] is None
-    await store.cancel("r2")
-    await store.cancel("r2")  # harmless
+    await store.cancel("r2", [A, B])
+    await store.cancel("r2", [A, B])  # harmless
     assert await values(store) == [12, 12]
 
 
@@ -184,7 +184,7 @@ async def test_hold_never_leaves_the_window_it_was_taken_from(store: Store) -> N
     await store.reserve("c" * 32, [key], limits=[None], amount=50_000, ttls_s=[0.2], hold_s=600)
     await asyncio.sleep(0.3)
     await store.reserve("d" * 32, [key], limits=[None], amount=10, ttls_s=[0.2], hold_s=600)
-    await store.cancel("c" * 32)  # nothing to take back from the new window
+    await store.cancel("c" * 32, [key])  # nothing to take back from the new window
     assert await store.get_many([key]) == [10]
 
 
@@ -195,7 +195,7 @@ async def test_key_names_are_data_not_structure(store: Store) -> None:
     await store.reserve("v" * 32, [victim], limits=[None], amount=500, ttls_s=[None], hold_s=60)
     await store.settle("v" * 32, [victim], 500, [None])
     await store.reserve("o" * 32, [odd], limits=[None], amount=200, ttls_s=[None], hold_s=60)
-    await store.cancel("o" * 32)
+    await store.cancel("o" * 32, [odd])
     assert await store.get_many([victim, odd]) == [500, 0]
 
 
@@ -210,7 +210,7 @@ async def test_settle_returns_settled_spend_net_of_open_holds(store: Store) -> N
     assert await store.settle("s1", [A, B], 400, [None, 60]) == [430, 400]
     assert await store.settle("s1", [A, B], 5, [None, 60]) == [430, 400]  # a retry: no-op
     await store.reserve("s3", [A], limits=[None], amount=70, ttls_s=[None], hold_s=60)
-    await store.cancel("s3")
+    await store.cancel("s3", [A])
     assert await store.settle("s4", [A], 0, [None]) == [430]  # nothing held any more
     assert await values(store) == [430, 400]
 
@@ -248,14 +248,14 @@ async def test_a_settlement_retried_charges_once_and_keeps_held_sums(store: Stor
         assert await store.settle("h1", [A, B], 10, [None, 60]) == [10, 10]
     assert await values(store) == [35, 10]  # h2's 25 still held
     assert await held_sums(store) == [25, 0]
-    await store.cancel("h2")
-    await store.cancel("h2")
+    await store.cancel("h2", [A])
+    await store.cancel("h2", [A])
     assert await values(store) == [10, 10]
     assert await held_sums(store) == [0, 0]
 
 
 async def test_a_reserve_that_runs_after_its_cancel_changes_nothing(store: Store) -> None:
-    await store.cancel("late")  # the reserve's answer timed out: it is cancelled ...
+    await store.cancel("late", [A])  # the reserve's answer timed out: it is cancelled ...
     with pytest.raises(StoreFaultError, match="already used"):  # ... and runs late
         await store.reserve("late", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60)
     assert await values(store) == [None, None]
@@ -276,15 +276,15 @@ async def test_a_reserve_sent_twice_holds_once(store: Store) -> None:
     with pytest.raises(StoreFaultError, match="already used"):
         await store.reserve("dup", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60)
     assert await values(store) == [30, None]
-    await store.cancel("dup")
+    await store.cancel("dup", [A])
     assert await values(store) == [0, None]
     assert await held_sums(store) == [0, 0]
 
 
 async def test_a_cancel_of_a_landed_reserve_gives_it_back_once(store: Store) -> None:
     await store.reserve("u1", [A, B], limits=[None, None], amount=70, ttls_s=[None, 60], hold_s=60)
-    await store.cancel("u1")
-    await store.cancel("u1")
+    await store.cancel("u1", [A, B])
+    await store.cancel("u1", [A, B])
     await store.settle("u1", [A, B], 9, [None, 60])  # ended: a settle after it is a no-op
     assert await values(store) == [0, 0]
     assert await held_sums(store) == [0, 0]

@@ -75,7 +75,7 @@ async def test_largest_amount_is_exact(store: Store) -> None:
     rid = "e" * 32
     await store.reserve(rid, [A], limits=[None], amount=amount, ttls_s=[None], hold_s=60)
     await store.reserve("f" * 32, [A], limits=[None], amount=amount, ttls_s=[None], hold_s=60)
-    await store.cancel(rid)
+    await store.cancel(rid, [A])
     assert await store.get_many([A]) == [amount]
     await store.settle("f" * 32, [A], 123_456_789_012, [None])
     assert await store.get_many([A]) == [123_456_789_012]

@@ -155,13 +155,13 @@ async def test_reaping_gives_back_what_a_cancel_would(store: Store) -> None:
             f"{how}-4", [total], limits=[None], amount=1000, ttls_s=[None], hold_s=600
         )  # nobody owns it: it only expires
         if how == "cancel":
-            await store.cancel(f"{how}-1")
-            await store.cancel(f"{how}-3")
+            await store.cancel(f"{how}-1", keys)
+            await store.cancel(f"{how}-3", keys)
         else:
             assert await store.reap_holds(ALICE) == 2
         before = await store.get_many(keys)
         settled = await store.settle(f"{how}-2", keys, 30, ttls)
-        await store.cancel(f"{how}-4")
+        await store.cancel(f"{how}-4", [total])
         outcomes.append((before, settled, await store.get_many(keys)))
     assert outcomes[0] == outcomes[1]
     assert outcomes[1] == ([40, 1040], [30, 30], [30, 30])
@@ -200,7 +200,7 @@ async def test_redis_leaves_no_owner_bookkeeping_behind(redis_url: str) -> None:
         )
     assert 0 < await client.pttl(resv_owner_key(ALICE)) <= 600_000
     await store.settle("t1", [key], 4, [None])
-    await store.cancel("t2")
+    await store.cancel("t2", [key])
     await store.reserve(
         "t5", [key], limits=[None], amount=9, ttls_s=[None], hold_s=0.001, owner=ALICE
     )
