@@ -370,7 +370,9 @@ class Store(Protocol):
         hold_s: float,
         owner: str | None = None,
     ) -> tuple[int | None, list[int]]:
-        """Reserve ``amount`` against every budget key, atomically, or none of them.
+        """Reserve ``amount`` against every budget key, or none of them: :meth:`admit`
+        with no steps (atomic per slot; where the keys span slots on Redis Cluster, one
+        script per slot, and what earlier slots took is handed back when one refuses).
 
         ``owner``: the process id the hold is filed under, so :meth:`reap_holds` can
         give it back when that process dies.
@@ -447,8 +449,10 @@ class Store(Protocol):
 
     async def reap_holds(self, owner: str) -> int:
         """Give back every open reservation of process ``owner`` exactly as
-        :meth:`cancel` would; returns how many. Rule: idempotent, and safe while other
-        processes reap the same owner (each hold is given back once)."""
+        :meth:`cancel` would, in every book it filed a tag of (:func:`books_key`);
+        returns how many book entries (a reservation holds one per slot). Rule:
+        idempotent, and safe while other processes reap the same owner (each hold is
+        given back once)."""
         ...
 
     async def get_many_with_ttl(self, keys: Sequence[str]) -> list[tuple[int | None, float | None]]:

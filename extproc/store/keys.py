@@ -18,6 +18,8 @@ counters, rate limits and parallel-request leases, so one script per call touche
 all, and on Redis Cluster tenants spread over the nodes. Budgets that span tenants
 (users, end users, organizations, projects, tags, providers, deployments, the global
 budget) share the ``{spend}`` tag; a deployment's health is tagged by the deployment.
+The reservation book of a hold lives in its budget key's slot (see
+:func:`extproc.store.base.book_tag`).
 """
 
 from __future__ import annotations

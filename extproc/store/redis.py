@@ -1,4 +1,5 @@
-"""The shared store on Redis (or Redis Cluster): one Lua script per counter update."""
+"""The shared store on Redis (or Redis Cluster): one Lua script per counter update,
+and per hash slot an admission or settlement touches (one in all on a single Redis)."""
 
 from __future__ import annotations
 

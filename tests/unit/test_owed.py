@@ -432,3 +432,31 @@ async def test_a_lost_count_that_landed_is_not_counted_twice_by_the_next_call(
     await gateway.owed.drain(5)
     assert await MemoryStore.get_many(store, [COUNTER]) == [2]
     await gateway.close()
+
+
+def test_a_cancel_line_names_the_slots_it_gives_back_in(tmp_path: Path) -> None:
+    """A cancel is journaled with its keys; a line written before cancels had keys
+    still reads, as a cancel in the ``{spend}`` book."""
+    journal = tmp_path / "owed.jsonl"
+    keys = ("{t:team-1}:budget", "{spend}:global")
+    lines = [
+        owed_module._line(OwedCancel("k1", keys, 5.0)),
+        {"op": "cancel", "rid": "old", "t": 6.0},
+    ]
+    journal.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert read_owed(journal) == {
+        "cancel:k1": OwedCancel("k1", keys, 5.0),
+        "cancel:old": OwedCancel("old", (), 6.0),
+    }
+
+
+async def test_an_owed_cancel_gives_back_in_every_slot() -> None:
+    store = LossyStore()
+    keys = ("{t:team-1}:budget", "{t:team-2}:budget")
+    await store.reserve("m1", keys, limits=[None, None], amount=9, ttls_s=[None, None], hold_s=60)
+    store.fail = 1
+    owed = owed_writes(store)
+    owed.add(OwedCancel("m1", keys))
+    await owed.drain(5)
+    assert await store.get_many(list(keys)) == [0, 0]
+    await owed.close()

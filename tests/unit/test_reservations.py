@@ -136,6 +136,21 @@ async def test_journal_survives_restart(tmp_path: Path) -> None:
     assert len(journal.read_text().splitlines()) == 2
 
 
+async def test_journal_keeps_the_spend_of_any_tag(tmp_path: Path) -> None:
+    """Tenant-tagged budgets are journaled and compacted like ``{spend}`` ones."""
+    journal = tmp_path / "spend.jsonl"
+    store = MemoryStore(journal=journal)
+    team = "{t:team-7}:budget"
+    await store.reserve(
+        "j1", [team, A], limits=[None, None], amount=50, ttls_s=[None, None], hold_s=60
+    )
+    await store.settle("j1", [team, A], 20, [None, None])
+    await store.close()
+    reopened = MemoryStore(journal=journal)
+    assert await reopened.get_many([team, A]) == [20, 20]
+    await reopened.close()
+
+
 _CRASH = """
 import asyncio, sys, time
 from pathlib import Path

@@ -25,6 +25,7 @@ from extproc.store.base import (
     Step,
     Take,
     book_tag,
+    books_key,
     resv_hash,
 )
 from extproc.store.keys import marker_key
@@ -379,3 +380,29 @@ async def test_finish_settles_and_runs_its_steps_once(backend: Backend) -> None:
     assert await store.finish(finish) == [7, 7, 7]  # a retry changes nothing
     assert await store.get_many([*keys, tpm, gauge]) == [7, 7, 7, 33, 0]
     assert await store.acquire_lease(leases, ALICE + "9" * 16, 1, 60) == (True, 1, 0)
+
+
+async def test_an_owner_files_its_book_tags_once(backend: Backend) -> None:
+    """Before its first hold in a slot a process files the tag under its id (what a
+    reaper goes through); on the cluster that costs one round trip once per tag."""
+    if backend.raw is None:
+        pytest.skip("the memory store finds an owner's holds in its own table")
+    store, raw = backend.store, backend.raw
+    registry = books_key(ALICE)
+    before = await backend.eval_calls()
+    assert (await store.admit(_admission("g1", _budgets()))).admitted
+    first = await backend.eval_calls() - before
+    assert (await store.admit(_admission("g2", _budgets()))).admitted
+    second = await backend.eval_calls() - before - first
+    slots = 1 if backend.kind == "redis" else len(TAGS)
+    assert (first, second) == ((slots, slots) if backend.kind == "redis" else (slots + 1, slots))
+    listed = await raw.smembers(registry)
+    assert {t.decode() if isinstance(t, bytes) else t for t in listed} == set(TAGS)
+    assert await raw.pttl(registry) >= 60_000
+    await raw.pexpire(registry, 1000)
+    await store.heartbeat(ALICE, 30, 3600)  # a live process's registry is kept
+    assert await raw.pttl(registry) > 3_000_000
+    other = open_store(backend.url)  # a peer reaps what the registry lists
+    assert await other.reap_holds(ALICE) == 6
+    await other.close()
+    assert await store.get_many(_keys(_budgets())) == [0, 0, 0]
