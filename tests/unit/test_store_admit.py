@@ -406,3 +406,16 @@ async def test_an_owner_files_its_book_tags_once(backend: Backend) -> None:
     assert await other.reap_holds(ALICE) == 6
     await other.close()
     assert await store.get_many(_keys(_budgets())) == [0, 0, 0]
+
+
+async def test_steps_in_two_slots_still_give_back_on_a_refusal(backend: Backend) -> None:
+    """Unusual (a call's steps share its tenant's slot), but kept right: a lease taken
+    in one slot is released when a step in another refuses."""
+    store = backend.store
+    leases, tpm = f"{TAGS[1]}:leases", f"{TAGS[2]}:tpm"
+    await store.incr(tpm, 100, 60)
+    steps: tuple[Step, ...] = (Take(leases, ALICE + "a" * 16, 1, 60), Ceiling(tpm, 100))
+    out = await store.admit(_admission("z1", _budgets(), steps))
+    assert (out.refused_step, out.results) == (1, ((True, 1, 0), 100))
+    assert await store.get_many(_keys(_budgets())) == [0, 0, 0]
+    assert await store.acquire_lease(leases, ALICE + "b" * 16, 1, 60) == (True, 1, 0)
