@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ RESV_EXPIRY = store_key(SPEND, "reservations", "expiry")
 HELD_PREFIX = f"{SPEND_TAG}#held|"
 
 
+@functools.lru_cache(maxsize=4096)
 def book_tag(key: str) -> str:
     """The hash tag (``{...}``) of the reservation book that holds against ``key``:
     the key's own tag, so the book is in the key's slot; :data:`SPEND_TAG` for a key
@@ -75,11 +77,13 @@ def book_groups(keys: Sequence[str]) -> dict[str, list[int]]:
     return books
 
 
+@functools.lru_cache(maxsize=1024)
 def resv_hash(tag: str) -> str:
     """The reservation book of slot ``tag``: reservation id → its entry."""
     return tagged_key(tag, "reservations")
 
 
+@functools.lru_cache(maxsize=1024)
 def resv_expiry(tag: str) -> str:
     """When each reservation of the book of ``tag`` runs out (a sorted set)."""
     return tagged_key(tag, "reservations", "expiry")

@@ -4,6 +4,7 @@ and per hash slot an admission or settlement touches (one in all on a single Red
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from extproc.store.base import (
     ENDED_KEEP_S,
     HEARTBEATS,
+    INT64_MAX,
     OWNER_CHARS,
     SPEND_TAG,
     Admission,
@@ -229,7 +231,7 @@ local function read_book(first)
   book.ended = key()
   return book
 end
--- steps (see _step_args): c count, x ceiling, t take, g gauge, r release
+-- steps (see _add_step): c count, x ceiling, t take, g gauge, r release
 local function read_steps(n)
   local steps = {}
   for s = 1, n do
@@ -680,16 +682,18 @@ class RedisStore:
 
     async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         for arg in args:
-            if isinstance(arg, int):
+            if isinstance(arg, int) and not -INT64_MAX <= arg <= INT64_MAX:
                 check_int64(arg, "script argument")  # never sent: Redis would refuse it
         sha = self._shas.get(script)
         if sha is None:
-            sha = self._shas[script] = await self._client.script_load(script)
+            # Rule: the digest is the script's SHA1, known here: no load is sent while
+            # Redis has the script (a burst of first calls sends no burst of loads).
+            sha = self._shas[script] = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324
         try:
             return await self._client.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:
-            # SCRIPT FLUSH or a failover emptied the script cache: load it again.
-            sha = self._shas[script] = await self._client.script_load(script)
+            # a new Redis, SCRIPT FLUSH or a failover emptied the script cache: load it.
+            await self._client.script_load(script)
             return await self._client.evalsha(sha, len(keys), *keys, *args)
 
     async def incr(self, key: str, amount: int, ttl_s: float) -> int:
@@ -792,10 +796,13 @@ class RedisStore:
         return key_slot(key.encode()) if self._cluster else 0
 
     def _units(self, budgets: Sequence[str], steps: Sequence[str]) -> list[_Unit]:
-        """The scripts one admission (or finish) sends: their budgets' and steps'
-        indexes. Rule: one per slot, slots of budgets only first (by slot number, so
-        every call touches slots in one order), then the steps' slot with its budgets;
-        steps of several slots (unusual) go after all budgets, one per run of a slot."""
+        """The scripts one admission sends: their budgets' and steps' indexes. Rule:
+        one per slot, slots of budgets only first (by slot number, so every call
+        touches slots in one order), then the steps' slot with its budgets; steps of
+        several slots (unusual) go after all budgets, one per run of a slot. On a
+        single Redis: one script for everything."""
+        if not self._cluster:
+            return [_Unit(range(len(budgets)), range(len(steps)))] if budgets or steps else []
         by_slot: dict[int, list[int]] = {}
         for index, key in enumerate(budgets):
             by_slot.setdefault(self._slot(key), []).append(index)
@@ -807,69 +814,87 @@ class RedisStore:
             else:
                 runs.append((slot, [index]))
         last = runs[0][0] if len(runs) == 1 else None
-        units = [_Unit(by_slot[s], []) for s in sorted(by_slot) if s != last]
+        units = [_Unit(by_slot[s], ()) for s in sorted(by_slot) if s != last]
         if last is not None:
-            units.append(_Unit(by_slot.get(last, []), runs[0][1]))
+            units.append(_Unit(by_slot.get(last, ()), runs[0][1]))
         else:
-            units += [_Unit([], indexes) for _, indexes in runs]
+            units += [_Unit((), indexes) for _, indexes in runs]
         return units
 
     async def admit(self, admission: Admission) -> Admitted:
         return await self._admit(admission, check_owner(admission.owner))
 
+    def _admit_script(
+        self, adm: Admission, owner: str | None, unit: _Unit, registry: bool
+    ) -> tuple[list[str], list[Any], list[int]]:
+        """(KEYS, ARGV, the budgets' indexes in script order) of one admission script;
+        every number checked (so all are built before the first is sent)."""
+        books: dict[str, list[int]] = {}
+        for i in unit.budgets:
+            books.setdefault(book_tag(adm.budgets[i].key), []).append(i)
+        keys: list[str] = []
+        args: list[Any] = [
+            adm.rid,
+            check_amount(adm.amount),
+            _ms(adm.hold_s),
+            _ms(adm.keep_s),
+            len(books),
+            len(unit.steps),
+            len(adm.dead_owners),
+            *(check_owner(o) for o in adm.dead_owners),
+        ]
+        order: list[int] = []
+        for tag, indexes in books.items():
+            keys += (resv_hash(tag), resv_expiry(tag), ended_key(adm.rid, tag))
+            if owner is not None:
+                keys.append(resv_owner_key(owner, tag))
+            args += (0 if owner is None else 1, len(indexes))
+            for i in indexes:
+                budget = adm.budgets[i]
+                keys.append(budget.key)
+                args += (limit_arg(budget.limit), _ms(budget.ttl_s))
+            order += indexes
+        for i in unit.steps:
+            _add_step(adm.steps[i], keys, args)
+        if registry and owner is not None:
+            keys.append(books_key(owner))
+            args += (1, _registry_ms(adm.hold_s))
+        else:
+            args.append(0)
+        return keys, args, order
+
     async def _admit(self, adm: Admission, owner: str | None) -> Admitted:
-        budget_args = [(limit_arg(b.limit), _ms(b.ttl_s)) for b in adm.budgets]
-        step_args = [_step_args(step) for step in adm.steps]
-        head: list[Any] = [adm.rid, check_amount(adm.amount), _ms(adm.hold_s), _ms(adm.keep_s)]
-        dead = [check_owner(o) for o in adm.dead_owners]
-        keys = [b.key for b in adm.budgets]
-        units = self._units(keys, [step.key for step in adm.steps])
-        registry = owner is not None and bool(keys)
+        budgets = adm.budgets
+        units = self._units([b.key for b in budgets], [step.key for step in adm.steps])
+        registry = owner is not None and bool(budgets)
+        scripts = [
+            self._admit_script(adm, owner, unit, registry and not self._cluster) for unit in units
+        ]
+        if not units:
+            check_amount(adm.amount)
+            for o in adm.dead_owners:
+                check_owner(o)
         if registry and self._cluster and owner is not None:
-            await self._register(owner, [book_tag(k) for k in keys], adm.hold_s)
-        spends: list[int | None] = [None] * len(keys)
+            await self._register(owner, [book_tag(b.key) for b in budgets], adm.hold_s)
+        spends: list[int | None] = [None] * len(budgets)
         results: list[object] = []
         held: list[str] = []
         taken: list[Take] = []
-        for unit in units:
-            books = book_groups([keys[i] for i in unit.budgets])
-            order = [unit.budgets[j] for indexes in books.values() for j in indexes]
-            script_keys: list[str] = []
-            args = [*head, len(books), len(unit.steps), len(dead), *dead]
-            for tag, indexes in books.items():
-                script_keys += [resv_hash(tag), resv_expiry(tag), ended_key(adm.rid, tag)]
-                if owner is not None:
-                    script_keys.append(resv_owner_key(owner, tag))
-                args += [1 if owner is not None else 0, len(indexes)]
-                for j in indexes:
-                    script_keys.append(keys[unit.budgets[j]])
-                    args += budget_args[unit.budgets[j]]
-            for i in unit.steps:
-                step_keys, more = step_args[i]
-                script_keys += step_keys
-                args += more
-            if registry and not self._cluster and owner is not None:
-                script_keys.append(books_key(owner))
-                args += [1, _registry_ms(adm.hold_s)]
-            else:
-                args.append(0)
+        for unit, (script_keys, args, order) in zip(units, scripts, strict=True):
             try:
                 with _guard("admit"):
                     out = await self._eval(_ADMIT, script_keys, args)
                     refused_budget, refused_step = int(out[0]), int(out[1])
-                    read = [int(v) for v in out[2]]
-                    if len(read) != len(order) or len(out[3]) > len(unit.steps):
+                    read, raw_results = out[2], out[3]
+                    if len(read) != len(order) or len(raw_results) > len(unit.steps):
                         raise ValueError("one spend per budget, a result per step")
-                    ran = [
-                        _result(adm.steps[i], raw)
-                        for i, raw in zip(unit.steps, out[3], strict=False)
-                    ]
+                    for index, value in zip(order, read, strict=True):
+                        spends[index] = int(value)
+                    for i, raw in zip(unit.steps, raw_results, strict=False):
+                        results.append(_result(adm.steps[i], raw))
             except StoreError:
                 await self._hand_back(adm.rid, held, taken, adm.keep_s)
                 raise
-            for index, value in zip(order, read, strict=True):
-                spends[index] = value
-            results += ran
             if refused_budget or refused_step:
                 await self._hand_back(adm.rid, held, taken, adm.keep_s)
                 return Admitted(
@@ -878,8 +903,9 @@ class RedisStore:
                     tuple(spends),
                     tuple(results),
                 )
-            held += [keys[i] for i in unit.budgets]
-            taken += [s for i in unit.steps if isinstance(s := adm.steps[i], Take)]
+            if len(units) > 1:
+                held += (budgets[i].key for i in unit.budgets)
+                taken += (s for i in unit.steps if isinstance(s := adm.steps[i], Take))
         return Admitted(None, None, tuple(spends), tuple(results))
 
     async def _hand_back(self, rid: str, held: list[str], taken: list[Take], keep_s: float) -> None:
@@ -927,46 +953,50 @@ class RedisStore:
         return out.refused_budget, [s or 0 for s in out.spends]
 
     async def finish(self, finish: Finish) -> list[int]:
-        keys = list(finish.keys)
+        keys = finish.keys
         if len(finish.ttls_s) != len(keys):
             raise StoreFaultError("one ttl per budget key")
-        ttls = [_ms(ttl) for ttl in finish.ttls_s]
-        step_args = [_step_args(step) for step in finish.steps]
-        head: list[Any] = [finish.rid, check_amount(finish.cost, "cost"), _ms(finish.keep_s)]
+        cost = check_amount(finish.cost, "cost")
+        scripts: list[tuple[list[str], list[Any], list[int]]] = []
+        for unit in self._finish_units(keys, [step.key for step in finish.steps]):
+            books: dict[str, list[int]] = {}
+            for i in unit.budgets:
+                books.setdefault(book_tag(keys[i]), []).append(i)
+            script_keys: list[str] = []
+            args: list[Any] = [finish.rid, cost, _ms(finish.keep_s), len(books), len(unit.steps)]
+            order: list[int] = []
+            for tag, indexes in books.items():
+                script_keys += (resv_hash(tag), resv_expiry(tag), ended_key(finish.rid, tag))
+                args.append(len(indexes))
+                for i in indexes:
+                    script_keys.append(keys[i])
+                    args.append(_ms(finish.ttls_s[i]))
+                order += indexes
+            for i in unit.steps:
+                _add_step(finish.steps[i], script_keys, args)
+            scripts.append((script_keys, args, order))
         settled: list[int] = [0] * len(keys)
         with _guard("settle"):
-            for unit in self._finish_units(keys, [step.key for step in finish.steps]):
-                books = book_groups([keys[i] for i in unit.budgets])
-                order = [unit.budgets[j] for indexes in books.values() for j in indexes]
-                script_keys: list[str] = []
-                args = [*head, len(books), len(unit.steps)]
-                for tag, indexes in books.items():
-                    script_keys += [resv_hash(tag), resv_expiry(tag), ended_key(finish.rid, tag)]
-                    args.append(len(indexes))
-                    for j in indexes:
-                        script_keys.append(keys[unit.budgets[j]])
-                        args.append(ttls[unit.budgets[j]])
-                for i in unit.steps:
-                    step_keys, more = step_args[i]
-                    script_keys += step_keys
-                    args += more
+            for script_keys, args, order in scripts:
                 out = await self._eval(_FINISH, script_keys, args)
-                values = [int(v) for v in out[0]]
+                values = out[0]
                 if len(values) != len(order):
                     raise ValueError("one settled value per budget")
                 for index, value in zip(order, values, strict=True):
-                    settled[index] = value
+                    settled[index] = int(value)
         return settled
 
     def _finish_units(self, budgets: Sequence[str], steps: Sequence[str]) -> list[_Unit]:
         """One script per slot (one in all on a single Redis): a finish never refuses,
         so its steps go with the budgets of their slot, in any order."""
-        units: dict[int, _Unit] = {}
+        if not self._cluster:
+            return [_Unit(range(len(budgets)), range(len(steps)))]
+        by_slot: dict[int, tuple[list[int], list[int]]] = {}
         for index, key in enumerate(budgets):
-            units.setdefault(self._slot(key), _Unit([], [])).budgets.append(index)
+            by_slot.setdefault(self._slot(key), ([], []))[0].append(index)
         for index, key in enumerate(steps):
-            units.setdefault(self._slot(key), _Unit([], [])).steps.append(index)
-        return [units[slot] for slot in sorted(units)]
+            by_slot.setdefault(self._slot(key), ([], []))[1].append(index)
+        return [_Unit(*by_slot[slot]) for slot in sorted(by_slot)]
 
     async def settle(
         self,
@@ -1020,8 +1050,8 @@ class _Unit:
     """What one script of an admission or finish carries: indexes of its budgets and
     of its steps."""
 
-    budgets: list[int]
-    steps: list[int]
+    budgets: Sequence[int]
+    steps: Sequence[int]
 
 
 def _registry_ms(hold_s: float) -> int:
@@ -1030,26 +1060,31 @@ def _registry_ms(hold_s: float) -> int:
     return max(_ms(hold_s), _ms(ENDED_KEEP_S))
 
 
-def _marker_args(marker: str | None, keep_s: float) -> tuple[list[str], list[Any]]:
+def _add_marker(marker: str | None, keep_s: float, keys: list[str], args: list[Any]) -> None:
     if marker is None:
-        return [], [0]
-    return [marker], [1, _ms(keep_s)]
+        args.append(0)
+    else:
+        keys.append(marker)
+        args += (1, _ms(keep_s))
 
 
-def _step_args(step: Count | Ceiling | Take | Gauge | Release) -> tuple[list[str], list[Any]]:
-    """(KEYS, ARGV) of one step, checked before anything is sent (see read_steps)."""
+def _add_step(
+    step: Count | Ceiling | Take | Gauge | Release, keys: list[str], args: list[Any]
+) -> None:
+    """Append one step's KEYS and ARGV, its numbers checked (see read_steps)."""
+    keys.append(step.key)
     if isinstance(step, Count):
-        keys, more = _marker_args(step.marker, step.keep_s)
-        amount = check_int64(step.amount, "amount")
-        return [step.key, *keys], ["c", amount, _ms(step.ttl_s), limit_arg(step.limit), *more]
-    if isinstance(step, Ceiling):
-        return [step.key], ["x", limit_arg(step.limit)]
-    if isinstance(step, Take):
-        return [step.key], ["t", step.member, check_int64(step.limit, "limit"), _ms(step.ttl_s)]
-    if isinstance(step, Gauge):
-        keys, more = _marker_args(step.marker, step.keep_s)
-        return [step.key, *keys], ["g", check_int64(step.amount, "amount"), _ms(step.ttl_s), *more]
-    return [step.key], ["r", step.member]
+        args += ("c", check_int64(step.amount, "amount"), _ms(step.ttl_s), limit_arg(step.limit))
+        _add_marker(step.marker, step.keep_s, keys, args)
+    elif isinstance(step, Ceiling):
+        args += ("x", limit_arg(step.limit))
+    elif isinstance(step, Take):
+        args += ("t", step.member, check_int64(step.limit, "limit"), _ms(step.ttl_s))
+    elif isinstance(step, Gauge):
+        args += ("g", check_int64(step.amount, "amount"), _ms(step.ttl_s))
+        _add_marker(step.marker, step.keep_s, keys, args)
+    else:
+        args += ("r", step.member)
 
 
 def _result(step: object, raw: Any) -> object:
