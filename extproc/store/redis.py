@@ -864,17 +864,31 @@ class RedisStore:
         return keys, args, order
 
     async def _admit(self, adm: Admission, owner: str | None) -> Admitted:
+        if not self._cluster:
+            # Rule: one script for everything (a single Redis takes keys of any slot).
+            unit = _Unit(range(len(adm.budgets)), range(len(adm.steps)))
+            registry = owner is not None and bool(adm.budgets)
+            keys, args, order = self._admit_script(adm, owner, unit, registry)
+            if not adm.budgets and not adm.steps:
+                return Admitted(None, None, (), ())
+            with _guard("admit"):
+                out = await self._eval(_ADMIT, keys, args)
+                return _admitted(
+                    adm, unit, order, out, spends=[None] * len(adm.budgets), results=[]
+                )
+        return await self._admit_by_slot(adm, owner)
+
+    async def _admit_by_slot(self, adm: Admission, owner: str | None) -> Admitted:
+        """:meth:`admit` on Redis Cluster: a script per slot, what earlier slots took
+        handed back when a later one refuses or fails."""
         budgets = adm.budgets
         units = self._units([b.key for b in budgets], [step.key for step in adm.steps])
-        registry = owner is not None and bool(budgets)
-        scripts = [
-            self._admit_script(adm, owner, unit, registry and not self._cluster) for unit in units
-        ]
+        scripts = [self._admit_script(adm, owner, unit, registry=False) for unit in units]
         if not units:
             check_amount(adm.amount)
-            for o in adm.dead_owners:
-                check_owner(o)
-        if registry and self._cluster and owner is not None:
+            for dead in adm.dead_owners:
+                check_owner(dead)
+        if owner is not None and budgets:
             await self._register(owner, [book_tag(b.key) for b in budgets], adm.hold_s)
         spends: list[int | None] = [None] * len(budgets)
         results: list[object] = []
@@ -884,28 +898,19 @@ class RedisStore:
             try:
                 with _guard("admit"):
                     out = await self._eval(_ADMIT, script_keys, args)
-                    refused_budget, refused_step = int(out[0]), int(out[1])
-                    read, raw_results = out[2], out[3]
-                    if len(read) != len(order) or len(raw_results) > len(unit.steps):
-                        raise ValueError("one spend per budget, a result per step")
-                    for index, value in zip(order, read, strict=True):
-                        spends[index] = int(value)
-                    for i, raw in zip(unit.steps, raw_results, strict=False):
-                        results.append(_result(adm.steps[i], raw))
+                    admitted = _admitted(adm, unit, order, out, spends=spends, results=results)
             except StoreError:
                 await self._hand_back(adm.rid, held, taken, adm.keep_s)
                 raise
-            if refused_budget or refused_step:
+            if not admitted.admitted:
                 await self._hand_back(adm.rid, held, taken, adm.keep_s)
-                return Admitted(
-                    order[refused_budget - 1] if refused_budget else None,
-                    unit.steps[refused_step - 1] if refused_step else None,
-                    tuple(spends),
-                    tuple(results),
-                )
-            if len(units) > 1:
-                held += (budgets[i].key for i in unit.budgets)
-                taken += (s for i in unit.steps if isinstance(s := adm.steps[i], Take))
+                return admitted
+            for i in unit.budgets:
+                held.append(budgets[i].key)
+            for i in unit.steps:
+                step = adm.steps[i]
+                if isinstance(step, Take):
+                    taken.append(step)
         return Admitted(None, None, tuple(spends), tuple(results))
 
     async def _hand_back(self, rid: str, held: list[str], taken: list[Take], keep_s: float) -> None:
@@ -1085,6 +1090,33 @@ def _add_step(
         _add_marker(step.marker, step.keep_s, keys, args)
     else:
         args += ("r", step.member)
+
+
+def _admitted(
+    adm: Admission,
+    unit: _Unit,
+    order: Sequence[int],
+    out: Any,
+    *,
+    spends: list[int | None],
+    results: list[object],
+) -> Admitted:
+    """Read one admission script's answer into ``spends`` and ``results`` (the whole
+    admission's, indexed as it is) and say what it refused."""
+    refused_budget, refused_step = int(out[0]), int(out[1])
+    read, raw_results = out[2], out[3]
+    if len(read) != len(order) or len(raw_results) > len(unit.steps):
+        raise ValueError("one spend per budget, a result per step")
+    for index, value in zip(order, read, strict=True):
+        spends[index] = int(value)
+    for i, raw in zip(unit.steps, raw_results, strict=False):
+        results.append(_result(adm.steps[i], raw))
+    return Admitted(
+        order[refused_budget - 1] if refused_budget else None,
+        unit.steps[refused_step - 1] if refused_step else None,
+        tuple(spends),
+        tuple(results),
+    )
 
 
 def _result(step: object, raw: Any) -> object:
