@@ -61,8 +61,7 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
                 ok_response=pb.OkHttpResponse(headers_to_remove=head_decision.remove_headers),
             )
         # ext_authz cannot rewrite the body
-        decision = await gateway.route(head, body, policy, rewrite_body=False)
-        admission = await gateway.admit(decision, policy)
+        decision, admission = await gateway.route_and_admit(head, body, policy, rewrite_body=False)
         dep = decision.deployment
         gateway.metrics.requests.labels(decision.request.endpoint.name, dep.group, "routed").inc()
         gateway.metrics.routed.labels(dep.group, dep.id).inc()

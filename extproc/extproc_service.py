@@ -144,8 +144,7 @@ class _Stream:
             )
         raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
-        decision = await gateway.route(self._head, raw, self._policy)
-        admission = await gateway.admit(decision, self._policy)
+        decision, admission = await gateway.route_and_admit(self._head, raw, self._policy)
         self.lease = admission.lease
         # Held on this stream until the response settles it (or the stream dies).
         self.charge = admission.charge

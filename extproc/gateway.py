@@ -8,6 +8,7 @@ handling reads ``gateway.policy`` once per request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import uuid
@@ -15,14 +16,15 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from extproc.accounting import Charge, deployment_budgets, limit_micros
+from extproc.admission import plan_admission, plan_finish, plan_session_count, read_admitted
 from extproc.alerts import Alerter
-from extproc.budgets import BudgetRef, check_budgets
+from extproc.budgets import BudgetRef
 from extproc.clock import Clock, SystemClock
 from extproc.decision import GatewayConfig, RouteDecision, decide, prepare, view_scope
-from extproc.errors import InternalError, ServiceUnavailableError
+from extproc.errors import BudgetExceededError, InternalError, ServiceUnavailableError
 from extproc.health import HealthSample
 from extproc.iterations import IterationCount, SessionCap, check_iterations
 from extproc.liveness import Liveness
@@ -35,14 +37,14 @@ from extproc.parallel import (
     ITERATIONS_REMAINING_FIELD,
     LEASE_FIELD,
     Lease,
-    check_parallel,
 )
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
-from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
+from extproc.ratelimits import tpm_key
 from extproc.request import RequestHead
 from extproc.routing import Router
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, StoreUnavailableError, open_store
+from extproc.store.base import Count
 from extproc.store.keys import marker_key
 from extproc.usage import Usage
 
@@ -50,6 +52,8 @@ __all__ = ["Admission", "Gateway"]
 
 log = logging.getLogger("extproc")
 
+#: Refusals by a budget of the deployment the router chose (see ``route_and_admit``).
+_DEPLOYMENT_BUDGETS = frozenset({"deployment_budget_exceeded", "provider_budget_exceeded"})
 #: Sessions whose last store count a process remembers (for counting through an outage).
 _STORE_COUNTS_KEPT = 100_000
 
@@ -192,45 +196,57 @@ class Gateway:
             prepared, policy, self.config, view, self.rng, now=now, rewrite_body=rewrite_body
         )
 
-    async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
-        """The store-backed checks of a routed request: the budget reservation, the
-        session cap, rate limits, then a parallel-request lease (the adapter hands the
-        lease and the charge to Envoy or keeps them for the response)."""
-        charge = await self.reserve(decision, policy)
-        lease: Lease | None = None
-        in_flight = False
-        try:
-            iterations = await self.count_iteration(decision.iterations, op=charge.rid)
-            await self.check_rate_limits(decision)
-            lease = await self.take_lease(decision)
-            if decision.group is not None:
-                ttl = self.settings.reservation_ttl_s
-                await self.router.admitted(decision.deployment, decision.group, ttl)
-                in_flight = True
-        except BaseException:
-            # refused or cancelled after the reservation: nothing may stay held (and
-            # an in-flight count it never took is not given back)
-            self.cancel_soon(charge, in_flight=in_flight)
-            if lease is not None:
-                self.release_soon(lease)
-            raise
-        return Admission(lease, iterations, charge)
+    async def route_and_admit(
+        self,
+        head: RequestHead,
+        raw: bytes,
+        policy: CompiledPolicy,
+        *,
+        rewrite_body: bool = True,
+    ) -> tuple[RouteDecision, Admission]:
+        """:meth:`route`, then :meth:`admit`: what the adapters call.
 
-    async def record_health(self, sample: HealthSample | None, policy: CompiledPolicy) -> None:
-        """Record the health sample the core decided on (an answer's status, a time to
-        first token): health counts, maybe a cooldown."""
-        if sample is not None:
-            await self.router.record(sample, policy)
+        Rule: routing may have read deployment spend from the process cache; when the
+        reservation finds the chosen deployment's (or its provider's) budget spent and
+        the view was cached, the view is forgotten and the call routed once more on
+        fresh state, so a stale cache never refuses a call another deployment could
+        take."""
+        decision = await self.route(head, raw, policy, rewrite_body=rewrite_body)
+        try:
+            return decision, await self.admit(decision, policy)
+        except BudgetExceededError as err:
+            group = decision.group
+            if err.code not in _DEPLOYMENT_BUDGETS or group is None:
+                raise
+            if not self.router.forget(group.name):
+                raise
+        decision = await self.route(head, raw, policy, rewrite_body=rewrite_body)
+        return decision, await self.admit(decision, policy)
+
+    async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
+        """The store-backed checks of a routed request in one batch (one store round
+        trip per hash slot, see :mod:`extproc.admission`): the budget reservation, the
+        session cap, the key's rate limits and parallel-request slot, the deployment's
+        load. The adapter hands the lease and the charge to Envoy or keeps them for
+        the response."""
+        return await self._admit(decision, policy, limits=True)
 
     async def reserve(self, decision: RouteDecision, policy: CompiledPolicy) -> Charge:
-        """Reserve the call's estimated cost against every budget it falls under, in one
-        store round trip; a 429 for the first budget already spent."""
+        """The budget reservation alone (in one store round trip); a 429 for the first
+        budget already spent."""
+        charge = (await self._admit(decision, policy, limits=False, count=False)).charge
+        assert charge is not None  # every admission has one
+        return charge
+
+    def _charge(
+        self, decision: RouteDecision, policy: CompiledPolicy
+    ) -> tuple[Charge, tuple[BudgetRef, ...]]:
+        """The call's charge (its id, estimate, budgets and their windows)."""
         now = self.clock.now()
         dep = decision.deployment
         refs = decision.budgets
         if decision.group is not None and not decision.group.zero_cost:
             refs += deployment_budgets(dep, policy, now)
-        estimate = decision.hold
         key = decision.caller.key if decision.caller is not None else None
         share = policy.general.budget_alert_at
         charge = Charge.new(
@@ -239,7 +255,7 @@ class Gateway:
             dep=dep,
             stream=decision.request.stream,
             strip_usage=decision.asks_usage,
-            estimate=estimate,
+            estimate=decision.hold,
             refs=refs,
             now=now,
             tpm_key=tpm_key(key) if key is not None and key.tpm_limit is not None else None,
@@ -250,32 +266,132 @@ class Gateway:
             watch=[r for r in refs if r.soft is not None or (share and r.limit is not None)],
             failover=bool(decision.attempts),
         )
-        if not refs:
-            return charge
-        try:
-            index, spends = await self.store.reserve(
-                charge.rid,
-                charge.keys,
-                limits=[limit_micros(ref.limit) for ref in refs],
-                amount=estimate,
-                ttls_s=charge.ttls,
-                hold_s=self.settings.reservation_ttl_s,
-                owner=self.liveness.owner,
+        return charge, refs
+
+    async def _admit(
+        self,
+        decision: RouteDecision,
+        policy: CompiledPolicy,
+        *,
+        limits: bool,
+        count: bool = True,
+    ) -> Admission:
+        charge, refs = self._charge(decision, policy)
+        now = self.clock.now()
+        cap = decision.iterations if count else None
+        key = decision.caller.key if decision.caller is not None else None
+        lease = None
+        if limits and key is not None and key.max_parallel_requests is not None:
+            lease = Lease.new(key, self.liveness.owner)
+        mono = self.clock.monotonic()
+        # while the store is marked down, sessions are counted in process (fail open)
+        in_store = cap is not None and mono >= self._store_retry_at
+        if cap is not None and not in_store and self.settings.fail_mode == "closed":
+            self._store_failed(
+                StoreUnavailableError("store marked down after a recent failure"),
+                "session_count",
             )
-        except StoreError as exc:
-            # Rule: a reserve whose answer was lost may still run later. Closed: the call
-            # is refused, so its cancel is owed (a reserve that runs after it is refused
-            # by the store). Open: admitted unreserved; the call's own settlement (the
-            # real cost) or cancel ends the id the same way.
-            if isinstance(exc, StoreUnavailableError) and self.settings.fail_mode == "closed":
-                self.owed.add(OwedCancel(charge.rid, charge.keys))
-            self._store_failed(exc, "reserve")
-            return charge
-        if index is not None:
-            check_budgets(refs[index : index + 1], spends[index : index + 1], now)
-        # Rule: no await between a successful reservation and handing the charge back,
-        # so a cancelled request cannot strand its hold.
-        return charge
+        owed = 0
+        if cap is not None and in_store and self.owed.pending_count(cap.store_key):
+            # land what is owed first: an owed count whose lost attempt ran later is
+            # already in the store's count
+            try:
+                await self.owed.land_counts(cap.store_key)
+            except StoreError as exc:
+                return await self._admit_unsure(exc, decision, charge, cap, lease, in_flight=False)
+            owed = self.owed.pending_count(cap.store_key)
+        plan = plan_admission(
+            dataclasses.replace(decision, iterations=cap),
+            charge,
+            refs,
+            owner=self.liveness.owner,
+            dead_owners=self.liveness.dead,
+            hold_s=self.settings.reservation_ttl_s,
+            lease=lease,
+            lease_ttl_s=self.settings.lease_ttl_s,
+            session_ttl_s=self.settings.max_iterations_ttl,
+            marker_s=self._marker_s,
+            count_session=in_store,
+            owed_session=owed,
+            minute=int(self.clock.wall() // 60),
+            limits=limits,
+        )
+        iterations: IterationCount | None = None
+        if not plan.empty:
+            try:
+                admitted = await self.store.admit(
+                    dataclasses.replace(plan.admission, keep_s=self._marker_s)
+                )
+            except StoreError as exc:
+                return await self._admit_unsure(
+                    exc, decision, charge, cap, plan.lease, in_flight=plan.load is not None
+                )
+            if (
+                plan.session is not None
+                and cap is not None
+                and plan.session < len(admitted.results)
+            ):
+                value, left, _ = cast(tuple[int, float, bool], admitted.results[plan.session])
+                self._remember_count(cap.store_key, value, mono + left)
+            iterations, reaped = read_admitted(plan, admitted, cap, key, now)
+            if reaped:
+                self.metrics.leases.labels("reaped").inc(reaped)
+            if plan.slot is not None:
+                self.metrics.leases.labels("acquired").inc()
+        if cap is not None and not in_store:
+            try:
+                iterations = await self._count_locally(cap, marker_key(cap.store_key, charge.rid))
+            except BaseException:
+                # refused (or cancelled) after the batch: nothing may stay held
+                self.cancel_soon(charge, in_flight=plan.load is not None)
+                if plan.lease is not None:
+                    self.release_soon(plan.lease)
+                raise
+        return Admission(plan.lease, iterations, charge)
+
+    async def _admit_unsure(
+        self,
+        exc: StoreError,
+        decision: RouteDecision,
+        charge: Charge,
+        cap: SessionCap | None,
+        lease: Lease | None,
+        *,
+        in_flight: bool,
+    ) -> Admission:
+        """The batch failed, maybe after it ran. An answered error refuses the call
+        (500; the store wrote nothing). Unreachable: closed answers 503 and owes the
+        cancel (a batch that runs late finds the id ended and is refused); open admits
+        the call as it would have been without a store: unreserved (its settlement or
+        cancel ends the id), the session counted in process and owed to the store
+        under the batch's marker (so a batch that did run counts once), its lease
+        given back at the end in any case."""
+        if isinstance(exc, StoreUnavailableError):
+            if cap is not None:
+                self._store_retry_at = self.clock.monotonic() + self.settings.store_retry_s
+            if self.settings.fail_mode == "closed":
+                if charge.keys:
+                    self.owed.add(OwedCancel(charge.rid, charge.keys))
+                if in_flight:
+                    self.spawn(self._not_in_flight(charge))
+        self._store_failed(exc, "admission")  # raises unless unavailable and open
+        iterations = None
+        if cap is not None:
+            iterations = await self._count_locally(cap, marker_key(cap.store_key, charge.rid))
+        return Admission(lease, iterations, charge)
+
+    async def record_health(self, sample: HealthSample | None, policy: CompiledPolicy) -> None:
+        """Record the health sample the core decided on (an answer's status, a time to
+        first token): health counts, maybe a cooldown."""
+        if sample is not None:
+            await self.router.record(sample, policy)
+
+    async def _not_in_flight(self, charge: Charge) -> None:
+        await self.router.not_in_flight(
+            charge.deployment,
+            self._policy.groups.get(charge.group),
+            self.settings.reservation_ttl_s,
+        )
 
     async def _budget_alerts(
         self,
@@ -330,57 +446,49 @@ class Gateway:
         per_token = None
         if usage is not None and not charge.stream:
             per_token = max(0.0, self.clock.wall() - charge.started) / max(1, usage.output_tokens)
-        await self.router.finished(
-            charge.deployment,
-            (policy or self._policy).groups.get(charge.group),
-            self.settings.reservation_ttl_s,
-            tokens=usage.total_input + usage.output_tokens if usage is not None else 0,
-            seconds_per_token=per_token,
+        group = (policy or self._policy).groups.get(charge.group)
+        tokens = usage.total_input + usage.output_tokens if usage is not None else None
+        if per_token is not None and group is not None:
+            await self.router.latency(charge.deployment, group, per_token)
+        finish = plan_finish(
+            charge,
+            cost,
+            group,
+            tokens=tokens,
+            hold_s=self.settings.reservation_ttl_s,
+            marker_s=self._marker_s,
+            minute=int(self.clock.wall() // 60),
         )
         outcome = "settled"
-        if charge.keys:
+        if finish.keys or finish.steps:
             try:
-                settled = await self.store.settle(
-                    charge.rid, charge.keys, cost, charge.ttls, keep_s=self._marker_s
-                )
+                settled = await self.store.finish(finish)
             except StoreError as exc:
                 # Rule: a settlement is never dropped: kept (and journaled) until the
-                # store acknowledges it; settling is idempotent by the reservation id.
-                outcome = "failed"
+                # store acknowledges it; settling is idempotent by the reservation id,
+                # and so is the tpm count (its marker). The deployment's load counts
+                # are only for routing: lost with the answer (logged).
                 self._log_store_failure(exc)
-                self.owed.add(OwedSettle(charge.rid, charge.keys, cost, charge.ttls))
+                if charge.keys:
+                    outcome = "failed"
+                    self.owed.add(OwedSettle(charge.rid, charge.keys, cost, charge.ttls))
+                for step in finish.steps:
+                    if isinstance(step, Count) and step.key == charge.tpm_key and step.marker:
+                        until = self.clock.wall() + step.ttl_s
+                        self.owed.add(OwedCount(step.key, step.amount, step.marker, until))
             else:
                 if charge.watch:
                     share = (policy or self._policy).general.budget_alert_at
                     by_key = dict(zip(charge.keys, settled, strict=True))
                     self._spawn(self._budget_alerts(charge.watch, by_key, share))
-        if charge.tpm_key is not None and usage is not None:
-            tokens = usage.total_input + usage.output_tokens
-            await self._count_once(charge.tpm_key, tokens, WINDOW_S, charge.rid)
         metrics.settlements.labels(outcome).inc()
         return cost
-
-    async def _count_once(self, key: str, amount: int, ttl_s: float, op: str) -> None:
-        """Add to a counter off the request path; owed (exactly once) when it fails."""
-        marker = marker_key(key, op)
-        try:
-            await self.store.incr_once(
-                key, amount, ttl_s, marker=marker, keep_s=min(ttl_s, self._marker_s)
-            )
-        except StoreError as exc:
-            self._log_store_failure(exc)
-            until = self.clock.wall() + ttl_s
-            self.owed.add(OwedCount(key, amount, marker, until))
 
     async def cancel(self, charge: Charge, *, in_flight: bool = True) -> None:
         """Give a failed, reset or abandoned call's reservation back (and its in-flight
         count, when it was counted)."""
         if in_flight:
-            await self.router.finished(
-                charge.deployment,
-                self._policy.groups.get(charge.group),
-                self.settings.reservation_ttl_s,
-            )
+            await self._not_in_flight(charge)
         if not charge.keys:
             return
         try:
@@ -464,33 +572,44 @@ class Gateway:
         """
         if cap is None:
             return None
-        ttl = self.settings.max_iterations_ttl
-        # Rule: the store attempt and the count owed after it share one marker, so an
-        # attempt whose answer was lost (it may still run) and its retry add once.
-        marker = marker_key(cap.store_key, op or uuid.uuid4().hex)
-        keep = min(ttl, self._marker_s)
+        op = op or uuid.uuid4().hex
+        marker = marker_key(cap.store_key, op)
         now = self.clock.monotonic()
         if now >= self._store_retry_at:
             try:
                 if self.owed.pending_count(cap.store_key):
-                    # land what is owed first: an owed count whose lost attempt ran
-                    # later is already in the store's count
                     await self.owed.land_counts(cap.store_key)
-                count, left, _ = await self.store.incr_once(
-                    cap.store_key, 1, ttl, marker=marker, keep_s=keep
+                owed = self.owed.pending_count(cap.store_key)
+                plan = plan_session_count(
+                    cap,
+                    op,
+                    owner=self.liveness.owner,
+                    ttl_s=self.settings.max_iterations_ttl,
+                    marker_s=self._marker_s,
+                    owed=owed,
                 )
-                self._remember_count(cap.store_key, count, now + left)
-                # counts this process still owes the session are part of its count
-                return check_iterations(cap, count + self.owed.pending_count(cap.store_key), left)
+                admitted = await self.store.admit(plan.admission)
             except StoreError as exc:
                 if isinstance(exc, StoreUnavailableError):
                     self._store_retry_at = now + self.settings.store_retry_s
                 self._store_failed(exc, "session_count")  # an answered error refuses
+            else:
+                value, left, _ = cast(tuple[int, float, bool], admitted.results[0])
+                self._remember_count(cap.store_key, value, now + left)
+                counted, _ = read_admitted(plan, admitted, cap, None, self.clock.now())
+                return counted
         elif self.settings.fail_mode == "closed":
             self._store_failed(
                 StoreUnavailableError("store marked down after a recent failure"),
                 "session_count",
             )
+        return await self._count_locally(cap, marker)
+
+    async def _count_locally(self, cap: SessionCap, marker: str) -> IterationCount:
+        """Count in process (the store is down, fail mode open) and owe the count to
+        the store under ``marker``, the one the store attempt used."""
+        ttl = self.settings.max_iterations_ttl
+        now = self.clock.monotonic()
         self.metrics.iterations_fallback.inc()
         seen = self._store_counts.pop(cap.store_key, None)
         if (
@@ -514,30 +633,6 @@ class Gateway:
         if len(self._store_counts) > _STORE_COUNTS_KEPT:
             del self._store_counts[next(iter(self._store_counts))]
 
-    async def take_lease(self, decision: RouteDecision) -> Lease | None:
-        """A slot of the key's ``max_parallel_requests``, or a 429; None when the key
-        has no such limit (or the store is down and the fail mode is open)."""
-        key = decision.caller.key if decision.caller is not None else None
-        if key is None or key.max_parallel_requests is None:
-            return None
-        lease = Lease.new(key, self.liveness.owner)
-        try:
-            acquired, in_flight, reaped = await self.store.acquire_lease(
-                lease.store_key,
-                lease.member,
-                key.max_parallel_requests,
-                self.settings.lease_ttl_s,
-                dead_owners=self.liveness.dead,
-            )
-        except StoreError as exc:
-            self._store_failed(exc, "lease")
-            return None
-        if reaped:
-            self.metrics.leases.labels("reaped").inc(reaped)
-        check_parallel(key, acquired, in_flight)
-        self.metrics.leases.labels("acquired").inc()
-        return lease
-
     def release_soon(self, lease: Lease) -> None:
         """Release from code that cannot await (a closing stream): in a task of its own,
         so the release survives the cancellation that is closing the stream."""
@@ -552,22 +647,6 @@ class Gateway:
             self._log_store_failure(exc)
             return
         self.metrics.leases.labels("released").inc()
-
-    async def check_rate_limits(self, decision: RouteDecision) -> None:
-        """Per-key tpm (read) and rpm (count, then compare); store failures go to the
-        fail mode like budgets."""
-        key = decision.caller.key if decision.caller is not None else None
-        if key is None or (key.rpm_limit is None and key.tpm_limit is None):
-            return
-        try:
-            if key.tpm_limit is not None:
-                (tokens,) = await self.store.get_many([tpm_key(key)])
-                check_tpm(key, tokens)
-            if key.rpm_limit is not None:
-                count, left = await self.store.incr_window(rpm_key(key), 1, WINDOW_S)
-                check_rpm(key, count, left)
-        except StoreError as exc:
-            self._store_failed(exc, "rate_limit")
 
     def _store_failed(self, exc: StoreError, operation: str) -> None:
         """A store failure on the request path. Unavailable: apply the fail mode (count,

@@ -140,15 +140,13 @@ class Router:
         now: datetime,
     ) -> RoutingView:
         """:meth:`_read`, kept for ``cache_s`` for strategies that do not live on
-        per-call load (least-busy and usage-based always read, and so do groups with
-        provider or deployment budgets)."""
-        if (
-            self._cache_s <= 0
-            or group.strategy in ("least-busy", "usage-based-routing")
-            # the budget filter reads spend fresh: a stale view would send calls to a
-            # deployment whose budget the reservation then refuses
-            or policy.has_deployment_budgets(group)
-        ):
+        per-call load (least-busy and usage-based always read).
+
+        Rule: the budget filter may read spend from the cache; the reservation checks
+        every budget atomically all the same, and a deployment budget it finds spent
+        makes the gateway forget the view and route again once (see
+        :meth:`extproc.gateway.Gateway.route_and_admit`)."""
+        if self._cache_s <= 0 or group.strategy in ("least-busy", "usage-based-routing"):
             return await self._read(group, deps, policy, now)
         ids = tuple(d.id for d in deps)
         cached = self._views.get(group.name)
@@ -159,43 +157,30 @@ class Router:
         self._views[group.name] = (clock + self._cache_s, ids, view)
         return view
 
+    def forget(self, group: str) -> bool:
+        """Drop the cached view of ``group``; whether there was one."""
+        return self._views.pop(group, None) is not None
+
     # --- what answers teach -----------------------------------------------------
 
-    async def admitted(self, dep: CompiledDeployment, group: CompiledGroup, ttl_s: float) -> None:
-        """Count a call going out (least-busy in-flight, usage-based rpm)."""
+    async def not_in_flight(self, dep_id: str, group: CompiledGroup | None, ttl_s: float) -> None:
+        """A call admitted to ``dep_id`` ended without a settlement (cancelled): its
+        in-flight count down (least-busy; a settlement does it in its own batch)."""
+        if group is None or group.strategy != "least-busy":
+            return
         try:
-            if group.strategy == "least-busy":
-                await self._store.incr_many([(inflight_key(dep.id), 1)], ttl_s, refresh_ttl=True)
-            elif group.strategy == "usage-based-routing":
-                await self._store.incr_many(
-                    [(minute_key(dep.id, self._minute(), "rpm"), 1)], _MINUTE_TTL_S
-                )
+            await self._store.incr_many([(inflight_key(dep_id), -1)], ttl_s, refresh_ttl=True)
         except StoreError as exc:
             self._on_store_error(exc)
 
-    async def finished(
-        self,
-        dep_id: str,
-        group: CompiledGroup | None,
-        ttl_s: float,
-        *,
-        tokens: int = 0,
-        seconds_per_token: float | None = None,
-    ) -> None:
-        """A call is over (settled or cancelled): in-flight down, tokens and latency in."""
-        if group is None:
+    async def latency(self, dep_id: str, group: CompiledGroup, seconds_per_token: float) -> None:
+        """A finished call's seconds per output token (latency-based routing)."""
+        if group.strategy != "latency-based-routing":
             return
         try:
-            if group.strategy == "least-busy":
-                await self._store.incr_many([(inflight_key(dep_id), -1)], ttl_s, refresh_ttl=True)
-            elif group.strategy == "usage-based-routing" and tokens:
-                await self._store.incr_many(
-                    [(minute_key(dep_id, self._minute(), "tpm"), tokens)], _MINUTE_TTL_S
-                )
-            elif group.strategy == "latency-based-routing" and seconds_per_token is not None:
-                await self._store.push_sample(
-                    latency_key(dep_id), seconds_per_token, SAMPLES, _SAMPLE_TTL_S
-                )
+            await self._store.push_sample(
+                latency_key(dep_id), seconds_per_token, SAMPLES, _SAMPLE_TTL_S
+            )
         except StoreError as exc:
             self._on_store_error(exc)
 

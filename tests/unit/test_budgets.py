@@ -28,6 +28,7 @@ from extproc.policy import CompiledPolicy, compile_policy, load_policy, parse_po
 from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError
+from extproc.store.base import Admission, Admitted
 from extproc.usage import Usage
 from tests.helpers import StoppedClock, decide_request
 
@@ -121,7 +122,7 @@ async def test_spend_under_budget_passes(policy: CompiledPolicy) -> None:
 class DownStore(MemoryStore):
     name = "down"
 
-    async def reserve(self, *args: Any, **kwargs: Any) -> tuple[int | None, list[int]]:
+    async def admit(self, admission: Admission) -> Admitted:
         raise StoreUnavailableError("connection refused")
 
 

@@ -19,6 +19,7 @@ from extproc.policy import CompiledPolicy, load_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError
+from extproc.store.base import Admission, Admitted
 from tests.helpers import decide_request
 from tests.unit.test_store import FakeClock
 
@@ -131,11 +132,11 @@ class FlakyStore(MemoryStore):
         self.down = True
         self.calls = 0
 
-    async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
+    async def admit(self, admission: Admission) -> Admitted:
         self.calls += 1
         if self.down:
             raise StoreUnavailableError("connection refused")
-        return await super().incr_window(key, amount, ttl_s)
+        return await super().admit(admission)
 
     async def incr_once(
         self, key: str, amount: int, ttl_s: float, *, marker: str, keep_s: float = 900

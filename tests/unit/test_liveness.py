@@ -84,9 +84,10 @@ async def test_a_dead_process_holds_are_given_back_once() -> None:
     clock.now += 3
     await peer.liveness.tick()
     assert await store.get_many([SAM]) == [kept.estimate]  # the dead one's hold only
-    assert count(peer, "settlements", "reaped") == 1
+    # one hold per slot: the key's tenant's and the global budget's ({spend})
+    assert count(peer, "settlements", "reaped") == 2
     await peer.liveness.tick()  # seen dead again: nothing more to give back
-    assert count(peer, "settlements", "reaped") == 1
+    assert count(peer, "settlements", "reaped") == 2
     await peer.settle(kept, None)
     assert await store.get_many([SAM]) == [kept.estimate]
 
@@ -100,7 +101,7 @@ async def test_a_clean_stop_is_seen_at_once_and_gives_back_what_it_held() -> Non
     await stopping.reserve(route(policy, "sk-sam-budget"), policy)  # a cancel that failed
     await stopping.liveness.stop()
     assert await store.get_many([SAM]) == [0]
-    assert count(stopping, "settlements", "reaped") == 1
+    assert count(stopping, "settlements", "reaped") == 2  # its tenant's slot and {spend}
     clock.now += 0.01
     await peer.liveness.tick()
     assert peer.liveness.dead == (stopping.liveness.owner,)

@@ -20,6 +20,7 @@ from extproc.policy import load_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreFaultError, StoreUnavailableError
+from extproc.store.base import Admission, Admitted, Finish
 from extproc.store.keys import marker_key
 from extproc.usage import Usage
 
@@ -51,9 +52,6 @@ class LossyStore(MemoryStore):
             raise StoreUnavailableError("redis settle failed: TimeoutError")
         return await work
 
-    async def settle(self, *args: Any, **kwargs: Any) -> list[int]:
-        return await self._call(super().settle(*args, **kwargs))
-
     async def cancel(self, rid: str, keys: Sequence[str], *, keep_s: float = 900) -> None:
         await self._call(super().cancel(rid, keys, keep_s=keep_s))
 
@@ -62,8 +60,12 @@ class LossyStore(MemoryStore):
     ) -> tuple[int, float, bool]:
         return await self._call(super().incr_once(key, amount, ttl_s, marker=marker, keep_s=keep_s))
 
-    async def reserve(self, *args: Any, **kwargs: Any) -> tuple[int | None, list[int]]:
-        return await self._call(super().reserve(*args, **kwargs))
+    # settle and reserve are finish and admit in this store: one failure each
+    async def admit(self, admission: Admission) -> Admitted:
+        return await self._call(super().admit(admission))
+
+    async def finish(self, finish: Finish) -> list[int]:
+        return await self._call(super().finish(finish))
 
 
 def owed_writes(store: MemoryStore, directory: Path | None = None, **kwargs: Any) -> OwedWrites:

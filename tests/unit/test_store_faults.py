@@ -23,7 +23,7 @@ from extproc.policy import load_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreFaultError, StoreUnavailableError, open_store
-from extproc.store.base import MAX_AMOUNT_MICROS
+from extproc.store.base import MAX_AMOUNT_MICROS, Admission, Admitted, Ceiling, Count, Take
 from tests.helpers import decide_request, free_port
 from tests.unit.test_budgets import NOW
 
@@ -204,6 +204,16 @@ class FaultStore(MemoryStore):
         self._check("reserve")
         return await super().reserve(*args, **kwargs)
 
+    async def admit(self, admission: Admission) -> Admitted:
+        if admission.budgets:
+            self._check("reserve")
+        for step in admission.steps:
+            if isinstance(step, Take):
+                self._check("lease")
+            elif isinstance(step, Count | Ceiling):
+                self._check("rate_limit" if ":ratelimit:" in step.key else "session_count")
+        return await super().admit(admission)
+
     async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
         self._check("rate_limit" if ":ratelimit:" in key else "session_count")
         return await super().incr_window(key, amount, ttl_s)
@@ -264,7 +274,8 @@ async def test_fault_refuses_the_call_in_both_fail_modes(
         with pytest.raises(GatewayError) as info:
             await gateway.admit(decision, policy)
         assert (info.value.status, info.value.code) == (500, "internal_error")
-    assert gateway.metrics.store_faults.labels(operation)._value.get() == 3
+    # one batch admits the call: its faults are counted as the admission's
+    assert gateway.metrics.store_faults.labels("admission")._value.get() == 3
     assert gateway.metrics.fail_mode_used.labels(mode)._value.get() == 0
     # logged once, with the reason, no traceback
     assert caplog.text.count("store answered") == 1
