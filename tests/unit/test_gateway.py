@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from extproc.policy import load_policy
 from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore
+from extproc.store.base import Admission, Admitted, Finish
+from tests.helpers import StoppedClock
 
 ONE = "model_groups: [{name: first, deployments: [{id: a, cluster: c, model: m}]}]\n"
 TWO = ONE + "  - {name: second, deployments: [{id: b, cluster: c, model: m}]}\n"
@@ -44,9 +47,9 @@ def test_reload_swaps_policy_and_keeps_old_on_error(
 class _SlowSettle(MemoryStore):
     """Settlements that take a while, like a store round trip under load."""
 
-    async def settle(self, *args: Any, **kwargs: Any) -> list[int]:
+    async def finish(self, finish: Finish) -> list[int]:
         await asyncio.sleep(0.05)
-        return await super().settle(*args, **kwargs)
+        return await super().finish(finish)
 
 
 async def test_a_settlement_survives_the_stream_being_reset_meanwhile(tmp_path: Path) -> None:
@@ -132,3 +135,46 @@ async def test_routing_reads_the_injected_clock(tmp_path: Path) -> None:
     assert (info.value.code, info.value.headers["retry-after"]) == ("deployments_at_capacity", "40")
     clock.at += timedelta(seconds=40)  # the next minute: a fresh count
     assert (await gateway.route(head, raw, policy)).deployment.id == "a"
+
+
+class _CountingStore(MemoryStore):
+    """Counts the calls the request path makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    async def admit(self, admission: Admission) -> Admitted:
+        self._count("admit")
+        return await super().admit(admission)
+
+    async def finish(self, finish: Finish) -> list[int]:
+        self._count("finish")
+        return await super().finish(finish)
+
+    async def snapshot(self, keys: Any, lists: Any) -> Any:
+        self._count("snapshot")
+        return await super().snapshot(keys, lists)
+
+
+async def test_a_policy_without_keys_caps_or_budgets_makes_no_store_call(tmp_path: Path) -> None:
+    """Nothing to hold, count or take: no admission or settlement batch; routing reads
+    the cooldowns once per routing-cache window, not once per call."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "model_groups: [{name: g, deployments: [{id: a, cluster: c, model: m, weight: 2},"
+        " {id: b, cluster: d, model: m}]}]\n"
+    )
+    store = _CountingStore()
+    clock = StoppedClock(datetime(2026, 12, 1, tzinfo=UTC))
+    gateway = Gateway(Settings(policy_path=path), load_policy(path), store, clock=clock)
+    raw = json.dumps({"model": "g", "messages": []}).encode()
+    head = RequestHead("POST", "/v1/chat/completions", {})
+    for _ in range(20):
+        _, admission = await gateway.route_and_admit(head, raw, gateway.policy)
+        assert admission.charge is not None
+        await gateway.settle(admission.charge, None)
+    assert store.calls == {"snapshot": 1}
