@@ -399,9 +399,19 @@ def test_budget_filter_skips_spent_deployments(stack: Stack, redis_url: str) -> 
     client.close()
 
 
-async def test_no_overshoot_under_concurrency(tmp_path: Path, redis_url: str) -> None:
-    """$1.00, about a cent a call, 500 concurrent calls through two server processes."""
-    client = redis.Redis.from_url(redis_url)
+@pytest.mark.parametrize("where", ["redis", "cluster"])
+async def test_no_overshoot_under_concurrency(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    """$1.00, about a cent a call, 500 concurrent calls through two server processes, on
+    one Redis and on a 3-node Redis Cluster (where the key's budget lives in its
+    tenant's slot and the global budget in ``{spend}``: two slots a call)."""
+    if where == "redis":
+        redis_url = request.getfixturevalue("redis_url")
+        client: Any = redis.Redis.from_url(redis_url)
+    else:
+        redis_url = request.getfixturevalue("redis_cluster_url")
+        client = redis.RedisCluster.from_url(redis_url.replace("redis+cluster://", "redis://"))
     client.delete(BOB)
     body = {"model": "pricey", "messages": MSGS, "max_tokens": len(_WORDS)}
     raw = json.dumps(body).encode()
