@@ -260,6 +260,7 @@ class MemoryStore:
         entry = self._values.get(key)
         if entry is not None and entry[1] <= now:
             del self._values[key]
+            self._journaled.discard(key)
             return None
         return entry
 
