@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extproc.iterations import counter_key  # noqa: E402
+from extproc.core.sessions import counter_key  # noqa: E402
 from extproc.store import MemoryStore  # noqa: E402
 
 

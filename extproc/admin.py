@@ -8,9 +8,9 @@ from decimal import Decimal
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from extproc.errors import error_body
+from extproc.core.errors import error_body
+from extproc.core.pricing import MICROS_PER_DOLLAR
 from extproc.gateway import Gateway
-from extproc.pricing import MICROS_PER_DOLLAR
 from extproc.readouts import BudgetStatus, all_budgets, budget_statuses, provider_budgets_body
 from extproc.store import StoreError
 

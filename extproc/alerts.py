@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import aiohttp
 
-from extproc.budgets import BudgetRef, alert_key
+from extproc.core.budgets import BudgetRef, alert_key
+from extproc.core.pricing import MICROS_PER_DOLLAR
 from extproc.metrics import Metrics
-from extproc.pricing import MICROS_PER_DOLLAR
 from extproc.store import Store, StoreError
 
 __all__ = ["Alerter"]

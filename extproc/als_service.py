@@ -17,10 +17,10 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2 as pb
 from envoy.service.accesslog.v3 import als_pb2_grpc as pb_grpc
 
-from extproc.decision import failed_attempt
-from extproc.failover import DEPLOYMENT_CLUSTER_PREFIX
+from extproc.core.decision import failed_attempt
+from extproc.core.failover import DEPLOYMENT_CLUSTER_PREFIX
+from extproc.core.leases import AUTHZ_NAMESPACE, LEASE_FIELD, LEASE_NAMESPACE, Lease
 from extproc.gateway import Gateway
-from extproc.parallel import AUTHZ_NAMESPACE, LEASE_FIELD, LEASE_NAMESPACE, Lease
 
 __all__ = ["AccessLogService", "lease_of"]
 

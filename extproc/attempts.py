@@ -15,12 +15,17 @@ import re
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.failover import DEPLOYMENT_HEADER, FailoverRoute, attempt_answer, content_policy_retry
+from extproc.core.failover import (
+    DEPLOYMENT_HEADER,
+    FailoverRoute,
+    attempt_answer,
+    content_policy_retry,
+)
+from extproc.core.jsonbody import member_span, replace_member
+from extproc.core.providers import credential_edits
 from extproc.gateway import Gateway
 from extproc.headers import header_option
-from extproc.jsonbody import member_span, replace_member
 from extproc.policy import CompiledDeployment, CompiledPolicy
-from extproc.providers import credential_edits
 
 __all__ = ["Attempt", "attempt_deployment"]
 

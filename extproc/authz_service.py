@@ -16,11 +16,11 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from extproc.decision import decide_head
-from extproc.errors import GatewayError, InternalError
+from extproc.core.decision import decide_head
+from extproc.core.errors import GatewayError, InternalError
+from extproc.core.request import RequestHead
 from extproc.gateway import Gateway
 from extproc.headers import header_option
-from extproc.request import RequestHead
 
 __all__ = ["AuthorizationService"]
 

@@ -131,8 +131,8 @@ def _parse_upstream(value: str) -> tuple[str, Upstream, str | None]:
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
     import yaml  # noqa: PLC0415
 
+    from extproc.core.failover import failover_plan  # noqa: PLC0415
     from extproc.envoy_config import Upstream, render_envoy_config  # noqa: PLC0415
-    from extproc.failover import failover_plan  # noqa: PLC0415
     from extproc.launcher import mock_plan  # noqa: PLC0415
     from extproc.policy import parse_policy  # noqa: PLC0415
 
@@ -176,7 +176,7 @@ def _cmd_mock(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from extproc.keys import hash_key, new_key  # noqa: PLC0415
+    from extproc.core.access import hash_key, new_key  # noqa: PLC0415
 
     if args.action == "new":
         key = new_key()

@@ -28,17 +28,17 @@ from typing import Any, Literal
 
 import yaml
 
-from extproc.endpoints import API_PREFIX, ENDPOINT_PATHS
-from extproc.errors import ERROR_HEADER
-from extproc.failover import FailoverRoute, deployment_cluster_name
-from extproc.iterations import LIMIT_HEADER, REMAINING_HEADER
-from extproc.parallel import (
+from extproc.core.endpoints import API_PREFIX, ENDPOINT_PATHS
+from extproc.core.errors import ERROR_HEADER
+from extproc.core.failover import FailoverRoute, deployment_cluster_name
+from extproc.core.leases import (
     AUTHZ_NAMESPACE,
     ITERATIONS_LIMIT_FIELD,
     ITERATIONS_REMAINING_FIELD,
     LEASE_FIELD,
     LEASE_NAMESPACE,
 )
+from extproc.core.sessions import LIMIT_HEADER, REMAINING_HEADER
 
 __all__ = ["LLM_PATH_REGEX", "Upstream", "render_envoy_config"]
 

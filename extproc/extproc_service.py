@@ -18,17 +18,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
-from extproc.accounting import Charge
 from extproc.attempts import Attempt, attempt_deployment
-from extproc.decision import RouteDecision, decide_head, decide_response
-from extproc.errors import GatewayError, InternalError, PayloadTooLargeError
+from extproc.core.charges import Charge
+from extproc.core.decision import RouteDecision, decide_head, decide_response
+from extproc.core.errors import GatewayError, InternalError, PayloadTooLargeError
+from extproc.core.leases import LEASE_NAMESPACE, Lease
+from extproc.core.metering import ResponseMeter, charge_from_metadata
+from extproc.core.redaction import Redactor
+from extproc.core.request import RequestHead
+from extproc.core.upstream_errors import normalize_error
 from extproc.gateway import Gateway
 from extproc.headers import header_mutation, header_option
-from extproc.metering import ResponseMeter, charge_from_metadata
-from extproc.parallel import LEASE_NAMESPACE, Lease
-from extproc.redaction import Redactor
-from extproc.request import RequestHead
-from extproc.upstream_errors import normalize_error
 
 __all__ = ["ExternalProcessorService"]
 
@@ -158,7 +158,7 @@ class _Stream:
         reply = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
         metadata = admission.metadata(with_charge=False)
         if metadata:
-            # The lease is logged back at stream end (extproc.parallel); the session
+            # The lease is logged back at stream end (extproc.core.leases); the session
             # count becomes response headers (envoy_config's response_headers_to_add).
             reply.dynamic_metadata.update({LEASE_NAMESPACE: metadata})
         return reply

@@ -18,35 +18,35 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
-from extproc.accounting import Charge, deployment_budgets, limit_micros
-from extproc.admission import plan_admission, plan_finish, plan_session_count, read_admitted
 from extproc.alerts import Alerter
-from extproc.budgets import BudgetRef
 from extproc.clock import Clock, SystemClock
-from extproc.decision import GatewayConfig, RouteDecision, decide, prepare, view_scope
-from extproc.errors import BudgetExceededError, InternalError, ServiceUnavailableError
-from extproc.health import HealthSample
-from extproc.iterations import IterationCount, SessionCap, check_iterations
-from extproc.liveness import Liveness
-from extproc.metering import ResponseMeter
-from extproc.metrics import Metrics
-from extproc.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites
-from extproc.parallel import (
+from extproc.core.admission import plan_admission, plan_finish, plan_session_count, read_admitted
+from extproc.core.budgets import BudgetRef
+from extproc.core.charges import Charge, deployment_budgets, limit_micros
+from extproc.core.decision import GatewayConfig, RouteDecision, decide, prepare, view_scope
+from extproc.core.errors import BudgetExceededError, InternalError, ServiceUnavailableError
+from extproc.core.health import HealthSample
+from extproc.core.leases import (
     CHARGE_FIELD,
     ITERATIONS_LIMIT_FIELD,
     ITERATIONS_REMAINING_FIELD,
     LEASE_FIELD,
     Lease,
 )
+from extproc.core.limits import tpm_key
+from extproc.core.metering import ResponseMeter
+from extproc.core.request import RequestHead
+from extproc.core.sessions import IterationCount, SessionCap, check_iterations
+from extproc.core.usage import Usage
+from extproc.liveness import Liveness
+from extproc.metrics import Metrics
+from extproc.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
-from extproc.ratelimits import tpm_key
-from extproc.request import RequestHead
 from extproc.routing import Router
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, StoreUnavailableError, open_store
 from extproc.store.base import Count
 from extproc.store.keys import marker_key
-from extproc.usage import Usage
 
 __all__ = ["Admission", "Gateway"]
 
@@ -225,7 +225,7 @@ class Gateway:
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
         """The store-backed checks of a routed request in one batch (one store round
-        trip per hash slot, see :mod:`extproc.admission`): the budget reservation, the
+        trip per hash slot, see :mod:`extproc.core.admission`): the budget reservation, the
         session cap, the key's rate limits and parallel-request slot, the deployment's
         load. The adapter hands the lease and the charge to Envoy or keeps them for
         the response."""

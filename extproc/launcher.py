@@ -31,8 +31,8 @@ from types import FrameType
 import yaml
 
 from extproc.clock import Clock, SystemClock
+from extproc.core.failover import failover_plan
 from extproc.envoy_config import Upstream, render_envoy_config
-from extproc.failover import failover_plan
 from extproc.policy import Policy, parse_policy
 from extproc.settings import state_home
 from extproc.store.journal import JournalError, check_journal

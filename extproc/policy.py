@@ -32,15 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from extproc.budgets import EndUser, GlobalBudget, TagBudget
-from extproc.failover import (
-    MAX_RETRIES,
-    FailoverGroup,
-    FailoverRoute,
-    deployment_cluster_name,
-    failover_plan,
-)
-from extproc.keys import (
+from extproc.core.access import (
     Agent,
     Directory,
     GeneralSettings,
@@ -50,15 +42,23 @@ from extproc.keys import (
     User,
     VirtualKey,
 )
-from extproc.pricing import (
+from extproc.core.budgets import EndUser, GlobalBudget, TagBudget
+from extproc.core.failover import (
+    MAX_RETRIES,
+    FailoverGroup,
+    FailoverRoute,
+    deployment_cluster_name,
+    failover_plan,
+)
+from extproc.core.pricing import (
     Prices,
     bundled_context_window,
     bundled_max_output_tokens,
     bundled_prices,
 )
-from extproc.providers import auth_header_for
-from extproc.redaction import Redactor
-from extproc.windows import DurationText, zone
+from extproc.core.providers import auth_header_for
+from extproc.core.redaction import Redactor
+from extproc.core.windows import DurationText, zone
 
 __all__ = [
     "CompiledDeployment",
@@ -220,7 +220,7 @@ class ModelGroup(_Model):
     #: Groups tried when every deployment's context window is too small for the call.
     context_window_fallbacks: tuple[str, ...] = ()
     #: In-request failover: retries on the group's other deployments, then these groups
-    #: (Envoy retries; see extproc.failover). 0 and no fallbacks: no failover.
+    #: (Envoy retries; see extproc.core.failover). 0 and no fallbacks: no failover.
     num_retries: int = Field(default=0, ge=0, le=MAX_RETRIES)
     fallbacks: tuple[str, ...] = ()
     #: Groups a content-policy refusal is retried on, in the same request.

@@ -13,11 +13,11 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from extproc.accounting import deployment_budgets
-from extproc.budgets import BudgetRef, GlobalBudget, applicable_budgets, team_member_ref
-from extproc.keys import Caller
+from extproc.core.access import Caller
+from extproc.core.budgets import BudgetRef, GlobalBudget, applicable_budgets, team_member_ref
+from extproc.core.charges import deployment_budgets
+from extproc.core.pricing import MICROS_PER_DOLLAR
 from extproc.policy import CompiledPolicy
-from extproc.pricing import MICROS_PER_DOLLAR
 from extproc.store import Store
 
 __all__ = ["BudgetStatus", "all_budgets", "budget_statuses", "provider_budgets_body"]

@@ -1,7 +1,7 @@
-"""Store-backed routing: the adapter around the pure :func:`extproc.router.select`.
+"""Store-backed routing: the adapter around the pure :func:`extproc.core.selection.select`.
 
-It reads, in one store round trip per routed call, the :class:`~extproc.router.RoutingView`
-of the group :func:`~extproc.router.fitting_group` names (every deployment's cooldown,
+It reads, in one store round trip per routed call, the :class:`~extproc.core.selection.RoutingView`
+of the group :func:`~extproc.core.selection.fitting_group` names (every deployment's cooldown,
 the budgets of the budget filter, the load the strategy needs), maybe from a short
 process cache; and it records what each answer teaches about health (cooldowns,
 in-flight counts, latency samples, success counts in batches).
@@ -14,9 +14,9 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from extproc.accounting import deployment_budgets
 from extproc.clock import Clock
-from extproc.health import (
+from extproc.core.charges import deployment_budgets
+from extproc.core.health import (
     SAMPLES,
     DeploymentState,
     HealthSample,
@@ -28,9 +28,9 @@ from extproc.health import (
     minute_key,
     ttft_key,
 )
+from extproc.core.selection import EMPTY_VIEW, RoutingView
 from extproc.metrics import Metrics
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
-from extproc.router import EMPTY_VIEW, RoutingView
 from extproc.store import Store, StoreError
 
 __all__ = ["Router"]
@@ -82,7 +82,7 @@ class Router:
         policy: CompiledPolicy,
         now: datetime,
     ) -> RoutingView:
-        """What :func:`~extproc.router.select` needs to know of ``deps`` (of ``group``).
+        """What :func:`~extproc.core.selection.select` needs to know of ``deps`` (of ``group``).
 
         Rule: a store that cannot be read goes to the fail mode (a 503 when closed);
         open, the call is routed on an empty view (by the strategy alone)."""

@@ -21,11 +21,11 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.decision import GatewayConfig, RouteDecision, decide, prepare
+from extproc.core.decision import GatewayConfig, RouteDecision, decide, prepare
+from extproc.core.request import RequestHead
+from extproc.core.selection import EMPTY_VIEW, RoutingView
 from extproc.launcher import envoy_binary
 from extproc.policy import CompiledPolicy
-from extproc.request import RequestHead
-from extproc.router import EMPTY_VIEW, RoutingView
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

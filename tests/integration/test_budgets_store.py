@@ -10,8 +10,8 @@ from typing import Literal
 import pytest
 import redis
 
-from extproc.budgets import MICRO, spend_key
-from extproc.keys import hash_key
+from extproc.core.access import hash_key
+from extproc.core.budgets import MICRO, spend_key
 from tests.helpers import Proc, port_open, redis_proc, running
 from tests.integration.stack import POLICIES, post, start_stack
 

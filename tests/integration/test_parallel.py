@@ -21,8 +21,8 @@ from typing import Literal, cast
 import pytest
 import redis
 
-from extproc.budgets import spend_key
-from extproc.keys import hash_key
+from extproc.core.access import hash_key
+from extproc.core.budgets import spend_key
 from tests.helpers import holds_open, wait_until
 from tests.integration.stack import POLICIES, ServerProc, post, start_server_pair, start_stack
 

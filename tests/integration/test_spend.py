@@ -21,8 +21,8 @@ import openai
 import pytest
 import redis
 
-from extproc.budgets import spend_key
-from extproc.keys import hash_key
+from extproc.core.access import hash_key
+from extproc.core.budgets import spend_key
 from extproc.mock_upstream import _WORDS, _prompt_tokens
 from tests.helpers import holds_open, wait_until
 from tests.integration.stack import (

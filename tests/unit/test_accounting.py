@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from extproc.accounting import Charge, deployment_budgets, exhausted_deployments
-from extproc.budgets import BudgetRef, spend_key
+from extproc.core.access import VirtualKey
+from extproc.core.budgets import BudgetRef, spend_key
+from extproc.core.charges import Charge, deployment_budgets, exhausted_deployments
+from extproc.core.limits import tpm_key
+from extproc.core.usage import Usage
 from extproc.gateway import Gateway
-from extproc.keys import VirtualKey
 from extproc.policy import compile_policy, load_policy, parse_policy
-from extproc.ratelimits import tpm_key
 from extproc.settings import Settings
 from extproc.store import MemoryStore
-from extproc.usage import Usage
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
@@ -195,8 +195,8 @@ async def test_settle_charges_the_clamped_usage_and_counts_it() -> None:
 
 
 def test_watched_budgets_travel_in_the_token() -> None:
-    from extproc.budgets import BudgetRef  # noqa: PLC0415
-    from extproc.windows import cached_duration, calendar_period, zone  # noqa: PLC0415
+    from extproc.core.budgets import BudgetRef  # noqa: PLC0415
+    from extproc.core.windows import cached_duration, calendar_period, zone  # noqa: PLC0415
 
     day = cached_duration("1d")
     period = calendar_period(day, datetime(2026, 11, 23, 12, tzinfo=UTC), zone("Europe/Berlin"))

@@ -12,14 +12,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from extproc.alerts import Alerter
-from extproc.budgets import BudgetRef
+from extproc.core.budgets import BudgetRef
+from extproc.core.request import RequestHead
+from extproc.core.usage import Usage
 from extproc.gateway import Gateway
 from extproc.metrics import Metrics
 from extproc.policy import load_policy
-from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore
-from extproc.usage import Usage
 from tests.helpers import free_port
 
 REF = BudgetRef("team", "t1", "team t1", Decimal(10), soft=Decimal(5))

@@ -12,7 +12,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from extproc.budgets import (
+from extproc.core.access import Caller, KeyMetadata, Team, VirtualKey, hash_key, request_tags
+from extproc.core.budgets import (
     MICRO,
     BudgetRef,
     check_budgets,
@@ -20,16 +21,15 @@ from extproc.budgets import (
     spend_key,
     team_member_ref,
 )
-from extproc.decision import GatewayConfig, RouteDecision
-from extproc.errors import GatewayError
+from extproc.core.decision import GatewayConfig, RouteDecision
+from extproc.core.errors import GatewayError
+from extproc.core.request import RequestHead
+from extproc.core.usage import Usage
 from extproc.gateway import Gateway
-from extproc.keys import Caller, KeyMetadata, Team, VirtualKey, hash_key, request_tags
 from extproc.policy import CompiledPolicy, compile_policy, load_policy, parse_policy
-from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError
 from extproc.store.base import Admission, Admitted
-from extproc.usage import Usage
 from tests.helpers import StoppedClock, decide_request
 
 POLICY = Path(__file__).resolve().parent.parent / "policies" / "budgets.yaml"

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from extproc.decision import GatewayConfig, decide_head
-from extproc.errors import GatewayError
-from extproc.health import DeploymentState
+from extproc.core.decision import GatewayConfig, decide_head
+from extproc.core.errors import GatewayError
+from extproc.core.health import DeploymentState
+from extproc.core.request import POLICY_MEMBERS, RequestHead
+from extproc.core.selection import RoutingView
 from extproc.policy import CompiledPolicy, load_policy
-from extproc.request import POLICY_MEMBERS, RequestHead
-from extproc.router import RoutingView
 from tests.helpers import decide_request
 
 POLICY_PATH = Path(__file__).resolve().parent.parent / "policies" / "valid.yaml"

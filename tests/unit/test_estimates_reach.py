@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
+from extproc.core.pricing import CONTEXT_WINDOW_BOUND, OutputAsk, estimate_call, requested_output
+from extproc.core.provider_input import IMAGE_URL_TOKENS
+from extproc.core.request import RequestHead
+from extproc.core.usage import Usage
 from extproc.gateway import Gateway
 from extproc.policy import load_policy
-from extproc.pricing import CONTEXT_WINDOW_BOUND, OutputAsk, estimate_call, requested_output
-from extproc.provider_input import IMAGE_URL_TOKENS
-from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore
-from extproc.usage import Usage
 
 FAILOVER = """
 model_groups:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extproc.failover import (
+from extproc.core.failover import (
     FailoverGroup,
     FailoverRoute,
     composite_name,
@@ -83,10 +83,10 @@ def test_only_the_server_names_the_chosen_deployment() -> None:
     import json  # noqa: PLC0415
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from extproc.decision import GatewayConfig  # noqa: PLC0415
-    from extproc.failover import DEPLOYMENT_HEADER  # noqa: PLC0415
+    from extproc.core.decision import GatewayConfig  # noqa: PLC0415
+    from extproc.core.failover import DEPLOYMENT_HEADER  # noqa: PLC0415
+    from extproc.core.request import RequestHead  # noqa: PLC0415
     from extproc.policy import load_policy  # noqa: PLC0415
-    from extproc.request import RequestHead  # noqa: PLC0415
 
     policy = load_policy(
         Path(__file__).resolve().parent.parent / "policies" / "routing.yaml",

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from extproc.core.metering import ResponseMeter
+from extproc.core.request import RequestHead
 from extproc.gateway import Gateway
-from extproc.metering import ResponseMeter
 from extproc.policy import load_policy
-from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore
 from extproc.store.base import Admission, Admitted, Finish
@@ -87,9 +87,9 @@ async def test_a_call_refused_after_its_reservation_leaves_in_flight_counts_alon
 ) -> None:
     """A 429 from the rpm limit comes after the hold but before the call is counted in
     flight (least-busy): handing the hold back must not take a count it never added."""
-    from extproc.errors import GatewayError  # noqa: PLC0415
-    from extproc.health import inflight_key  # noqa: PLC0415
-    from extproc.keys import hash_key  # noqa: PLC0415
+    from extproc.core.access import hash_key  # noqa: PLC0415
+    from extproc.core.errors import GatewayError  # noqa: PLC0415
+    from extproc.core.health import inflight_key  # noqa: PLC0415
 
     key = "sk-review-rpm"
     path = tmp_path / "policy.yaml"
@@ -116,7 +116,7 @@ async def test_routing_reads_the_injected_clock(tmp_path: Path) -> None:
     come from the gateway's clock: a fake one moves across the minute, no sleeping."""
     from datetime import UTC, datetime, timedelta  # noqa: PLC0415
 
-    from extproc.errors import GatewayError  # noqa: PLC0415
+    from extproc.core.errors import GatewayError  # noqa: PLC0415
     from tests.helpers import StoppedClock  # noqa: PLC0415
 
     path = tmp_path / "policy.yaml"

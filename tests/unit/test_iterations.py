@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from extproc.decision import GatewayConfig, RouteDecision
-from extproc.errors import GatewayError
+from extproc.core.access import hash_key
+from extproc.core.decision import GatewayConfig, RouteDecision
+from extproc.core.errors import GatewayError
+from extproc.core.request import RequestHead
+from extproc.core.sessions import counter_key
 from extproc.gateway import Gateway
-from extproc.iterations import counter_key
-from extproc.keys import hash_key
 from extproc.policy import CompiledPolicy, load_policy
-from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError
 from extproc.store.base import Admission, Admitted

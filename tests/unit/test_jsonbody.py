@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from extproc.jsonbody import (
+from extproc.core.jsonbody import (
     DuplicateKeyError,
     loads_object,
     member_span,

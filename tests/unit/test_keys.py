@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from extproc.cli import main
-from extproc.decision import GatewayConfig, RouteDecision, decide_head
-from extproc.errors import GatewayError
-from extproc.keys import hash_key, new_key
+from extproc.core.access import hash_key, new_key
+from extproc.core.decision import GatewayConfig, RouteDecision, decide_head
+from extproc.core.errors import GatewayError
+from extproc.core.request import RequestHead
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
-from extproc.request import RequestHead
 from tests.helpers import decide_request
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from extproc.core.leases import LEASE_NAMESPACE, Lease
 from extproc.gateway import Gateway
 from extproc.liveness import Liveness
 from extproc.metrics import Metrics
-from extproc.parallel import LEASE_NAMESPACE, Lease
 from extproc.policy import load_policy
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from extproc.accounting import Charge
-from extproc.metering import ResponseMeter
-from extproc.usage import Usage
+from extproc.core.charges import Charge
+from extproc.core.metering import ResponseMeter
+from extproc.core.usage import Usage
 
 CHAT = Charge(
     "a" * 32,

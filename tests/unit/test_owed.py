@@ -13,16 +13,16 @@ from typing import Any, TypeVar
 import pytest
 
 import extproc.owed as owed_module
+from extproc.core.request import RequestHead
+from extproc.core.usage import Usage
 from extproc.gateway import Gateway
 from extproc.metrics import Metrics
 from extproc.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites, read_owed
 from extproc.policy import load_policy
-from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreFaultError, StoreUnavailableError
 from extproc.store.base import Admission, Admitted, Finish
 from extproc.store.keys import marker_key
-from extproc.usage import Usage
 
 T = TypeVar("T")
 A, B = "{spend}:key:a", "{spend}:global:all"
@@ -418,7 +418,7 @@ async def test_a_lost_count_that_landed_is_not_counted_twice_by_the_next_call(
 ) -> None:
     """The first call's store count ran but its answer was lost: counted in process and
     owed. The next call lands what is owed first, so the cap sees 2 calls, not 3."""
-    from extproc.iterations import SessionCap  # noqa: PLC0415
+    from extproc.core.sessions import SessionCap  # noqa: PLC0415
 
     path = tmp_path / "p.yaml"
     path.write_text("model_groups: [{name: g, deployments: [{id: a, cluster: c, model: m}]}]\n")

@@ -15,10 +15,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.als_service import AccessLogService, lease_of
 from extproc.authz_service import AuthorizationService
+from extproc.core.access import hash_key
+from extproc.core.leases import AUTHZ_NAMESPACE, LEASE_NAMESPACE, Lease
 from extproc.extproc_service import ExternalProcessorService
 from extproc.gateway import Gateway
-from extproc.keys import hash_key
-from extproc.parallel import AUTHZ_NAMESPACE, LEASE_NAMESPACE, Lease
 from extproc.policy import load_policy
 from extproc.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError

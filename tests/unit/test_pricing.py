@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.decision import GatewayConfig
-from extproc.errors import GatewayError
-from extproc.policy import CompiledPolicy, compile_policy, parse_policy
-from extproc.pricing import (
+from extproc.core.decision import GatewayConfig
+from extproc.core.errors import GatewayError
+from extproc.core.pricing import (
     CONTEXT_WINDOW_BOUND,
     MAX_CHOICES,
     MAX_OUTPUT_TOKENS_BOUND,
@@ -23,9 +22,10 @@ from extproc.pricing import (
     estimate_call,
     requested_output,
 )
-from extproc.request import RequestHead
+from extproc.core.request import RequestHead
+from extproc.core.usage import Usage
+from extproc.policy import CompiledPolicy, compile_policy, parse_policy
 from extproc.store.base import MAX_AMOUNT_MICROS
-from extproc.usage import Usage
 from tests.helpers import decide_request
 from tests.unit.test_budgets import NOW
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from extproc.errors import GatewayError
+from extproc.core.errors import GatewayError
+from extproc.core.limits import tpm_key
+from extproc.core.usage import Usage
 from extproc.gateway import Gateway
 from extproc.policy import CompiledPolicy, load_policy
-from extproc.ratelimits import tpm_key
 from extproc.settings import Settings
 from extproc.store import MemoryStore
-from extproc.usage import Usage
 from tests.unit.test_budgets import POLICY, route
 from tests.unit.test_store import FakeClock
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from extproc.core.redaction import Redactor
 from extproc.policy import compile_policy, parse_policy
-from extproc.redaction import Redactor
 
 
 def test_every_form_of_every_secret_is_replaced() -> None:

@@ -8,18 +8,18 @@ import dataclasses
 
 import pytest
 
-from extproc.accounting import Charge
-from extproc.decision import decide_response, failed_attempt
-from extproc.failover import (
+from extproc.core.charges import Charge
+from extproc.core.decision import decide_response, failed_attempt
+from extproc.core.failover import (
     SERVED_BY_HEADER,
     attempt_answer,
     content_policy_retry,
     deployment_cluster_name,
 )
+from extproc.core.health import HealthSample
+from extproc.core.providers import CLIENT_CREDENTIAL_HEADERS, credential_edits
 from extproc.headers import header_mutation, header_option
-from extproc.health import HealthSample
 from extproc.policy import CompiledPolicy, compile_policy, parse_policy
-from extproc.providers import CLIENT_CREDENTIAL_HEADERS, credential_edits
 
 POLICY: CompiledPolicy = compile_policy(
     parse_policy(

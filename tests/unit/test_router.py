@@ -10,12 +10,11 @@ from decimal import Decimal
 
 import pytest
 
-from extproc.budgets import BudgetRef
-from extproc.errors import GatewayError
-from extproc.health import DeploymentState, cooldown_reason
-from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
-from extproc.pricing import Prices
-from extproc.router import (
+from extproc.core.budgets import BudgetRef
+from extproc.core.errors import GatewayError
+from extproc.core.health import DeploymentState, cooldown_reason
+from extproc.core.pricing import Prices
+from extproc.core.selection import (
     EMPTY_VIEW,
     RoutingView,
     choose,
@@ -24,6 +23,7 @@ from extproc.router import (
     over_usage_limits,
     select,
 )
+from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 
 
 def dep(name: str, **fields: object) -> CompiledDeployment:

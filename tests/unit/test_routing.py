@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from extproc.health import HealthSample, cooldown_key
+from extproc.core.health import HealthSample, cooldown_key
 from extproc.metrics import Metrics
 from extproc.policy import compile_policy, parse_policy
 from extproc.routing import Router

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from extproc.decision import GatewayConfig
+from extproc.core.decision import GatewayConfig
 from extproc.settings import Settings
 
 

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.decision import GatewayConfig, RouteDecision
-from extproc.errors import GatewayError
+from extproc.core.decision import GatewayConfig, RouteDecision
+from extproc.core.errors import GatewayError
+from extproc.core.request import RequestHead
 from extproc.gateway import Gateway
 from extproc.policy import load_policy
-from extproc.request import RequestHead
 from extproc.settings import Settings
 from extproc.store import MemoryStore, Store, StoreFaultError, StoreUnavailableError, open_store
 from extproc.store.base import MAX_AMOUNT_MICROS, Admission, Admitted, Ceiling, Count, Take

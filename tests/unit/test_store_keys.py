@@ -10,15 +10,15 @@ from zoneinfo import ZoneInfo
 import pytest
 from redis.crc import key_slot
 
-from extproc.budgets import BudgetRef, alert_key, spend_key
-from extproc.health import cooldown_key, minute_key
-from extproc.iterations import counter_key
-from extproc.keys import VirtualKey
-from extproc.parallel import parallel_key
-from extproc.ratelimits import rpm_key, tpm_key
+from extproc.core.access import VirtualKey
+from extproc.core.budgets import BudgetRef, alert_key, spend_key
+from extproc.core.health import cooldown_key, minute_key
+from extproc.core.leases import parallel_key
+from extproc.core.limits import rpm_key, tpm_key
+from extproc.core.sessions import counter_key
+from extproc.core.windows import cached_duration, calendar_period
 from extproc.store.base import RESV_EXPIRY, RESV_HASH
 from extproc.store.keys import SPEND, split_key, store_key
-from extproc.windows import cached_duration, calendar_period
 
 #: What ids may hold: the separator, braces, the escape characters, blanks, and
 #: characters outside ASCII (a lone surrogate too).

@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from extproc.endpoints import lookup_endpoint
-from extproc.errors import GatewayError
+from extproc.core.endpoints import lookup_endpoint
+from extproc.core.errors import GatewayError
+from extproc.core.request import RequestHead
+from extproc.core.tools import request_tool_names
 from extproc.policy import CompiledPolicy, load_policy
-from extproc.request import RequestHead
-from extproc.tools import request_tool_names
 from tests.helpers import decide_request
 from tests.unit.test_keys import CONFIG, ENV, NOW, POLICIES, call
 

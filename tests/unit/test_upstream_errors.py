@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.upstream_errors import normalize_error
+from extproc.core.upstream_errors import normalize_error
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

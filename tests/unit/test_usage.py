@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.usage import ResponseReader, SSEBuffer, Usage
+from extproc.core.usage import ResponseReader, SSEBuffer, Usage
 
 RECORDED = Path(__file__).resolve().parent.parent / "fixtures" / "openai-recorded"
 
@@ -140,7 +140,7 @@ def test_gzip_body_is_inflated() -> None:
 def test_a_decompression_bomb_is_not_inflated_past_the_cap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import extproc.usage as usage_module  # noqa: PLC0415
+    import extproc.core.usage as usage_module  # noqa: PLC0415
 
     monkeypatch.setattr(usage_module, "MAX_INFLATED_BYTES", 1 << 20)
     bomb = gzip.compress(
@@ -203,9 +203,9 @@ def test_sse_buffer_overflow_hands_the_bytes_back() -> None:
 
 
 def test_meter_stops_rewriting_a_stream_it_cannot_split() -> None:
-    from extproc.accounting import Charge  # noqa: PLC0415
-    from extproc.metering import ResponseMeter  # noqa: PLC0415
-    from extproc.usage import MAX_EVENT_BYTES  # noqa: PLC0415
+    from extproc.core.charges import Charge  # noqa: PLC0415
+    from extproc.core.metering import ResponseMeter  # noqa: PLC0415
+    from extproc.core.usage import MAX_EVENT_BYTES  # noqa: PLC0415
 
     charge = Charge("a" * 32, "openai", "chat_completions", "g", "d", True, True, 1, (), ())
     meter = ResponseMeter(charge, content_type="text/event-stream", encoding="")
@@ -217,7 +217,7 @@ def test_meter_stops_rewriting_a_stream_it_cannot_split() -> None:
 
 
 def test_big_json_usage_found_in_the_tail(monkeypatch: pytest.MonkeyPatch) -> None:
-    import extproc.usage as usage_module  # noqa: PLC0415
+    import extproc.core.usage as usage_module  # noqa: PLC0415
 
     monkeypatch.setattr(usage_module, "MAX_JSON_BYTES", 1000)
     _, body = recorded("embeddings-basic")
@@ -226,7 +226,7 @@ def test_big_json_usage_found_in_the_tail(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_deeply_nested_bodies_are_not_a_crash() -> None:
-    from extproc.upstream_errors import normalize_error  # noqa: PLC0415
+    from extproc.core.upstream_errors import normalize_error  # noqa: PLC0415
 
     deep = b"[" * 60_000 + b"]" * 60_000
     assert read("openai", deep, sse=False) is None

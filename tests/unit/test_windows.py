@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from extproc.windows import calendar_period, parse_duration, zone
+from extproc.core.windows import calendar_period, parse_duration, zone
 
 NY = zone("America/New_York")
 

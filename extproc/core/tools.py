@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
-from extproc.errors import InvalidParameterError
+from extproc.core.errors import InvalidParameterError
 
 __all__ = ["ServerTarget", "ToolShapes", "pins_servers", "request_tool_names"]
 

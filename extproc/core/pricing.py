@@ -22,10 +22,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from extproc.errors import InvalidParameterError
-from extproc.provider_input import ProviderInput, provider_input
+from extproc.core.errors import InvalidParameterError
+from extproc.core.provider_input import ProviderInput, provider_input
+from extproc.core.usage import Usage
 from extproc.store.base import MAX_AMOUNT_MICROS
-from extproc.usage import Usage
 
 __all__ = [
     "CONTEXT_WINDOW_BOUND",

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from extproc.accounting import exhausted_deployments, no_deployment_left
-from extproc.budgets import BudgetRef
-from extproc.errors import BadRequestError, RateLimitError
-from extproc.health import DeploymentState
+from extproc.core.budgets import BudgetRef
+from extproc.core.charges import exhausted_deployments, no_deployment_left
+from extproc.core.errors import BadRequestError, RateLimitError
+from extproc.core.health import DeploymentState
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 
 __all__ = [

@@ -20,8 +20,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from extproc.errors import RateLimitError
-from extproc.keys import VirtualKey
+from extproc.core.access import VirtualKey
+from extproc.core.errors import RateLimitError
 from extproc.store.keys import is_tenant_tag, split_key, store_key
 
 __all__ = [

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from extproc.errors import RateLimitError
-from extproc.keys import Caller
+from extproc.core.access import Caller
+from extproc.core.errors import RateLimitError
 from extproc.store.keys import store_key, tenant_tag
 
 __all__ = [

@@ -19,13 +19,13 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from extproc.budgets import BudgetRef, is_spend_key, limit_micros
-from extproc.errors import BudgetExceededError
+from extproc.core.budgets import BudgetRef, is_spend_key, limit_micros
+from extproc.core.errors import BudgetExceededError
+from extproc.core.limits import is_tpm_key
+from extproc.core.pricing import MICROS_PER_DOLLAR, cost_micros
+from extproc.core.usage import Api, Usage
+from extproc.core.windows import Period, cached_duration
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
-from extproc.pricing import MICROS_PER_DOLLAR, cost_micros
-from extproc.ratelimits import is_tpm_key
-from extproc.usage import Api, Usage
-from extproc.windows import Period, cached_duration
 
 __all__ = [
     "Charge",

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from extproc.errors import InvalidParameterError
-from extproc.tools import ToolShapes, request_tool_names
+from extproc.core.errors import InvalidParameterError
+from extproc.core.tools import ToolShapes, request_tool_names
 
 __all__ = ["API_PREFIX", "ENDPOINTS", "ENDPOINT_PATHS", "EndpointSpec", "lookup_endpoint"]
 
@@ -97,7 +97,7 @@ class JsonEndpoint:
 
     def tool_names(self, member: Callable[[str], Any]) -> tuple[str, ...]:
         """Every tool the request offers, by the names ``allowed_tools`` lists
-        (:mod:`extproc.tools`)."""
+        (:mod:`extproc.core.tools`)."""
         return request_tool_names(self.tool_shapes, member)
 
 

@@ -11,9 +11,9 @@ import re
 
 from envoy.config.core.v3 import base_pb2
 
-from extproc.accounting import Charge
-from extproc.parallel import AUTHZ_NAMESPACE, CHARGE_FIELD
-from extproc.usage import ResponseReader, Usage, event_data
+from extproc.core.charges import Charge
+from extproc.core.leases import AUTHZ_NAMESPACE, CHARGE_FIELD
+from extproc.core.usage import ResponseReader, Usage, event_data
 
 __all__ = ["ResponseMeter", "charge_from_metadata"]
 

@@ -3,7 +3,7 @@
 The read side only: spend is read from the store (integer micro-dollars under
 :attr:`BudgetRef.store_key`) and compared with each budget that applies, in LiteLLM's
 order (key, team, team member, user, end user, org, project, tags, global). A budget
-with a ``budget_duration`` has windows (:mod:`extproc.windows`): calendar windows put
+with a ``budget_duration`` has windows (:mod:`extproc.core.windows`): calendar windows put
 the period in the store key, rolling ones rely on the key's TTL. Charging spend and
 reservations come with the spend-accounting work; :func:`spend_key` names budget keys
 (built, like every store key, by :func:`extproc.store.keys.store_key`).
@@ -19,10 +19,10 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from extproc.errors import BudgetExceededError
-from extproc.keys import Caller, Team
+from extproc.core.access import Caller, Team
+from extproc.core.errors import BudgetExceededError
+from extproc.core.windows import Duration, DurationText, Period, cached_duration, calendar_period
 from extproc.store.keys import SPEND, is_tenant_tag, split_key, store_key, tenant_tag
-from extproc.windows import Duration, DurationText, Period, cached_duration, calendar_period
 
 __all__ = [
     "KINDS",

@@ -17,16 +17,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from extproc.accounting import Charge, limit_micros
-from extproc.budgets import BudgetRef, check_budgets
-from extproc.decision import RouteDecision
-from extproc.errors import InternalError
-from extproc.health import inflight_key, minute_key
-from extproc.iterations import IterationCount, SessionCap, check_iterations
-from extproc.keys import VirtualKey
-from extproc.parallel import Lease, check_parallel
+from extproc.core.access import VirtualKey
+from extproc.core.budgets import BudgetRef, check_budgets
+from extproc.core.charges import Charge, limit_micros
+from extproc.core.decision import RouteDecision
+from extproc.core.errors import InternalError
+from extproc.core.health import inflight_key, minute_key
+from extproc.core.leases import Lease, check_parallel
+from extproc.core.limits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
+from extproc.core.sessions import IterationCount, SessionCap, check_iterations
 from extproc.policy import CompiledGroup
-from extproc.ratelimits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.store.base import (
     Admission,
     Admitted,

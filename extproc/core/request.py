@@ -11,13 +11,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.endpoints import EndpointSpec, lookup_endpoint
-from extproc.errors import (
+from extproc.core.endpoints import EndpointSpec, lookup_endpoint
+from extproc.core.errors import (
     InvalidJSONError,
     InvalidParameterError,
     MissingParameterError,
 )
-from extproc.jsonbody import DuplicateKeyError, ParsedJson, parse_json
+from extproc.core.jsonbody import DuplicateKeyError, ParsedJson, parse_json
 
 __all__ = ["POLICY_MEMBERS", "LLMRequest", "RequestHead", "parse_request"]
 

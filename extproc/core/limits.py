@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 import re
 
-from extproc.errors import RateLimitError
-from extproc.keys import VirtualKey
+from extproc.core.access import VirtualKey
+from extproc.core.errors import RateLimitError
 from extproc.store.keys import is_tenant_tag, split_key, store_key
 
 __all__ = ["WINDOW_S", "check_rpm", "check_tpm", "is_tpm_key", "rpm_key", "tpm_key"]

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any
 
-from extproc.errors import error_body
+from extproc.core.errors import error_body
 
 __all__ = ["normalize_error"]
 

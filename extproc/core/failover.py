@@ -28,8 +28,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from extproc.health import HealthSample
-from extproc.upstream_errors import normalize_error
+from extproc.core.health import HealthSample
+from extproc.core.upstream_errors import normalize_error
 
 __all__ = [
     "DEPLOYMENT_CLUSTER_PREFIX",

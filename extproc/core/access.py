@@ -21,11 +21,11 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from extproc.endpoints import lookup_endpoint
-from extproc.errors import AuthenticationError, BadRequestError, PermissionDeniedError
+from extproc.core.endpoints import lookup_endpoint
+from extproc.core.errors import AuthenticationError, BadRequestError, PermissionDeniedError
+from extproc.core.tools import ServerTarget, pins_servers
+from extproc.core.windows import DurationText, zone
 from extproc.store.keys import tenant_tag
-from extproc.tools import ServerTarget, pins_servers
-from extproc.windows import DurationText, zone
 
 __all__ = [
     "TRACE_ID_HEADER",

@@ -1,9 +1,9 @@
 """The decision core: pure functions from a request snapshot to a decision.
 
 Nothing here does I/O. The gRPC adapters (``extproc_service``, ``authz_service``)
-translate protobufs into :class:`~extproc.request.RequestHead` and body bytes; the
+translate protobufs into :class:`~extproc.core.request.RequestHead` and body bytes; the
 gateway calls :func:`decide_head`, :func:`prepare`, reads the
-:class:`~extproc.router.RoutingView` of :func:`view_scope` from the store and calls
+:class:`~extproc.core.selection.RoutingView` of :func:`view_scope` from the store and calls
 :func:`decide`; the adapters translate the result back. So ext_proc and ext_authz
 cannot disagree on the same request.
 """
@@ -16,22 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from extproc.accounting import Charge
-from extproc.budgets import BudgetRef, applicable_budgets
-from extproc.endpoints import lookup_endpoint
-from extproc.errors import (
-    MethodNotAllowedError,
-    MissingParameterError,
-    ModelNotFoundError,
-    PayloadTooLargeError,
-    UnknownRouteError,
-    UnsupportedMediaTypeError,
-)
-from extproc.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER, FailoverRoute
-from extproc.health import HealthSample
-from extproc.iterations import SessionCap, session_cap
-from extproc.jsonbody import add_member, splice
-from extproc.keys import (
+from extproc.core.access import (
     TRACE_ID_HEADER,
     Caller,
     authenticate,
@@ -41,13 +26,28 @@ from extproc.keys import (
     request_tags,
     resolve_model_alias,
 )
+from extproc.core.budgets import BudgetRef, applicable_budgets
+from extproc.core.charges import Charge
+from extproc.core.endpoints import lookup_endpoint
+from extproc.core.errors import (
+    MethodNotAllowedError,
+    MissingParameterError,
+    ModelNotFoundError,
+    PayloadTooLargeError,
+    UnknownRouteError,
+    UnsupportedMediaTypeError,
+)
+from extproc.core.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER, FailoverRoute
+from extproc.core.health import HealthSample
+from extproc.core.jsonbody import add_member, splice
+from extproc.core.pricing import OutputAsk, cost_micros, estimate_call, requested_output
+from extproc.core.providers import credential_edits
+from extproc.core.request import LLMRequest, RequestHead, parse_request
+from extproc.core.selection import RoutingView, context_tokens, fitting_group, select
+from extproc.core.sessions import SessionCap, session_cap
+from extproc.core.usage import Usage
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
-from extproc.pricing import OutputAsk, cost_micros, estimate_call, requested_output
-from extproc.providers import credential_edits
-from extproc.request import LLMRequest, RequestHead, parse_request
-from extproc.router import RoutingView, context_tokens, fitting_group, select
 from extproc.settings import Settings
-from extproc.usage import Usage
 
 __all__ = [
     "GatewayConfig",
@@ -402,7 +402,7 @@ def decide(
     now: datetime,
     rewrite_body: bool = True,
 ) -> RouteDecision:
-    """Route one checked request: the deployment :func:`~extproc.router.select` picks
+    """Route one checked request: the deployment :func:`~extproc.core.selection.select` picks
     with what ``view`` says of the group of :func:`view_scope` (or a refusal), its
     failover route when every attempt can take the call, and the header and body
     edits that send it there.
