@@ -10,8 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from extproc.core.errors import error_body
 from extproc.core.pricing import MICROS_PER_DOLLAR
-from extproc.gateway import Gateway
-from extproc.readouts import BudgetStatus, all_budgets, budget_statuses, provider_budgets_body
+from extproc.state.readouts import BudgetStatus, all_budgets, budget_statuses, provider_budgets_body
+from extproc.state.runtime import Gateway
 from extproc.store import StoreError
 
 __all__ = ["make_admin_app"]

@@ -20,7 +20,7 @@ from envoy.service.accesslog.v3 import als_pb2_grpc as pb_grpc
 from extproc.core.decision import failed_attempt
 from extproc.core.failover import DEPLOYMENT_CLUSTER_PREFIX
 from extproc.core.leases import AUTHZ_NAMESPACE, LEASE_FIELD, LEASE_NAMESPACE, Lease
-from extproc.gateway import Gateway
+from extproc.state.runtime import Gateway
 
 __all__ = ["AccessLogService", "lease_of"]
 

@@ -23,9 +23,9 @@ from extproc.core.failover import (
 )
 from extproc.core.jsonbody import member_span, replace_member
 from extproc.core.providers import credential_edits
-from extproc.gateway import Gateway
 from extproc.headers import header_option
 from extproc.policy import CompiledDeployment, CompiledPolicy
+from extproc.state.runtime import Gateway
 
 __all__ = ["Attempt", "attempt_deployment"]
 

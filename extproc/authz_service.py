@@ -19,8 +19,8 @@ from google.rpc import code_pb2, status_pb2
 from extproc.core.decision import decide_head
 from extproc.core.errors import GatewayError, InternalError
 from extproc.core.request import RequestHead
-from extproc.gateway import Gateway
 from extproc.headers import header_option
+from extproc.state.runtime import Gateway
 
 __all__ = ["AuthorizationService"]
 

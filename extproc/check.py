@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from extproc.policy import CompiledPolicy
-from extproc.settings import Settings
+from extproc.state.settings import Settings
 
 __all__ = ["CheckReport", "check_envoy_config"]
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from extproc.envoy_config import Upstream
-    from extproc.settings import Settings
+    from extproc.state.settings import Settings
 
 __all__ = ["main"]
 
@@ -20,7 +20,7 @@ __all__ = ["main"]
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from extproc.settings import Settings  # noqa: PLC0415
+    from extproc.state.settings import Settings  # noqa: PLC0415
 
     overrides: dict[str, object] = {}
     for name in ("policy_path", "grpc_port", "admin_port", "store_url"):
@@ -50,7 +50,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from extproc.launcher import UpOptions, run_up  # noqa: PLC0415
-    from extproc.settings import DEFAULT_POLICY  # noqa: PLC0415
+    from extproc.state.settings import DEFAULT_POLICY  # noqa: PLC0415
 
     return run_up(
         UpOptions(

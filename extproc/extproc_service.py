@@ -27,8 +27,8 @@ from extproc.core.metering import ResponseMeter, charge_from_metadata
 from extproc.core.redaction import Redactor
 from extproc.core.request import RequestHead
 from extproc.core.upstream_errors import normalize_error
-from extproc.gateway import Gateway
 from extproc.headers import header_mutation, header_option
+from extproc.state.runtime import Gateway
 
 __all__ = ["ExternalProcessorService"]
 

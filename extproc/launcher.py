@@ -30,11 +30,11 @@ from types import FrameType
 
 import yaml
 
-from extproc.clock import Clock, SystemClock
 from extproc.core.failover import failover_plan
 from extproc.envoy_config import Upstream, render_envoy_config
 from extproc.policy import Policy, parse_policy
-from extproc.settings import state_home
+from extproc.state.clock import Clock, SystemClock
+from extproc.state.settings import state_home
 from extproc.store.journal import JournalError, check_journal
 
 __all__ = ["UpOptions", "default_state_dir", "envoy_binary", "mock_plan", "run_up"]

@@ -17,10 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc.admin import make_admin_app
 from extproc.als_service import AccessLogService
 from extproc.authz_service import AuthorizationService
-from extproc.clock import SystemClock
 from extproc.extproc_service import ExternalProcessorService
-from extproc.gateway import Gateway
-from extproc.settings import Settings
+from extproc.state.clock import SystemClock
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore
 
 __all__ = ["grpc_receive_limit", "run", "serve"]

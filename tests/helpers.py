@@ -232,7 +232,7 @@ def decide_request(
 
 
 class StoppedClock:
-    """A :class:`~extproc.clock.Clock` that shows ``at`` until a test moves it."""
+    """A :class:`~extproc.state.clock.Clock` that shows ``at`` until a test moves it."""
 
     def __init__(self, at: datetime, monotonic: float = 1000.0) -> None:
         self.at = at

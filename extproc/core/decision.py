@@ -47,7 +47,6 @@ from extproc.core.selection import RoutingView, context_tokens, fitting_group, s
 from extproc.core.sessions import SessionCap, session_cap
 from extproc.core.usage import Usage
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
-from extproc.settings import Settings
 
 __all__ = [
     "GatewayConfig",
@@ -80,17 +79,6 @@ class GatewayConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     #: Output tokens reserved for a call that names no max_tokens.
     default_max_tokens: int = 4096
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> GatewayConfig:
-        return cls(
-            cluster_header=settings.cluster_header,
-            session_headers=settings.session_headers,
-            tags_header=settings.tags_header,
-            unknown_paths=settings.unknown_paths,
-            max_body_bytes=settings.max_body_bytes,
-            default_max_tokens=settings.default_max_tokens,
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,7 +109,7 @@ OWNER_ID = re.compile(f"[0-9a-f]{{{OWNER_CHARS}}}")
 #: How long a settled or cancelled reservation id stays marked as ended (and an
 #: increment with a marker stays marked as applied). Rule: longer than a write the
 #: store did not acknowledge can take to be retried once the store answers again, so
-#: a retry never charges twice (see ``extproc/owed.py``).
+#: a retry never charges twice (see ``extproc/state/owed.py``).
 ENDED_KEEP_S = 900.0
 
 

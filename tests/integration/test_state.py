@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.settings import DEFAULT_POLICY
+from extproc.state.settings import DEFAULT_POLICY
 from tests.helpers import PYTHON, ROOT, free_port
 from tests.integration.stack import KEYS, VALID_POLICY
 from tests.integration.test_lifecycle import chat, running_up

@@ -15,9 +15,9 @@ from extproc.core.budgets import BudgetRef, spend_key
 from extproc.core.charges import Charge, deployment_budgets, exhausted_deployments
 from extproc.core.limits import tpm_key
 from extproc.core.usage import Usage
-from extproc.gateway import Gateway
 from extproc.policy import compile_policy, load_policy, parse_policy
-from extproc.settings import Settings
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -11,14 +11,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from extproc.alerts import Alerter
 from extproc.core.budgets import BudgetRef
 from extproc.core.request import RequestHead
 from extproc.core.usage import Usage
-from extproc.gateway import Gateway
-from extproc.metrics import Metrics
 from extproc.policy import load_policy
-from extproc.settings import Settings
+from extproc.state.alerts import Alerter
+from extproc.state.metrics import Metrics
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore
 from tests.helpers import free_port
 

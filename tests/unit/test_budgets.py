@@ -25,9 +25,9 @@ from extproc.core.decision import GatewayConfig, RouteDecision
 from extproc.core.errors import GatewayError
 from extproc.core.request import RequestHead
 from extproc.core.usage import Usage
-from extproc.gateway import Gateway
 from extproc.policy import CompiledPolicy, compile_policy, load_policy, parse_policy
-from extproc.settings import Settings
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError
 from extproc.store.base import Admission, Admitted
 from tests.helpers import StoppedClock, decide_request

@@ -13,7 +13,7 @@ from extproc.cli import main
 from extproc.envoy_config import Upstream, render_envoy_config
 from extproc.launcher import envoy_binary
 from extproc.policy import load_policy
-from extproc.settings import DEFAULT_POLICY, Settings
+from extproc.state.settings import DEFAULT_POLICY, Settings
 from tests.helpers import ROOT
 
 ENVOY_DIR = ROOT / "envoy"

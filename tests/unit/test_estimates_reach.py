@@ -14,9 +14,9 @@ from extproc.core.pricing import CONTEXT_WINDOW_BOUND, OutputAsk, estimate_call,
 from extproc.core.provider_input import IMAGE_URL_TOKENS
 from extproc.core.request import RequestHead
 from extproc.core.usage import Usage
-from extproc.gateway import Gateway
 from extproc.policy import load_policy
-from extproc.settings import Settings
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore
 
 FAILOVER = """

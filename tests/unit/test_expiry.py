@@ -12,9 +12,9 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
 from extproc.admin import make_admin_app
-from extproc.gateway import Gateway
 from extproc.policy import load_policy
-from extproc.settings import Settings
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore
 from extproc.store.expiry import SHRINK_FROM, ExpiryIndex, shrunk
 from tests.unit.test_iterations import ENV, POLICY, FlakyStore, route

@@ -13,9 +13,9 @@ import pytest
 
 from extproc.core.metering import ResponseMeter
 from extproc.core.request import RequestHead
-from extproc.gateway import Gateway
 from extproc.policy import load_policy
-from extproc.settings import Settings
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore
 from extproc.store.base import Admission, Admitted, Finish
 from tests.helpers import StoppedClock

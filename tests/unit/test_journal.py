@@ -13,7 +13,7 @@ import pytest
 
 from extproc import cli
 from extproc.launcher import default_state_dir
-from extproc.settings import Settings, state_home
+from extproc.state.settings import Settings, state_home
 from extproc.store import MemoryStore
 from extproc.store.journal import JournalError, SpendJournal, check_journal
 

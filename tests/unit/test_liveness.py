@@ -8,11 +8,11 @@ import pytest
 from pydantic import ValidationError
 
 from extproc.core.leases import LEASE_NAMESPACE, Lease
-from extproc.gateway import Gateway
-from extproc.liveness import Liveness
-from extproc.metrics import Metrics
 from extproc.policy import load_policy
-from extproc.settings import Settings
+from extproc.state.liveness import Liveness
+from extproc.state.metrics import Metrics
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError
 from tests.unit.test_budgets import ENV, POLICY, route
 from tests.unit.test_budgets import SAM as SAM_HASH

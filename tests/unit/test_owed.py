@@ -12,14 +12,14 @@ from typing import Any, TypeVar
 
 import pytest
 
-import extproc.owed as owed_module
+import extproc.state.owed as owed_module
 from extproc.core.request import RequestHead
 from extproc.core.usage import Usage
-from extproc.gateway import Gateway
-from extproc.metrics import Metrics
-from extproc.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites, read_owed
 from extproc.policy import load_policy
-from extproc.settings import Settings
+from extproc.state.metrics import Metrics
+from extproc.state.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites, read_owed
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore, StoreFaultError, StoreUnavailableError
 from extproc.store.base import Admission, Admitted, Finish
 from extproc.store.keys import marker_key

@@ -18,9 +18,9 @@ from extproc.authz_service import AuthorizationService
 from extproc.core.access import hash_key
 from extproc.core.leases import AUTHZ_NAMESPACE, LEASE_NAMESPACE, Lease
 from extproc.extproc_service import ExternalProcessorService
-from extproc.gateway import Gateway
 from extproc.policy import load_policy
-from extproc.settings import Settings
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore, StoreUnavailableError
 from extproc.store.base import Admission, Admitted
 from tests.helpers import body_msg, headers_msg, post_headers

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from extproc.policy import PolicyError, load_policy
-from extproc.settings import DEFAULT_POLICY
+from extproc.state.settings import DEFAULT_POLICY
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 INVALID = sorted((POLICIES / "invalid").glob("*.yaml"))

@@ -7,9 +7,9 @@ import pytest
 from extproc.core.errors import GatewayError
 from extproc.core.limits import tpm_key
 from extproc.core.usage import Usage
-from extproc.gateway import Gateway
 from extproc.policy import CompiledPolicy, load_policy
-from extproc.settings import Settings
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore
 from tests.unit.test_budgets import POLICY, route
 from tests.unit.test_store import FakeClock

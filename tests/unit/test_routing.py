@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from extproc.core.health import HealthSample, cooldown_key
-from extproc.metrics import Metrics
 from extproc.policy import compile_policy, parse_policy
-from extproc.routing import Router
+from extproc.state.metrics import Metrics
+from extproc.state.routing import Router
 from extproc.store import MemoryStore, StoreError
 from tests.helpers import StoppedClock
 

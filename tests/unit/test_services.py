@@ -11,12 +11,12 @@ import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc import gateway as gateway_module
 from extproc.authz_service import AuthorizationService
 from extproc.extproc_service import ExternalProcessorService
-from extproc.gateway import Gateway
 from extproc.policy import load_policy
-from extproc.settings import Settings
+from extproc.state import runtime as gateway_module
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore
 from tests.helpers import body_msg, headers_msg, mutation_dict, post_headers
 

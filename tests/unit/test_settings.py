@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from extproc.core.decision import GatewayConfig
-from extproc.settings import Settings
+from extproc.state.runtime import gateway_config
+from extproc.state.settings import Settings
 
 
 def test_env_prefix_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -16,7 +16,7 @@ def test_env_prefix_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.grpc_address == "127.0.0.1:6000"
     assert settings.session_headers == ("x-litellm-session-id", "x-agent-run")
     assert settings.fail_mode == "closed"
-    assert GatewayConfig.from_settings(settings).session_headers == settings.session_headers
+    assert gateway_config(settings).session_headers == settings.session_headers
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from extproc.core.decision import GatewayConfig, RouteDecision
 from extproc.core.errors import GatewayError
 from extproc.core.request import RequestHead
-from extproc.gateway import Gateway
 from extproc.policy import load_policy
-from extproc.settings import Settings
+from extproc.state.runtime import Gateway
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore, Store, StoreFaultError, StoreUnavailableError, open_store
 from extproc.store.base import MAX_AMOUNT_MICROS, Admission, Admitted, Ceiling, Count, Take
 from tests.helpers import decide_request, free_port

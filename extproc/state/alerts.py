@@ -16,7 +16,7 @@ import aiohttp
 
 from extproc.core.budgets import BudgetRef, alert_key
 from extproc.core.pricing import MICROS_PER_DOLLAR
-from extproc.metrics import Metrics
+from extproc.state.metrics import Metrics
 from extproc.store import Store, StoreError
 
 __all__ = ["Alerter"]

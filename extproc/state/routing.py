@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from extproc.clock import Clock
 from extproc.core.charges import deployment_budgets
 from extproc.core.health import (
     SAMPLES,
@@ -29,8 +28,9 @@ from extproc.core.health import (
     ttft_key,
 )
 from extproc.core.selection import EMPTY_VIEW, RoutingView
-from extproc.metrics import Metrics
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
+from extproc.state.clock import Clock
+from extproc.state.metrics import Metrics
 from extproc.store import Store, StoreError
 
 __all__ = ["Router"]
@@ -145,7 +145,7 @@ class Router:
         Rule: the budget filter may read spend from the cache; the reservation checks
         every budget atomically all the same, and a deployment budget it finds spent
         makes the gateway forget the view and route again once (see
-        :meth:`extproc.gateway.Gateway.route_and_admit`)."""
+        :meth:`extproc.state.runtime.Gateway.route_and_admit`)."""
         if self._cache_s <= 0 or group.strategy in ("least-busy", "usage-based-routing"):
             return await self._read(group, deps, policy, now)
         ids = tuple(d.id for d in deps)

@@ -18,8 +18,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
-from extproc.alerts import Alerter
-from extproc.clock import Clock, SystemClock
 from extproc.core.admission import plan_admission, plan_finish, plan_session_count, read_admitted
 from extproc.core.budgets import BudgetRef
 from extproc.core.charges import Charge, deployment_budgets, limit_micros
@@ -38,17 +36,19 @@ from extproc.core.metering import ResponseMeter
 from extproc.core.request import RequestHead
 from extproc.core.sessions import IterationCount, SessionCap, check_iterations
 from extproc.core.usage import Usage
-from extproc.liveness import Liveness
-from extproc.metrics import Metrics
-from extproc.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
-from extproc.routing import Router
-from extproc.settings import Settings
+from extproc.state.alerts import Alerter
+from extproc.state.clock import Clock, SystemClock
+from extproc.state.liveness import Liveness
+from extproc.state.metrics import Metrics
+from extproc.state.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites
+from extproc.state.routing import Router
+from extproc.state.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, StoreUnavailableError, open_store
 from extproc.store.base import Count
 from extproc.store.keys import marker_key
 
-__all__ = ["Admission", "Gateway"]
+__all__ = ["Admission", "Gateway", "gateway_config"]
 
 log = logging.getLogger("extproc")
 
@@ -56,6 +56,18 @@ log = logging.getLogger("extproc")
 _DEPLOYMENT_BUDGETS = frozenset({"deployment_budget_exceeded", "provider_budget_exceeded"})
 #: Sessions whose last store count a process remembers (for counting through an outage).
 _STORE_COUNTS_KEPT = 100_000
+
+
+def gateway_config(settings: Settings) -> GatewayConfig:
+    """The slice of ``settings`` the core reads (rule: the core never imports the settings)."""
+    return GatewayConfig(
+        cluster_header=settings.cluster_header,
+        session_headers=settings.session_headers,
+        tags_header=settings.tags_header,
+        unknown_paths=settings.unknown_paths,
+        max_body_bytes=settings.max_body_bytes,
+        default_max_tokens=settings.default_max_tokens,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +108,7 @@ class Gateway:
         clock: Clock | None = None,
     ) -> None:
         self.settings = settings
-        self.config = GatewayConfig.from_settings(settings)
+        self.config = gateway_config(settings)
         self._policy = policy
         self.store = store
         self.metrics = metrics or Metrics()

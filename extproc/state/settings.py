@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 __all__ = ["DEFAULT_POLICY", "Settings", "state_home"]
 
 #: The example policy shipped with the package; `extproc up` runs on it.
-DEFAULT_POLICY = Path(__file__).parent / "data" / "example-policy.yaml"
+DEFAULT_POLICY = Path(__file__).parent.parent / "data" / "example-policy.yaml"
 
 
 def state_home() -> Path:

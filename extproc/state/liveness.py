@@ -26,7 +26,7 @@ import logging
 import secrets
 from collections.abc import Callable
 
-from extproc.metrics import Metrics
+from extproc.state.metrics import Metrics
 from extproc.store import Store, StoreError
 from extproc.store.base import OWNER_CHARS, OWNER_ID, check_owner
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from extproc.metrics import Metrics
+from extproc.state.metrics import Metrics
 from extproc.store import Store, StoreError, StoreUnavailableError
 from extproc.store.base import ENDED_KEEP_S
 
