@@ -57,8 +57,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extproc.envoy_config import Upstream, render_envoy_config  # noqa: E402
-from extproc.launcher import envoy_binary  # noqa: E402
+from extproc.cli.up import envoy_binary  # noqa: E402
+from extproc.envoy.config import Upstream, render_envoy_config  # noqa: E402
 from tests.helpers import (  # noqa: E402
     PYTHON,
     Proc,

@@ -1,7 +1,7 @@
 """``python -m extproc``: the command line (a Ctrl-C while it loads exits quietly)."""
 
 try:
-    from extproc.cli import main
+    from extproc.cli.main import main
 except KeyboardInterrupt:
     raise SystemExit(130) from None
 

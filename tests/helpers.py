@@ -21,10 +21,10 @@ from typing import Any
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc.cli.up import envoy_binary
 from extproc.core.decision import GatewayConfig, RouteDecision, decide, prepare
 from extproc.core.request import RequestHead
 from extproc.core.selection import EMPTY_VIEW, RoutingView
-from extproc.launcher import envoy_binary
 from extproc.policy import CompiledPolicy
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from extproc.core.failover import FailoverRoute, failover_plan
-from extproc.envoy_config import Upstream, render_envoy_config
+from extproc.envoy.config import Upstream, render_envoy_config
 from extproc.policy import parse_policy
 from tests.helpers import (
     Proc,

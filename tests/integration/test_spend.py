@@ -23,7 +23,7 @@ import redis
 
 from extproc.core.access import hash_key
 from extproc.core.budgets import spend_key
-from extproc.mock_upstream import _WORDS, _prompt_tokens
+from extproc.dev.mock_upstream import _WORDS, _prompt_tokens
 from tests.helpers import holds_open, wait_until
 from tests.integration.stack import (
     POLICIES,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.check import check_envoy_config
-from extproc.cli import main
-from extproc.envoy_config import Upstream, render_envoy_config
-from extproc.launcher import envoy_binary
+from extproc.cli.main import main
+from extproc.cli.up import envoy_binary
+from extproc.envoy.check import check_envoy_config
+from extproc.envoy.config import Upstream, render_envoy_config
 from extproc.policy import load_policy
 from extproc.state.settings import DEFAULT_POLICY, Settings
 from tests.helpers import ROOT

@@ -11,7 +11,7 @@ from pathlib import Path
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 
-from extproc.admin import make_admin_app
+from extproc.adapters.admin import make_admin_app
 from extproc.policy import load_policy
 from extproc.state.runtime import Gateway
 from extproc.state.settings import Settings

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc import cli
-from extproc.launcher import default_state_dir
+import extproc.cli.main as cli
+from extproc.cli.up import default_state_dir
 from extproc.state.settings import Settings, state_home
 from extproc.store import MemoryStore
 from extproc.store.journal import JournalError, SpendJournal, check_journal

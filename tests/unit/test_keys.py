@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from extproc.cli import main
+from extproc.cli.main import main
 from extproc.core.access import hash_key, new_key
 from extproc.core.decision import GatewayConfig, RouteDecision, decide_head
 from extproc.core.errors import GatewayError

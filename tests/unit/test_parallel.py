@@ -13,11 +13,11 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.als_service import AccessLogService, lease_of
-from extproc.authz_service import AuthorizationService
+from extproc.adapters.access_log import AccessLogService, lease_of
+from extproc.adapters.ext_authz import AuthorizationService
+from extproc.adapters.ext_proc import ExternalProcessorService
 from extproc.core.access import hash_key
 from extproc.core.leases import AUTHZ_NAMESPACE, LEASE_NAMESPACE, Lease
-from extproc.extproc_service import ExternalProcessorService
 from extproc.policy import load_policy
 from extproc.state.runtime import Gateway
 from extproc.state.settings import Settings

@@ -53,7 +53,7 @@ def test_header_values_outside_latin_1_are_not_a_crash() -> None:
     from envoy.config.core.v3 import base_pb2  # noqa: PLC0415
     from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: PLC0415
 
-    from extproc.extproc_service import _redact_headers  # noqa: PLC0415
+    from extproc.adapters.ext_proc import _redact_headers  # noqa: PLC0415
 
     msg = pb.HttpHeaders(
         headers=base_pb2.HeaderMap(

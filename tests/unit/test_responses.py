@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 
+from extproc.adapters.headers import header_mutation, header_option
 from extproc.core.charges import Charge
 from extproc.core.decision import decide_response, failed_attempt
 from extproc.core.failover import (
@@ -18,7 +19,6 @@ from extproc.core.failover import (
 )
 from extproc.core.health import HealthSample
 from extproc.core.providers import CLIENT_CREDENTIAL_HEADERS, credential_edits
-from extproc.headers import header_mutation, header_option
 from extproc.policy import CompiledPolicy, compile_policy, parse_policy
 
 POLICY: CompiledPolicy = compile_policy(

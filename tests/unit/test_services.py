@@ -11,8 +11,8 @@ import pytest
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.authz_service import AuthorizationService
-from extproc.extproc_service import ExternalProcessorService
+from extproc.adapters.ext_authz import AuthorizationService
+from extproc.adapters.ext_proc import ExternalProcessorService
 from extproc.policy import load_policy
 from extproc.state import runtime as gateway_module
 from extproc.state.runtime import Gateway

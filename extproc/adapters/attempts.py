@@ -15,6 +15,7 @@ import re
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc.adapters.headers import header_option
 from extproc.core.failover import (
     DEPLOYMENT_HEADER,
     FailoverRoute,
@@ -23,7 +24,6 @@ from extproc.core.failover import (
 )
 from extproc.core.jsonbody import member_span, replace_member
 from extproc.core.providers import credential_edits
-from extproc.headers import header_option
 from extproc.policy import CompiledDeployment, CompiledPolicy
 from extproc.state.runtime import Gateway
 

@@ -14,10 +14,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from grpc_health.v1 import _async as health_aio  # the servicer `health.aio` re-exports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.admin import make_admin_app
-from extproc.als_service import AccessLogService
-from extproc.authz_service import AuthorizationService
-from extproc.extproc_service import ExternalProcessorService
+from extproc.adapters.access_log import AccessLogService
+from extproc.adapters.admin import make_admin_app
+from extproc.adapters.ext_authz import AuthorizationService
+from extproc.adapters.ext_proc import ExternalProcessorService
 from extproc.state.clock import SystemClock
 from extproc.state.runtime import Gateway
 from extproc.state.settings import Settings

@@ -16,10 +16,10 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
+from extproc.adapters.headers import header_option
 from extproc.core.decision import decide_head
 from extproc.core.errors import GatewayError, InternalError
 from extproc.core.request import RequestHead
-from extproc.headers import header_option
 from extproc.state.runtime import Gateway
 
 __all__ = ["AuthorizationService"]

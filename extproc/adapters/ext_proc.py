@@ -18,7 +18,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 
-from extproc.attempts import Attempt, attempt_deployment
+from extproc.adapters.attempts import Attempt, attempt_deployment
+from extproc.adapters.headers import header_mutation, header_option
 from extproc.core.charges import Charge
 from extproc.core.decision import RouteDecision, decide_head, decide_response
 from extproc.core.errors import GatewayError, InternalError, PayloadTooLargeError
@@ -27,7 +28,6 @@ from extproc.core.metering import ResponseMeter, charge_from_metadata
 from extproc.core.redaction import Redactor
 from extproc.core.request import RequestHead
 from extproc.core.upstream_errors import normalize_error
-from extproc.headers import header_mutation, header_option
 from extproc.state.runtime import Gateway
 
 __all__ = ["ExternalProcessorService"]

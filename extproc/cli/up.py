@@ -31,7 +31,7 @@ from types import FrameType
 import yaml
 
 from extproc.core.failover import failover_plan
-from extproc.envoy_config import Upstream, render_envoy_config
+from extproc.envoy.config import Upstream, render_envoy_config
 from extproc.policy import Policy, parse_policy
 from extproc.state.clock import Clock, SystemClock
 from extproc.state.settings import state_home

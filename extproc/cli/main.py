@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from extproc.envoy_config import Upstream
+    from extproc.envoy.config import Upstream
     from extproc.state.settings import Settings
 
 __all__ = ["main"]
@@ -31,8 +31,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.adapters.server import run  # noqa: PLC0415
     from extproc.policy import PolicyError  # noqa: PLC0415 - keep `--help` fast
-    from extproc.server import run  # noqa: PLC0415
     from extproc.store.journal import JournalError  # noqa: PLC0415
 
     try:
@@ -49,7 +49,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from extproc.launcher import UpOptions, run_up  # noqa: PLC0415
+    from extproc.cli.up import UpOptions, run_up  # noqa: PLC0415
     from extproc.state.settings import DEFAULT_POLICY  # noqa: PLC0415
 
     return run_up(
@@ -68,7 +68,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from extproc.check import check_envoy_config  # noqa: PLC0415
+    from extproc.envoy.check import check_envoy_config  # noqa: PLC0415
     from extproc.policy import PolicyError, load_policy  # noqa: PLC0415
 
     settings = _settings(args)
@@ -117,7 +117,7 @@ def _placeholder_env(policy_path: Path, env: dict[str, str]) -> dict[str, str]:
 
 def _parse_upstream(value: str) -> tuple[str, Upstream, str | None]:
     """``name=host:port[:ENVVAR]`` or ``name=host:port[:tls]``."""
-    from extproc.envoy_config import Upstream  # noqa: PLC0415
+    from extproc.envoy.config import Upstream  # noqa: PLC0415
 
     name, sep, rest = value.partition("=")
     parts = rest.split(":")
@@ -131,9 +131,9 @@ def _parse_upstream(value: str) -> tuple[str, Upstream, str | None]:
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
     import yaml  # noqa: PLC0415
 
+    from extproc.cli.up import mock_plan  # noqa: PLC0415
     from extproc.core.failover import failover_plan  # noqa: PLC0415
-    from extproc.envoy_config import Upstream, render_envoy_config  # noqa: PLC0415
-    from extproc.launcher import mock_plan  # noqa: PLC0415
+    from extproc.envoy.config import Upstream, render_envoy_config  # noqa: PLC0415
     from extproc.policy import parse_policy  # noqa: PLC0415
 
     settings = _settings(args)
@@ -161,7 +161,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
 def _cmd_mock(args: argparse.Namespace) -> int:
     import asyncio  # noqa: PLC0415
 
-    from extproc.mock_upstream import MockSite, run_mock  # noqa: PLC0415
+    from extproc.dev.mock_upstream import MockSite, run_mock  # noqa: PLC0415
 
     sites = []
     for name, up, key_var in args.upstream:

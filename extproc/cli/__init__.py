@@ -1,0 +1,1 @@
+"""The ``extproc`` command line (``main``) and ``extproc up`` (``up``)."""

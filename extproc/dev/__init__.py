@@ -1,0 +1,1 @@
+"""Development helpers: the mock upstream the tests, the bench and ``extproc mock`` use."""
