@@ -1,6 +1,6 @@
 """Envoy's gRPC access-log stream: where the server learns that an HTTP stream ended.
 
-Envoy's ``envoy.access_loggers.http_grpc`` logger (configured by ``envoy_config`` to
+Envoy's ``envoy.access_loggers.http_grpc`` logger (configured by ``envoy.config`` to
 log only streams that carry a lease) sends one entry per finished stream, whatever
 ended it: the last response byte, a client disconnect, an upstream reset, a timeout.
 Each entry's dynamic metadata carries the lease the server handed out at admission;

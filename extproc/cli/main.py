@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -175,8 +176,13 @@ def _cmd_mock(args: argparse.Namespace) -> int:
     return 0
 
 
+def new_key() -> str:
+    """A fresh random virtual key (``sk-`` + 192 bits)."""
+    return "sk-" + secrets.token_urlsafe(24)
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from extproc.core.access import hash_key, new_key  # noqa: PLC0415
+    from extproc.core.access import hash_key  # noqa: PLC0415
 
     if args.action == "new":
         key = new_key()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,7 +44,6 @@ __all__ = [
     "check_request_rules",
     "check_route",
     "hash_key",
-    "new_key",
     "request_tags",
     "resolve_model_alias",
 ]
@@ -60,11 +58,6 @@ _ALL_MODELS = frozenset({"*", "all-proxy-models"})
 def hash_key(plaintext: str) -> str:
     """The policy's form of a key: lowercase hex sha256 of the UTF-8 plaintext."""
     return hashlib.sha256(plaintext.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def new_key() -> str:
-    """A fresh random virtual key (``sk-`` + 192 bits)."""
-    return "sk-" + secrets.token_urlsafe(24)
 
 
 class KeyMetadata(BaseModel):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -198,6 +197,7 @@ class Charge:
     def new(
         cls,
         *,
+        rid: str,
         api: Api,
         endpoint: str,
         dep: CompiledDeployment,
@@ -213,8 +213,10 @@ class Charge:
         watch: Sequence[BudgetRef] = (),
         failover: bool = False,
     ) -> Charge:
+        """A charge held under reservation id ``rid`` (rule: the caller draws the id;
+        the core makes none)."""
         return cls(
-            rid=uuid.uuid4().hex,
+            rid=rid,
             api=api,
             endpoint=endpoint,
             group=dep.group,

@@ -1,6 +1,6 @@
 """The decision core: pure functions from a request snapshot to a decision.
 
-Nothing here does I/O. The gRPC adapters (``extproc_service``, ``authz_service``)
+Nothing here does I/O. The gRPC adapters (``adapters.ext_proc``, ``adapters.ext_authz``)
 translate protobufs into :class:`~extproc.core.request.RequestHead` and body bytes; the
 gateway calls :func:`decide_head`, :func:`prepare`, reads the
 :class:`~extproc.core.selection.RoutingView` of :func:`view_scope` from the store and calls

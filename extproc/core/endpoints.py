@@ -115,7 +115,7 @@ _SPECS: tuple[tuple[str, JsonEndpoint], ...] = (
 )
 
 #: The prefix upstreams expect. The paths without it are accepted too, as LiteLLM does;
-#: Envoy's routes (``envoy_config``) add it before a request goes upstream.
+#: Envoy's routes (``envoy.config``) add it before a request goes upstream.
 API_PREFIX = "/v1"
 
 #: The LLM paths without the prefix: the one list the server's table and Envoy's

@@ -14,7 +14,7 @@ attempt N to sub-cluster N. Each deployment has a cluster of its own here (a cop
 its upstream whose endpoint metadata names the deployment), so an upstream ext_proc
 filter on the composite cluster, which runs once per attempt, can tell which
 deployment an attempt goes to and give it that deployment's credentials and model
-name (``extproc_service``'s attempt streams). Once response bytes reached the client
+name (``adapters.ext_proc``'s attempt streams). Once response bytes reached the client
 Envoy never retries, so a stream failing midway ends in an error, not a retry.
 
 The plan is derived from the policy alone, the same way by ``extproc envoy-config``

@@ -6,7 +6,7 @@ finished with the HTTP stream: completed, failed, cancelled by the client or res
 The end of a stream is only visible to Envoy, so the server hands the lease to Envoy
 as dynamic metadata (``lease``, in :data:`LEASE_NAMESPACE` for ext_proc and the
 ext_authz filter's own namespace for ext_authz) and Envoy's gRPC access logger sends
-it back when the stream ends (see ``envoy_config``): that works the same on both
+it back when the stream ends (see ``envoy.config``): that works the same on both
 paths, and on any server process. A lease names the process that took it (its
 member starts with the process id, see ``liveness``): when that process dies, the
 next acquire that finds the set full drops it. It also expires after
@@ -17,7 +17,6 @@ in the end.
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass
 
 from extproc.core.access import VirtualKey
@@ -67,9 +66,10 @@ class Lease:
     member: str
 
     @classmethod
-    def new(cls, key: VirtualKey, owner: str) -> Lease:
-        """A fresh lease of process ``owner`` (its id, then 16 random hex digits)."""
-        return cls(parallel_key(key), owner + secrets.token_hex(8))
+    def new(cls, key: VirtualKey, owner: str, nonce: str) -> Lease:
+        """A fresh lease of process ``owner``: its id, then ``nonce`` (16 random hex
+        digits the caller draws; rule: the core draws no randomness)."""
+        return cls(parallel_key(key), owner + nonce)
 
     @property
     def token(self) -> str:

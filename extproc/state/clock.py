@@ -1,7 +1,7 @@
 """The one clock: every read of the time outside the stores goes through a :class:`Clock`.
 
 Rule: the decision core never reads the time itself; it is handed ``now``. The
-process wiring (``server``, ``launcher``) builds one :class:`SystemClock` and injects
+process wiring (``adapters.server``, ``cli.up``) builds one :class:`SystemClock` and injects
 it; tests inject a fake and move it across window boundaries instead of sleeping.
 """
 

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import secrets
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -262,6 +263,7 @@ class Gateway:
         key = decision.caller.key if decision.caller is not None else None
         share = policy.general.budget_alert_at
         charge = Charge.new(
+            rid=uuid.uuid4().hex,
             api=decision.request.endpoint.api,
             endpoint=decision.request.endpoint.name,
             dep=dep,
@@ -294,7 +296,7 @@ class Gateway:
         key = decision.caller.key if decision.caller is not None else None
         lease = None
         if limits and key is not None and key.max_parallel_requests is not None:
-            lease = Lease.new(key, self.liveness.owner)
+            lease = Lease.new(key, self.liveness.owner, secrets.token_hex(8))
         mono = self.clock.monotonic()
         # while the store is marked down, sessions are counted in process (fail open)
         in_store = cap is not None and mono >= self._store_retry_at

@@ -1,7 +1,7 @@
 """Process settings, read from the environment (prefix ``EXTPROC_``).
 
 These are about the process: where it listens, which policy file and store it uses,
-how it fails. What the gateway enforces lives in the policy file (``policy.py``).
+how it fails. What the gateway enforces lives in the policy file (``extproc.policy``).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -175,6 +176,7 @@ async def test_settle_charges_the_clamped_usage_and_counts_it() -> None:
     dep = policy.deployment("dep-a")
     assert dep is not None
     charge = Charge.new(
+        rid=uuid.uuid4().hex,
         api="openai",
         endpoint="chat_completions",
         dep=dep,

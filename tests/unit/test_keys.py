@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from extproc.cli.main import main
-from extproc.core.access import hash_key, new_key
+from extproc.cli.main import main, new_key
+from extproc.core.access import hash_key
 from extproc.core.decision import GatewayConfig, RouteDecision, decide_head
 from extproc.core.errors import GatewayError
 from extproc.core.request import RequestHead
