@@ -33,7 +33,14 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 
 
+#: The store modules the core may import: the dataclasses of store effects and the
+#: key builder (no store I/O).
+STORE_ALLOWED = ("extproc.store.base", "extproc.store.keys")
+
+
 def _forbidden(name: str) -> bool:
+    if name.startswith("extproc.store"):
+        return not any(name == s or name.startswith(s + ".") for s in STORE_ALLOWED)
     return any(name == f or name.startswith(f + ".") for f in (*FORBIDDEN, "envoy"))
 
 
