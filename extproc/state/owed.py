@@ -40,7 +40,7 @@ from extproc.state.metrics import Metrics
 from extproc.store import Store, StoreError, StoreUnavailableError
 from extproc.store.base import ENDED_KEEP_S
 
-__all__ = ["Owed", "OwedCancel", "OwedCount", "OwedSettle", "OwedWrites"]
+__all__ = ["Owed", "OwedCancel", "OwedCount", "OwedSettle", "OwedUncount", "OwedWrites"]
 
 log = logging.getLogger("extproc.owed")
 
@@ -78,6 +78,9 @@ class OwedCancel:
     keys: tuple[str, ...] = ()
     #: Unix time of the first attempt (0: set when it is owed).
     since: float = 0.0
+    #: A parallel-request lease the call may have taken (``key|member``, as Envoy
+    #: carries it): given back with the hold.
+    lease: str | None = None
 
     @property
     def ident(self) -> str:
@@ -99,12 +102,30 @@ class OwedCount:
         return f"count:{self.marker}"
 
 
-Owed = OwedSettle | OwedCancel | OwedCount
+@dataclass(frozen=True, slots=True)
+class OwedUncount:
+    """Take back the increment of ``key`` made with ``marker`` if it was made (a call
+    refused after its admission's answer was lost: it must not count), while the
+    counter's window lasts (``until``, Unix time)."""
+
+    key: str
+    amount: int
+    marker: str
+    until: float
+
+    @property
+    def ident(self) -> str:
+        return f"uncount:{self.marker}"
+
+
+Owed = OwedSettle | OwedCancel | OwedCount | OwedUncount
 
 
 def _kind(item: Owed) -> str:
     if isinstance(item, OwedSettle):
         return "settle"
+    if isinstance(item, OwedUncount):
+        return "uncount"
     return "cancel" if isinstance(item, OwedCancel) else "count"
 
 
@@ -119,8 +140,17 @@ def _line(item: Owed) -> dict[str, Any]:
             "t": item.since,
         }
     if isinstance(item, OwedCancel):
-        return {"op": "cancel", "rid": item.rid, "keys": list(item.keys), "t": item.since}
-    return {"op": "count", "key": item.key, "n": item.amount, "m": item.marker, "u": item.until}
+        line: dict[str, Any] = {
+            "op": "cancel",
+            "rid": item.rid,
+            "keys": list(item.keys),
+            "t": item.since,
+        }
+        if item.lease is not None:
+            line["lease"] = item.lease
+        return line
+    op = "uncount" if isinstance(item, OwedUncount) else "count"
+    return {"op": op, "key": item.key, "n": item.amount, "m": item.marker, "u": item.until}
 
 
 def _parse(entry: dict[str, Any]) -> Owed | str:
@@ -135,9 +165,12 @@ def _parse(entry: dict[str, Any]) -> Owed | str:
         return OwedSettle(str(entry["rid"]), keys, int(entry["cost"]), ttls, since)
     if op == "cancel":
         keys = tuple(str(k) for k in entry.get("keys") or ())
-        return OwedCancel(str(entry["rid"]), keys, float(entry.get("t") or 0.0))
-    if op == "count":
-        return OwedCount(str(entry["key"]), int(entry["n"]), str(entry["m"]), float(entry["u"]))
+        lease = entry.get("lease")
+        since = float(entry.get("t") or 0.0)
+        return OwedCancel(str(entry["rid"]), keys, since, None if lease is None else str(lease))
+    if op in ("count", "uncount"):
+        kind = OwedCount if op == "count" else OwedUncount
+        return kind(str(entry["key"]), int(entry["n"]), str(entry["m"]), float(entry["u"]))
     if op == "done":
         return str(entry["id"])
     raise ValueError(f"unknown op {op!r}")
@@ -425,15 +458,25 @@ class OwedWrites:
                     item.rid, item.keys, item.cost, item.ttls, keep_s=self.keep_s
                 )
             elif isinstance(item, OwedCancel):
-                await self._store.cancel(item.rid, item.keys, keep_s=self.keep_s)
+                if item.keys or item.lease is None:
+                    await self._store.cancel(item.rid, item.keys, keep_s=self.keep_s)
+                if item.lease is not None:
+                    key, _, member = item.lease.rpartition("|")
+                    await self._store.release_lease(key, member)
             else:
                 left = item.until - self._wall()
                 if left <= 0:
                     self._metrics.settlement_retries.labels(kind, "expired").inc()
                     return True
-                await self._store.incr_once(
-                    item.key, item.amount, left, marker=item.marker, keep_s=min(left, self.keep_s)
-                )
+                keep = min(left, self.keep_s)
+                if isinstance(item, OwedUncount):
+                    await self._store.uncount(
+                        item.key, item.amount, marker=item.marker, keep_s=keep
+                    )
+                else:
+                    await self._store.incr_once(
+                        item.key, item.amount, left, marker=item.marker, keep_s=keep
+                    )
         except StoreError as exc:
             down = isinstance(exc, StoreUnavailableError)
             self._metrics.settlement_retries.labels(kind, "unavailable" if down else "fault").inc()

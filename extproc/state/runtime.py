@@ -42,7 +42,7 @@ from extproc.state.alerts import Alerter
 from extproc.state.clock import Clock, SystemClock
 from extproc.state.liveness import Liveness
 from extproc.state.metrics import Metrics
-from extproc.state.owed import OwedCancel, OwedCount, OwedSettle, OwedWrites
+from extproc.state.owed import OwedCancel, OwedCount, OwedSettle, OwedUncount, OwedWrites
 from extproc.state.routing import Router
 from extproc.state.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, StoreUnavailableError, open_store
@@ -55,6 +55,12 @@ log = logging.getLogger("extproc")
 
 #: Refusals by a budget of the deployment the router chose (see ``route_and_admit``).
 _DEPLOYMENT_BUDGETS = frozenset({"deployment_budget_exceeded", "provider_budget_exceeded"})
+
+
+def _token(lease: Lease | None) -> str | None:
+    return None if lease is None else lease.token
+
+
 #: Sessions whose last store count a process remembers (for counting through an outage).
 _STORE_COUNTS_KEPT = 100_000
 
@@ -312,8 +318,13 @@ class Gateway:
             try:
                 await self.owed.land_counts(cap.store_key)
             except StoreError as exc:
-                return await self._admit_unsure(exc, decision, charge, cap, lease, in_flight=False)
+                return await self._admit_unsure(exc, charge, cap, None)
             owed = self.owed.pending_count(cap.store_key)
+        iterations: IterationCount | None = None
+        if cap is not None and not in_store:
+            # Rule: the session is counted first, as in the store's order (a call its
+            # cap refuses takes no rpm count or slot)
+            iterations = await self._count_locally(cap, marker_key(cap.store_key, charge.rid))
         plan = plan_admission(
             dataclasses.replace(decision, iterations=cap),
             charge,
@@ -330,68 +341,86 @@ class Gateway:
             minute=int(self.clock.wall() // 60),
             limits=limits,
         )
-        iterations: IterationCount | None = None
-        if not plan.empty:
-            try:
-                admitted = await self.store.admit(
-                    dataclasses.replace(plan.admission, keep_s=self._marker_s)
-                )
-            except StoreError as exc:
-                return await self._admit_unsure(
-                    exc, decision, charge, cap, plan.lease, in_flight=plan.load is not None
-                )
-            if (
-                plan.session is not None
-                and cap is not None
-                and plan.session < len(admitted.results)
-            ):
-                value, left, _ = cast(tuple[int, float, bool], admitted.results[plan.session])
-                self._remember_count(cap.store_key, value, mono + left)
-            iterations, reaped = read_admitted(plan, admitted, cap, key, now)
+        if plan.empty:
+            return Admission(None, iterations, charge)
+        try:
+            admitted = await self.store.admit(
+                dataclasses.replace(plan.admission, keep_s=self._marker_s)
+            )
+        except StoreError as exc:
+            return await self._admit_unsure(
+                exc,
+                charge,
+                cap,
+                plan.lease,
+                counted=not in_store,
+                sent_count=plan.session is not None,
+            )
+        results = admitted.results
+        if plan.session is not None and cap is not None and plan.session < len(results):
+            value, left, _ = cast(tuple[int, float, bool], results[plan.session])
+            self._remember_count(cap.store_key, value, mono + left)
+        if plan.slot is not None and plan.slot < len(results):
+            # counted before a refusal is raised: the dead peers' slots are gone either way
+            reaped = cast(tuple[bool, int, int], results[plan.slot])[2]
             if reaped:
                 self.metrics.leases.labels("reaped").inc(reaped)
-            if plan.slot is not None:
-                self.metrics.leases.labels("acquired").inc()
-        if cap is not None and not in_store:
-            try:
-                iterations = await self._count_locally(cap, marker_key(cap.store_key, charge.rid))
-            except BaseException:
-                # refused (or cancelled) after the batch: nothing may stay held
-                self.cancel_soon(charge, in_flight=plan.load is not None)
-                if plan.lease is not None:
-                    self.release_soon(plan.lease)
-                raise
+        if not admitted.handed_back:
+            # Rule: never left to the hold's TTL: what other slots took is owed back
+            self.owed.add(OwedCancel(charge.rid, charge.keys, lease=_token(plan.lease)))
+        iterations = read_admitted(plan, admitted, cap, key, now)[0] or iterations
+        if plan.slot is not None:
+            self.metrics.leases.labels("acquired").inc()
         return Admission(plan.lease, iterations, charge)
 
     async def _admit_unsure(
         self,
         exc: StoreError,
-        decision: RouteDecision,
         charge: Charge,
         cap: SessionCap | None,
         lease: Lease | None,
         *,
-        in_flight: bool,
+        counted: bool = False,
+        sent_count: bool = False,
     ) -> Admission:
         """The batch failed, maybe after it ran. An answered error refuses the call
-        (500; the store wrote nothing). Unreachable: closed answers 503 and owes the
-        cancel (a batch that runs late finds the id ended and is refused); open admits
-        the call as it would have been without a store: unreserved (its settlement or
-        cancel ends the id), the session counted in process and owed to the store
-        under the batch's marker (so a batch that did run counts once), its lease
-        given back at the end in any case."""
-        if isinstance(exc, StoreUnavailableError):
-            if cap is not None:
-                self._store_retry_at = self.clock.monotonic() + self.settings.store_retry_s
-            if self.settings.fail_mode == "closed":
-                if charge.keys:
-                    self.owed.add(OwedCancel(charge.rid, charge.keys))
-                if in_flight:
-                    self.spawn(self._not_in_flight(charge))
+        (500; the store wrote nothing). Unreachable, or no answer:
+
+        - closed answers 503 and owes the cancel of the hold and the slot (a batch
+          that runs late finds the id ended and is refused where it holds budgets),
+          and the session count the batch may have made is owed back (``sent_count``:
+          taken back if it was made, else its marker keeps a late batch from making
+          it), so a call refused with a 503 never counts against its session's cap;
+        - open admits the call as it would have been without a store, under a fresh
+          id: whatever the batch did under the old one is owed back (a batch that ran
+          and refused a step has ended the old id, so settling it would charge
+          nothing), the new id is settled in full. The session is counted in process
+          and owed to the store under the batch's marker, so a batch that did run
+          counts once; the lease goes to Envoy, which gives it back at the end.
+
+        Rule: a least-busy in-flight count the batch may have added is left as it is
+        (the store cannot say whether it ran): at worst one call too many in flight
+        for that deployment's routing, until its counter's TTL; never a decrement of
+        a count the call never added.
+        """
+        unavailable = isinstance(exc, StoreUnavailableError)
+        if unavailable and cap is not None:
+            self._store_retry_at = self.clock.monotonic() + self.settings.store_retry_s
+        closed = self.settings.fail_mode == "closed"
+        if unavailable and (charge.keys or (closed and lease is not None)):
+            # open: the call goes on with its lease, which Envoy gives back at the end
+            owed_lease = _token(lease) if closed else None
+            self.owed.add(OwedCancel(charge.rid, charge.keys, lease=owed_lease))
+        if unavailable and closed and sent_count and cap is not None:
+            until = self.clock.wall() + self.settings.max_iterations_ttl
+            marker = marker_key(cap.store_key, charge.rid)
+            self.owed.add(OwedUncount(cap.store_key, 1, marker, until))
         self._store_failed(exc, "admission")  # raises unless unavailable and open
+        old = charge.rid
+        charge = dataclasses.replace(charge, rid=uuid.uuid4().hex)
         iterations = None
-        if cap is not None:
-            iterations = await self._count_locally(cap, marker_key(cap.store_key, charge.rid))
+        if cap is not None and not counted:
+            iterations = await self._count_locally(cap, marker_key(cap.store_key, old))
         return Admission(lease, iterations, charge)
 
     async def record_health(self, sample: HealthSample | None, policy: CompiledPolicy) -> None:

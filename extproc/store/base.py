@@ -288,6 +288,9 @@ class Admitted:
     refused_step: int | None
     spends: tuple[int | None, ...]
     results: tuple[object, ...]
+    #: False when a refusal's hand-back of what other slots took could not be sent
+    #: (Redis Cluster): the caller then owes ``cancel(rid, keys)`` and the lease.
+    handed_back: bool = True
 
     @property
     def admitted(self) -> bool:
@@ -335,6 +338,13 @@ class Store(Protocol):
         :func:`extproc.store.keys.marker_key`) is set; sets it for ``keep_s``. Returns
         (value, seconds left, whether this call added). Rule: a retry of an increment
         whose answer was lost adds nothing."""
+        ...
+
+    async def uncount(self, key: str, amount: int, *, marker: str, keep_s: float) -> bool:
+        """Take back an increment of ``key`` made with ``marker`` (a :class:`Count` of an
+        admission whose answer was lost), if it was made: ``amount`` off, never below 0;
+        returns whether it was. Rule: the marker is set either way (for ``keep_s``), so
+        the increment, should its script run later, adds nothing."""
         ...
 
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:

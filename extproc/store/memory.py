@@ -295,6 +295,16 @@ class MemoryStore:
         self._mark(marker, keep_s, now)
         return value, self._values[key][1] - now, True
 
+    async def uncount(self, key: str, amount: int, *, marker: str, keep_s: float) -> bool:
+        check_int64(amount, "amount")
+        now = self._clock()
+        applied = self._marked(marker, now)
+        entry = self._live(key, now)
+        if applied and entry is not None:
+            self._values[key] = (max(0, entry[0] - amount), entry[1])
+        self._mark(marker, keep_s, now)
+        return applied
+
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         now = self._clock()
         out: list[int | None] = []

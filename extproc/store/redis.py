@@ -4,6 +4,7 @@ and per hash slot an admission or settlement touches (one in all on a single Red
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import time
 from collections.abc import Iterator, Sequence
@@ -97,6 +98,19 @@ if ttl < 0 then
 end
 redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
 return {value, ttl, 1}
+"""
+
+# Undo an increment made with a marker (KEYS[2]) if it was made, never below zero; the
+# marker stays set either way, so the increment, should it run later, adds nothing.
+# → 1 when an increment was taken back, else 0.
+_UNCOUNT = """
+local applied = redis.call('EXISTS', KEYS[2]) == 1
+if applied and redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
+end
+redis.call('SET', KEYS[2], 1, 'PX', ARGV[2])
+if applied then return 1 end
+return 0
 """
 
 # A lease set: members scored by their expiry (server time, ms). Expired leases are
@@ -311,6 +325,11 @@ class RedisStore:
             value, ttl_ms, added = await self._eval(_INCR_ONCE, [key, marker], args)
             return int(value), max(0, int(ttl_ms)) / 1000, bool(int(added))
 
+    async def uncount(self, key: str, amount: int, *, marker: str, keep_s: float) -> bool:
+        with _guard("incr"):
+            args = [check_int64(amount, "amount"), _ms(keep_s)]
+            return bool(int(await self._eval(_UNCOUNT, [key, marker], args)))
+
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         if not keys:
             return []
@@ -502,7 +521,8 @@ class RedisStore:
                 await self._hand_back(adm.rid, held, taken, adm.keep_s)
                 raise
             if not admitted.admitted:
-                await self._hand_back(adm.rid, held, taken, adm.keep_s)
+                if not await self._hand_back(adm.rid, held, taken, adm.keep_s):
+                    return dataclasses.replace(admitted, handed_back=False)
                 return admitted
             for i in unit.budgets:
                 held.append(budgets[i].key)
@@ -512,15 +532,19 @@ class RedisStore:
                     taken.append(step)
         return Admitted(None, None, tuple(spends), tuple(results))
 
-    async def _hand_back(self, rid: str, held: list[str], taken: list[Take], keep_s: float) -> None:
-        """Give back what earlier slots of a refused (or failed) admission took. Rule:
-        best effort: a hold it cannot give back runs out with its hold time, and the
-        caller of an admission whose outcome is unknown owes its cancel anyway."""
-        with contextlib.suppress(StoreError):
+    async def _hand_back(self, rid: str, held: list[str], taken: list[Take], keep_s: float) -> bool:
+        """Give back what earlier slots of a refused (or failed) admission took;
+        whether it could. Rule: a refusal whose hand-back failed says so
+        (:attr:`Admitted.handed_back`), so its caller owes the cancel; the caller of an
+        admission whose outcome is unknown owes it anyway."""
+        try:
             if held:
                 await self.cancel(rid, held, keep_s=keep_s)
             for take in taken:
                 await self.release_lease(take.key, take.member)
+        except StoreError:
+            return False
+        return True
 
     async def _register(self, owner: str, tags: Sequence[str], hold_s: float) -> None:
         """File the book tags under ``owner``'s registry (Redis Cluster: its own slot,
