@@ -30,12 +30,12 @@ import fcntl
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from extproc.state.clock import SystemClock
 from extproc.state.metrics import Metrics
 from extproc.store import Store, StoreError, StoreUnavailableError
 from extproc.store.base import ENDED_KEEP_S
@@ -267,7 +267,8 @@ class OwedWrites:
         keep_s: float = ENDED_KEEP_S,
         min_backoff_s: float = 0.05,
         max_backoff_s: float = 2.0,
-        wall: Callable[[], float] = time.time,
+        wall: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -276,7 +277,9 @@ class OwedWrites:
         self.keep_s = keep_s
         self._min_backoff_s = min_backoff_s
         self._max_backoff_s = max_backoff_s
-        self._wall = wall
+        system = SystemClock()
+        self._wall = wall or system.wall
+        self._monotonic = monotonic or system.monotonic
         self._items: dict[str, Owed] = {}
         #: Counter key → the amounts owed to it (what a decision adds to the store's count).
         self._counts: dict[str, int] = {}
@@ -480,7 +483,7 @@ class OwedWrites:
         except StoreError as exc:
             down = isinstance(exc, StoreUnavailableError)
             self._metrics.settlement_retries.labels(kind, "unavailable" if down else "fault").inc()
-            now = time.monotonic()
+            now = self._monotonic()
             if now - self._last_log >= 10.0:
                 self._last_log = now
                 log.warning("%d owed store writes kept for retry: %s", len(self._items), exc)

@@ -127,7 +127,7 @@ class Gateway:
         self._last_fault_log = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
         #: In-process counters for session caps while the store is down.
-        self._local = MemoryStore()
+        self._local = MemoryStore(clock=self.clock.monotonic, wall=self.clock.wall)
         #: Session counter key → (the store's last count, monotonic end of its window).
         self._store_counts: dict[str, tuple[int, float]] = {}
         self._store_retry_at = float("-inf")
@@ -152,6 +152,7 @@ class Gateway:
             directory=None if embedded else settings.owed_directory,
             keep_s=self._marker_s,
             wall=self.clock.wall,
+            monotonic=self.clock.monotonic,
         )
         self.alerts = Alerter(store, self.metrics, settings.alert_webhook_url)
         self.router = Router(

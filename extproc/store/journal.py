@@ -20,9 +20,10 @@ import fcntl
 import json
 import logging
 import os
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+
+from extproc.state.clock import SystemClock
 
 __all__ = ["JournalError", "SpendJournal", "check_journal"]
 
@@ -69,8 +70,10 @@ def check_journal(path: Path) -> None:
 
 
 class SpendJournal:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, wall: Callable[[], float] | None = None) -> None:
         self.path = path
+        #: Unix time, from the process's clock (expiries are wall-clock instants).
+        self._wall = wall or SystemClock().wall
         self._buffer: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
         self._lock: int | None = _claim(path)
@@ -166,7 +169,7 @@ class SpendJournal:
         self._buffer.clear()
 
     def _compact(self, live: Iterable[tuple[str, int, float | None]]) -> None:
-        now = time.time()
+        now = self._wall()
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as handle:

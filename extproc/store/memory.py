@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from extproc.state.clock import SystemClock
 from extproc.store.base import (
     ENDED_KEEP_S,
     SPEND_TAG,
@@ -86,13 +86,17 @@ class MemoryStore:
 
     def __init__(
         self,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
         journal: Path | None = None,
         *,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         sweep_batch: int = SWEEP_BATCH,
+        wall: Callable[[], float] | None = None,
     ) -> None:
-        self._clock = clock
+        system = SystemClock()
+        #: Monotonic seconds (expiry) and Unix time (the journal's expiries).
+        self._clock = clock or system.monotonic
+        self._wall = wall or system.wall
         self._values: dict[str, tuple[int, float]] = {}
         self._leases: dict[str, dict[str, float]] = {}
         #: The ended marker of (reservation id, book tag) → that book's hold: one
@@ -113,12 +117,12 @@ class MemoryStore:
         self._sweeper: asyncio.Handle | None = None
         self._sweeper_loop: asyncio.AbstractEventLoop | None = None
         self._peaks = [0, 0, 0, 0, 0]
-        self._journal = SpendJournal(journal) if journal is not None else None
+        self._journal = SpendJournal(journal, self._wall) if journal is not None else None
         if self._journal is not None:
             self._replay(self._journal)
 
     def _replay(self, journal: SpendJournal) -> None:
-        wall, now = time.time(), self._clock()
+        wall, now = self._wall(), self._clock()
         for key, amount, expiry in journal.replay():
             if expiry is not None and expiry <= wall:
                 continue
@@ -246,7 +250,7 @@ class MemoryStore:
 
     def _wall_expiry(self, key: str, now: float) -> float | None:
         expiry = self._values[key][1]
-        return None if math.isinf(expiry) else time.time() + (expiry - now)
+        return None if math.isinf(expiry) else self._wall() + (expiry - now)
 
     @property
     def journal_path(self) -> Path | None:

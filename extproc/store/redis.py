@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from extproc.state.clock import SystemClock
 from extproc.store.base import (
     ENDED_KEEP_S,
     HEARTBEATS,
@@ -262,6 +262,7 @@ class RedisStore:
         self._shas: dict[str, str] = {}
         #: (owner, book tag) → when this process files the tag again (Redis Cluster).
         self._registered: dict[tuple[str, str], float] = {}
+        self._monotonic = SystemClock().monotonic
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = 0.25) -> RedisStore:
@@ -549,7 +550,7 @@ class RedisStore:
     async def _register(self, owner: str, tags: Sequence[str], hold_s: float) -> None:
         """File the book tags under ``owner``'s registry (Redis Cluster: its own slot,
         one more round trip), once per tag while the registration lasts."""
-        now = time.monotonic()
+        now = self._monotonic()
         ttl_ms = _registry_ms(hold_s)
         new = sorted({t for t in tags if self._registered.get((owner, t), 0.0) <= now})
         if not new:
