@@ -194,6 +194,16 @@ async def test_serve_stops_without_a_traceback(tmp_path: Path, sig: int, in_flig
     assert f"spend journal {tmp_path / 'spend.jsonl'}" in log
 
 
+def assert_quiet_exit(returncode: int, out: bytes) -> None:
+    """A Ctrl-C during startup exits 0 or 130 without a traceback. Rule: on a busy
+    machine the signal can land before the interpreter has installed its handler; the
+    process then dies of SIGINT having run none of our code and printed nothing, which
+    is quiet too."""
+    killed_before_python = returncode == -signal.SIGINT and not out.strip()
+    assert returncode in (0, 130) or killed_before_python, out.decode()
+    assert b"Traceback" not in out, out.decode()
+
+
 @pytest.mark.parametrize("after_s", [0.5, 1.5])
 def test_up_interrupted_while_starting_exits_quietly(tmp_path: Path, after_s: float) -> None:
     """Ctrl-C while up, its server, mock and Envoy still start: no traceback, no
@@ -208,8 +218,7 @@ def test_up_interrupted_while_starting_exits_quietly(tmp_path: Path, after_s: fl
     time.sleep(after_s)  # the point in startup the signal lands at; any must be clean
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode in (0, 130), out.decode()
-    assert b"Traceback" not in out, out.decode()
+    assert_quiet_exit(proc.returncode, out)
 
     def group_gone() -> bool:
         try:
@@ -242,8 +251,7 @@ def test_serve_interrupted_while_starting_exits_quietly(tmp_path: Path, after_s:
     time.sleep(after_s)  # the point in startup the signal lands at; any must be clean
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
-    assert proc.returncode in (0, 130), out.decode()
-    assert b"Traceback" not in out, out.decode()
+    assert_quiet_exit(proc.returncode, out)
 
 
 async def test_sigterm_lets_in_flight_stream_finish(tmp_path: Path) -> None:
