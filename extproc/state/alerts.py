@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiohttp
 
@@ -18,6 +18,7 @@ from extproc.core.budgets import BudgetRef, alert_key
 from extproc.core.pricing import MICROS_PER_DOLLAR
 from extproc.state.metrics import Metrics
 from extproc.store import Store, StoreError
+from extproc.store.base import Admission, Count
 
 __all__ = ["Alerter"]
 
@@ -32,8 +33,12 @@ Kind = Literal["soft_budget", "budget_threshold"]
 
 
 class Alerter:
-    def __init__(self, store: Store, metrics: Metrics, webhook_url: str = "") -> None:
+    def __init__(
+        self, store: Store, metrics: Metrics, webhook_url: str = "", *, owner: str = "0" * 16
+    ) -> None:
         self._store = store
+        #: The process id the once-per-window counts are filed under.
+        self._owner = owner
         self._metrics = metrics
         self._webhook_url = webhook_url
         self._tasks: set[asyncio.Task[None]] = set()
@@ -43,12 +48,14 @@ class Alerter:
         ttl = ref.window_s or DEFAULT_WINDOW_S
         key = alert_key(ref, kind)
         try:
-            first = await self._store.incr(key, 1, ttl) == 1
+            once = Admission(key, self._owner, 0, ttl, (), (Count(key, 1, ttl),))
+            (result,) = (await self._store.admit(once)).results
+            first = cast(tuple[int, float, bool], result)[0] == 1
             if first and ref.duration is not None and ref.period is None:
                 # Rule: a rolling window (tag, provider, deployment budgets) started at
                 # its first spend, so its alert lives exactly as long as its spend key:
                 # the next window alerts again.
-                ((_, left),) = await self._store.get_many_with_ttl([ref.store_key])
+                ((_, left),), _ = await self._store.snapshot([ref.store_key], [])
                 if left is not None and left > 0:
                     await self._store.set_flag(key, left)
         except StoreError:

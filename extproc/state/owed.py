@@ -38,7 +38,7 @@ from typing import Any
 from extproc.state.clock import SystemClock
 from extproc.state.metrics import Metrics
 from extproc.store import Store, StoreError, StoreUnavailableError
-from extproc.store.base import ENDED_KEEP_S
+from extproc.store.base import ENDED_KEEP_S, Admission, Count, Finish
 
 __all__ = ["Owed", "OwedCancel", "OwedCount", "OwedSettle", "OwedUncount", "OwedWrites"]
 
@@ -457,8 +457,8 @@ class OwedWrites:
             return True
         try:
             if isinstance(item, OwedSettle):
-                await self._store.settle(
-                    item.rid, item.keys, item.cost, item.ttls, keep_s=self.keep_s
+                await self._store.finish(
+                    Finish(item.rid, item.keys, item.cost, item.ttls, self.keep_s)
                 )
             elif isinstance(item, OwedCancel):
                 if item.keys or item.lease is None:
@@ -477,8 +477,9 @@ class OwedWrites:
                         item.key, item.amount, marker=item.marker, keep_s=keep
                     )
                 else:
-                    await self._store.incr_once(
-                        item.key, item.amount, left, marker=item.marker, keep_s=keep
+                    step = Count(item.key, item.amount, left, marker=item.marker, keep_s=keep)
+                    await self._store.admit(
+                        Admission(item.ident, self._owner, 0, left, (), (step,))
                     )
         except StoreError as exc:
             down = isinstance(exc, StoreUnavailableError)

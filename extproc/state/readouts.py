@@ -97,7 +97,7 @@ async def budget_statuses(
     store: Store, refs: Sequence[BudgetRef], now: datetime
 ) -> list[BudgetStatus]:
     """Spend and reset time of each budget (one store round trip)."""
-    values = await store.get_many_with_ttl([ref.store_key for ref in refs])
+    values, _ = await store.snapshot([ref.store_key for ref in refs], [])
     out = []
     for ref, (spend, ttl) in zip(refs, values, strict=True):
         if ref.period is not None:

@@ -154,7 +154,9 @@ class Gateway:
             wall=self.clock.wall,
             monotonic=self.clock.monotonic,
         )
-        self.alerts = Alerter(store, self.metrics, settings.alert_webhook_url)
+        self.alerts = Alerter(
+            store, self.metrics, settings.alert_webhook_url, owner=self.liveness.owner
+        )
         self.router = Router(
             store,
             self.metrics,

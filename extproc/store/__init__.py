@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extproc.store.base import Store, StoreError, StoreFaultError, StoreUnavailableError
+from extproc.store.base import (
+    Store,
+    StoreError,
+    StoreFaultError,
+    StoreTools,
+    StoreUnavailableError,
+)
 from extproc.store.memory import MemoryStore
 
 __all__ = [
@@ -12,12 +18,13 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFaultError",
+    "StoreTools",
     "StoreUnavailableError",
     "open_store",
 ]
 
 
-def open_store(url: str, *, journal: Path | None = None) -> Store:
+def open_store(url: str, *, journal: Path | None = None) -> StoreTools:
     """A store for ``memory://``, ``redis://``/``rediss://``/``unix://`` or
     ``redis+cluster://`` (Redis Cluster) URLs."""
     if url.startswith("memory://"):

@@ -33,6 +33,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFaultError",
+    "StoreTools",
     "StoreUnavailableError",
     "Take",
     "book_groups",
@@ -310,7 +311,15 @@ class Finish:
 
 
 class Store(Protocol):
-    """Atomic counters with expiry, shared by every server process using the store."""
+    """The primitives every server process uses to share state: read a batch of keys
+    (:meth:`snapshot`), admit a call (:meth:`admit`: its checks and effects in one
+    batch), settle it (:meth:`finish`), give back (:meth:`cancel`, :meth:`release_lease`,
+    :meth:`uncount`), record deployment health (:meth:`incr_many`, :meth:`set_flag`,
+    :meth:`push_sample`) and liveness (:meth:`heartbeat`, :meth:`reap_holds`).
+
+    Rule: the request path and the runtime use only these; the per-feature helpers
+    both stores also have (:class:`StoreTools`) are for read-outs kept in the store
+    module, for seeding state and for tests."""
 
     @property
     def name(self) -> str: ...
@@ -318,6 +327,95 @@ class Store(Protocol):
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailableError` unless the store answers."""
         ...
+
+    async def uncount(self, key: str, amount: int, *, marker: str, keep_s: float) -> bool:
+        """Take back an increment of ``key`` made with ``marker`` (a :class:`Count` of an
+        admission whose answer was lost), if it was made: ``amount`` off, never below 0;
+        returns whether it was. Rule: the marker is set either way (for ``keep_s``), so
+        the increment, should its script run later, adds nothing."""
+        ...
+
+    async def release_lease(self, key: str, member: str) -> None:
+        """Drop ``member`` from ``key`` (no-op when it is gone already)."""
+        ...
+
+    async def cancel(self, rid: str, keys: Sequence[str], *, keep_s: float = ENDED_KEEP_S) -> None:
+        """Give reservation ``rid`` back in the books of ``keys`` (the budget keys it
+        was made with: their slots; none means the ``{spend}`` book) and mark it ended
+        there for ``keep_s``. Rule: per slot, a no-op where ended already; an id never
+        reserved there is only marked, so a reserve of it that runs late is refused."""
+        ...
+
+    async def admit(self, admission: Admission) -> Admitted:
+        """Check and apply everything admitting one call needs, as if in this order:
+
+        1. Every budget is checked (its value, open holds included, has reached its
+           limit: ``refused_budget``, nothing written; what another slot took is
+           handed back); if none refuses, ``amount`` is held against all of them under
+           ``rid`` as :meth:`reserve` would (no budgets: no hold, no book touched).
+        2. The steps in order. The first that refuses stops: ``refused_step``; the
+           hold is given back (as :meth:`cancel`: the id ends) and a lease taken by
+           an earlier step released. Counts applied stay applied.
+
+        Rule: one script per hash slot touched (one in all on a single Redis): a slot
+        of budgets only first, in a fixed order, then the slot of the steps with its
+        own budgets. Amounts and limits are checked before anything is sent. An
+        unknown outcome is a :class:`StoreUnavailableError`: the caller then owes
+        ``cancel(rid, keys)``, which is safe whatever ran."""
+        ...
+
+    async def finish(self, finish: Finish) -> list[int]:
+        """:meth:`settle` and then the steps (a tpm count with a marker, a lease
+        released, the in-flight gauge down), one script per slot. Returns the settled
+        values. Rule: a retry changes nothing: the settlement ends the id, counts and
+        gauges with markers are applied once, a release is idempotent (a gauge without
+        a marker is applied again, so a retry passes one or leaves it out)."""
+        ...
+
+    async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
+        """Mark process ``owner`` alive for ``ttl_s``; returns the processes whose
+        heartbeat has run out (in the last ``keep_s``; older ones are forgotten)."""
+        ...
+
+    async def reap_holds(self, owner: str) -> int:
+        """Give back every open reservation of process ``owner`` exactly as
+        :meth:`cancel` would, in every book it filed a tag of (:func:`books_key`);
+        returns how many book entries (a reservation holds one per slot). Rule:
+        idempotent, and safe while other processes reap the same owner (each hold is
+        given back once)."""
+        ...
+
+    async def incr_many(
+        self, items: Sequence[tuple[str, int]], ttl_s: float, *, refresh_ttl: bool = False
+    ) -> list[int]:
+        """Add to several counters of one slot (one hash tag), never below zero.
+
+        The TTL is set when a counter is created, or on every call with
+        ``refresh_ttl`` (a counter that lives while it is used).
+        """
+        ...
+
+    async def set_flag(self, key: str, ttl_s: float) -> None:
+        """Set ``key`` to 1 for ``ttl_s`` seconds (a cooldown)."""
+        ...
+
+    async def push_sample(self, key: str, value: float, keep: int, ttl_s: float) -> None:
+        """Prepend ``value`` to the list ``key``, keeping the newest ``keep``."""
+        ...
+
+    async def snapshot(
+        self, keys: Sequence[str], lists: Sequence[str]
+    ) -> tuple[list[tuple[int | None, float | None]], list[list[float]]]:
+        """In one round trip: (value, seconds to expiry) of each key, and each list."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class StoreTools(Store, Protocol):
+    """The per-feature helpers both stores keep beside the primitives (the contract
+    tests and tools read and seed state through them; :meth:`reserve` and
+    :meth:`settle` run through :meth:`Store.admit` and :meth:`Store.finish`)."""
 
     async def incr(self, key: str, amount: int, ttl_s: float) -> int:
         """Add ``amount`` to ``key`` and return the new value.
@@ -340,13 +438,6 @@ class Store(Protocol):
         whose answer was lost adds nothing."""
         ...
 
-    async def uncount(self, key: str, amount: int, *, marker: str, keep_s: float) -> bool:
-        """Take back an increment of ``key`` made with ``marker`` (a :class:`Count` of an
-        admission whose answer was lost), if it was made: ``amount`` off, never below 0;
-        returns whether it was. Rule: the marker is set either way (for ``keep_s``), so
-        the increment, should its script run later, adds nothing."""
-        ...
-
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:
         """Current values (None where absent or expired)."""
         ...
@@ -367,10 +458,6 @@ class Store(Protocol):
         leases of dead owners dropped). Rule: a lease expires ``ttl_s`` after it was
         taken in any case, the last resort for a process no peer saw die.
         """
-        ...
-
-    async def release_lease(self, key: str, member: str) -> None:
-        """Drop ``member`` from ``key`` (no-op when it is gone already)."""
         ...
 
     async def reserve(
@@ -423,78 +510,6 @@ class Store(Protocol):
         (or cancel) of an ended id changes nothing and returns the settled values."""
         ...
 
-    async def cancel(self, rid: str, keys: Sequence[str], *, keep_s: float = ENDED_KEEP_S) -> None:
-        """Give reservation ``rid`` back in the books of ``keys`` (the budget keys it
-        was made with: their slots; none means the ``{spend}`` book) and mark it ended
-        there for ``keep_s``. Rule: per slot, a no-op where ended already; an id never
-        reserved there is only marked, so a reserve of it that runs late is refused."""
-        ...
-
-    async def admit(self, admission: Admission) -> Admitted:
-        """Check and apply everything admitting one call needs, as if in this order:
-
-        1. Every budget is checked (its value, open holds included, has reached its
-           limit: ``refused_budget``, nothing written; what another slot took is
-           handed back); if none refuses, ``amount`` is held against all of them under
-           ``rid`` as :meth:`reserve` would (no budgets: no hold, no book touched).
-        2. The steps in order. The first that refuses stops: ``refused_step``; the
-           hold is given back (as :meth:`cancel`: the id ends) and a lease taken by
-           an earlier step released. Counts applied stay applied.
-
-        Rule: one script per hash slot touched (one in all on a single Redis): a slot
-        of budgets only first, in a fixed order, then the slot of the steps with its
-        own budgets. Amounts and limits are checked before anything is sent. An
-        unknown outcome is a :class:`StoreUnavailableError`: the caller then owes
-        ``cancel(rid, keys)``, which is safe whatever ran."""
-        ...
-
-    async def finish(self, finish: Finish) -> list[int]:
-        """:meth:`settle` and then the steps (a tpm count with a marker, a lease
-        released, the in-flight gauge down), one script per slot. Returns the settled
-        values. Rule: a retry changes nothing: the settlement ends the id, counts and
-        gauges with markers are applied once, a release is idempotent (a gauge without
-        a marker is applied again, so a retry passes one or leaves it out)."""
-        ...
-
-    async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
-        """Mark process ``owner`` alive for ``ttl_s``; returns the processes whose
-        heartbeat has run out (in the last ``keep_s``; older ones are forgotten)."""
-        ...
-
-    async def reap_holds(self, owner: str) -> int:
-        """Give back every open reservation of process ``owner`` exactly as
-        :meth:`cancel` would, in every book it filed a tag of (:func:`books_key`);
-        returns how many book entries (a reservation holds one per slot). Rule:
-        idempotent, and safe while other processes reap the same owner (each hold is
-        given back once)."""
-        ...
-
     async def get_many_with_ttl(self, keys: Sequence[str]) -> list[tuple[int | None, float | None]]:
         """(value, seconds until it expires or None) for each key (read-outs only)."""
         ...
-
-    async def incr_many(
-        self, items: Sequence[tuple[str, int]], ttl_s: float, *, refresh_ttl: bool = False
-    ) -> list[int]:
-        """Add to several counters of one slot (one hash tag), never below zero.
-
-        The TTL is set when a counter is created, or on every call with
-        ``refresh_ttl`` (a counter that lives while it is used).
-        """
-        ...
-
-    async def set_flag(self, key: str, ttl_s: float) -> None:
-        """Set ``key`` to 1 for ``ttl_s`` seconds (a cooldown)."""
-        ...
-
-    async def push_sample(self, key: str, value: float, keep: int, ttl_s: float) -> None:
-        """Prepend ``value`` to the list ``key``, keeping the newest ``keep``."""
-        ...
-
-    async def snapshot(
-        self, keys: Sequence[str], lists: Sequence[str]
-    ) -> tuple[list[tuple[int | None, float | None]], list[list[float]]]:
-        """In one round trip: (value, seconds to expiry) of each key, and each list."""
-        ...
-
-    async def close(self) -> None: ...

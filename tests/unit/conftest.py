@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.store import MemoryStore, Store, open_store
+from extproc.store import MemoryStore, StoreTools, open_store
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StoreTools]:
     """The embedded store, then a private Redis emptied first (a file may define its
     own ``store`` instead)."""
     if request.param == "memory":

@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -28,7 +28,7 @@ from extproc.core.usage import Usage
 from extproc.policy import CompiledPolicy, compile_policy, load_policy, parse_policy
 from extproc.state.runtime import Gateway
 from extproc.state.settings import Settings
-from extproc.store import MemoryStore, StoreUnavailableError
+from extproc.store import MemoryStore, StoreTools, StoreUnavailableError
 from extproc.store.base import Admission, Admitted
 from tests.helpers import StoppedClock, decide_request
 
@@ -38,6 +38,11 @@ NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 SAM = hash_key("sk-sam-budget")
 UTC_ZONE = ZoneInfo("UTC")
 POLICY_DATA = yaml.safe_load(POLICY.read_text())
+
+
+def store_of(gateway: Gateway) -> StoreTools:
+    """The gateway's store with its seeding helpers (both stores have them)."""
+    return cast(StoreTools, gateway.store)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +186,7 @@ async def test_alerts_come_from_settled_spend_not_holds(
     await gateway.settle(held, Usage(output_tokens=250_000), gateway.policy)
     await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("key")._value.get() == 1  # once a window
-    assert (await gateway.store.get_many([big.budgets[0].store_key]))[0] == 6_000_000
+    assert (await store_of(gateway).get_many([big.budgets[0].store_key]))[0] == 6_000_000
 
 
 async def test_under_soft_budget_no_alert(policy: CompiledPolicy) -> None:
@@ -288,8 +293,8 @@ async def test_soft_alert_once_per_calendar_window(tmp_path: Path) -> None:
             lambda: 0.1,
             now=now,
         )
-        if (await gateway.store.get_many([decision.budgets[0].store_key]))[0] is None:
-            await gateway.store.incr(decision.budgets[0].store_key, 6_000_000, 86_400)
+        if (await store_of(gateway).get_many([decision.budgets[0].store_key]))[0] is None:
+            await store_of(gateway).incr(decision.budgets[0].store_key, 6_000_000, 86_400)
         gateway.clock = StoppedClock(now)
         await call(gateway, decision, gateway.policy)
     # over the soft budget on two days: one alert each day
@@ -311,7 +316,7 @@ async def test_alert_at_a_share_of_the_max_budget(tmp_path: Path) -> None:
     await call(gateway, tess, shared)
     await gateway.drain()
     assert gateway.metrics.soft_budget_alerts.labels("team")._value.get() == 0
-    await gateway.store.incr(spend_key("team", "t-budget"), 200_000, 3600)  # $4.10: 82%
+    await store_of(gateway).incr(spend_key("team", "t-budget"), 200_000, 3600)  # $4.10: 82%
     await call(gateway, route(shared, "sk-tess-team-budget"), shared)
     await gateway.drain()
     await call(gateway, route(shared, "sk-tess-team-budget"), shared)

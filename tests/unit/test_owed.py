@@ -182,12 +182,12 @@ async def test_a_fault_is_retried_too(tmp_path: Path) -> None:
     owed = owed_writes(store)
     broken = [True]
 
-    async def settle(*args: Any, **kwargs: Any) -> list[int]:
+    async def finish(finish: Finish) -> list[int]:
         if broken[0]:
             raise StoreFaultError("budget counter 1 is not an integer")
-        return await MemoryStore.settle(store, *args, **kwargs)
+        return await MemoryStore.finish(store, finish)
 
-    store.settle = settle  # type: ignore[method-assign]
+    store.finish = finish  # type: ignore[method-assign]
     owed.add(OwedSettle("f1", (A,), 3, (None,)))
     await owed.drain(0.05)
     assert len(owed) == 1  # kept: an operator may fix the key
@@ -318,10 +318,10 @@ class _FaultyFor(LossyStore):
 
     bad = "{spend}:key:bad"
 
-    async def settle(self, rid: str, keys: Any, *args: Any, **kwargs: Any) -> list[int]:
-        if self.bad in keys:
+    async def finish(self, finish: Finish) -> list[int]:
+        if self.bad in finish.keys:
             raise StoreFaultError("budget counter 1 is not an integer")
-        return await super().settle(rid, keys, *args, **kwargs)
+        return await super().finish(finish)
 
 
 async def test_writes_the_store_refuses_do_not_hold_back_the_others() -> None:

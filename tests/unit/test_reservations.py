@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.store import MemoryStore, Store, StoreFaultError, open_store
+from extproc.store import MemoryStore, StoreFaultError, StoreTools, open_store
 from extproc.store.keys import marker_key, split_key
 from tests.unit.test_store import FakeClock
 
 A, B = "{spend}:key:a", "{spend}:global:all"
 
 
-async def values(store: Store) -> list[int | None]:
+async def values(store: StoreTools) -> list[int | None]:
     return await store.get_many([A, B])
 
 
-async def test_reserve_settle_cancel(store: Store) -> None:
+async def test_reserve_settle_cancel(store: StoreTools) -> None:
     ok, _ = await store.reserve(
         "r1", [A, B], limits=[100, None], amount=30, ttls_s=[None, 60], hold_s=60
     )
@@ -45,7 +45,7 @@ async def test_reserve_settle_cancel(store: Store) -> None:
     assert await values(store) == [12, 12]
 
 
-async def test_refused_when_a_budget_is_reached(store: Store) -> None:
+async def test_refused_when_a_budget_is_reached(store: StoreTools) -> None:
     await store.reserve("r1", [A, B], limits=[50, 1000], amount=50, ttls_s=[None, None], hold_s=60)
     index, spends = await store.reserve(
         "r2", [B, A], limits=[1000, 50], amount=1, ttls_s=[None, None], hold_s=60
@@ -54,7 +54,7 @@ async def test_refused_when_a_budget_is_reached(store: Store) -> None:
     assert await values(store) == [50, 50]  # nothing changed
 
 
-async def test_concurrent_reservations_never_pass_the_budget(store: Store) -> None:
+async def test_concurrent_reservations_never_pass_the_budget(store: StoreTools) -> None:
     limit, cost = 1000, 7
     # A full garbage collection of this test process (a thousand tests' objects)
     # takes 0.1-0.25 s; landing inside the burst it stalls the loop past the Redis
@@ -190,7 +190,7 @@ def test_journal_loses_at_most_a_second_on_kill(tmp_path: Path) -> None:
     assert all(json.loads(line)["v"] == 10 for line in journal.read_text().splitlines())
 
 
-async def test_hold_never_leaves_the_window_it_was_taken_from(store: Store) -> None:
+async def test_hold_never_leaves_the_window_it_was_taken_from(store: StoreTools) -> None:
     """A rolling window that rolls over while a call runs: the old hold is neither
     taken back from nor settled into the new window."""
     key = "{spend}:deployment:roll:1m"
@@ -208,7 +208,7 @@ async def test_hold_never_leaves_the_window_it_was_taken_from(store: Store) -> N
     assert await store.get_many([key]) == [10]
 
 
-async def test_key_names_are_data_not_structure(store: Store) -> None:
+async def test_key_names_are_data_not_structure(store: StoreTools) -> None:
     """A budget key with a line break cannot make a hold name other keys."""
     victim = "{spend}:key:victim"
     odd = f"{{spend}}:end_user:x\n{victim}"
@@ -219,7 +219,7 @@ async def test_key_names_are_data_not_structure(store: Store) -> None:
     assert await store.get_many([victim, odd]) == [500, 0]
 
 
-async def test_settle_returns_settled_spend_net_of_open_holds(store: Store) -> None:
+async def test_settle_returns_settled_spend_net_of_open_holds(store: StoreTools) -> None:
     """What alerts compare: a budget's spend without the holds of calls in flight."""
     await store.reserve(
         "s1", [A, B], limits=[None, None], amount=1000, ttls_s=[None, 60], hold_s=60
@@ -235,7 +235,7 @@ async def test_settle_returns_settled_spend_net_of_open_holds(store: Store) -> N
     assert await values(store) == [430, 400]
 
 
-async def test_settled_spend_after_a_hold_expired(store: Store) -> None:
+async def test_settled_spend_after_a_hold_expired(store: StoreTools) -> None:
     await store.reserve("x1", [A], limits=[None], amount=900, ttls_s=[None], hold_s=0.05)
     await asyncio.sleep(0.1)  # the hold runs out; the next reservation gives it back
     await store.reserve("x2", [A], limits=[None], amount=20, ttls_s=[None], hold_s=60)
@@ -243,7 +243,7 @@ async def test_settled_spend_after_a_hold_expired(store: Store) -> None:
     assert await store.settle("x2", [A], 20, [None]) == [30]
 
 
-async def test_settled_spend_in_a_new_window(store: Store) -> None:
+async def test_settled_spend_in_a_new_window(store: StoreTools) -> None:
     key = "{spend}:deployment:settled-roll:1m"
     await store.reserve("w" * 32, [key], limits=[None], amount=500, ttls_s=[0.2], hold_s=600)
     await asyncio.sleep(0.3)  # the window ends while the call runs
@@ -255,13 +255,13 @@ async def test_settled_spend_in_a_new_window(store: Store) -> None:
 # --- retries: every end of a reservation is idempotent by its id ---------------------
 
 
-async def held_sums(store: Store) -> list[int]:
+async def held_sums(store: StoreTools) -> list[int]:
     """The sums of open holds beside A and B (what alerts subtract)."""
     settled = await store.settle("probe" + "0" * 27, [A, B], 0, [None, 60])
     return [(v or 0) - s for v, s in zip(await values(store), settled, strict=True)]
 
 
-async def test_a_settlement_retried_charges_once_and_keeps_held_sums(store: Store) -> None:
+async def test_a_settlement_retried_charges_once_and_keeps_held_sums(store: StoreTools) -> None:
     await store.reserve("h1", [A, B], limits=[None, None], amount=40, ttls_s=[None, 60], hold_s=60)
     await store.reserve("h2", [A], limits=[None], amount=25, ttls_s=[None], hold_s=60)
     for _ in range(3):  # the first answer was lost: the same settlement twice more
@@ -274,7 +274,7 @@ async def test_a_settlement_retried_charges_once_and_keeps_held_sums(store: Stor
     assert await held_sums(store) == [0, 0]
 
 
-async def test_a_reserve_that_runs_after_its_cancel_changes_nothing(store: Store) -> None:
+async def test_a_reserve_that_runs_after_its_cancel_changes_nothing(store: StoreTools) -> None:
     await store.cancel("late", [A])  # the reserve's answer timed out: it is cancelled ...
     with pytest.raises(StoreFaultError, match="already used"):  # ... and runs late
         await store.reserve("late", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60)
@@ -282,7 +282,7 @@ async def test_a_reserve_that_runs_after_its_cancel_changes_nothing(store: Store
     assert await held_sums(store) == [0, 0]
 
 
-async def test_a_reserve_that_runs_after_its_settlement_changes_nothing(store: Store) -> None:
+async def test_a_reserve_that_runs_after_its_settlement_changes_nothing(store: StoreTools) -> None:
     # admitted unreserved (fail mode open), settled, then the reserve script runs
     assert await store.settle("late2", [A], 12, [None]) == [12]
     with pytest.raises(StoreFaultError, match="already used"):
@@ -291,7 +291,7 @@ async def test_a_reserve_that_runs_after_its_settlement_changes_nothing(store: S
     assert await held_sums(store) == [0, 0]
 
 
-async def test_a_reserve_sent_twice_holds_once(store: Store) -> None:
+async def test_a_reserve_sent_twice_holds_once(store: StoreTools) -> None:
     await store.reserve("dup", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60)
     with pytest.raises(StoreFaultError, match="already used"):
         await store.reserve("dup", [A], limits=[None], amount=30, ttls_s=[None], hold_s=60)
@@ -301,7 +301,7 @@ async def test_a_reserve_sent_twice_holds_once(store: Store) -> None:
     assert await held_sums(store) == [0, 0]
 
 
-async def test_a_cancel_of_a_landed_reserve_gives_it_back_once(store: Store) -> None:
+async def test_a_cancel_of_a_landed_reserve_gives_it_back_once(store: StoreTools) -> None:
     await store.reserve("u1", [A, B], limits=[None, None], amount=70, ttls_s=[None, 60], hold_s=60)
     await store.cancel("u1", [A, B])
     await store.cancel("u1", [A, B])
@@ -310,7 +310,7 @@ async def test_a_cancel_of_a_landed_reserve_gives_it_back_once(store: Store) -> 
     assert await held_sums(store) == [0, 0]
 
 
-async def test_increment_once(store: Store) -> None:
+async def test_increment_once(store: StoreTools) -> None:
     counter = "{session_iterations:team:t:s}:count"
     marker = marker_key(counter, "op1")
     assert split_key(marker) is not None

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from extproc.store import MemoryStore, Store, StoreFaultError, open_store
+from extproc.store import MemoryStore, StoreFaultError, StoreTools, open_store
 from extproc.store.base import (
     Admission,
     Admitted,
@@ -41,7 +41,7 @@ STEP_TAG = TAGS[0]
 class Backend:
     """A store under test and, for Redis, a client per primary (one for a single Redis)."""
 
-    store: Store
+    store: StoreTools
     kind: str
     nodes: list[aioredis.Redis]
     url: str = ""

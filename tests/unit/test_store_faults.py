@@ -22,7 +22,13 @@ from extproc.core.request import RequestHead
 from extproc.policy import load_policy
 from extproc.state.runtime import Gateway
 from extproc.state.settings import Settings
-from extproc.store import MemoryStore, Store, StoreFaultError, StoreUnavailableError, open_store
+from extproc.store import (
+    MemoryStore,
+    StoreFaultError,
+    StoreTools,
+    StoreUnavailableError,
+    open_store,
+)
 from extproc.store.base import MAX_AMOUNT_MICROS, Admission, Admitted, Ceiling, Count, Take
 from tests.helpers import decide_request, free_port
 from tests.unit.test_budgets import NOW
@@ -35,7 +41,7 @@ A, B = "{spend}:key:fault-a", "{spend}:global:fault-b"
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StoreTools]:
     if request.param == "memory":
         yield MemoryStore()
         return
@@ -61,7 +67,9 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.mark.parametrize("amount", [-1, MAX_AMOUNT_MICROS + 1, 10**30, True])
-async def test_amount_out_of_range_is_refused_before_it_is_sent(store: Store, amount: int) -> None:
+async def test_amount_out_of_range_is_refused_before_it_is_sent(
+    store: StoreTools, amount: int
+) -> None:
     with pytest.raises(StoreFaultError, match="out of range"):
         await store.reserve("r" * 32, [A], limits=[None], amount=amount, ttls_s=[None], hold_s=60)
     with pytest.raises(StoreFaultError, match="out of range"):
@@ -69,7 +77,7 @@ async def test_amount_out_of_range_is_refused_before_it_is_sent(store: Store, am
     assert await store.get_many([A]) == [None]
 
 
-async def test_largest_amount_is_exact(store: Store) -> None:
+async def test_largest_amount_is_exact(store: StoreTools) -> None:
     """At the bound amounts stay exact (no Lua double or cjson number rounds them)."""
     amount = MAX_AMOUNT_MICROS - 1
     rid = "e" * 32
@@ -81,7 +89,7 @@ async def test_largest_amount_is_exact(store: Store) -> None:
     assert await store.get_many([A]) == [123_456_789_012]
 
 
-async def test_huge_limits_are_still_limits(store: Store) -> None:
+async def test_huge_limits_are_still_limits(store: StoreTools) -> None:
     index, _ = await store.reserve(
         "h" * 32, [A], limits=[10**30], amount=5, ttls_s=[None], hold_s=60
     )

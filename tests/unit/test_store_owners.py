@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.store import MemoryStore, Store, StoreFaultError, open_store
+from extproc.store import MemoryStore, StoreFaultError, StoreTools, open_store
 from extproc.store.base import HEARTBEATS, HELD_PREFIX, RESV_HASH, lease_owner, resv_owner_key
 from tests.unit.test_store import FakeClock
 
@@ -35,7 +35,7 @@ def test_a_lease_member_names_its_owner() -> None:
 
 
 @pytest.mark.parametrize("bad", ["", "A" * 16, "a" * 15, "a" * 17, "g" * 16, "a" * 15 + ":"])
-async def test_owner_ids_are_checked(store: Store, bad: str) -> None:
+async def test_owner_ids_are_checked(store: StoreTools, bad: str) -> None:
     with pytest.raises(StoreFaultError):
         await store.heartbeat(bad, 3, 60)
     with pytest.raises(StoreFaultError):
@@ -89,7 +89,7 @@ async def test_redis_heartbeats_run_out_and_are_forgotten(redis_url: str) -> Non
     await store.close()
 
 
-async def test_a_full_set_drops_the_leases_of_dead_owners(store: Store) -> None:
+async def test_a_full_set_drops_the_leases_of_dead_owners(store: StoreTools) -> None:
     assert await store.acquire_lease(SLOTS, lease(ALICE, 1), 2, 60) == (True, 1, 0)
     assert await store.acquire_lease(SLOTS, lease(BOB, 1), 2, 60) == (True, 2, 0)
     assert await store.acquire_lease(SLOTS, lease(BOB, 2), 2, 60) == (False, 2, 0)
@@ -115,7 +115,7 @@ async def test_a_full_set_drops_the_leases_of_dead_owners(store: Store) -> None:
     assert await store.acquire_lease(SLOTS, lease(CAROL, 1), 2, 60) == (True, 2, 0)
 
 
-async def test_concurrent_acquires_drop_a_dead_lease_once(store: Store) -> None:
+async def test_concurrent_acquires_drop_a_dead_lease_once(store: StoreTools) -> None:
     assert (await store.acquire_lease(SLOTS, lease(ALICE, 1), 3, 60))[0]
     assert (await store.acquire_lease(SLOTS, lease(ALICE, 2), 3, 60))[0]
     assert (await store.acquire_lease(SLOTS, lease(BOB, 0), 3, 60))[0]
@@ -129,7 +129,7 @@ async def test_concurrent_acquires_drop_a_dead_lease_once(store: Store) -> None:
     assert sum(reaped for _, _, reaped in results) == 2
 
 
-async def test_reaping_gives_back_what_a_cancel_would(store: Store) -> None:
+async def test_reaping_gives_back_what_a_cancel_would(store: StoreTools) -> None:
     """Two runs of one story, on keys of their own: alice's holds cancelled one by one,
     or reaped because she died. Values, held counters (what settle nets out) and
     window rollover come out the same."""
@@ -167,7 +167,7 @@ async def test_reaping_gives_back_what_a_cancel_would(store: Store) -> None:
     assert outcomes[1] == ([40, 1040], [30, 30], [30, 30])
 
 
-async def test_reaping_is_idempotent_and_safe_when_concurrent(store: Store) -> None:
+async def test_reaping_is_idempotent_and_safe_when_concurrent(store: StoreTools) -> None:
     key = "{spend}:key:reaped"
     for i in range(600):  # more than one batch
         await store.reserve(
