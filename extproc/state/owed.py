@@ -309,6 +309,12 @@ class OwedWrites:
         """What this process still owes the counter ``key``."""
         return self._counts.get(key, 0)
 
+    def owes(self, key: str) -> bool:
+        """Whether a count or a take-back of the counter ``key`` is still owed."""
+        if key in self._counts:
+            return True
+        return any(isinstance(i, OwedUncount) and i.key == key for i in self._items.values())
+
     def add(self, item: Owed) -> None:
         """Keep ``item`` until the store acknowledges it; retries start at once."""
         if item.ident in self._items:
@@ -443,7 +449,11 @@ class OwedWrites:
     async def land_counts(self, key: str) -> None:
         """Send what is owed to the counter ``key`` now (before a decision reads it:
         an owed count whose lost attempt landed meanwhile must not count twice)."""
-        owed = [i for i in self._items.values() if isinstance(i, OwedCount) and i.key == key]
+        owed = [
+            i
+            for i in self._items.values()
+            if isinstance(i, OwedCount | OwedUncount) and i.key == key
+        ]
         results = await asyncio.gather(*(self._apply(i) for i in owed))
         await self._done([item for item, ok in zip(owed, results, strict=True) if ok])
 

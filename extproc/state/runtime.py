@@ -315,7 +315,7 @@ class Gateway:
                 "session_count",
             )
         owed = 0
-        if cap is not None and in_store and self.owed.pending_count(cap.store_key):
+        if cap is not None and in_store and self.owed.owes(cap.store_key):
             # land what is owed first: an owed count whose lost attempt ran later is
             # already in the store's count
             try:
@@ -356,9 +356,13 @@ class Gateway:
                 charge,
                 cap,
                 plan.lease,
-                counted=not in_store,
+                counted=iterations if not in_store else None,
                 sent_count=plan.session is not None,
             )
+        if admitted.refused_budget is not None and cap is not None and not in_store:
+            # Rule: a budget refuses before anything counts (the store's order): the
+            # session counted in process first is taken back, here and in what is owed
+            await self._uncount_locally(cap, marker_key(cap.store_key, charge.rid))
         results = admitted.results
         if plan.session is not None and cap is not None and plan.session < len(results):
             value, left, _ = cast(tuple[int, float, bool], results[plan.session])
@@ -383,7 +387,7 @@ class Gateway:
         cap: SessionCap | None,
         lease: Lease | None,
         *,
-        counted: bool = False,
+        counted: IterationCount | None = None,
         sent_count: bool = False,
     ) -> Admission:
         """The batch failed, maybe after it ran. An answered error refuses the call
@@ -418,11 +422,15 @@ class Gateway:
             until = self.clock.wall() + self.settings.max_iterations_ttl
             marker = marker_key(cap.store_key, charge.rid)
             self.owed.add(OwedUncount(cap.store_key, 1, marker, until))
+        if not unavailable and charge.keys:
+            # an answered error wrote nothing in its slot, but on Redis Cluster another
+            # slot's hold may not have been handed back: the cancel is idempotent
+            self.owed.add(OwedCancel(charge.rid, charge.keys))
         self._store_failed(exc, "admission")  # raises unless unavailable and open
         old = charge.rid
         charge = dataclasses.replace(charge, rid=uuid.uuid4().hex)
-        iterations = None
-        if cap is not None and not counted:
+        iterations = counted
+        if cap is not None and counted is None:
             iterations = await self._count_locally(cap, marker_key(cap.store_key, old))
         return Admission(lease, iterations, charge)
 
@@ -623,7 +631,7 @@ class Gateway:
         now = self.clock.monotonic()
         if now >= self._store_retry_at:
             try:
-                if self.owed.pending_count(cap.store_key):
+                if self.owed.owes(cap.store_key):
                     await self.owed.land_counts(cap.store_key)
                 owed = self.owed.pending_count(cap.store_key)
                 plan = plan_session_count(
@@ -650,6 +658,13 @@ class Gateway:
                 "session_count",
             )
         return await self._count_locally(cap, marker)
+
+    async def _uncount_locally(self, cap: SessionCap, marker: str) -> None:
+        """Take back a count :meth:`_count_locally` made under ``marker``: in process,
+        and in the store (owed: it lands after the count, or blocks it)."""
+        await self._local.incr_window(cap.store_key, -1, self.settings.max_iterations_ttl)
+        until = self.clock.wall() + self.settings.max_iterations_ttl
+        self.owed.add(OwedUncount(cap.store_key, 1, marker, until))
 
     async def _count_locally(self, cap: SessionCap, marker: str) -> IterationCount:
         """Count in process (the store is down, fail mode open) and owe the count to

@@ -76,6 +76,10 @@ def _check_step(step: Step | Release) -> None:
         check_int64(step.amount, "amount")
 
 
+#: Beside a count's marker: the count has been taken back (see ``uncount``).
+_UNDONE = "#undone"
+
+
 class MemoryStore:
     """In-process counters with expiry; ``clock`` is injectable for tests.
 
@@ -302,11 +306,15 @@ class MemoryStore:
     async def uncount(self, key: str, amount: int, *, marker: str, keep_s: float) -> bool:
         check_int64(amount, "amount")
         now = self._clock()
+        undone = marker + _UNDONE
+        if self._marked(undone, now):
+            return True  # taken back already: a retry changes nothing
         applied = self._marked(marker, now)
         entry = self._live(key, now)
         if applied and entry is not None:
             self._values[key] = (max(0, entry[0] - amount), entry[1])
         self._mark(marker, keep_s, now)
+        self._mark(undone, keep_s, now)
         return applied
 
     async def get_many(self, keys: Sequence[str]) -> list[int | None]:

@@ -100,16 +100,18 @@ redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
 return {value, ttl, 1}
 """
 
-# Undo an increment made with a marker (KEYS[2]) if it was made, never below zero; the
-# marker stays set either way, so the increment, should it run later, adds nothing.
-# → 1 when an increment was taken back, else 0.
+# Undo an increment made with a marker (KEYS[2]) if it was made, never below zero. The
+# marker is left set to 'u' either way: the increment, should it run later, adds
+# nothing (it checks that the marker exists), and a retry of the undo, finding 'u',
+# takes nothing back twice. → 1 when an increment was (or had been) taken back, else 0.
 _UNCOUNT = """
-local applied = redis.call('EXISTS', KEYS[2]) == 1
-if applied and redis.call('EXISTS', KEYS[1]) == 1 then
+local mark = redis.call('GET', KEYS[2])
+if mark == 'u' then return 1 end
+if mark and redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
 end
-redis.call('SET', KEYS[2], 1, 'PX', ARGV[2])
-if applied then return 1 end
+redis.call('SET', KEYS[2], 'u', 'PX', ARGV[2])
+if mark then return 1 end
 return 0
 """
 
