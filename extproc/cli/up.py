@@ -115,6 +115,18 @@ def _wait_http(
     raise TimeoutError(f"{url} did not become ready")
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _python_child(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A Python child of ``up``. Rule: it starts with SIGINT ignored, so a Ctrl-C that
+    reaches the whole process group while the child's interpreter is still starting
+    cannot print a traceback from inside its startup; ``up`` stops its children with
+    SIGTERM (and a child that installs its own handler takes SIGINT again)."""
+    return subprocess.Popen(argv, env=env, preexec_fn=_ignore_sigint)  # noqa: PLW1509 - no threads here
+
+
 def _terminate(
     children: list[subprocess.Popen[bytes]], clock: Clock, grace_s: float = 10.0
 ) -> None:
@@ -217,8 +229,8 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        children.append(subprocess.Popen([*python, "mock", *upstream_args], env=env))
-        children.append(subprocess.Popen([*python, "serve"], env=env))
+        children.append(_python_child([*python, "mock", *upstream_args], env))
+        children.append(_python_child([*python, "serve"], env))
 
         def alive() -> bool:
             return all(c.poll() is None for c in children)
