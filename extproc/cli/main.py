@@ -294,6 +294,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Ctrl-C before a command's own signal handling is in place (while it starts)
         return 130
+    except Exception as exc:
+        if interrupted(exc):
+            return 130
+        raise
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C in disguise. Rule: a KeyboardInterrupt raised while a
+    module is imported can come back wrapped (a class body's ``__set_name__`` turns it
+    into a RuntimeError whose cause is the interrupt); it is still a Ctrl-C."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _main(argv: list[str] | None) -> int:

@@ -34,3 +34,14 @@ def test_invalid_settings(monkeypatch: pytest.MonkeyPatch, name: str, value: str
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_a_ctrl_c_wrapped_by_an_import_is_still_a_ctrl_c() -> None:
+    """A KeyboardInterrupt raised while a class body is built comes back as the cause
+    of a RuntimeError (``__set_name__``): the command line exits 130 for it too."""
+    from extproc.cli.main import interrupted  # noqa: PLC0415
+
+    wrapped = RuntimeError("Error calling __set_name__")
+    wrapped.__cause__ = KeyboardInterrupt()
+    assert interrupted(wrapped)
+    assert not interrupted(RuntimeError("a real error"))
