@@ -69,6 +69,21 @@ def _fail_admit_call(store: Any, which: int, exc: Exception) -> dict[str, int]:
     return seen
 
 
+def _lose_admit_answers(store: Any) -> Any:
+    """Every ADMIT script runs, then its answer is lost (a timeout); returns the real
+    ``_eval`` so the test can put it back."""
+    orig = store._eval
+
+    async def ran_then_lost(script: str, keys: Any, args: Any) -> Any:
+        out = await orig(script, keys, args)
+        if script is ADMIT:
+            raise RedisTimeoutError("answer lost")
+        return out
+
+    store._eval = ran_then_lost
+    return orig
+
+
 async def _settle_1000_tokens(gateway: Gateway, charge: Any, policy: Any) -> None:
     meter = ResponseMeter(charge, content_type="application/json", encoding="")
     meter.feed(b'{"usage": {"prompt_tokens": 1000, "completion_tokens": 0}}', end=True)
@@ -118,15 +133,7 @@ async def test_open_mode_timeout_that_ran_and_refused_is_charged_in_full(
     first = await gateway.admit(await gateway.route(HEAD, RAW, policy), policy)
     assert first.charge is not None
     await _settle_1000_tokens(gateway, first.charge, policy)
-    orig = store._eval
-
-    async def ran_then_lost(script: str, keys: Any, args: Any) -> Any:
-        out = await orig(script, keys, args)
-        if script is ADMIT:
-            raise RedisTimeoutError("answer lost")
-        return out
-
-    store._eval = ran_then_lost
+    orig = _lose_admit_answers(store)
     second = await gateway.admit(await gateway.route(HEAD, RAW, policy), policy)
     store._eval = orig
     assert second.charge is not None
@@ -178,15 +185,7 @@ async def test_closed_mode_timeout_gives_the_lease_back(tmp_path: Path, redis_ur
     policy = load_policy(path)
     store: Any = open_store(redis_url)
     gateway = Gateway(Settings(policy_path=path, fail_mode="closed"), policy, store)
-    orig = store._eval
-
-    async def ran_then_lost(script: str, keys: Any, args: Any) -> Any:
-        out = await orig(script, keys, args)
-        if script is ADMIT:
-            raise RedisTimeoutError("answer lost")
-        return out
-
-    store._eval = ran_then_lost
+    orig = _lose_admit_answers(store)
     with pytest.raises(GatewayError) as info:
         await gateway.admit(await gateway.route(HEAD, RAW, policy), policy)
     assert info.value.code == "store_unavailable"
@@ -330,15 +329,7 @@ async def test_closed_mode_timeout_does_not_count_the_refused_call(
         "/v1/chat/completions",
         {"authorization": f"Bearer {KEY}", "x-litellm-session-id": "s1"},
     )
-    orig = store._eval
-
-    async def ran_then_lost(script: str, keys: Any, args: Any) -> Any:
-        out = await orig(script, keys, args)
-        if script is ADMIT:
-            raise RedisTimeoutError("answer lost")
-        return out
-
-    store._eval = ran_then_lost
+    orig = _lose_admit_answers(store)
     decision = await gateway.route(head, RAW, policy)
     with pytest.raises(GatewayError) as info:
         await gateway.admit(decision, policy)
