@@ -15,6 +15,9 @@ deployment) and the same load:
      key rpm/tpm/parallel limits, key + team + tag + provider budgets with reservation
      and settlement, weighted routing over three deployments, usage accounting, on a
      private Redis;
+  c0 Envoy + this server with bench/policy-routing.yaml: the same deployments and
+     prices, no key, cap or budget, so no store call (what the adapters and routing
+     cost over the floor);
   c' the same server and policy through the ext_authz variant (--skip-authz drops it);
   d  the LiteLLM proxy (pinned version, installed on first run into
      bench/.litellm-venv), one worker, no database: three deployments with weights,
@@ -768,6 +771,8 @@ def ratios(rows: list[Row]) -> str:
         f"| p50 c/d (this server's p50 as a share of LiteLLM's) | {_ratio(p50('c'), p50('d'))} |\n"
         f"| server CPU per request c/d | {_ratio(cpu('c'), cpu('d'))} |\n"
         f"| server CPU per request c/b | {_ratio(cpu('c'), cpu('b'))} |\n"
+        f"| throughput c0/b (routing only vs the floor) | {_ratio(rps('c0'), rps('b'))} |\n"
+        f"| server CPU per request c0/b | {_ratio(cpu('c0'), cpu('b'))} |\n"
     )
 
 
@@ -782,6 +787,9 @@ ROW_NOTES = {
     "rpm, tpm and parallel-request limits, key + team + "
     "tag + provider budgets (reserved at admission, settled from the response's usage), "
     "simple-shuffle by weight 3/2/1 over three deployments, on a private redis-server.",
+    "c0": "Envoy + this server, bench/policy-routing.yaml: the same three deployments, "
+    "weights and prices, no virtual key, session cap or budget (so no store call): "
+    "request parsing, weighted routing, the body rewrite, usage metering and pricing.",
     "c'": "the same server and policy through Envoy's ext_authz (unary Check with the "
     "body) plus the response-only ext_proc filter that settles the charge.",
     "d": "LiteLLM proxy, one worker, no database: the three deployments with weights "
@@ -956,6 +964,7 @@ class Bench:
             stack.enter_context(running(self.mock, lambda: all(port_open(p) for p in ports)))
             self.envoy_alone()
             self.noop()
+            self.routing_only()
             self.server()
             if litellm is not None:
                 self.litellm(litellm)
@@ -994,23 +1003,40 @@ class Bench:
         ):
             self.measure("b", "Envoy + do-nothing ext_proc", listen, [_pid(noop)], _pid(proxy))
 
-    def server(self) -> None:
-        grpc_port, admin_port = free_port(), free_port()
-        store = f"redis://127.0.0.1:{self.redis_port}/0" if self.redis else "memory://"
-        server = Proc(
-            "server",
+    def _server(self, name: str, policy: str, store: str, grpc_port: int, admin_port: int) -> Proc:
+        return Proc(
+            name,
             extproc_argv("serve"),
-            self.workdir / "server.log",
+            self.workdir / f"{name}.log",
             env={
                 **KEY_ENV,
                 "EXTPROC_STORE_URL": store,
-                "EXTPROC_POLICY_PATH": str(ROOT / "bench" / "policy.yaml"),
-                "EXTPROC_SPEND_JOURNAL": str(self.workdir / "spend.jsonl"),
+                "EXTPROC_POLICY_PATH": str(ROOT / "bench" / policy),
+                "EXTPROC_SPEND_JOURNAL": str(self.workdir / f"{name}-spend.jsonl"),
                 "EXTPROC_GRPC_PORT": str(grpc_port),
                 "EXTPROC_ADMIN_PORT": str(admin_port),
                 "EXTPROC_LOG_LEVEL": "WARNING",
             },
         )
+
+    def routing_only(self) -> None:
+        """Row c0: the server with no key, cap or budget (it makes no store call): what
+        the adapters, parsing, routing and usage metering cost over the floor."""
+        grpc_port, admin_port = free_port(), free_port()
+        server = self._server(
+            "server-routing", "policy-routing.yaml", "memory://", grpc_port, admin_port
+        )
+        with running(server, lambda: http_ok(f"http://127.0.0.1:{admin_port}/healthz")):
+            listen, admin = free_port(), free_port()
+            config = server_envoy_config("ext_proc", listen, admin, grpc_port, self.mock_ports)
+            with envoy(self.workdir, "envoy-c0", config, admin, gated=True) as proxy:
+                label = "Envoy + this server (ext_proc), routing only"
+                self.measure("c0", label, listen, [_pid(server)], _pid(proxy))
+
+    def server(self) -> None:
+        grpc_port, admin_port = free_port(), free_port()
+        store = f"redis://127.0.0.1:{self.redis_port}/0" if self.redis else "memory://"
+        server = self._server("server", "policy.yaml", store, grpc_port, admin_port)
         modes = [("c", "ext_proc"), *([] if self.args.skip_authz else [("c'", "ext_authz")])]
         with running(server, lambda: http_ok(f"http://127.0.0.1:{admin_port}/healthz")):
             for key, mode in modes:
