@@ -435,17 +435,17 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     fail = _per_site(request, "x-mock-fail").get(site.name)
     if fail is not None and fail.startswith("replay:"):
         return await _replay(request, fail.removeprefix("replay:"))
+    if fail == "hang":
+        await _hang(request)
     if fail == "reset":
         if request.transport is not None:
             request.transport.abort()  # the connection dies without a response
         raise asyncio.CancelledError
     if fail is not None and fail.isascii() and fail.isdigit():
         status = int(fail)
+        err_type, code = _FAILURES.get(status, ("server_error", "mock_failure"))
         return _openai_error(
-            status,
-            f"The mock deployment {site.name} answers {status}.",
-            "rate_limit_error" if status == 429 else "server_error",
-            "rate_limit_exceeded" if status == 429 else "mock_failure",
+            status, f"The mock deployment {site.name} answers {status}.", err_type, code
         )
     replay = request.headers.get("x-mock-replay")
     if replay is not None:
@@ -454,6 +454,31 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if echo is not None:
         return await _echo_key(request, echo, handler, body)
     return await handler(request, body)
+
+
+#: ``x-mock-fail: <site>=<status>``: the error body OpenAI sends with that status.
+_FAILURES = {
+    400: ("invalid_request_error", "mock_bad_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_denied", "unsupported_country_region_territory"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+#: The longest a ``hang`` holds a request before it resets the connection.
+_HANG_S = 120.0
+
+
+async def _hang(request: web.Request) -> None:
+    """An upstream that took the request and never answers (``x-mock-fail:
+    <site>=hang``): it waits until the peer goes away, then drops the connection."""
+    deadline = asyncio.get_running_loop().time() + _HANG_S
+    transport = request.transport
+    while transport is not None and not transport.is_closing():
+        if asyncio.get_running_loop().time() > deadline:
+            transport.abort()
+            break
+        await asyncio.sleep(0.05)
+    raise asyncio.CancelledError
 
 
 async def _echo_key(
