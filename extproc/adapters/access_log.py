@@ -59,7 +59,10 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):  # type: ignore[misc]
                     flags = entry.common_properties.response_flags
                     policy = self._gateway.policy
                     sample = failed_attempt(
-                        policy, upstream, client_left=flags.downstream_connection_termination
+                        policy,
+                        upstream,
+                        client_left=flags.downstream_connection_termination,
+                        timed_out=flags.upstream_request_timeout or flags.stream_idle_timeout,
                     )
                     await self._gateway.record_health(sample, policy)
                     continue

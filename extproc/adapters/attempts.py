@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from extproc.adapters.headers import header_option
 from extproc.core.failover import (
     DEPLOYMENT_HEADER,
+    STREAM_HEADER,
     FailoverRoute,
     attempt_answer,
     content_policy_retry,
@@ -61,7 +62,7 @@ class Attempt:
         self._route = self._policy.failover_route(headers.get(self._gateway.config.cluster_header))
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
         mutation = reply.request_headers.response.header_mutation
-        mutation.remove_headers.append(DEPLOYMENT_HEADER)
+        mutation.remove_headers.extend((DEPLOYMENT_HEADER, STREAM_HEADER))
         dep = self._dep
         if dep is None:
             # not in this policy (reloaded since Envoy's config was made): never let

@@ -37,7 +37,7 @@ from extproc.core.errors import (
     UnknownRouteError,
     UnsupportedMediaTypeError,
 )
-from extproc.core.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER, FailoverRoute
+from extproc.core.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER, STREAM_HEADER, FailoverRoute
 from extproc.core.health import HealthSample
 from extproc.core.jsonbody import add_member, splice
 from extproc.core.pricing import OutputAsk, cost_micros, estimate_call, requested_output
@@ -312,6 +312,8 @@ def route_to(
             # the first attempt is already rewritten for this deployment
             (DEPLOYMENT_HEADER, deployment.id),
         ]
+        if request.stream:
+            set_headers.append((STREAM_HEADER, "1"))  # the route with the stream timeouts
     credential, remove = credential_edits(deployment.auth_header, deployment.auth_value)
     set_headers += credential
     if rewrite_body:
@@ -501,13 +503,14 @@ def decide_response(
 
 
 def failed_attempt(
-    policy: CompiledPolicy, cluster: str, *, client_left: bool
+    policy: CompiledPolicy, cluster: str, *, client_left: bool, timed_out: bool = False
 ) -> HealthSample | None:
     """A failover attempt to the per-deployment ``cluster`` that ended without a
-    response: a 503 for its deployment's health.
+    response: a 503 for its deployment's health, a 408 when it timed out (LiteLLM's
+    status of a timeout).
 
     Rule: a client hanging up is not the deployment's fault."""
     if client_left:
         return None
     dep_id = policy.attempt_deployment(cluster)
-    return HealthSample(dep_id, 503) if dep_id is not None else None
+    return HealthSample(dep_id, 408 if timed_out else 503) if dep_id is not None else None

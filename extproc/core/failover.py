@@ -35,9 +35,12 @@ __all__ = [
     "DEPLOYMENT_CLUSTER_PREFIX",
     "DEPLOYMENT_HEADER",
     "MAX_RETRIES",
+    "RETRIABLE_STATUSES",
     "RETRY_REASON_HEADER",
     "SERVED_BY_HEADER",
+    "STREAM_HEADER",
     "AttemptAnswer",
+    "AttemptTimeouts",
     "FailoverGroup",
     "FailoverRoute",
     "attempt_answer",
@@ -55,6 +58,13 @@ DEPLOYMENT_HEADER = "x-extproc-deployment"
 SERVED_BY_HEADER = "x-extproc-served-by"
 #: On an attempt's refusal turned retriable (content policy): why.
 RETRY_REASON_HEADER = "x-extproc-retry"
+#: Set by the server on a streamed call it routes to a composite cluster, so Envoy
+#: picks the route with the stream timeouts. Removed before any upstream sees it.
+STREAM_HEADER = "x-extproc-stream"
+#: Answers besides 5xx that move a call on to the next deployment (LiteLLM retries
+#: these on the group's other deployments, then its fallbacks): rate limited, and a
+#: deployment that is misconfigured (a bad key, no access, a wrong model name).
+RETRIABLE_STATUSES = (429, 401, 403, 404)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -78,6 +88,20 @@ def deployment_cluster_name(dep_id: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptTimeouts:
+    """Seconds an attempt may take before Envoy gives up on it and moves on
+    (LiteLLM's ``timeout`` and ``stream_timeout``; None: no limit of its own)."""
+
+    timeout: float | None = None
+    #: For streams: the wait for the first byte and between bytes; else ``timeout``.
+    stream_timeout: float | None = None
+
+    @property
+    def stream(self) -> float | None:
+        return self.stream_timeout or self.timeout
+
+
+@dataclass(frozen=True, slots=True)
 class FailoverGroup:
     """What the plan needs of a model group."""
 
@@ -89,6 +113,8 @@ class FailoverGroup:
     fallbacks: Sequence[str] = ()
     #: Groups a content-policy refusal goes to (after the attempts above).
     content_policy_fallbacks: Sequence[str] = ()
+    #: Per deployment, in the order of ``deployments``; none: no timeouts.
+    timeouts: Sequence[AttemptTimeouts] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +125,8 @@ class FailoverRoute:
     attempts: tuple[tuple[str, str], ...]
     #: Index of the first content-policy fallback attempt, if any.
     content_policy_from: int | None = None
+    #: The first attempt's deployment's timeouts; Envoy applies them to every attempt.
+    timeouts: AttemptTimeouts = AttemptTimeouts()
 
     def content_policy_fallback_after(self, dep_id: str) -> bool:
         """Whether a content-policy fallback attempt is still to come after ``dep_id``'s."""
@@ -131,6 +159,7 @@ def failover_plan(
             fallback = by_name.get(name)
             if fallback is not None:
                 policy_others += fallback.deployments
+        timeouts = dict(zip(group.deployments, group.timeouts, strict=False))
         for dep in group.deployments:
             retries = [d for d in group.deployments if d != dep][: group.num_retries]
             attempts: list[tuple[str, str]] = []
@@ -146,7 +175,12 @@ def failover_plan(
                     content_from = len(attempts) if content_from is None else content_from
                     attempts.append(candidate)
             if len(attempts) > 1:
-                plan[dep[0]] = FailoverRoute(composite_name(dep[0]), tuple(attempts), content_from)
+                plan[dep[0]] = FailoverRoute(
+                    composite_name(dep[0]),
+                    tuple(attempts),
+                    content_from,
+                    timeouts.get(dep, AttemptTimeouts()),
+                )
     return plan
 
 

@@ -30,7 +30,12 @@ import yaml
 
 from extproc.core.endpoints import API_PREFIX, ENDPOINT_PATHS
 from extproc.core.errors import ERROR_HEADER
-from extproc.core.failover import FailoverRoute, deployment_cluster_name
+from extproc.core.failover import (
+    RETRIABLE_STATUSES,
+    STREAM_HEADER,
+    FailoverRoute,
+    deployment_cluster_name,
+)
 from extproc.core.leases import (
     AUTHZ_NAMESPACE,
     ITERATIONS_LIMIT_FIELD,
@@ -314,27 +319,52 @@ def _failover(
                 }
             },
         }
-        routes.append(
-            {
-                "match": {
-                    "prefix": "/",
-                    "headers": [
-                        {"name": cluster_header, "string_match": {"exact": route.composite}}
-                    ],
-                },
-                "route": {
-                    "cluster_header": cluster_header,
-                    "timeout": "600s",
-                    "regex_rewrite": _add_prefix(),
-                    "retry_policy": {
-                        "retry_on": RETRY_ON,
-                        "retriable_status_codes": [429],
-                        "num_retries": route.retries,
-                    },
-                },
-            }
-        )
+        routes += _failover_routes(route, cluster_header)
     return routes, list(out.values())
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _failover_routes(route: FailoverRoute, cluster_header: str) -> list[dict[str, Any]]:
+    """The routes of one composite cluster: for streams (the server marks them) when
+    it has a stream timeout, then for every call.
+
+    Rule: a timeout is Envoy's ``per_try_timeout``, the wait for an attempt's
+    response headers (Envoy ignores it once the response has started), and an
+    attempt that times out is retried like a 5xx. A stream's timeout is also its
+    ``per_try_idle_timeout``, the longest gap between bytes, which keeps running while
+    the stream flows (a stall then ends the stream: its bytes have left)."""
+    match_composite = {"name": cluster_header, "string_match": {"exact": route.composite}}
+
+    def one(headers: list[dict[str, Any]], timeout: float | None, idle: bool) -> dict[str, Any]:
+        retry: dict[str, Any] = {
+            "retry_on": RETRY_ON,
+            "retriable_status_codes": list(RETRIABLE_STATUSES),
+            "num_retries": route.retries,
+        }
+        if timeout is not None:
+            retry["per_try_timeout"] = _seconds(timeout)
+            if idle:
+                retry["per_try_idle_timeout"] = _seconds(timeout)
+        return {
+            "match": {"prefix": "/", "headers": headers},
+            "route": {
+                "cluster_header": cluster_header,
+                "timeout": "600s",
+                "regex_rewrite": _add_prefix(),
+                "retry_policy": retry,
+            },
+        }
+
+    routes = []
+    stream = route.timeouts.stream
+    if stream is not None:
+        marked = {"name": STREAM_HEADER, "present_match": True}
+        routes.append(one([match_composite, marked], stream, idle=True))
+    routes.append(one([match_composite], route.timeouts.timeout, idle=False))
+    return routes
 
 
 #: The access-log name of failed connection attempts (see _router).
@@ -345,18 +375,20 @@ def _router(failover: bool) -> dict[str, Any]:
     """The router; with failover clusters it logs attempts that could not connect.
 
     An attempt refused at connect time never runs the composite cluster's upstream
-    filters, and one that is reset or times out gets no response for them to see: the
-    router's ``upstream_log`` (once per attempt) sends those to the server's access-log
-    service, which counts them for the deployment's health (unless the client went
-    away first: that is not the deployment's fault).
+    filters, and one that is reset or times out (or stalls past its idle timeout) gets
+    no response for them to see: the router's ``upstream_log`` (once per attempt)
+    sends those to the server's access-log service, which counts them for the
+    deployment's health, a timeout as a 408 (unless the client went away first: that
+    is not the deployment's fault).
     """
     router: dict[str, Any] = {_TYPE: _API + "extensions.filters.http.router.v3.Router"}
     if failover:
         router["upstream_log"] = [
             {
                 "name": "envoy.access_loggers.http_grpc",
-                # connect failure, overflow, reset, connection termination, timeout
-                "filter": {"response_flag_filter": {"flags": ["UF", "UO", "UR", "UC", "UT"]}},
+                # connect failure, overflow, reset, connection termination, timeout,
+                # idle timeout
+                "filter": {"response_flag_filter": {"flags": ["UF", "UO", "UR", "UC", "UT", "SI"]}},
                 "typed_config": {
                     _TYPE: _API + "extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
                     "common_config": {
@@ -598,7 +630,7 @@ def render_envoy_config(
                 "typed_config": {
                     _TYPE: _API + "extensions.http.early_header_mutation.header_mutation.v3."
                     "HeaderMutation",
-                    "mutations": [{"remove": cluster_header}],
+                    "mutations": [{"remove": cluster_header}, {"remove": STREAM_HEADER}],
                 },
             }
         ],

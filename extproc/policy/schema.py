@@ -35,6 +35,7 @@ from extproc.core.access import (
 from extproc.core.budgets import EndUser, TagBudget
 from extproc.core.failover import (
     MAX_RETRIES,
+    AttemptTimeouts,
     FailoverGroup,
 )
 from extproc.core.pricing import (
@@ -138,6 +139,10 @@ class Deployment(_Model):
     order: int | None = Field(default=None, ge=0)
     #: Seconds this deployment cools down after failing (0: never); else the group's.
     cooldown_time: float | None = Field(default=None, ge=0)
+    #: Seconds an attempt may wait for its answer before the call fails over
+    #: (LiteLLM's ``timeout``); ``stream_timeout`` for streams. Else the group's.
+    timeout: float | None = Field(default=None, gt=0)
+    stream_timeout: float | None = Field(default=None, gt=0)
 
     @field_validator("id")
     @classmethod
@@ -166,6 +171,9 @@ class RouterSettings(_Model):
 
     #: Fallback groups for every group that names none of its own.
     default_fallbacks: tuple[str, ...] = ()
+    #: Attempt timeouts for groups and deployments that set none (LiteLLM's).
+    timeout: float | None = Field(default=None, gt=0)
+    stream_timeout: float | None = Field(default=None, gt=0)
 
 
 RoutingStrategy = Literal[
@@ -203,6 +211,9 @@ class ModelGroup(_Model):
     fallbacks: tuple[str, ...] = ()
     #: Groups a content-policy refusal is retried on, in the same request.
     content_policy_fallbacks: tuple[str, ...] = ()
+    #: Attempt timeouts for deployments that set none, else router_settings'.
+    timeout: float | None = Field(default=None, gt=0)
+    stream_timeout: float | None = Field(default=None, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -238,6 +249,13 @@ class Policy(_Model):
                 g.num_retries,
                 g.fallbacks,
                 g.content_policy_fallbacks,
+                timeouts=[
+                    AttemptTimeouts(
+                        d.timeout or g.timeout or self.router_settings.timeout,
+                        d.stream_timeout or g.stream_timeout or self.router_settings.stream_timeout,
+                    )
+                    for d in g.deployments
+                ],
             )
             for g in self.model_groups
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -165,3 +166,72 @@ def test_routes_add_the_v1_prefix_and_check_warns_without_it() -> None:
     report = check_envoy_config(without, policy, Settings())
     assert report.ok
     assert any("regex_rewrite" in w for w in report.warnings)
+
+
+def test_failover_routes_carry_timeouts_and_envoy_accepts_them(tmp_path: Path) -> None:
+    """``timeout`` is each attempt's per_try_timeout; a stream (marked by the server)
+    takes the route whose per-try and idle timeouts are ``stream_timeout``; 401, 403
+    and 404 are retried like 429 and 5xx; the real binary validates the result."""
+    from extproc.core.failover import STREAM_HEADER  # noqa: PLC0415
+
+    policy = load_policy(POLICIES / "timeouts.yaml", env={"TEST_KEY_A": "a", "TEST_KEY_B": "b"})
+    clusters = {name: Upstream("127.0.0.1", 1) for name in ("mock_a", "mock_b", "mock_c")}
+    text = render_envoy_config(clusters, failover=policy.failover)
+    config = yaml.safe_load(text)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+
+    def routes_of(dep_id: str) -> list[dict[str, Any]]:
+        composite = policy.failover[dep_id].composite
+        return [
+            r
+            for r in routes
+            if any(
+                h.get("string_match", {}).get("exact") == composite
+                for h in r["match"].get("headers", [])
+            )
+        ]
+
+    stream, plain = routes_of("hs-a")
+    assert [h["name"] for h in stream["match"]["headers"]] == ["x-extproc-cluster", STREAM_HEADER]
+    assert stream["route"]["retry_policy"]["per_try_timeout"] == "2s"
+    assert stream["route"]["retry_policy"]["per_try_idle_timeout"] == "2s"
+    # a call that is not a stream waits router_settings.timeout for its answer
+    assert plain["route"]["retry_policy"]["per_try_timeout"] == "30s"
+    assert "per_try_idle_timeout" not in plain["route"]["retry_policy"]
+    assert plain["route"]["retry_policy"]["retriable_status_codes"] == [429, 401, 403, 404]
+    # a stream of the "hang" group (timeout 2 s, no stream_timeout) waits the same
+    stream, plain = routes_of("hang-a")
+    assert stream["route"]["retry_policy"]["per_try_idle_timeout"] == "2s"
+    assert plain["route"]["retry_policy"]["per_try_timeout"] == "2s"
+    # the client can never pick the stream route: its header goes with the cluster's
+    mutations = hcm["typed_config"]["early_header_mutation_extensions"][0]["typed_config"]
+    assert {"remove": STREAM_HEADER} in mutations["mutations"]
+    # a timed-out or stalled attempt is logged for its deployment's health
+    router = hcm["typed_config"]["http_filters"][-1]["typed_config"]
+    flags = router["upstream_log"][0]["filter"]["response_flag_filter"]["flags"]
+    assert {"UT", "SI"} <= set(flags)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_failover_routes_without_timeouts_have_no_per_try_limit() -> None:
+    policy = load_policy(POLICIES / "routing.yaml", env={"TEST_KEY_A": "a", "TEST_KEY_B": "b"})
+    clusters = {
+        name: Upstream("127.0.0.1", 1) for name in ("mock_a", "mock_b", "mock_c", "mock_dead")
+    }
+    config = yaml.safe_load(render_envoy_config(clusters, failover=policy.failover))
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    retrying = [r for r in routes if "retry_policy" in r.get("route", {})]
+    assert retrying
+    assert len(retrying) == len(policy.failover)  # one route each: no stream route
+    assert all("per_try_timeout" not in r["route"]["retry_policy"] for r in retrying)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from extproc.core.failover import (
     FailoverGroup,
     FailoverRoute,
@@ -107,3 +109,87 @@ def test_only_the_server_names_the_chosen_deployment() -> None:
     ha_set, _ = route("ha1")  # failover: the server's own choice overwrites it
     assert ha_set[DEPLOYMENT_HEADER] == "ha1-a"
     assert ha_set["x-extproc-cluster"].startswith("fo.")
+
+
+def test_timeouts_resolve_deployment_then_group_then_router_settings() -> None:
+    from extproc.core.failover import AttemptTimeouts  # noqa: PLC0415
+
+    policy = compile_policy(
+        parse_policy(
+            yaml.safe_load("""
+router_settings: {timeout: 30, stream_timeout: 20}
+model_groups:
+  - name: g
+    num_retries: 1
+    timeout: 10
+    deployments:
+      - {id: a, provider: openai, cluster: ca, model: m, timeout: 3}
+      - {id: b, provider: openai, cluster: cb, model: m, stream_timeout: 4}
+  - name: h
+    fallbacks: [g]
+    deployments:
+      - {id: c, provider: openai, cluster: cc, model: m}
+"""),
+            "<test>",
+        ),
+        env={},
+    )
+    assert policy.failover["a"].timeouts == AttemptTimeouts(3, 20)
+    assert policy.failover["b"].timeouts == AttemptTimeouts(10, 4)
+    assert policy.failover["c"].timeouts == AttemptTimeouts(30, 20)
+    # a stream without a stream timeout of its own waits as long as any call
+    assert AttemptTimeouts(7, None).stream == 7
+    assert AttemptTimeouts(None, None).stream is None
+
+
+def test_a_streamed_failover_call_is_marked_for_the_stream_route() -> None:
+    import json  # noqa: PLC0415
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from extproc.core.decision import GatewayConfig  # noqa: PLC0415
+    from extproc.core.failover import STREAM_HEADER  # noqa: PLC0415
+    from extproc.core.request import RequestHead  # noqa: PLC0415
+    from extproc.policy import load_policy  # noqa: PLC0415
+
+    policy = load_policy(
+        Path(__file__).resolve().parent.parent / "policies" / "routing.yaml",
+        env={"TEST_KEY_A": "a", "TEST_KEY_B": "b"},
+    )
+    now = datetime(2026, 11, 23, tzinfo=UTC)
+
+    def set_headers(model: str, stream: bool) -> dict[str, str]:
+        raw = json.dumps({"model": model, "messages": [], "stream": stream}).encode()
+        head = RequestHead("POST", "/v1/chat/completions", {})
+        decision = decide_request(head, raw, policy, GatewayConfig(), lambda: 0.0, now=now)
+        return dict(decision.set_headers)
+
+    assert set_headers("ha1", stream=True)[STREAM_HEADER] == "1"
+    assert STREAM_HEADER not in set_headers("ha1", stream=False)
+    assert STREAM_HEADER not in set_headers("cheap", stream=True)  # no failover route
+
+
+def test_a_timed_out_attempt_counts_as_a_408() -> None:
+    from extproc.core.decision import failed_attempt  # noqa: PLC0415
+
+    policy = compile_policy(
+        parse_policy(
+            yaml.safe_load("""
+model_groups:
+  - name: g
+    num_retries: 1
+    deployments:
+      - {id: a, provider: openai, cluster: ca, model: m}
+      - {id: b, provider: openai, cluster: cb, model: m}
+"""),
+            "<test>",
+        ),
+        env={},
+    )
+    cluster = deployment_cluster_name("b")
+    timed_out = failed_attempt(policy, cluster, client_left=False, timed_out=True)
+    assert timed_out is not None
+    assert (timed_out.deployment, timed_out.status) == ("b", 408)
+    reset = failed_attempt(policy, cluster, client_left=False)
+    assert reset is not None
+    assert reset.status == 503
+    assert failed_attempt(policy, cluster, client_left=True, timed_out=True) is None
