@@ -5,10 +5,19 @@ log only streams that carry a lease) sends one entry per finished stream, whatev
 ended it: the last response byte, a client disconnect, an upstream reset, a timeout.
 Each entry's dynamic metadata carries the lease the server handed out at admission;
 releasing it here frees the key's parallel-request slot.
+
+The stream is long-lived: Envoy keeps one open per logger and worker and never ends
+it. A stopping process therefore closes its idle streams itself (``close_idle``) and
+Envoy opens the next one on another process, so an idle stream never holds shutdown.
+Rule: a stream closes only after nothing has arrived on it for ``_IDLE_S``, so an
+entry Envoy already sent (each is sent at once: ``buffer_size_bytes: 0``) is read and
+its lease released before the close, never dropped by it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -25,6 +34,9 @@ from extproc.state.runtime import Gateway
 __all__ = ["AccessLogService", "lease_of"]
 
 log = logging.getLogger("extproc.access_log")
+
+#: How long a stream must have been quiet before a stopping process closes it.
+_IDLE_S = 0.1
 
 
 def lease_of(entry: accesslog_pb2.HTTPAccessLogEntry) -> Lease | None:
@@ -43,6 +55,39 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):  # type: ignore[misc]
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
+        self._closing: asyncio.Future[None] | None = None  # one for every stream
+
+    def _closing_future(self) -> asyncio.Future[None]:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        return self._closing
+
+    def close_idle(self) -> None:
+        """From now on, end each stream once it is idle (the process is stopping)."""
+        closing = self._closing_future()
+        if not closing.done():
+            closing.set_result(None)
+
+    async def _next(
+        self, messages: AsyncIterator[pb.StreamAccessLogsMessage]
+    ) -> pb.StreamAccessLogsMessage | None:
+        """The next message, or None when Envoy ended the stream or it is idle while
+        the process stops."""
+        read = asyncio.ensure_future(anext(messages, None))
+        try:
+            await asyncio.wait((read, self._closing_future()), return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                # stopping: what Envoy already sent still arrives within the idle time
+                await asyncio.wait((read,), timeout=_IDLE_S)
+            if read.done():
+                return read.result()
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await read
+            return None
+        finally:
+            if not read.done():  # this handler itself was cancelled
+                read.cancel()
 
     async def StreamAccessLogs(  # noqa: N802 - the gRPC method name
         self,
@@ -50,7 +95,8 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         context: grpc.aio.ServicerContext[pb.StreamAccessLogsMessage, pb.StreamAccessLogsResponse],
     ) -> pb.StreamAccessLogsResponse:
         metrics = self._gateway.metrics
-        async for message in request_iterator:
+        messages = aiter(request_iterator)
+        while (message := await self._next(messages)) is not None:
             for entry in message.http_logs.log_entry:
                 upstream = entry.common_properties.upstream_cluster
                 if upstream.startswith(DEPLOYMENT_CLUSTER_PREFIX):

@@ -1,4 +1,13 @@
-"""Process wiring for ``extproc serve``: gRPC services, health, admin, signals."""
+"""Process wiring for ``extproc serve``: gRPC services, health, admin, signals.
+
+Rule: a stop (SIGTERM, SIGINT) loses no call. In order: health turns NOT_SERVING
+(gRPC and the admin ``/healthz``) while every stream is still served; once each Envoy
+that was health-checking the process has been answered NOT_SERVING (at most
+``shutdown_notice_s``), and those Envoys therefore open new streams elsewhere, the
+server stops taking new streams, closes its idle access-log streams (Envoy reopens
+them on another process), lets the streams in flight finish (at most
+``shutdown_grace_s``) and exits as soon as none is left.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +20,13 @@ from aiohttp import web
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
-from grpc_health.v1 import _async as health_aio  # the servicer `health.aio` re-exports
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.adapters.access_log import AccessLogService
 from extproc.adapters.admin import make_admin_app
 from extproc.adapters.ext_authz import AuthorizationService
 from extproc.adapters.ext_proc import ExternalProcessorService
+from extproc.adapters.health import DrainingHealth
 from extproc.state.clock import SystemClock
 from extproc.state.runtime import Gateway
 from extproc.state.settings import Settings
@@ -44,6 +53,24 @@ def grpc_receive_limit(settings: Settings) -> int:
     return 4 * settings.max_body_bytes + (1 << 20)
 
 
+async def _stop_streams(
+    server: grpc.aio.Server,
+    health: DrainingHealth,
+    access_log: AccessLogService,
+    notice_s: float,
+    settings: Settings,
+) -> None:
+    """NOT_SERVING until Envoy has seen it (at most ``notice_s``), then no new stream,
+    idle access-log streams closed, and the streams in flight finished (at most the
+    grace)."""
+    log.info("shutting down: NOT_SERVING until Envoy has seen it (at most %.1fs)", notice_s)
+    if not await health.drain(notice_s):
+        log.warning("an Envoy did not health-check this process within %.1fs", notice_s)
+    log.info("shutting down: letting in-flight streams finish (%.1fs)", settings.shutdown_grace_s)
+    access_log.close_idle()
+    await server.stop(settings.shutdown_grace_s)
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; SIGHUP reloads the policy."""
     gateway = Gateway.from_settings(settings, SystemClock())
@@ -68,14 +95,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationService(gateway), server
     )
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogService(gateway), server)
-    health_servicer = health_aio.HealthServicer()
+    access_log = AccessLogService(gateway)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
+    health_servicer = DrainingHealth(gateway.clock)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.grpc_address)
 
     runner = web.AppRunner(make_admin_app(gateway), access_log=None, handle_signals=False)
     loop = asyncio.get_running_loop()
     watcher: asyncio.Task[None] | None = None
+    serving = False
     # Rule: everything started below is stopped in the finally, startup failures included.
     try:
         await runner.setup()
@@ -89,6 +118,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         # what a stopped process left owed (settlements, cancels, counts) is retried
         await gateway.owed.start()
         await server.start()
+        serving = True
         await site.start()
         for name in (*_SERVICES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -108,12 +138,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     finally:
         if watcher is not None:
             watcher.cancel()
-        log.info(
-            "shutting down: letting in-flight streams finish (%.1fs)", settings.shutdown_grace_s
-        )
         gateway.ready = False
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(settings.shutdown_grace_s)
+        notice_s = settings.shutdown_notice_s if serving else 0.0
+        await _stop_streams(server, health_servicer, access_log, notice_s, settings)
         await runner.cleanup()
         await gateway.drain()  # settlements, releases and alerts still in flight
         # owed writes get the grace period to land; the rest stays journaled

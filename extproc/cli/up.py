@@ -217,6 +217,8 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
         EXTPROC_STORE_URL=options.store_url,
         EXTPROC_SPEND_JOURNAL=str(journal or ""),
     )
+    # The server stops together with its only Envoy: no other process to move to.
+    env.setdefault("EXTPROC_SHUTDOWN_NOTICE_S", "0")
     python = [sys.executable, "-m", "extproc"]
     clock = SystemClock()
     children: list[subprocess.Popen[bytes]] = []

@@ -166,11 +166,15 @@ def _extproc_cluster(
                 }
             }
         )
+    # Rule: a server process that turns NOT_SERVING (it is stopping) leaves load
+    # balancing on the next check's answer; it keeps serving for up to
+    # EXTPROC_SHUTDOWN_NOTICE_S (3 s) waiting for that answer, so the interval is
+    # shorter. The threshold counts only timeouts and refused connections.
     cluster["health_checks"] = [
         {
             "timeout": "1s",
-            "interval": "2s",
-            "no_traffic_interval": "2s",
+            "interval": "1s",
+            "no_traffic_interval": "1s",
             "unhealthy_threshold": 2,
             "healthy_threshold": 1,
             "grpc_health_check": {"service_name": service},

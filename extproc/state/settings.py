@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     policy_poll_s: float = Field(default=0.5, ge=0)
     #: Seconds in-flight streams get to finish on SIGTERM.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
+    #: Seconds a stopping process at most keeps serving, NOT_SERVING, until every
+    #: Envoy health-checking it has seen that (longer than Envoy's check interval).
+    shutdown_notice_s: float = Field(default=3.0, ge=0)
     #: How long a max_parallel_requests lease lives at most (longer than Envoy's
     #: route timeout, 600 s): the bound on a slot leaked by a lost end-of-stream log.
     lease_ttl_s: float = Field(default=660.0, gt=0)
