@@ -4,7 +4,9 @@ It answers chat completions, completions, embeddings, responses and Anthropic
 messages, streamed (SSE) or not, with usage blocks shaped like the real APIs'. Each
 site has a name (sent back as ``x-mock-upstream``) and optionally the API key it
 expects, so a wrong or missing injected credential shows up as a 401. It records the
-requests it saw at ``GET /_mock/requests`` (``DELETE`` clears them).
+requests it saw at ``GET /_mock/requests`` (``DELETE`` clears them). A test header
+``x-mock-fail: site=500`` makes a site fail; ``site=500/4`` makes it fail every fourth
+of its own requests carrying that rule.
 """
 
 from __future__ import annotations
@@ -46,6 +48,17 @@ class _Recorder:
 
     def __init__(self, keep: int) -> None:
         self.seen: deque[dict[str, object]] = deque(maxlen=keep)
+        #: ``status/n`` failure rule → requests seen with it (every n-th one fails).
+        self.nth: dict[str, int] = {}
+
+    def every_nth(self, rule: str) -> str | None:
+        """``status/n``: the status on this site's n-th, 2n-th, ... request with the
+        rule, else None (a deployment failing a fixed share of its own calls)."""
+        status, _, n = rule.partition("/")
+        if not (n.isascii() and n.isdigit() and int(n) > 0):
+            return None
+        count = self.nth[rule] = self.nth.get(rule, 0) + 1
+        return status if count % int(n) == 0 else None
 
 
 _SEEN = web.AppKey("seen", _Recorder)
@@ -433,6 +446,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if slow.isascii() and slow.isdigit():
         await asyncio.sleep(min(int(slow), 30_000) / 1000)
     fail = _per_site(request, "x-mock-fail").get(site.name)
+    if fail is not None and "/" in fail:
+        fail = request.app[_SEEN].every_nth(fail)
     if fail is not None and fail.startswith("replay:"):
         return await _replay(request, fail.removeprefix("replay:"))
     if fail == "hang":

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 from zoneinfo import ZoneInfo
 
 from extproc.core.access import (
@@ -28,6 +29,7 @@ from extproc.core.failover import (
     deployment_cluster_name,
     failover_plan,
 )
+from extproc.core.health import ERROR_CLASSES, NO_LIMITS, FailLimits
 from extproc.core.pricing import (
     Prices,
     bundled_context_window,
@@ -37,7 +39,13 @@ from extproc.core.pricing import (
 from extproc.core.providers import auth_header_for
 from extproc.core.redaction import Redactor
 from extproc.core.windows import zone
-from extproc.policy.schema import CredentialRef, Policy, PolicyError, ProviderBudget
+from extproc.policy.schema import (
+    AllowedFailsPolicy,
+    CredentialRef,
+    Policy,
+    PolicyError,
+    ProviderBudget,
+)
 
 __all__ = ["CompiledDeployment", "CompiledGroup", "CompiledPolicy", "compile_policy"]
 
@@ -66,6 +74,8 @@ class CompiledDeployment:
     budget_duration: str | None = None
     order: int | None = None
     cooldown_time: float | None = None
+    #: The deployment's own allowed fails (decide before the group's).
+    fails: FailLimits = NO_LIMITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +86,11 @@ class CompiledGroup:
     cumulative_weights: tuple[float, ...]
     max_iterations: int | None = None
     strategy: str = "simple-shuffle"
-    allowed_fails: int = 3
+    #: The group's allowed fails, else router_settings'.
+    fails: FailLimits = NO_LIMITS
     cooldown_time: float = 5.0
+    #: Fallback groups exist (a lone deployment with them is not exempt from cooldowns).
+    has_fallbacks: bool = False
     lowest_latency_buffer: float = 0.0
     context_window_fallbacks: tuple[str, ...] = ()
 
@@ -214,6 +227,16 @@ def _resolve_credential(
     return ref.value
 
 
+def _fail_limits(allowed_fails: int | None, policy: AllowedFailsPolicy | None) -> FailLimits:
+    if allowed_fails is None and policy is None:
+        return NO_LIMITS
+    classes = None
+    if policy is not None:
+        given = policy.model_dump(exclude_none=True)
+        classes = MappingProxyType({ERROR_CLASSES[k]: v for k, v in given.items()})
+    return FailLimits(allowed_fails, classes)
+
+
 def compile_policy(
     policy: Policy,
     *,
@@ -227,6 +250,7 @@ def compile_policy(
     base = base_dir or Path.cwd()
     errors: list[str] = []
     groups: dict[str, CompiledGroup] = {}
+    router = policy.router_settings
     for gi, group in enumerate(policy.model_groups):
         compiled: list[CompiledDeployment] = []
         for di, dep in enumerate(group.deployments):
@@ -267,6 +291,7 @@ def compile_policy(
                     budget_duration=dep.budget_duration,
                     order=dep.order,
                     cooldown_time=dep.cooldown_time,
+                    fails=_fail_limits(dep.allowed_fails, dep.allowed_fails_policy),
                 )
             )
         weights = tuple(itertools.accumulate(d.weight for d in compiled))
@@ -276,7 +301,13 @@ def compile_policy(
             weights,
             group.max_iterations,
             strategy=group.routing_strategy.removesuffix("-v2"),
-            allowed_fails=group.allowed_fails,
+            fails=_fail_limits(
+                group.allowed_fails if group.allowed_fails is not None else router.allowed_fails,
+                group.allowed_fails_policy or router.allowed_fails_policy,
+            ),
+            has_fallbacks=bool(
+                group.fallbacks or [n for n in router.default_fallbacks if n != group.name]
+            ),
             cooldown_time=group.cooldown_time,
             lowest_latency_buffer=group.lowest_latency_buffer,
             context_window_fallbacks=group.context_window_fallbacks,

@@ -44,6 +44,7 @@ from extproc.core.pricing import (
 from extproc.core.windows import DurationText
 
 __all__ = [
+    "AllowedFailsPolicy",
     "CredentialRef",
     "Deployment",
     "ModelGroup",
@@ -114,6 +115,20 @@ class ProviderBudget(_Model):
         return data
 
 
+class AllowedFailsPolicy(_Model):
+    """Allowed fails per error class (LiteLLM's ``allowed_fails_policy``, same names)."""
+
+    BadRequestErrorAllowedFails: int | None = Field(default=None, ge=0)
+    AuthenticationErrorAllowedFails: int | None = Field(default=None, ge=0)
+    TimeoutErrorAllowedFails: int | None = Field(default=None, ge=0)
+    RateLimitErrorAllowedFails: int | None = Field(default=None, ge=0)
+    ContentPolicyViolationErrorAllowedFails: int | None = Field(default=None, ge=0)
+    InternalServerErrorAllowedFails: int | None = Field(default=None, ge=0)
+    ServiceUnavailableErrorAllowedFails: int | None = Field(default=None, ge=0)
+    BadGatewayErrorAllowedFails: int | None = Field(default=None, ge=0)
+    NotFoundErrorAllowedFails: int | None = Field(default=None, ge=0)
+
+
 class Deployment(_Model):
     """One upstream that can serve a model group: an Envoy cluster plus a model name."""
 
@@ -143,6 +158,10 @@ class Deployment(_Model):
     #: (LiteLLM's ``timeout``); ``stream_timeout`` for streams. Else the group's.
     timeout: float | None = Field(default=None, gt=0)
     stream_timeout: float | None = Field(default=None, gt=0)
+    #: This deployment's own failure allowance (LiteLLM's model_info fields); when
+    #: either is set it decides before the group's (see extproc.core.health).
+    allowed_fails: int | None = Field(default=None, ge=0)
+    allowed_fails_policy: AllowedFailsPolicy | None = None
 
     @field_validator("id")
     @classmethod
@@ -174,6 +193,10 @@ class RouterSettings(_Model):
     #: Attempt timeouts for groups and deployments that set none (LiteLLM's).
     timeout: float | None = Field(default=None, gt=0)
     stream_timeout: float | None = Field(default=None, gt=0)
+    #: For groups that set neither: failures per minute before a cooldown, and per
+    #: error class. Unset, LiteLLM's failure-rate rule applies instead.
+    allowed_fails: int | None = Field(default=None, ge=0)
+    allowed_fails_policy: AllowedFailsPolicy | None = None
 
 
 RoutingStrategy = Literal[
@@ -197,8 +220,10 @@ class ModelGroup(_Model):
     #: Session cap for callers whose agent and key set none.
     max_iterations: int | None = Field(default=None, ge=1)
     routing_strategy: RoutingStrategy = "simple-shuffle"
-    #: Failures a deployment may have in a minute before it cools down (LiteLLM: 3).
-    allowed_fails: int = Field(default=3, ge=0)
+    #: Failures a deployment may have in a minute before it cools down, and per error
+    #: class; else router_settings'. Neither set: LiteLLM's failure-rate rule.
+    allowed_fails: int | None = Field(default=None, ge=0)
+    allowed_fails_policy: AllowedFailsPolicy | None = None
     #: Seconds a failing deployment is skipped (LiteLLM's default 5).
     cooldown_time: float = Field(default=5.0, ge=0)
     #: latency-based: deployments within this share of the fastest count as fastest.

@@ -22,6 +22,8 @@ from extproc.core.health import (
     cooldown_key,
     cooldown_reason,
     counts_as_failure,
+    fails_key,
+    failure_rule,
     inflight_key,
     latency_key,
     minute_key,
@@ -192,7 +194,13 @@ class Router:
         if dep is None or group is None:
             return
         if sample.status is not None:
-            await self.answered(dep, group, sample.status, ttft_s=sample.ttft_s)
+            await self.answered(
+                dep,
+                group,
+                sample.status,
+                ttft_s=sample.ttft_s,
+                content_policy=sample.content_policy,
+            )
         elif sample.ttft_s is not None:
             await self.first_token(dep, group, sample.ttft_s)
 
@@ -203,6 +211,7 @@ class Router:
         status: int,
         *,
         ttft_s: float | None = None,
+        content_policy: bool = False,
     ) -> None:
         """Record one upstream answer; cool the deployment down if LiteLLM's rules say so.
 
@@ -226,16 +235,28 @@ class Router:
         self._views.pop(group.name, None)  # a failure: read fresh state next time
         async with self._flushing:
             pending = self._successes.pop((dep.id, minute), 0)
+        size = len(group.deployments)
+        rule = failure_rule(
+            status,
+            group_size=size,
+            has_fallbacks=group.has_fallbacks,
+            group=group.fails,
+            deployment=dep.fails,
+            content_policy=content_policy,
+        )
         items = [(minute_key(dep.id, minute, "req"), 1 + pending)]
         items.append((minute_key(dep.id, minute, "fail"), 1))
+        if rule.counter is not None:
+            items.append((fails_key(dep.id, minute, rule.counter), 1))
         try:
             counts = await self._store.incr_many(items, _MINUTE_TTL_S)
             reason = cooldown_reason(
                 status,
-                group_size=len(group.deployments),
-                failures=counts[1] if failed else 0,
+                rule,
+                group_size=size,
+                failures=counts[1],
                 requests=counts[0],
-                allowed_fails=group.allowed_fails,
+                counted=counts[2] if rule.counter is not None else 0,
             )
             seconds = dep.cooldown_time if dep.cooldown_time is not None else group.cooldown_time
             if reason is not None and seconds > 0:

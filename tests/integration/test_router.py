@@ -77,6 +77,28 @@ def test_a_lone_deployment_cools_on_401_and_the_answer_is_a_429(stack: Stack) ->
     assert 1 <= int(info["retry-after"]) <= 5
 
 
+def test_three_deployments_failing_a_quarter_stay_in_service(stack: Stack) -> None:
+    """LiteLLM's default rules: each deployment fails every fourth of its calls with a
+    500 (never more than half of five or more), so none cools down."""
+    headers = {"x-mock-fail": "mock_a=500/4,mock_b=500/4,mock_c=500/4"}
+    counts = served(stack, "flaky", 100, headers)
+    assert set(counts) <= {"mock_a", "mock_b", "mock_c", "500"}  # no 429 cooling refusal
+    assert 22 <= counts["500"] <= 25  # the failures did happen, and reached the client
+    states = admin(stack, "/deployments")["deployments"]
+    assert [states[f"flaky-{d}"]["cooling_down"] for d in "abc"] == [False] * 3
+
+
+def test_allowed_fails_100_does_not_cool_at_the_fifth_failure(stack: Stack) -> None:
+    """12 failures over two deployments: one has at least 6, which the failure-rate
+    rule would cool; with allowed_fails 100 it is counted, not cooled."""
+    headers = {"x-mock-fail": "mock_a=500,mock_b=500"}
+    statuses = [call(stack, "tolerant", headers)[0] for _ in range(12)]
+    assert statuses == [500] * 12  # never a 429 deployments_cooling_down
+    states = admin(stack, "/deployments")["deployments"]
+    assert not states["tolerant-a"]["cooling_down"]
+    assert not states["tolerant-b"]["cooling_down"]
+
+
 async def test_least_busy_avoids_the_slow_deployment(stack: Stack) -> None:
     headers = {"x-mock-slow": "mock_b=1500"}
     gate = asyncio.Semaphore(4)
@@ -243,7 +265,7 @@ def test_failover_keeps_in_flight_counts_exact(stack: Stack) -> None:
 def test_clients_hanging_up_do_not_cool_a_healthy_deployment(stack: Stack) -> None:
     body = json.dumps({"model": "patient", "messages": [{"role": "user", "content": "hi"}]})
     slow = {"x-mock-slow": "mock_a=1500,mock_b=1500", "content-type": "application/json"}
-    for _ in range(5):  # more than allowed_fails (3), all given up by their clients
+    for _ in range(5):  # 5 of 5 would cool (failure-rate rule); all given up by clients
         request = urllib.request.Request(  # noqa: S310 - a loopback http URL
             f"{stack.url}/v1/chat/completions", data=body.encode(), headers=slow
         )

@@ -1,5 +1,5 @@
-"""Routing strategies, the whole pure routing decision on hand-built views, and
-LiteLLM's cooldown rules."""
+"""Routing strategies and the whole pure routing decision on hand-built views
+(LiteLLM's cooldown rules: test_health.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from extproc.core.budgets import BudgetRef
 from extproc.core.errors import GatewayError
-from extproc.core.health import DeploymentState, cooldown_reason
+from extproc.core.health import DeploymentState
 from extproc.core.pricing import Prices
 from extproc.core.selection import (
     EMPTY_VIEW,
@@ -104,31 +104,6 @@ def test_cost_based_and_priority() -> None:
     p = group("priority", dep("a", order=2), dep("b", order=1), dep("c"))
     assert spread(p, {}, 10) == {"b": 10}
     assert choose(p, [p.deployments[0], p.deployments[2]], {}, lambda: 0.5).id == "a"
-
-
-@pytest.mark.parametrize(
-    ("status", "size", "failures", "requests", "cools"),
-    [
-        (429, 2, 1, 1, True),  # rate limited, another deployment can serve
-        (429, 1, 1, 1, False),  # a lone deployment is not cooled for a 429
-        (401, 1, 1, 1, True),  # not retryable: cools even alone
-        (404, 1, 1, 1, True),
-        (408, 3, 1, 10, True),
-        (400, 3, 9, 10, False),  # the caller's fault: never
-        (422, 3, 1, 1, False),
-        (500, 3, 1, 1, False),  # one 5xx is within allowed_fails
-        (500, 3, 3, 5, True),  # >50% of >=5 requests this minute
-        (500, 3, 2, 5, False),
-        (503, 3, 4, 100, True),  # more than allowed_fails (3)
-        (500, 1, 50, 50, False),  # a lone deployment: only non-retryable errors
-        (200, 3, 9, 10, False),
-    ],
-)
-def test_cooldown_rules(status: int, size: int, failures: int, requests: int, cools: bool) -> None:
-    reason = cooldown_reason(
-        status, group_size=size, failures=failures, requests=requests, allowed_fails=3
-    )
-    assert (reason is not None) is cools
 
 
 # --- the whole routing decision on hand-built views (no store) ----------------------
