@@ -152,6 +152,9 @@ def select(
     states = {d.id: view.states.get(d.id, empty) for d in fits}
     cooling = {d.id: s.cooling_s for d in fits if (s := states[d.id]).cooling_s}
     left = [d for d in fits if d.id not in exhausted and d.id not in cooling]
+    # Rule: rpm or tpm 0 takes a deployment out of every strategy
+    zero = [d for d in left if d.rpm == 0 or d.tpm == 0]
+    left = [d for d in left if d not in zero]
     if group.strategy == "usage-based-routing":
         # Rule: only load the view knows of filters (a store that could not be read,
         # fail mode open, knows none: the strategy alone decides, as without a store)
@@ -161,13 +164,14 @@ def select(
             if d.id not in view.states or not over_usage_limits(d, states[d.id], tokens)
         ]
         if left and not within:
-            raise RateLimitError(
-                f"Every deployment of {group.name[:256]!r} is at its rpm/tpm limit "
-                "for this minute.",
-                code="deployments_at_capacity",
-                headers={"retry-after": str(max(1, 60 - int(now) % 60))},
-            )
+            zero = left
         left = within
+    if zero and not left:
+        raise RateLimitError(
+            f"Every deployment of {group.name[:256]!r} is at its rpm/tpm limit for this minute.",
+            code="deployments_at_capacity",
+            headers={"retry-after": str(max(1, 60 - int(now) % 60))},
+        )
     if left:
         return group, choose(group, left, states, rng, stream=stream)
     if cooling:
@@ -198,13 +202,15 @@ def _uniform(candidates: Sequence[CompiledDeployment], rng: Rng) -> CompiledDepl
 
 
 def simple_shuffle(candidates: Sequence[CompiledDeployment], rng: Rng) -> CompiledDeployment:
-    """LiteLLM's default: by weight, else by rpm, else by tpm, else uniform."""
-    if len({d.weight for d in candidates}) > 1:
-        return _weighted(candidates, [d.weight for d in candidates], rng)
-    if any(d.rpm for d in candidates):
-        return _weighted(candidates, [float(d.rpm or 0) for d in candidates], rng)
-    if any(d.tpm for d in candidates):
-        return _weighted(candidates, [float(d.tpm or 0) for d in candidates], rng)
+    """LiteLLM's default: by ``weight`` when any candidate has one (one without gets
+    none of the traffic), else by rpm, else by tpm, else uniformly."""
+    for weights in (
+        [d.weight or 0.0 for d in candidates],
+        [float(d.rpm or 0) for d in candidates],
+        [float(d.tpm or 0) for d in candidates],
+    ):
+        if max(weights) > 0:
+            return _weighted(candidates, weights, rng)
     return _uniform(candidates, rng)
 
 
@@ -255,7 +261,7 @@ def choose(
     if strategy == "priority":
         first = min(d.order if d.order is not None else 1 << 30 for d in candidates)
         tier = [d for d in candidates if (d.order if d.order is not None else 1 << 30) == first]
-        return _weighted(tier, [d.weight for d in tier], rng)
+        return simple_shuffle(tier, rng)
     if strategy == "latency-based-routing":
         means = {d.id: state(d).mean_latency(stream=stream) for d in candidates}
         unmeasured = [d for d in candidates if means[d.id] is None]

@@ -59,7 +59,7 @@ class CompiledDeployment:
     provider: str
     cluster: str
     model: str
-    weight: float
+    weight: float | None
     auth_header: str
     #: The full header value (``Bearer sk-...``); never logged.
     auth_value: str | None = field(repr=False)
@@ -294,7 +294,7 @@ def compile_policy(
                     fails=_fail_limits(dep.allowed_fails, dep.allowed_fails_policy),
                 )
             )
-        weights = tuple(itertools.accumulate(d.weight for d in compiled))
+        weights = tuple(itertools.accumulate(d.weight or 0.0 for d in compiled))
         groups[group.name] = CompiledGroup(
             group.name,
             tuple(compiled),
@@ -357,7 +357,7 @@ def _add_large_groups(groups: dict[str, CompiledGroup]) -> None:
             group,
             name=name,
             deployments=large,
-            cumulative_weights=tuple(itertools.accumulate(d.weight for d in large)),
+            cumulative_weights=tuple(itertools.accumulate(d.weight or 0.0 for d in large)),
             context_window_fallbacks=(),
         )
         if not group.context_window_fallbacks:

@@ -138,7 +138,9 @@ class Deployment(_Model):
     #: The model name the upstream expects; the body's ``model`` is rewritten to it.
     model: str = Field(min_length=1, max_length=256)
     credential: CredentialRef | None = None
-    weight: float = Field(default=1.0, gt=0)
+    #: LiteLLM's litellm_params.weight: when any deployment of a group has one, one
+    #: without gets none of the traffic.
+    weight: float | None = Field(default=None, ge=0)
     rpm: int | None = Field(default=None, ge=0)
     tpm: int | None = Field(default=None, ge=0)
     context_window: int | None = Field(default=None, gt=0)

@@ -33,7 +33,7 @@ def dep(name: str, **fields: object) -> CompiledDeployment:
         provider="openai",
         cluster=f"c_{name}",
         model="m",
-        weight=1.0,
+        weight=None,
         auth_header="authorization",
         auth_value=None,
     )
@@ -41,7 +41,7 @@ def dep(name: str, **fields: object) -> CompiledDeployment:
 
 
 def group(strategy: str, *deps: CompiledDeployment, buffer: float = 0.0) -> CompiledGroup:
-    weights = tuple(itertools.accumulate(d.weight for d in deps))
+    weights = tuple(itertools.accumulate(d.weight or 0.0 for d in deps))
     return CompiledGroup("g", deps, weights, strategy=strategy, lowest_latency_buffer=buffer)
 
 
@@ -59,6 +59,41 @@ def test_simple_shuffle_weight_then_rpm_then_tpm_then_uniform() -> None:
     assert spread(by_tpm, {}) == {"a": 500, "b": 500}
     uniform = group("simple-shuffle", dep("a"), dep("b"), dep("c"))
     assert set(spread(uniform, {}).values()) == {333, 334}
+
+
+def test_a_deployment_without_weight_next_to_weighted_ones_gets_nothing() -> None:
+    """LiteLLM reads a missing weight as 0 once any deployment of the group has one;
+    weights also win over rpm, and equal weights still split evenly."""
+    g = group("simple-shuffle", dep("a", weight=2.0), dep("b"), dep("c", weight=1.0, rpm=900))
+    assert spread(g, {}, 300) == {"a": 200, "c": 100}
+    even = group("simple-shuffle", dep("a", weight=1.0), dep("b", weight=1.0, rpm=10))
+    assert spread(even, {}) == {"a": 500, "b": 500}
+    # priority: the lowest order first, then simple-shuffle within it
+    p = group("priority", dep("a", order=1), dep("b", order=1, weight=1.0), dep("c", order=0))
+    assert spread(p, {}, 10) == {"c": 10}
+    assert choose(p, p.deployments[:2], {}, lambda: 0.0).id == "b"
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        "simple-shuffle",
+        "least-busy",
+        "usage-based-routing",
+        "latency-based-routing",
+        "cost-based-routing",
+        "priority",
+    ],
+)
+def test_rpm_or_tpm_zero_takes_a_deployment_out_of_every_strategy(strategy: str) -> None:
+    g = named("g", strategy, dep("a", rpm=0, order=0), dep("b", tpm=0), dep("c", order=5))
+    for draw in (0.0, 0.5, 0.99):
+        rng = itertools.repeat(draw).__next__
+        assert select(g, policy_of(g), EMPTY_VIEW, rng, now=NOW, tokens=1)[1].id == "c"
+    full = named("g", strategy, dep("a", rpm=0), dep("b", tpm=0))
+    with pytest.raises(GatewayError) as info:
+        select(full, policy_of(full), EMPTY_VIEW, lambda: 0.0, now=NOW, tokens=1)
+    assert info.value.code == "deployments_at_capacity"
 
 
 def test_least_busy() -> None:
