@@ -80,6 +80,12 @@ def _check_step(step: Step | Release) -> None:
 _UNDONE = "#undone"
 
 
+def _ms_left(until: float, now: float) -> float:
+    """Seconds left until ``until``, in whole milliseconds as Redis's PTTL reports them
+    (and never more than the TTL: in floats, ``(now + ttl) - now`` can exceed ``ttl``)."""
+    return math.floor((until - now) * 1000) / 1000
+
+
 class MemoryStore:
     """In-process counters with expiry; ``clock`` is injectable for tests.
 
@@ -278,7 +284,7 @@ class MemoryStore:
     async def incr_window(self, key: str, amount: int, ttl_s: float) -> tuple[int, float]:
         now = self._clock()
         value = self._add(key, check_int64(amount, "amount"), ttl_s, now)
-        return value, self._values[key][1] - now
+        return value, _ms_left(self._values[key][1], now)
 
     def _marked(self, marker: str, now: float) -> bool:
         until = self._markers.get(marker)
@@ -501,7 +507,7 @@ class MemoryStore:
             value = self._add(step.key, step.amount, step.ttl_s, now)
             if step.marker is not None:
                 self._mark(step.marker, step.keep_s, now)
-            return (value, self._values[step.key][1] - now, True), 0 <= limit < value
+            return (value, _ms_left(self._values[step.key][1], now), True), 0 <= limit < value
         if isinstance(step, Ceiling):
             value = (self._live(step.key, now) or (0, 0.0))[0]
             return value, value >= step.limit
