@@ -40,13 +40,14 @@ from extproc.core.usage import Usage
 from extproc.policy import CompiledPolicy, PolicyError, load_policy
 from extproc.state.alerts import Alerter
 from extproc.state.clock import Clock, SystemClock
+from extproc.state.coalescer import Coalescer
 from extproc.state.liveness import Liveness
 from extproc.state.metrics import Metrics
 from extproc.state.owed import OwedCancel, OwedCount, OwedSettle, OwedUncount, OwedWrites
 from extproc.state.routing import Router
 from extproc.state.settings import Settings
 from extproc.store import MemoryStore, Store, StoreError, StoreUnavailableError, open_store
-from extproc.store.base import Count
+from extproc.store.base import Cancel, Count, Release
 from extproc.store.keys import marker_key
 
 __all__ = ["Admission", "Gateway", "gateway_config"]
@@ -118,6 +119,8 @@ class Gateway:
         self.config = gateway_config(settings)
         self._policy = policy
         self.store = store
+        #: Settlements, cancels and lease releases of concurrent calls, sent together.
+        self.coalescer = Coalescer(store)
         self.metrics = metrics or Metrics()
         self.rng: Callable[[], float] = rng or random.SystemRandom().random
         #: Rule: the process's one clock; nothing else here reads the time.
@@ -516,7 +519,7 @@ class Gateway:
         outcome = "settled"
         if finish.keys or finish.steps:
             try:
-                settled = await self.store.finish(finish)
+                settled = await self.coalescer.finish(finish)
             except StoreError as exc:
                 # Rule: a settlement is never dropped: kept (and journaled) until the
                 # store acknowledges it; settling is idempotent by the reservation id,
@@ -546,7 +549,7 @@ class Gateway:
         if not charge.keys:
             return
         try:
-            await self.store.cancel(charge.rid, charge.keys, keep_s=self._marker_s)
+            await self.coalescer.cancel(Cancel(charge.rid, charge.keys, self._marker_s))
         except StoreError as exc:
             # Rule: never left to the hold's TTL: kept until the store acknowledges it.
             self.metrics.settlements.labels("failed").inc()
@@ -592,6 +595,7 @@ class Gateway:
     async def close(self) -> None:
         """Stop retrying owed writes (the journal keeps what is left), close the store
         and the in-process fallback counts (stops their sweepers)."""
+        await self.coalescer.drain()
         await self.owed.close()
         await self.store.close()
         await self._local.close()
@@ -600,6 +604,7 @@ class Gateway:
         """Wait for background store work (cancels, releases, webhooks) to finish."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.coalescer.drain()
         await self.alerts.drain()
         await self.router.flush_successes()
 
@@ -702,7 +707,7 @@ class Gateway:
     async def release(self, lease: Lease) -> None:
         """Give a lease back; a store failure only delays it until the lease TTL."""
         try:
-            await self.store.release_lease(lease.store_key, lease.member)
+            await self.coalescer.release(Release(lease.store_key, lease.member))
         except StoreError as exc:
             self.metrics.leases.labels("release_failed").inc()
             self._log_store_failure(exc)

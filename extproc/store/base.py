@@ -24,6 +24,7 @@ __all__ = [
     "Admission",
     "Admitted",
     "Budget",
+    "Cancel",
     "Ceiling",
     "Count",
     "Finish",
@@ -36,6 +37,7 @@ __all__ = [
     "StoreTools",
     "StoreUnavailableError",
     "Take",
+    "Write",
     "book_groups",
     "book_tag",
     "books_key",
@@ -310,12 +312,27 @@ class Finish:
     steps: tuple[Count | Gauge | Release, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Give reservation ``rid`` back in the books of ``keys`` (see :meth:`Store.cancel`)."""
+
+    rid: str
+    keys: tuple[str, ...]
+    keep_s: float = ENDED_KEEP_S
+
+
+#: What ends a call: settled (:class:`Finish`), given back (:class:`Cancel`), its lease
+#: released (:class:`Release`). Several calls' go out together (:meth:`Store.write_many`).
+Write = Finish | Cancel | Release
+
+
 class Store(Protocol):
     """The primitives every server process uses to share state: read a batch of keys
     (:meth:`snapshot`), admit a call (:meth:`admit`: its checks and effects in one
     batch), settle it (:meth:`finish`), give back (:meth:`cancel`, :meth:`release_lease`,
-    :meth:`uncount`), record deployment health (:meth:`incr_many`, :meth:`set_flag`,
-    :meth:`push_sample`) and liveness (:meth:`heartbeat`, :meth:`reap_holds`).
+    :meth:`uncount`), end several calls at once (:meth:`write_many`), record deployment
+    health (:meth:`incr_many`, :meth:`set_flag`, :meth:`push_sample`) and liveness
+    (:meth:`heartbeat`, :meth:`reap_holds`).
 
     Rule: the request path and the runtime use only these; the per-feature helpers
     both stores also have (:class:`StoreTools`) are for read-outs kept in the store
@@ -370,6 +387,15 @@ class Store(Protocol):
         values. Rule: a retry changes nothing: the settlement ends the id, counts and
         gauges with markers are applied once, a release is idempotent (a gauge without
         a marker is applied again, so a retry passes one or leaves it out)."""
+        ...
+
+    async def write_many(self, writes: Sequence[Write]) -> list[list[int] | StoreError | None]:
+        """Several calls' :class:`Write` at once, each as :meth:`finish`, :meth:`cancel`
+        or :meth:`release_lease` would apply it; one outcome per write, in order: the
+        settled values of a finish, None for a cancel or a release, or the
+        :class:`StoreError` that write met (a batch that could not be sent is every
+        write's). Rule: one round trip per node (a pipeline on Redis); one write's
+        error never fails another, and each is as idempotent as alone."""
         ...
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:

@@ -22,14 +22,17 @@ from extproc.store.base import (
     Admission,
     Admitted,
     Budget,
+    Cancel,
     Ceiling,
     Count,
     Finish,
     Gauge,
     Release,
     Step,
+    StoreError,
     StoreFaultError,
     Take,
+    Write,
     book_groups,
     check_amount,
     check_int64,
@@ -613,6 +616,23 @@ class MemoryStore:
                 continue
             self._drop(marker, now)
             self._mark(marker, keep_s, now)
+
+    async def write_many(self, writes: Sequence[Write]) -> list[list[int] | StoreError | None]:
+        """Each write in turn (nothing to save here: no round trips)."""
+        out: list[list[int] | StoreError | None] = []
+        for write in writes:
+            try:
+                if isinstance(write, Finish):
+                    out.append(await self.finish(write))
+                elif isinstance(write, Cancel):
+                    await self.cancel(write.rid, write.keys, keep_s=write.keep_s)
+                    out.append(None)
+                else:
+                    await self.release_lease(write.key, write.member)
+                    out.append(None)
+            except StoreError as exc:
+                out.append(exc)
+        return out
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
         check_owner(owner)

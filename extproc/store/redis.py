@@ -3,12 +3,13 @@ and per hash slot an admission or settlement touches (one in all on a single Red
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -37,6 +38,7 @@ from extproc.store.base import (
     Admission,
     Admitted,
     Budget,
+    Cancel,
     Ceiling,
     Count,
     Finish,
@@ -46,6 +48,7 @@ from extproc.store.base import (
     StoreFaultError,
     StoreUnavailableError,
     Take,
+    Write,
     book_groups,
     book_tag,
     books_key,
@@ -296,15 +299,19 @@ class RedisStore:
         with _guard("ping"):
             await self._client.ping()
 
-    async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        for arg in args:
-            if isinstance(arg, int) and not -INT64_MAX <= arg <= INT64_MAX:
-                check_int64(arg, "script argument")  # never sent: Redis would refuse it
+    def _sha(self, script: str) -> str:
         sha = self._shas.get(script)
         if sha is None:
             # Rule: the digest is the script's SHA1, known here: no load is sent while
             # Redis has the script (a burst of first calls sends no burst of loads).
             sha = self._shas[script] = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324
+        return sha
+
+    async def _eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        for arg in args:
+            if isinstance(arg, int) and not -INT64_MAX <= arg <= INT64_MAX:
+                check_int64(arg, "script argument")  # never sent: Redis would refuse it
+        sha = self._sha(script)
         try:
             return await self._client.evalsha(sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -584,6 +591,14 @@ class RedisStore:
         return out.refused_budget, [s or 0 for s in out.spends]
 
     async def finish(self, finish: Finish) -> list[int]:
+        scripts = self._finish_scripts(finish)
+        with _guard("settle"):
+            outs = [await self._eval(FINISH, keys, args) for keys, args, _ in scripts]
+            return _settled(finish, scripts, outs)
+
+    def _finish_scripts(self, finish: Finish) -> list[tuple[list[str], list[Any], list[int]]]:
+        """(KEYS, ARGV, the budgets' indexes in script order) of each script of a
+        finish (one per slot), every number checked before any is sent."""
         keys = finish.keys
         if len(finish.ttls_s) != len(keys):
             raise StoreFaultError("one ttl per budget key")
@@ -606,16 +621,7 @@ class RedisStore:
             for i in unit.steps:
                 _add_step(finish.steps[i], script_keys, args)
             scripts.append((script_keys, args, order))
-        settled: list[int] = [0] * len(keys)
-        with _guard("settle"):
-            for script_keys, args, order in scripts:
-                out = await self._eval(FINISH, script_keys, args)
-                values = out[0]
-                if len(values) != len(order):
-                    raise ValueError("one settled value per budget")
-                for index, value in zip(order, values, strict=True):
-                    settled[index] = int(value)
-        return settled
+        return scripts
 
     def _finish_units(self, budgets: Sequence[str], steps: Sequence[str]) -> list[_Unit]:
         """One script per slot (one in all on a single Redis): a finish never refuses,
@@ -641,15 +647,105 @@ class RedisStore:
         return await self.finish(Finish(rid, tuple(keys), cost, tuple(ttls_s), keep_s))
 
     async def cancel(self, rid: str, keys: Sequence[str], *, keep_s: float = ENDED_KEEP_S) -> None:
+        with _guard("cancel"):
+            for script_keys, args in self._cancel_scripts(rid, keys, keep_s):
+                await self._eval(CANCEL, script_keys, args)
+
+    def _cancel_scripts(
+        self, rid: str, keys: Sequence[str], keep_s: float
+    ) -> list[tuple[list[str], list[Any]]]:
+        """(KEYS, ARGV) of each script of a cancel: one per slot, in slot order."""
         by_slot: dict[int, list[str]] = {}
         for tag in book_groups(keys) or {SPEND_TAG: []}:
             by_slot.setdefault(self._slot(tag), []).append(tag)
-        with _guard("cancel"):
-            for slot in sorted(by_slot):
-                script_keys: list[str] = []
-                for tag in by_slot[slot]:
-                    script_keys += [resv_hash(tag), resv_expiry(tag), ended_key(rid, tag)]
-                await self._eval(CANCEL, script_keys, [rid, _ms(keep_s)])
+        scripts: list[tuple[list[str], list[Any]]] = []
+        for slot in sorted(by_slot):
+            script_keys: list[str] = []
+            for tag in by_slot[slot]:
+                script_keys += [resv_hash(tag), resv_expiry(tag), ended_key(rid, tag)]
+            scripts.append((script_keys, [rid, _ms(keep_s)]))
+        return scripts
+
+    async def write_many(self, writes: Sequence[Write]) -> list[list[int] | StoreError | None]:
+        out: list[list[int] | StoreError | None] = [None] * len(writes)
+        # the commands of every write, checked before any is sent: (write, script or
+        # None for a ZREM, KEYS, ARGV)
+        commands: list[tuple[int, str | None, list[str], list[Any]]] = []
+        finishes: dict[int, list[tuple[list[str], list[Any], list[int]]]] = {}
+        for index, write in enumerate(writes):
+            try:
+                if isinstance(write, Finish):
+                    scripts = finishes[index] = self._finish_scripts(write)
+                    commands += [(index, FINISH, keys, args) for keys, args, _ in scripts]
+                elif isinstance(write, Cancel):
+                    for keys, args in self._cancel_scripts(write.rid, write.keys, write.keep_s):
+                        commands.append((index, CANCEL, keys, args))
+                else:
+                    commands.append((index, None, [write.key], [write.member]))
+            except StoreError as exc:
+                out[index] = exc
+        if not commands:
+            return out
+        try:
+            with _guard("settle"):
+                replies = await self._pipelined([(s, k, a) for _, s, k, a in commands])
+        except StoreError as exc:
+            return [o if isinstance(o, StoreError) else exc for o in out]
+        by_write: dict[int, list[Any]] = {}
+        for (index, _, _, _), reply in zip(commands, replies, strict=True):
+            by_write.setdefault(index, []).append(reply)
+        for index, got in by_write.items():
+            try:
+                with _guard("settle"):
+                    for reply in got:
+                        if isinstance(reply, BaseException):
+                            raise reply
+                    planned = finishes.get(index)
+                    if planned is not None:
+                        out[index] = _settled(cast(Finish, writes[index]), planned, got)
+            except StoreError as exc:
+                out[index] = exc
+        return out
+
+    async def _pipelined(
+        self, commands: Sequence[tuple[str | None, Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Send ``commands`` (a script's KEYS and ARGV, or a ZREM's key and member) in
+        one pipeline (one per node on Redis Cluster); every reply or the error in its
+        place. Rule: a script Redis has lost is loaded and its commands sent again (a
+        second round trip, after a restart or SCRIPT FLUSH only)."""
+        if self._cluster:
+            # Known limit: redis-py's cluster pipeline refuses these scripts (it asks
+            # the server for EVALSHA's routing policy), so on Redis Cluster the
+            # commands go out at once, side by side, one round trip each.
+            return list(
+                await asyncio.gather(*(self._one(c) for c in commands), return_exceptions=True)
+            )
+        pending = list(range(len(commands)))
+        replies: list[Any] = [None] * len(commands)
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for i in pending:
+                script, keys, args = commands[i]
+                if script is None:
+                    pipe.zrem(keys[0], *args)
+                else:
+                    pipe.evalsha(self._sha(script), len(keys), *keys, *args)
+            for i, reply in zip(pending, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+            lost = [i for i in pending if isinstance(replies[i], NoScriptError)]
+            if not lost or attempt:
+                break
+            for script in {commands[i][0] for i in lost}:
+                await self._client.script_load(script)
+            pending = lost
+        return replies
+
+    async def _one(self, command: tuple[str | None, Sequence[str], Sequence[Any]]) -> Any:
+        script, keys, args = command
+        if script is None:
+            return await self._client.zrem(keys[0], *args)
+        return await self._eval(script, keys, args)
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
         args = [check_owner(owner), _ms(ttl_s), _ms(keep_s)]
@@ -756,6 +852,20 @@ def _result(step: object, raw: Any) -> object:
     if isinstance(step, Release):
         return None
     return int(raw)
+
+
+def _settled(
+    finish: Finish, scripts: Sequence[tuple[list[str], list[Any], list[int]]], outs: Sequence[Any]
+) -> list[int]:
+    """Each budget's settled value from the answers of a finish's scripts."""
+    settled: list[int] = [0] * len(finish.keys)
+    for (_, _, order), out in zip(scripts, outs, strict=True):
+        values = out[0]
+        if len(values) != len(order):
+            raise ValueError("one settled value per budget")
+        for index, value in zip(order, values, strict=True):
+            settled[index] = int(value)
+    return settled
 
 
 def _with_ttls(raw: Sequence[Any]) -> list[tuple[int | None, float | None]]:

@@ -17,6 +17,7 @@ from extproc.store.base import (
     Admission,
     Admitted,
     Budget,
+    Cancel,
     Ceiling,
     Count,
     Finish,
@@ -421,3 +422,28 @@ async def test_steps_in_two_slots_still_give_back_on_a_refusal(backend: Backend)
     assert (out.refused_step, out.results) == (1, ((True, 1, 0), 100))
     assert await store.get_many(_keys(_budgets())) == [0, 0, 0]
     assert await store.acquire_lease(leases, ALICE + "b" * 16, 1, 60) == (True, 1, 0)
+
+
+async def test_writes_of_several_calls_apply_each_on_its_own(backend: Backend) -> None:
+    store = backend.store
+    budgets = _budgets()
+    keys = _keys(budgets)
+    await store.admit(_admission("r1", budgets))
+    await store.admit(_admission("r2", budgets))
+    take = Take(f"{STEP_TAG}:leases", ALICE + "m", 5, 60)
+    await store.admit(_admission("r3", (), (take,)))
+    ttls = (None, None, None)
+    outcomes = await store.write_many(
+        [
+            Finish("r1", tuple(keys), 4, ttls, 60),
+            Finish("r9", tuple(keys), -1, ttls, 60),  # refused before it is sent
+            Cancel("r2", tuple(keys), 60),
+            Release(take.key, take.member),
+        ]
+    )
+    assert outcomes[0] == [4, 4, 4]
+    assert isinstance(outcomes[1], StoreFaultError)
+    assert outcomes[2:] == [None, None]
+    assert await store.get_many(keys) == [4, 4, 4]
+    assert [await _book_entries(backend, rid, keys) for rid in ("r1", "r2")] == [0, 0]
+    assert not (await store.acquire_lease(take.key, BOB + "m", 1, 60))[1] > 1
