@@ -454,8 +454,10 @@ def sample_round_trips(port: int, url: str, load: Load, seconds: int = 5) -> str
         monitor = subprocess.Popen([cli, "-h", "127.0.0.1", "-p", str(port), "monitor"], stdout=out)
         try:
             time.sleep(0.3)
+            reads = _reads(port)
             result = run_load(url, seconds, load)
             time.sleep(0.3)
+            reads = _reads(port) - reads - 1  # the second INFO is a read too
         finally:
             monitor.terminate()
             monitor.wait(timeout=10)
@@ -466,8 +468,19 @@ def sample_round_trips(port: int, url: str, load: Load, seconds: int = 5) -> str
     )
     return (
         f"store round trips per call: {trips / calls:.2f} over {calls:.0f} calls "
-        f"(client commands per call: {parts}; Redis MONITOR, background work included)"
+        f"(client commands per call: {parts}; Redis MONITOR, background work included; "
+        f"socket reads per call: {reads / calls:.2f}, INFO total_reads_processed: a "
+        "pipeline of several calls' writes is one)"
     )
+
+
+def _reads(port: int) -> int:
+    """Client writes Redis has read so far (one per round trip, a pipeline's included)."""
+    client = redis_sync.Redis(host="127.0.0.1", port=port)
+    try:
+        return int(client.info("stats")["total_reads_processed"])
+    finally:
+        client.close()
 
 
 def commands_note(calls: dict[str, int], requests: float) -> str:
