@@ -9,6 +9,7 @@ key and the team.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -57,6 +58,12 @@ _ALL_MODELS = frozenset({"*", "all-proxy-models"})
 
 def hash_key(plaintext: str) -> str:
     """The policy's form of a key: lowercase hex sha256 of the UTF-8 plaintext."""
+    return _hashed(plaintext)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hashed(plaintext: str) -> str:
+    """:func:`hash_key` of the keys seen last (a caller sends the same key each call)."""
     return hashlib.sha256(plaintext.encode("utf-8", "surrogatepass")).hexdigest()
 
 

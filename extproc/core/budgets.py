@@ -11,6 +11,7 @@ reservations come with the spend-accounting work; :func:`spend_key` names budget
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,6 +63,7 @@ KINDS = frozenset(
 MICRO = Decimal(1_000_000)
 
 
+@functools.lru_cache(maxsize=4096)
 def limit_micros(limit: Decimal | None) -> int | None:
     """A dollar limit (max budget, soft budget, alert threshold) in micro-dollars.
 
@@ -155,6 +157,7 @@ def alert_key(ref: BudgetRef, event: str) -> str:
 TENANT_KINDS = frozenset({"key", "team", "team_member"})
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def spend_key(kind: str, ident: str, *window: str, tenant: tuple[str, ...] | None = None) -> str:
     """The store key holding the spend of one budget owner, in micro-dollars.
 

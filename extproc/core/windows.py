@@ -84,6 +84,11 @@ def zone(name: str) -> ZoneInfo:
         raise ValueError(f"unknown time zone {name!r}") from exc
 
 
+@lru_cache(maxsize=1024)
+def _period_ident(start: datetime) -> str:
+    return start.astimezone(UTC).strftime("%Y%m%dT%H%M%S")
+
+
 @dataclass(frozen=True, slots=True)
 class Period:
     """One calendar window: ``[start, end)`` in UTC, and a compact id for store keys."""
@@ -93,7 +98,7 @@ class Period:
 
     @property
     def ident(self) -> str:
-        return self.start.astimezone(UTC).strftime("%Y%m%dT%H%M%S")
+        return _period_ident(self.start)
 
     def seconds_left(self, now: datetime) -> float:
         return max(0.0, (self.end - now).total_seconds())

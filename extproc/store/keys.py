@@ -24,6 +24,7 @@ The reservation book of a hold lives in its budget key's slot (see
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -49,8 +50,11 @@ _SAFE = "A-Za-z0-9\\-_.~/@+=!*,"
 _PLAIN = re.compile(f"[{_SAFE}]*")
 _ESCAPED = re.compile(f"(?:[{_SAFE}]|%[0-9A-F]{{2}})*")
 _BYTE = re.compile("%([0-9A-F]{2})")
+#: Parts and keys remembered escaped and split (the same few recur on every call).
+_CACHED = 1 << 16
 
 
+@functools.lru_cache(maxsize=_CACHED)
 def _escape(part: str) -> str:
     if _PLAIN.fullmatch(part):
         return part
@@ -64,6 +68,7 @@ def _escape(part: str) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=_CACHED)
 def _unescape(text: str) -> str | None:
     if not _ESCAPED.fullmatch(text):
         return None
@@ -143,6 +148,7 @@ def marker_key(key: str, op: str) -> str:
     return store_key(tag, "once", *parts, op)
 
 
+@functools.lru_cache(maxsize=_CACHED)
 def split_key(key: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """(tag parts, parts) of a key :func:`store_key` built; None for anything else
     (how keys that came back from outside, e.g. through Envoy, are checked)."""
