@@ -22,7 +22,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.cli.up import envoy_binary
-from extproc.core.decision import GatewayConfig, RouteDecision, decide, prepare
+from extproc.core.decision import GatewayConfig, RouteDecision, decide_route, prepare
 from extproc.core.request import RequestHead
 from extproc.core.selection import EMPTY_VIEW, RoutingView
 from extproc.policy import CompiledPolicy
@@ -226,9 +226,9 @@ def decide_request(
     rewrite_body: bool = True,
 ) -> RouteDecision:
     """The core's routing decision for one request, taken as the gateway takes it
-    (:func:`prepare`, then :func:`decide`), on a hand-built view instead of the store."""
+    (:func:`prepare`, then :func:`decide_route`), on a hand-built view instead of the store."""
     prepared = prepare(head, raw, policy, config, now=now)
-    return decide(prepared, policy, config, view, rng, now=now, rewrite_body=rewrite_body)
+    return decide_route(prepared, policy, config, view, rng, now=now, rewrite_body=rewrite_body)
 
 
 class StoppedClock:

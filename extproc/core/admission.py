@@ -12,7 +12,6 @@ before it stay (a refused call counts, as in LiteLLM).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
@@ -20,7 +19,6 @@ from typing import cast
 from extproc.core.access import VirtualKey
 from extproc.core.budgets import BudgetRef, check_budgets
 from extproc.core.charges import Charge, limit_micros
-from extproc.core.decision import RouteDecision
 from extproc.core.errors import InternalError
 from extproc.core.health import inflight_key, minute_key
 from extproc.core.leases import Lease, check_parallel
@@ -43,7 +41,9 @@ from extproc.store.keys import marker_key
 
 __all__ = [
     "MINUTE_TTL_S",
+    "CallIds",
     "Plan",
+    "StoreFacts",
     "plan_admission",
     "plan_finish",
     "plan_session_count",
@@ -52,6 +52,38 @@ __all__ = [
 
 #: A deployment's minute counters live a little longer than their minute.
 MINUTE_TTL_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallIds:
+    """The ids one call needs, drawn by the caller (rule: the core draws none)."""
+
+    #: The reservation id of the call's charge (32 hex digits).
+    rid: str
+    #: The random part of its parallel-request lease (16 hex digits).
+    nonce: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFacts:
+    """What the runtime knows of the store and of this process when a call is
+    admitted: read-only, read just before deciding."""
+
+    #: This process's id, on its holds and leases.
+    owner: str
+    #: The peers seen dead, whose slots the batch takes back.
+    dead_owners: tuple[str, ...]
+    #: How long a hold (and a least-busy in-flight count) lasts.
+    hold_s: float
+    lease_ttl_s: float
+    session_ttl_s: float
+    #: How long the store remembers an ended id or an added count.
+    marker_s: float
+    #: Capped sessions are counted in the store (False while it is marked down: the
+    #: runtime counts them in process, fail mode open).
+    sessions_in_store: bool = True
+    #: Counts of the call's session this process still owes the store.
+    owed_session: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,33 +109,30 @@ class Plan:
 
 
 def plan_admission(
-    decision: RouteDecision,
     charge: Charge,
-    refs: Sequence[BudgetRef],
+    refs: tuple[BudgetRef, ...],
     *,
-    owner: str,
-    dead_owners: Sequence[str],
-    hold_s: float,
-    lease: Lease | None,
-    lease_ttl_s: float,
-    session_ttl_s: float,
-    marker_s: float,
-    count_session: bool,
-    owed_session: int,
+    session: SessionCap | None,
+    key: VirtualKey | None,
+    group: CompiledGroup | None,
+    facts: StoreFacts,
+    nonce: str,
     minute: int,
     limits: bool = True,
 ) -> Plan:
-    """The batch for ``decision``. ``count_session``: the session is counted in the
-    store (False while the store is marked down: the caller counts in process).
-    ``limits``: False leaves the rate limits, the slot and the load out (a
-    reservation alone)."""
+    """The batch that admits the call of ``charge`` (priced against ``refs``).
+    ``session``: the cap counted in the store (None: not counted there). ``key``: the
+    caller's key, whose rate limits and parallel-request slot (a lease made with
+    ``nonce``) are checked. ``group``: the deployment's load counted for its
+    strategy. ``limits``: False leaves the rate limits, the slot and the load out (a
+    reservation alone). ``minute``: the clock minute of usage-based routing."""
     steps: list[Step] = []
     at: dict[str, int] = {}
-    cap = decision.iterations
-    if cap is not None and count_session:
+    owed = facts.owed_session
+    if session is not None:
         at["session"] = len(steps)
-        steps.append(_session_step(cap, charge.rid, session_ttl_s, marker_s, owed_session))
-    key = decision.caller.key if decision.caller is not None else None
+        steps.append(_session_step(session, charge.rid, facts.session_ttl_s, facts.marker_s, owed))
+    lease = None
     if key is not None and limits:
         if key.tpm_limit is not None:
             at["tpm"] = len(steps)
@@ -111,43 +140,42 @@ def plan_admission(
         if key.rpm_limit is not None:
             at["rpm"] = len(steps)
             steps.append(Count(rpm_key(key), 1, WINDOW_S, limit=key.rpm_limit))
-        if lease is not None and key.max_parallel_requests is not None:
+        if key.max_parallel_requests is not None:
+            lease = Lease.new(key, facts.owner, nonce)
             at["slot"] = len(steps)
             steps.append(
-                Take(lease.store_key, lease.member, key.max_parallel_requests, lease_ttl_s)
+                Take(lease.store_key, lease.member, key.max_parallel_requests, facts.lease_ttl_s)
             )
-    group = decision.group
     if group is not None and limits:
-        dep = decision.deployment
         if group.strategy == "least-busy":
             at["load"] = len(steps)
-            steps.append(Gauge(inflight_key(dep.id), 1, hold_s))
+            steps.append(Gauge(inflight_key(charge.deployment), 1, facts.hold_s))
         elif group.strategy == "usage-based-routing":
             at["load"] = len(steps)
-            steps.append(Count(minute_key(dep.id, minute, "rpm"), 1, MINUTE_TTL_S))
-    held = tuple(refs)
+            steps.append(Count(minute_key(charge.deployment, minute, "rpm"), 1, MINUTE_TTL_S))
     admission = Admission(
         rid=charge.rid,
-        owner=owner,
+        owner=facts.owner,
         amount=charge.estimate,
-        hold_s=hold_s,
+        hold_s=facts.hold_s,
         budgets=tuple(
             Budget(ref.store_key, limit_micros(ref.limit), ttl)
-            for ref, ttl in zip(held, charge.ttls, strict=True)
+            for ref, ttl in zip(refs, charge.ttls, strict=True)
         ),
         steps=tuple(steps),
-        dead_owners=tuple(dead_owners) if "slot" in at else (),
+        dead_owners=facts.dead_owners if lease is not None else (),
+        keep_s=facts.marker_s,
     )
     return Plan(
         admission,
-        held,
-        lease if "slot" in at else None,
+        refs,
+        lease,
         session=at.get("session"),
         tpm=at.get("tpm"),
         rpm=at.get("rpm"),
         slot=at.get("slot"),
         load=at.get("load"),
-        owed=owed_session,
+        owed=owed,
     )
 
 

@@ -2,9 +2,11 @@
 
 Nothing here does I/O. The gRPC adapters (``adapters.ext_proc``, ``adapters.ext_authz``)
 translate protobufs into :class:`~extproc.core.request.RequestHead` and body bytes; the
-gateway calls :func:`decide_head`, :func:`prepare`, reads the
-:class:`~extproc.core.selection.RoutingView` of :func:`view_scope` from the store and calls
-:func:`decide`; the adapters translate the result back. So ext_proc and ext_authz
+runtime calls :func:`decide_head`, :func:`prepare`, reads the
+:class:`~extproc.core.selection.RoutingView` of :func:`view_scope` and the
+:class:`~extproc.core.admission.StoreFacts` of :func:`session_of`, and calls
+:func:`decide` once: the deployment, the edits, the charge and the plan of store effects
+it then commits; the adapters translate the result back. So ext_proc and ext_authz
 cannot disagree on the same request.
 """
 
@@ -26,8 +28,9 @@ from extproc.core.access import (
     request_tags,
     resolve_model_alias,
 )
+from extproc.core.admission import CallIds, Plan, StoreFacts, plan_admission
 from extproc.core.budgets import BudgetRef, applicable_budgets
-from extproc.core.charges import Charge
+from extproc.core.charges import Charge, deployment_budgets
 from extproc.core.endpoints import lookup_endpoint
 from extproc.core.errors import (
     MethodNotAllowedError,
@@ -40,6 +43,7 @@ from extproc.core.errors import (
 from extproc.core.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER, STREAM_HEADER, FailoverRoute
 from extproc.core.health import HealthSample
 from extproc.core.jsonbody import add_member, splice
+from extproc.core.limits import tpm_key
 from extproc.core.pricing import OutputAsk, cost_micros, estimate_call, requested_output
 from extproc.core.providers import credential_edits
 from extproc.core.request import LLMRequest, RequestHead, parse_request
@@ -49,17 +53,21 @@ from extproc.core.usage import Usage
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 
 __all__ = [
+    "Decision",
     "GatewayConfig",
     "HeadDecision",
     "Prepared",
     "ResponseDecision",
     "RouteDecision",
     "decide",
+    "decide_admission",
     "decide_head",
     "decide_response",
+    "decide_route",
     "failed_attempt",
     "prepare",
     "route_to",
+    "session_of",
     "view_scope",
     "with_group",
 ]
@@ -342,7 +350,7 @@ def route_to(
         set_headers=tuple(set_headers),
         remove_headers=remove,
         body=body,
-        iterations=session_cap(caller, request.session_id, group.max_iterations),
+        iterations=session_of(prepared, group),
         group=group,
         prompt_tokens=max(e.prompt_tokens for e in estimates),
         max_output_tokens=max(e.output_tokens for e in estimates),
@@ -364,6 +372,12 @@ def route_to(
     )
 
 
+def session_of(prepared: Prepared, group: CompiledGroup) -> SessionCap | None:
+    """The session cap a call of ``prepared`` served by ``group`` (the group of
+    :func:`view_scope`) counts against, if any: known before the deployment is."""
+    return session_cap(prepared.caller, prepared.request.session_id, group.max_iterations)
+
+
 def view_scope(
     prepared: Prepared, policy: CompiledPolicy
 ) -> tuple[CompiledGroup, list[CompiledDeployment]]:
@@ -382,7 +396,104 @@ def _fits_every_attempt(route: FailoverRoute, policy: CompiledPolicy, tokens: in
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The whole decision on one admitted call: where it goes and how, its charge,
+    and the store effects that admit it."""
+
+    route: RouteDecision
+    charge: Charge
+    #: The batch to commit (budget holds, session count, rpm/tpm, slot, load) and
+    #: where each step's answer is read.
+    plan: Plan
+    #: The session cap the call counts against (None: not counted): in the plan, or
+    #: in process when the store is marked down (``StoreFacts.sessions_in_store``).
+    cap: SessionCap | None
+
+
 def decide(
+    prepared: Prepared,
+    policy: CompiledPolicy,
+    config: GatewayConfig,
+    view: RoutingView,
+    rng: Callable[[], float],
+    *,
+    now: datetime,
+    ids: CallIds,
+    facts: StoreFacts,
+    rewrite_body: bool = True,
+    limits: bool = True,
+    count: bool = True,
+) -> Decision:
+    """The one decision on a checked request: :func:`decide_route`, then
+    :func:`decide_admission` (a GatewayError refuses it).
+
+    Rule: this is the one decision of both adapters; nothing in it reads the store
+    (what it needs of it is ``view`` and ``facts``) or the clock (``now``), or draws
+    randomness other than ``rng`` (the ids come in as ``ids``)."""
+    route = decide_route(prepared, policy, config, view, rng, now=now, rewrite_body=rewrite_body)
+    return decide_admission(
+        route, policy, now=now, ids=ids, facts=facts, limits=limits, count=count
+    )
+
+
+def decide_admission(
+    route: RouteDecision,
+    policy: CompiledPolicy,
+    *,
+    now: datetime,
+    ids: CallIds,
+    facts: StoreFacts,
+    limits: bool = True,
+    count: bool = True,
+) -> Decision:
+    """What admitting a routed call writes: its charge (the reservation ``ids.rid``
+    against the request's budgets and its deployment's and provider's) and the plan
+    of :func:`~extproc.core.admission.plan_admission`. ``limits``: False plans the
+    reservation and the session count alone (ext_authz's reserve); ``count``: False
+    leaves the session uncounted."""
+    dep = route.deployment
+    group = route.group
+    refs = route.budgets
+    if group is not None and not group.zero_cost:
+        refs += deployment_budgets(dep, policy, now)
+    key = route.caller.key if route.caller is not None else None
+    share = policy.general.budget_alert_at
+    request = route.request
+    charge = Charge.new(
+        rid=ids.rid,
+        api=request.endpoint.api,
+        endpoint=request.endpoint.name,
+        dep=dep,
+        stream=request.stream,
+        strip_usage=route.asks_usage,
+        estimate=route.hold,
+        refs=refs,
+        now=now,
+        tpm_key=tpm_key(key) if key is not None and key.tpm_limit is not None else None,
+        prompt_tokens=route.prompt_tokens,
+        max_output_tokens=route.max_output_tokens,
+        usage_cap=route.usage_cap,
+        # the budgets the settlement checks for alerts
+        watch=[r for r in refs if r.soft is not None or (share and r.limit is not None)],
+        failover=bool(route.attempts),
+    )
+    cap = route.iterations if count else None
+    plan = plan_admission(
+        charge,
+        refs,
+        session=cap if facts.sessions_in_store else None,
+        key=key,
+        group=group,
+        facts=facts,
+        nonce=ids.nonce,
+        minute=int(now.timestamp() // 60),
+        limits=limits,
+    )
+    return Decision(route, charge, plan, cap)
+
+
+def decide_route(
     prepared: Prepared,
     policy: CompiledPolicy,
     config: GatewayConfig,
@@ -395,10 +506,7 @@ def decide(
     """Route one checked request: the deployment :func:`~extproc.core.selection.select` picks
     with what ``view`` says of the group of :func:`view_scope` (or a refusal), its
     failover route when every attempt can take the call, and the header and body
-    edits that send it there.
-
-    Rule: this is the one routing decision of both adapters; nothing in it reads the
-    store or the clock (``now``) or draws randomness other than ``rng``."""
+    edits that send it there."""
     tokens = context_tokens(prepared.request.body)
     group, deployment = select(
         prepared.group,

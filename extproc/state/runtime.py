@@ -15,14 +15,32 @@ import secrets
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
-from extproc.core.admission import plan_admission, plan_finish, plan_session_count, read_admitted
+from extproc.core.admission import (
+    CallIds,
+    StoreFacts,
+    plan_finish,
+    plan_session_count,
+    read_admitted,
+)
 from extproc.core.budgets import BudgetRef
-from extproc.core.charges import Charge, deployment_budgets, limit_micros
-from extproc.core.decision import GatewayConfig, RouteDecision, decide, prepare, view_scope
+from extproc.core.charges import Charge, limit_micros
+from extproc.core.decision import (
+    Decision,
+    GatewayConfig,
+    Prepared,
+    RouteDecision,
+    decide,
+    decide_admission,
+    decide_route,
+    prepare,
+    session_of,
+    view_scope,
+)
 from extproc.core.errors import BudgetExceededError, InternalError, ServiceUnavailableError
 from extproc.core.health import HealthSample
 from extproc.core.leases import (
@@ -32,12 +50,17 @@ from extproc.core.leases import (
     LEASE_FIELD,
     Lease,
 )
-from extproc.core.limits import tpm_key
 from extproc.core.metering import ResponseMeter
 from extproc.core.request import RequestHead
 from extproc.core.sessions import IterationCount, SessionCap, check_iterations
 from extproc.core.usage import Usage
-from extproc.policy import CompiledPolicy, PolicyError, load_policy
+from extproc.policy import (
+    CompiledDeployment,
+    CompiledGroup,
+    CompiledPolicy,
+    PolicyError,
+    load_policy,
+)
 from extproc.state.alerts import Alerter
 from extproc.state.clock import Clock, SystemClock
 from extproc.state.coalescer import Coalescer
@@ -201,6 +224,15 @@ class Gateway:
                 seen = current
                 self.reload_policy()
 
+    def _prepare(
+        self, head: RequestHead, raw: bytes, policy: CompiledPolicy, now: datetime
+    ) -> tuple[Prepared, CompiledGroup, list[CompiledDeployment]]:
+        prepared = prepare(head, raw, policy, self.config, now=now)
+        group, deployments = view_scope(prepared, policy)
+        if group is not prepared.group:
+            log.debug("context window: %s too small, %s serves", prepared.group.name, group.name)
+        return prepared, group, deployments
+
     async def route(
         self,
         head: RequestHead,
@@ -210,14 +242,11 @@ class Gateway:
         rewrite_body: bool = True,
     ) -> RouteDecision:
         """Check the request, read what the store knows of the deployments that can
-        take it (one store round trip), and let the core decide."""
+        take it (one store round trip), and let the core route it (no admission)."""
         now = self.clock.now()
-        prepared = prepare(head, raw, policy, self.config, now=now)
-        group, deployments = view_scope(prepared, policy)
-        if group is not prepared.group:
-            log.debug("context window: %s too small, %s serves", prepared.group.name, group.name)
+        prepared, group, deployments = self._prepare(head, raw, policy, now)
         view = await self.router.view(group, deployments, policy, now)
-        return decide(
+        return decide_route(
             prepared, policy, self.config, view, self.rng, now=now, rewrite_body=rewrite_body
         )
 
@@ -229,132 +258,142 @@ class Gateway:
         *,
         rewrite_body: bool = True,
     ) -> tuple[RouteDecision, Admission]:
-        """:meth:`route`, then :meth:`admit`: what the adapters call.
+        """Check the request, read the routing view and the store facts, take the
+        core's one decision and commit its plan in one batch: what the adapters call.
 
         Rule: routing may have read deployment spend from the process cache; when the
         reservation finds the chosen deployment's (or its provider's) budget spent and
         the view was cached, the view is forgotten and the call routed once more on
         fresh state, so a stale cache never refuses a call another deployment could
         take."""
-        decision = await self.route(head, raw, policy, rewrite_body=rewrite_body)
+        now = self.clock.now()
+        prepared, group, deployments = self._prepare(head, raw, policy, now)
         try:
-            return decision, await self.admit(decision, policy)
+            return await self._route_and_admit(
+                prepared, group, deployments, policy, now, rewrite_body=rewrite_body
+            )
         except BudgetExceededError as err:
-            group = decision.group
-            if err.code not in _DEPLOYMENT_BUDGETS or group is None:
+            if err.code not in _DEPLOYMENT_BUDGETS or not self.router.forget(group.name):
                 raise
-            if not self.router.forget(group.name):
-                raise
-        decision = await self.route(head, raw, policy, rewrite_body=rewrite_body)
-        return decision, await self.admit(decision, policy)
+        now = self.clock.now()
+        prepared, group, deployments = self._prepare(head, raw, policy, now)
+        return await self._route_and_admit(
+            prepared, group, deployments, policy, now, rewrite_body=rewrite_body
+        )
+
+    async def _route_and_admit(
+        self,
+        prepared: Prepared,
+        group: CompiledGroup,
+        deployments: list[CompiledDeployment],
+        policy: CompiledPolicy,
+        now: datetime,
+        *,
+        rewrite_body: bool,
+    ) -> tuple[RouteDecision, Admission]:
+        view = await self.router.view(group, deployments, policy, now)
+        # Rule: the charge starts once the view is read (time to first token and the
+        # latency samples leave out the gateway's own store reads)
+        now = self.clock.now()
+
+        def decide_call(facts: StoreFacts, ids: CallIds) -> Decision:
+            return decide(
+                prepared,
+                policy,
+                self.config,
+                view,
+                self.rng,
+                now=now,
+                ids=ids,
+                facts=facts,
+                rewrite_body=rewrite_body,
+            )
+
+        decision, admission = await self._admit(session_of(prepared, group), now, decide_call)
+        return decision.route, admission
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
         """The store-backed checks of a routed request in one batch (one store round
         trip per hash slot, see :mod:`extproc.core.admission`): the budget reservation, the
         session cap, the key's rate limits and parallel-request slot, the deployment's
-        load. The adapter hands the lease and the charge to Envoy or keeps them for
-        the response."""
-        return await self._admit(decision, policy, limits=True)
+        load, for a call :meth:`route` routed (the adapters call
+        :meth:`route_and_admit`, which takes both in one decision). The adapter hands
+        the lease and the charge to Envoy or keeps them for the response."""
+        now = self.clock.now()
+
+        def admit_call(facts: StoreFacts, ids: CallIds) -> Decision:
+            return decide_admission(decision, policy, now=now, ids=ids, facts=facts)
+
+        return (await self._admit(decision.iterations, now, admit_call))[1]
 
     async def reserve(self, decision: RouteDecision, policy: CompiledPolicy) -> Charge:
         """The budget reservation alone (in one store round trip); a 429 for the first
         budget already spent."""
-        charge = (await self._admit(decision, policy, limits=False, count=False)).charge
+        now = self.clock.now()
+
+        def reserve_call(facts: StoreFacts, ids: CallIds) -> Decision:
+            return decide_admission(
+                decision, policy, now=now, ids=ids, facts=facts, limits=False, count=False
+            )
+
+        charge = (await self._admit(None, now, reserve_call))[1].charge
         assert charge is not None  # every admission has one
         return charge
 
-    def _charge(
-        self, decision: RouteDecision, policy: CompiledPolicy
-    ) -> tuple[Charge, tuple[BudgetRef, ...]]:
-        """The call's charge (its id, estimate, budgets and their windows)."""
-        now = self.clock.now()
-        dep = decision.deployment
-        refs = decision.budgets
-        if decision.group is not None and not decision.group.zero_cost:
-            refs += deployment_budgets(dep, policy, now)
-        key = decision.caller.key if decision.caller is not None else None
-        share = policy.general.budget_alert_at
-        charge = Charge.new(
-            rid=uuid.uuid4().hex,
-            api=decision.request.endpoint.api,
-            endpoint=decision.request.endpoint.name,
-            dep=dep,
-            stream=decision.request.stream,
-            strip_usage=decision.asks_usage,
-            estimate=decision.hold,
-            refs=refs,
-            now=now,
-            tpm_key=tpm_key(key) if key is not None and key.tpm_limit is not None else None,
-            prompt_tokens=decision.prompt_tokens,
-            max_output_tokens=decision.max_output_tokens,
-            usage_cap=decision.usage_cap,
-            # the budgets the settlement checks for alerts
-            watch=[r for r in refs if r.soft is not None or (share and r.limit is not None)],
-            failover=bool(decision.attempts),
-        )
-        return charge, refs
-
     async def _admit(
         self,
-        decision: RouteDecision,
-        policy: CompiledPolicy,
-        *,
-        limits: bool,
-        count: bool = True,
-    ) -> Admission:
-        charge, refs = self._charge(decision, policy)
-        now = self.clock.now()
-        cap = decision.iterations if count else None
-        key = decision.caller.key if decision.caller is not None else None
-        lease = None
-        if limits and key is not None and key.max_parallel_requests is not None:
-            lease = Lease.new(key, self.liveness.owner, secrets.token_hex(8))
+        cap: SessionCap | None,
+        now: datetime,
+        decide_call: Callable[[StoreFacts, CallIds], Decision],
+    ) -> tuple[Decision, Admission]:
+        """Read what the store side knows (``cap``: the call's session, whose owed
+        counts land first), take the core's decision with fresh ids, commit its plan
+        and read the store's answer (``now``: the decision's)."""
         mono = self.clock.monotonic()
         # while the store is marked down, sessions are counted in process (fail open)
         in_store = cap is not None and mono >= self._store_retry_at
-        if cap is not None and not in_store and self.settings.fail_mode == "closed":
-            self._store_failed(
-                StoreUnavailableError("store marked down after a recent failure"),
-                "session_count",
-            )
         owed = 0
+        landing: StoreError | None = None
         if cap is not None and in_store and self.owed.owes(cap.store_key):
             # land what is owed first: an owed count whose lost attempt ran later is
             # already in the store's count
             try:
                 await self.owed.land_counts(cap.store_key)
             except StoreError as exc:
-                return await self._admit_unsure(exc, charge, cap, None)
-            owed = self.owed.pending_count(cap.store_key)
+                landing = exc
+            else:
+                owed = self.owed.pending_count(cap.store_key)
+        settings = self.settings
+        facts = StoreFacts(
+            owner=self.liveness.owner,
+            dead_owners=self.liveness.dead,
+            hold_s=settings.reservation_ttl_s,
+            lease_ttl_s=settings.lease_ttl_s,
+            session_ttl_s=settings.max_iterations_ttl,
+            marker_s=self._marker_s,
+            sessions_in_store=in_store,
+            owed_session=owed,
+        )
+        decision = decide_call(facts, CallIds(uuid.uuid4().hex, secrets.token_hex(8)))
+        charge, plan, cap = decision.charge, decision.plan, decision.cap
+        if cap is not None and not in_store and settings.fail_mode == "closed":
+            self._store_failed(
+                StoreUnavailableError("store marked down after a recent failure"),
+                "session_count",
+            )
+        if landing is not None:
+            return decision, await self._admit_unsure(landing, charge, cap, None)
         iterations: IterationCount | None = None
         if cap is not None and not in_store:
             # Rule: the session is counted first, as in the store's order (a call its
             # cap refuses takes no rpm count or slot)
             iterations = await self._count_locally(cap, marker_key(cap.store_key, charge.rid))
-        plan = plan_admission(
-            dataclasses.replace(decision, iterations=cap),
-            charge,
-            refs,
-            owner=self.liveness.owner,
-            dead_owners=self.liveness.dead,
-            hold_s=self.settings.reservation_ttl_s,
-            lease=lease,
-            lease_ttl_s=self.settings.lease_ttl_s,
-            session_ttl_s=self.settings.max_iterations_ttl,
-            marker_s=self._marker_s,
-            count_session=in_store,
-            owed_session=owed,
-            minute=int(self.clock.wall() // 60),
-            limits=limits,
-        )
         if plan.empty:
-            return Admission(None, iterations, charge)
+            return decision, Admission(None, iterations, charge)
         try:
-            admitted = await self.store.admit(
-                dataclasses.replace(plan.admission, keep_s=self._marker_s)
-            )
+            admitted = await self.store.admit(plan.admission)
         except StoreError as exc:
-            return await self._admit_unsure(
+            return decision, await self._admit_unsure(
                 exc,
                 charge,
                 cap,
@@ -378,10 +417,12 @@ class Gateway:
         if not admitted.handed_back:
             # Rule: never left to the hold's TTL: what other slots took is owed back
             self.owed.add(OwedCancel(charge.rid, charge.keys, lease=_token(plan.lease)))
+        caller = decision.route.caller
+        key = caller.key if caller is not None else None
         iterations = read_admitted(plan, admitted, cap, key, now)[0] or iterations
         if plan.slot is not None:
             self.metrics.leases.labels("acquired").inc()
-        return Admission(plan.lease, iterations, charge)
+        return decision, Admission(plan.lease, iterations, charge)
 
     async def _admit_unsure(
         self,
