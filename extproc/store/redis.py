@@ -28,6 +28,14 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+try:  # redis-py's hiredis packer (redis >= 5), used when hiredis is installed
+    from redis.connection import HiredisRespSerializer
+    from redis.utils import HIREDIS_AVAILABLE
+except ImportError:  # pragma: no cover - an older or a future redis-py
+    _HIREDIS_PACKER: Any = None
+else:
+    _HIREDIS_PACKER = HiredisRespSerializer() if HIREDIS_AVAILABLE else None
+
 from extproc.state.clock import SystemClock
 from extproc.store.base import (
     ENDED_KEEP_S,
@@ -253,6 +261,25 @@ return out
 """
 
 
+def _pack_with_hiredis(pool: Any) -> None:
+    """Make the pool's connections pack commands with hiredis (C) when it is installed.
+
+    redis-py's asyncio connections always pack in Python (its sync ones use hiredis),
+    about a tenth of a call's CPU for the admission script's many arguments; the packer
+    is redis-py's own, so the bytes on the wire are the same."""
+    packer = _HIREDIS_PACKER
+    if packer is None:
+        return
+    base = pool.connection_class
+
+    class _Packed(base):  # type: ignore[misc, valid-type]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            return cast(list[bytes], packer.pack(*args))
+
+    _Packed.__name__ = f"Hiredis{base.__name__}"
+    pool.connection_class = _Packed
+
+
 class RedisStore:
     """Counters in Redis; every failure surfaces as a :class:`StoreError` of one of
     its two kinds (unavailable, or an answer that is an error)."""
@@ -293,6 +320,7 @@ class RedisStore:
             socket_connect_timeout=timeout_s,
             decode_responses=False,
         )
+        _pack_with_hiredis(pool)
         return cls(aioredis.Redis.from_pool(pool), timeout_s)  # owns (and closes) the pool
 
     async def ping(self) -> None:
