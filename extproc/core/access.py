@@ -56,8 +56,16 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _ALL_MODELS = frozenset({"*", "all-proxy-models"})
 
 
+#: Keys no longer than this are remembered hashed (LiteLLM's keys are about 50
+#: characters); longer ones, which no caller needs, are hashed each time, so a client
+#: sending large random tokens cannot fill the cache with them.
+_CACHED_KEY_CHARS = 256
+
+
 def hash_key(plaintext: str) -> str:
     """The policy's form of a key: lowercase hex sha256 of the UTF-8 plaintext."""
+    if len(plaintext) > _CACHED_KEY_CHARS:
+        return _hashed.__wrapped__(plaintext)
     return _hashed(plaintext)
 
 

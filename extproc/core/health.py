@@ -180,7 +180,14 @@ class FailLimits:
         return self.allowed_fails is not None or self.policy is not None
 
     def entry(self, cls: str) -> int | None:
-        return None if self.policy is None else self.policy.get(cls)
+        if self.policy is None:
+            return None
+        found = self.policy.get(cls)
+        if found is None and cls == "content_policy":
+            # LiteLLM matches its entries by exception class, and a content-policy
+            # refusal is a bad request: without an entry of its own, that one applies
+            found = self.policy.get("bad_request")
+        return found
 
 
 NO_LIMITS = FailLimits()

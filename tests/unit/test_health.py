@@ -210,6 +210,21 @@ def test_a_content_policy_refusal_is_its_own_class() -> None:
     assert plain.never
 
 
+def test_a_content_policy_refusal_without_its_own_entry_takes_the_bad_request_one() -> None:
+    """LiteLLM matches allowed_fails_policy by exception class, and its content-policy
+    error is a bad request: the bad-request entry applies when there is no other."""
+    deployment = limits(bad_request=2)
+    rule = failure_rule(
+        400, group_size=2, has_fallbacks=False, deployment=deployment, content_policy=True
+    )
+    assert rule == FailureRule(counter="content_policy", allowed=2)
+    both = limits(bad_request=2, content_policy=0)
+    rule = failure_rule(
+        400, group_size=2, has_fallbacks=False, deployment=both, content_policy=True
+    )
+    assert rule == FailureRule(counter="content_policy", allowed=0)
+
+
 # --- through the router, on a memory store ------------------------------------------
 
 
