@@ -882,6 +882,13 @@ def server_checks(admin_port: int) -> list[str]:
         "server rows: settlements by outcome (warm-ups included): "
         + (", ".join(f"{k} {float(v):.0f}" for k, v in settled) or "none")
     )
+    leases = re.findall(
+        r'^extproc_parallel_leases_total\{outcome="([^"]+)"\} ([\d.e+]+)$', metrics, re.MULTILINE
+    )
+    out.append(
+        "server rows: parallel-request leases by outcome (warm-ups included): "
+        + (", ".join(f"{k} {float(v):.0f}" for k, v in leases) or "none")
+    )
     return out
 
 
