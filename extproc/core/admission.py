@@ -6,8 +6,9 @@ The order is LiteLLM's, and the store applies it as if one step after another:
 every budget is checked and held first (a spent budget refuses before anything is
 counted), then the session count, the key's tpm (read), its rpm (counted, then
 compared), its parallel-request slot, and the deployment's load for the routing
-strategy. Refused at a step, the store gives the hold and the slot back; counts made
-before it stay (a refused call counts, as in LiteLLM).
+strategy (least-busy's calls in flight; the minute's calls of a deployment with an
+rpm, or of any under usage-based routing). Refused at a step, the store gives
+the hold and the slot back; counts made before it stay (a refused call counts, as in LiteLLM).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from extproc.core.health import inflight_key, minute_key
 from extproc.core.leases import Lease, check_parallel
 from extproc.core.limits import WINDOW_S, check_rpm, check_tpm, rpm_key, tpm_key
 from extproc.core.sessions import IterationCount, SessionCap, check_iterations
-from extproc.policy import CompiledGroup
+from extproc.policy import CompiledDeployment, CompiledGroup
 from extproc.store.base import (
     Admission,
     Admitted,
@@ -44,6 +45,7 @@ __all__ = [
     "CallIds",
     "Plan",
     "StoreFacts",
+    "counts_minute",
     "plan_admission",
     "plan_finish",
     "plan_session_count",
@@ -97,7 +99,7 @@ class Plan:
     tpm: int | None = None
     rpm: int | None = None
     slot: int | None = None
-    #: Where the deployment's load is counted (least-busy in flight, usage-based rpm).
+    #: Where the deployment's load is counted (least-busy in flight, the minute's rpm).
     load: int | None = None
     #: Counts of the session this process still owes the store (part of its count).
     owed: int = 0
@@ -119,13 +121,15 @@ def plan_admission(
     nonce: str,
     minute: int,
     limits: bool = True,
+    deployment: CompiledDeployment | None = None,
 ) -> Plan:
     """The batch that admits the call of ``charge`` (priced against ``refs``).
     ``session``: the cap counted in the store (None: not counted there). ``key``: the
     caller's key, whose rate limits and parallel-request slot (a lease made with
     ``nonce``) are checked. ``group``: the deployment's load counted for its
     strategy. ``limits``: False leaves the rate limits, the slot and the load out (a
-    reservation alone). ``minute``: the clock minute of usage-based routing."""
+    reservation alone). ``minute``: the clock minute of the deployment's counters;
+    ``deployment``: the one routed to (its rpm/tpm say whether its minute is counted)."""
     steps: list[Step] = []
     at: dict[str, int] = {}
     owed = facts.owed_session
@@ -150,8 +154,8 @@ def plan_admission(
         if group.strategy == "least-busy":
             at["load"] = len(steps)
             steps.append(Gauge(inflight_key(charge.deployment), 1, facts.hold_s))
-        elif group.strategy == "usage-based-routing":
-            at["load"] = len(steps)
+        if counts_minute(group, deployment, "rpm"):
+            at.setdefault("load", len(steps))
             steps.append(Count(minute_key(charge.deployment, minute, "rpm"), 1, MINUTE_TTL_S))
     admission = Admission(
         rid=charge.rid,
@@ -177,6 +181,20 @@ def plan_admission(
         load=at.get("load"),
         owed=owed,
     )
+
+
+def counts_minute(group: CompiledGroup, deployment: CompiledDeployment | None, what: str) -> bool:
+    """Whether a call of ``deployment`` counts its ``what`` (``rpm``: at admission,
+    ``tpm``: its usage at settlement) in the deployment's minute.
+
+    Rule: only what some strategy reads is counted: every deployment under
+    usage-based routing, else one with that limit (every strategy skips a deployment
+    at its rpm/tpm for the minute, as LiteLLM's cost- and latency-based do)."""
+    if group.strategy == "usage-based-routing":
+        return True
+    if deployment is None:
+        return False
+    return (deployment.rpm if what == "rpm" else deployment.tpm) is not None
 
 
 def plan_session_count(
@@ -253,10 +271,12 @@ def plan_finish(
     hold_s: float,
     marker_s: float,
     minute: int,
+    deployment: CompiledDeployment | None = None,
 ) -> Finish:
     """What settling a call writes, in one batch: the real cost in place of its hold,
     the key's tpm (``tokens``: the call's, None without usage), and the deployment's
-    load for the routing strategy (least-busy in flight down, usage-based tokens).
+    load (least-busy in flight down; the minute's tokens of ``deployment``, the one
+    admitted, when it has a tpm or the group routes by usage).
 
     Rule: every count carries a marker of the call's id, so a settlement retried after
     a lost answer changes nothing twice."""
@@ -273,7 +293,7 @@ def plan_finish(
             key = inflight_key(charge.deployment)
             marker, keep = once(key, hold_s)
             steps.append(Gauge(key, -1, hold_s, marker=marker, keep_s=keep))
-        elif group.strategy == "usage-based-routing" and tokens:
+        if tokens and counts_minute(group, deployment, "tpm"):
             key = minute_key(charge.deployment, minute, "tpm")
             marker, keep = once(key, MINUTE_TTL_S)
             steps.append(Count(key, tokens, MINUTE_TTL_S, marker=marker, keep_s=keep))

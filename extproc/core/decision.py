@@ -489,6 +489,7 @@ def decide_admission(
         nonce=ids.nonce,
         minute=int(now.timestamp() // 60),
         limits=limits,
+        deployment=dep,
     )
     return Decision(route, charge, plan, cap)
 

@@ -4,7 +4,7 @@ Pure functions. :func:`select` is the whole routing decision: context windows fi
 (when no deployment of the group is large enough, the call goes to the group's
 ``context_window_fallbacks``, at most five deep, else a 400
 ``context_length_exceeded``), then the deployments that cannot serve are removed
-(cooling down, out of budget, over their rpm/tpm for usage-based routing) and the
+(cooling down, out of budget, at their rpm/tpm for the minute) and the
 group's strategy picks among the rest. What the store knows arrives as a read-only
 :class:`RoutingView` (``routing.Router`` reads it); ``rng`` and ``now`` are injected
 so tests can pin every draw and every clock minute.
@@ -139,9 +139,8 @@ def select(
 ) -> tuple[CompiledGroup, CompiledDeployment]:
     """The group (``group`` or a context-window fallback) and deployment a call goes
     to, or a refusal: 400 ``context_length_exceeded``, 429
-    ``deployments_at_capacity`` (usage-based routing, every rpm/tpm used up this
-    minute), 429 ``deployments_cooling_down``, or the budget filter's
-    ``no_deployment_left``.
+    ``deployments_at_capacity`` (every deployment's rpm/tpm used up this minute), 429
+    ``deployments_cooling_down``, or the budget filter's ``no_deployment_left``.
 
     ``now``: Unix time (the retry-after of a full minute); ``tokens``: the call's
     :func:`context_tokens`; ``stream``: latency-based routing compares time to first
@@ -155,17 +154,15 @@ def select(
     # Rule: rpm or tpm 0 takes a deployment out of every strategy
     zero = [d for d in left if d.rpm == 0 or d.tpm == 0]
     left = [d for d in left if d not in zero]
-    if group.strategy == "usage-based-routing":
-        # Rule: only load the view knows of filters (a store that could not be read,
-        # fail mode open, knows none: the strategy alone decides, as without a store)
-        within = [
-            d
-            for d in left
-            if d.id not in view.states or not over_usage_limits(d, states[d.id], tokens)
-        ]
-        if left and not within:
-            zero = left
-        left = within
+    # Rule: every strategy skips a deployment at its rpm/tpm for the minute; only load
+    # the view knows of filters (a store that could not be read, fail mode open,
+    # knows none: the strategy alone decides, as without a store)
+    within = [
+        d for d in left if d.id not in view.states or not over_usage_limits(d, states[d.id], tokens)
+    ]
+    if left and not within:
+        zero = left
+    left = within
     if zero and not left:
         raise RateLimitError(
             f"Every deployment of {group.name[:256]!r} is at its rpm/tpm limit for this minute.",
@@ -222,7 +219,8 @@ def _lowest(
 
 
 def over_usage_limits(dep: CompiledDeployment, state: DeploymentState, tokens: int) -> bool:
-    """usage-based routing skips a deployment whose minute is used up."""
+    """Every strategy skips a deployment whose minute is used up: its calls reached
+    its rpm, or its tokens plus this call's would pass its tpm (LiteLLM's rule)."""
     if dep.rpm is not None and state.rpm >= dep.rpm:
         return True
     return dep.tpm is not None and state.tpm + tokens > dep.tpm

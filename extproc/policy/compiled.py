@@ -95,6 +95,14 @@ class CompiledGroup:
     context_window_fallbacks: tuple[str, ...] = ()
 
     @property
+    def minute_limited(self) -> bool:
+        """Some deployment has an rpm or tpm: its minute's use is counted and read
+        whatever the strategy (usage-based routing counts every deployment's)."""
+        return self.strategy == "usage-based-routing" or any(
+            d.rpm is not None or d.tpm is not None for d in self.deployments
+        )
+
+    @property
     def zero_cost(self) -> bool:
         """Every deployment is priced at zero: budget checks are skipped (LiteLLM)."""
         return all(d.prices is not None and d.prices.is_zero for d in self.deployments)

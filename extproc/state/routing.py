@@ -2,7 +2,8 @@
 
 It reads, in one store round trip per routed call, the :class:`~extproc.core.selection.RoutingView`
 of the group :func:`~extproc.core.selection.fitting_group` names (every deployment's cooldown,
-the budgets of the budget filter, the load the strategy needs), maybe from a short
+the budgets of the budget filter, the load the strategy needs, the minute's calls and
+tokens of deployments with an rpm or tpm), maybe from a short
 process cache; and it records what each answer teaches about health (cooldowns,
 in-flight counts, latency samples, success counts in batches).
 """
@@ -14,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
+from extproc.core.admission import counts_minute
 from extproc.core.charges import deployment_budgets
 from extproc.core.health import (
     SAMPLES,
@@ -111,8 +113,13 @@ class Router:
         keys = [cooldown_key(d.id) for d in deps]
         if group.strategy == "least-busy":
             keys += [inflight_key(d.id) for d in deps]
-        if group.strategy == "usage-based-routing":
-            keys += [minute_key(d.id, minute, w) for d in deps for w in ("rpm", "tpm")]
+        if group.minute_limited:
+            keys += [
+                minute_key(d.id, minute, w)
+                for d in deps
+                for w in ("rpm", "tpm")
+                if counts_minute(group, d, w)
+            ]
         keys += budget_keys
         lists = []
         if group.strategy == "latency-based-routing":
@@ -142,13 +149,14 @@ class Router:
         now: datetime,
     ) -> RoutingView:
         """:meth:`_read`, kept for ``cache_s`` for strategies that do not live on
-        per-call load (least-busy and usage-based always read).
+        per-call load (least-busy, usage-based, and any group with a deployment's rpm
+        or tpm to keep: always read).
 
         Rule: the budget filter may read spend from the cache; the reservation checks
         every budget atomically all the same, and a deployment budget it finds spent
         makes the gateway forget the view and route again once (see
         :meth:`extproc.state.runtime.Gateway.route_and_admit`)."""
-        if self._cache_s <= 0 or group.strategy in ("least-busy", "usage-based-routing"):
+        if self._cache_s <= 0 or group.strategy == "least-busy" or group.minute_limited:
             return await self._read(group, deps, policy, now)
         ids = tuple(d.id for d in deps)
         cached = self._views.get(group.name)

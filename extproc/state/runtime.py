@@ -544,7 +544,8 @@ class Gateway:
         per_token = None
         if usage is not None and not charge.stream:
             per_token = max(0.0, self.clock.wall() - charge.started) / max(1, usage.output_tokens)
-        group = (policy or self._policy).groups.get(charge.group)
+        snapshot = policy or self._policy
+        group = snapshot.groups.get(charge.group)
         tokens = usage.total_input + usage.output_tokens if usage is not None else None
         if per_token is not None and group is not None:
             await self.router.latency(charge.deployment, group, per_token)
@@ -556,6 +557,7 @@ class Gateway:
             hold_s=self.settings.reservation_ttl_s,
             marker_s=self._marker_s,
             minute=int(self.clock.wall() // 60),
+            deployment=snapshot.deployment(charge.deployment),
         )
         outcome = "settled"
         if finish.keys or finish.steps:

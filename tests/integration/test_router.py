@@ -130,6 +130,14 @@ def test_usage_based_respects_rpm(stack: Stack) -> None:
     assert counts == {"mock_a": 5, "mock_b": 5, "429": 1}
 
 
+def test_cost_based_keeps_the_cheapest_to_its_rpm_for_the_minute(stack: Stack) -> None:
+    """The cheap deployment has rpm 3: calls 4+ of the minute go to the other one."""
+    if time.time() % 60 > 45:  # keep the calls inside one clock minute
+        time.sleep(61 - time.time() % 60)
+    order = [call(stack, "cheaprpm")[:2] for _ in range(6)]
+    assert order == [(200, "mock_b")] * 3 + [(200, "mock_a")] * 3
+
+
 def test_priority_order_and_failover_after_cooldown(stack: Stack) -> None:
     assert served(stack, "prio", 5) == {"mock_a": 5}
     failing = {"x-mock-fail": "mock_a=500"}

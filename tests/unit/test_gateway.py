@@ -137,6 +137,77 @@ async def test_routing_reads_the_injected_clock(tmp_path: Path) -> None:
     assert (await gateway.route(head, raw, policy)).deployment.id == "a"
 
 
+LIMITED = (
+    "model_groups: [{name: g, routing_strategy: cost-based-routing, deployments: ["
+    "{id: cheap, cluster: c, model: m, rpm: 3, tpm: 1000,"
+    " prices: {input_cost_per_token: 0.000001, output_cost_per_token: 0.000002}},"
+    "{id: dear, cluster: c, model: m,"
+    " prices: {input_cost_per_token: 0.00001, output_cost_per_token: 0.00002}}]}]\n"
+)
+
+
+async def test_cost_based_routing_keeps_a_deployment_to_its_rpm_for_the_minute(
+    tmp_path: Path,
+) -> None:
+    """The cheap deployment (rpm 3) takes the minute's first three calls, the dear
+    one the rest, and the next minute starts over; the dear one, without a limit,
+    is counted nowhere (a routed call's counters cost CPU)."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    from extproc.core.health import minute_key  # noqa: PLC0415
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(LIMITED)
+    policy = load_policy(path)
+    clock = StoppedClock(datetime(2026, 11, 23, 12, 0, 20, tzinfo=UTC))
+    store = MemoryStore()
+    # the routing cache on: a group with limits reads its counts on every call
+    settings = Settings(policy_path=path, routing_cache_s=30.0)
+    gateway = Gateway(settings, policy, store, clock=clock)
+    head = RequestHead("POST", "/v1/chat/completions", {})
+    raw = json.dumps({"model": "g", "messages": []}).encode()
+
+    async def served() -> str:
+        admission = await gateway.admit(await gateway.route(head, raw, policy), policy)
+        assert admission.charge is not None
+        return admission.charge.deployment
+
+    assert [await served() for _ in range(5)] == ["cheap"] * 3 + ["dear"] * 2
+    minute = int(clock.wall() // 60)
+    counts = await store.get_many([minute_key(d, minute, "rpm") for d in ("cheap", "dear")])
+    assert counts == [3, None]
+    clock.at += timedelta(seconds=40)
+    assert await served() == "cheap"
+    await gateway.drain()
+
+
+async def test_a_deployment_tpm_counts_settled_usage_for_every_strategy(tmp_path: Path) -> None:
+    """The tokens of a call's usage count toward its deployment's tpm at settlement:
+    once the cheap one's minute holds 1000, cost-based routing goes to the dear one."""
+    from extproc.core.health import minute_key  # noqa: PLC0415
+    from extproc.core.usage import Usage  # noqa: PLC0415
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(LIMITED.replace("rpm: 3, ", ""))
+    policy = load_policy(path)
+    clock = StoppedClock(datetime(2026, 11, 23, 12, 0, 20, tzinfo=UTC))
+    store = MemoryStore()
+    gateway = Gateway(Settings(policy_path=path), policy, store, clock=clock)
+    head = RequestHead("POST", "/v1/chat/completions", {})
+    raw = json.dumps({"model": "g", "messages": []}).encode()
+    first = await gateway.admit(await gateway.route(head, raw, policy), policy)
+    assert first.charge is not None
+    assert first.charge.deployment == "cheap"
+    await gateway.settle(first.charge, Usage(input_tokens=600, output_tokens=400))
+    minute = int(clock.wall() // 60)
+    assert await store.get_many([minute_key("cheap", minute, w) for w in ("rpm", "tpm")]) == [
+        None,
+        1000,
+    ]
+    assert (await gateway.route(head, raw, policy)).deployment.id == "dear"
+    await gateway.drain()
+
+
 class _CountingStore(MemoryStore):
     """Counts the calls the request path makes."""
 

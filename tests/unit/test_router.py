@@ -289,3 +289,59 @@ def test_usage_limits_filter_only_what_the_view_knows() -> None:
     assert select(g, policy_of(g), EMPTY_VIEW, lambda: 0.0, now=NOW, tokens=110)[1].id == "a"
     known = RoutingView.of({"a": DeploymentState(tpm=50)}, {}, {})
     assert select(g, policy_of(g), known, lambda: 0.0, now=NOW, tokens=10)[1].id == "b"
+
+
+def _favouring_a(strategy: str) -> tuple[CompiledGroup, dict[str, DeploymentState]]:
+    """A group whose strategy takes ``a`` when nothing is used (cheaper, faster,
+    heavier or less busy), and the states that make it so; ``a`` has rpm 3."""
+    cheap = Prices(input_cost_per_token=Decimal("0.000001"), output_cost_per_token=Decimal(0))
+    dear = Prices(input_cost_per_token=Decimal("0.00001"), output_cost_per_token=Decimal(0))
+    a = dep("a", rpm=3, prices=cheap, weight=1.0)
+    b = dep("b", prices=dear, weight=0.0)
+    states = {
+        "cost-based-routing": {},
+        "latency-based-routing": {
+            "a": DeploymentState(latency=(0.1,)),
+            "b": DeploymentState(latency=(0.9,)),
+        },
+        "simple-shuffle": {},
+        "least-busy": {"b": DeploymentState(inflight=5)},
+    }[strategy]
+    return named("g", strategy, a, b), states
+
+
+STRATEGIES = ["cost-based-routing", "latency-based-routing", "simple-shuffle", "least-busy"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_skips_a_deployment_at_its_rpm_for_the_minute(strategy: str) -> None:
+    """LiteLLM's cost- and latency-based routing skip a deployment whose calls this
+    minute reached its rpm; here every strategy does (usage-based: SELECT_CASES)."""
+    g, states = _favouring_a(strategy)
+
+    def pick(used: int) -> str:
+        seen = dict(states)
+        seen["a"] = replace(seen.get("a", DeploymentState()), rpm=used)
+        view = RoutingView.of(seen, {}, {})
+        return select(g, policy_of(g), view, lambda: 0.0, now=NOW, tokens=10)[1].id
+
+    assert [pick(used) for used in (0, 2, 3, 4)] == ["a", "a", "b", "b"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_skips_a_deployment_whose_tpm_this_call_would_pass(strategy: str) -> None:
+    g, states = _favouring_a(strategy)
+    g = replace(g, deployments=(replace(g.deployments[0], rpm=None, tpm=100), g.deployments[1]))
+    seen = dict(states)
+    seen["a"] = replace(seen.get("a", DeploymentState()), tpm=95)
+    view = RoutingView.of(seen, {}, {})
+    assert select(g, policy_of(g), view, lambda: 0.0, now=NOW, tokens=5)[1].id == "a"
+    assert select(g, policy_of(g), view, lambda: 0.0, now=NOW, tokens=6)[1].id == "b"
+
+
+def test_every_deployment_at_its_rpm_is_a_429_whatever_the_strategy() -> None:
+    g = named("g", "cost-based-routing", dep("a", rpm=3), dep("b", rpm=1))
+    view = RoutingView.of({"a": DeploymentState(rpm=3), "b": DeploymentState(rpm=1)}, {}, {})
+    with pytest.raises(GatewayError) as info:
+        select(g, policy_of(g), view, lambda: 0.0, now=NOW, tokens=1)
+    assert (info.value.status, info.value.code) == (429, "deployments_at_capacity")
