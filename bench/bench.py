@@ -883,7 +883,7 @@ def server_checks(admin_port: int) -> list[str]:
         + (", ".join(f"{k} {float(v):.0f}" for k, v in settled) or "none")
     )
     leases = re.findall(
-        r'^extproc_parallel_leases_total\{outcome="([^"]+)"\} ([\d.e+]+)$', metrics, re.MULTILINE
+        r'^extproc_parallel_leases_total\{event="([^"]+)"\} ([\d.e+]+)$', metrics, re.MULTILINE
     )
     out.append(
         "server rows: parallel-request leases by outcome (warm-ups included): "
