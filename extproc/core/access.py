@@ -242,6 +242,9 @@ class GeneralSettings(BaseModel):
     budget_alert_at: Decimal | None = Field(default=None, gt=0, le=1)
     #: IANA time zone in which calendar budget windows reset (LiteLLM's ``timezone``).
     budget_reset_timezone: str = "UTC"
+    #: A fallback group is tried only if the caller's key (team, user, org, project)
+    #: could ask for it by name (LiteLLM's default: on).
+    enforce_fallback_model_access: bool = True
 
     @field_validator("budget_reset_timezone")
     @classmethod

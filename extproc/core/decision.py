@@ -33,6 +33,7 @@ from extproc.core.budgets import BudgetRef, applicable_budgets
 from extproc.core.charges import Charge, deployment_budgets
 from extproc.core.endpoints import lookup_endpoint
 from extproc.core.errors import (
+    GatewayError,
     MethodNotAllowedError,
     MissingParameterError,
     ModelNotFoundError,
@@ -41,6 +42,7 @@ from extproc.core.errors import (
     UnsupportedMediaTypeError,
 )
 from extproc.core.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER, STREAM_HEADER, FailoverRoute
+from extproc.core.fallbacks import reachable, serve, unserved
 from extproc.core.health import HealthSample
 from extproc.core.jsonbody import add_member, splice
 from extproc.core.limits import tpm_key
@@ -65,6 +67,7 @@ __all__ = [
     "decide_response",
     "decide_route",
     "failed_attempt",
+    "fallback_scope",
     "prepare",
     "route_to",
     "session_of",
@@ -127,6 +130,8 @@ class RouteDecision:
     #: The gateway added ``stream_options.include_usage``: the client did not ask for
     #: the usage chunk, so it is taken out of the stream it gets.
     asks_usage: bool = False
+    #: Fallback hops the call took at admission (LiteLLM's ``attempted_fallbacks``).
+    fallbacks: int = 0
 
 
 def _authenticate(head: RequestHead, policy: CompiledPolicy, now: datetime) -> Caller | None:
@@ -284,6 +289,7 @@ def route_to(
     rewrite_body: bool = True,
     failover: FailoverRoute | None = None,
     attempts: tuple[CompiledDeployment, ...] = (),
+    fallbacks: int = 0,
 ) -> RouteDecision:
     """The changes that send ``prepared`` to ``deployment`` (through its composite
     cluster when it can fail over: Envoy retries other deployments in the same call).
@@ -293,7 +299,9 @@ def route_to(
     changed (ext_authz): the upstream gets the client's bytes, so neither the model
     name nor the usage opt-in is edited and the length stays the client's.
     ``attempts``: the deployments a failover may reach; the estimate and the usage
-    bound cover the largest of them.
+    bound cover the largest of them. ``fallbacks``: the hops admission took to reach
+    ``deployment``'s group. ``disable_fallbacks`` is the gateway's and never reaches
+    the upstream (where the body can be changed).
     """
     request, raw_body, group = prepared.request, prepared.raw, prepared.group
     endpoint = request.endpoint
@@ -310,6 +318,10 @@ def route_to(
             else:
                 edits.append((request.stream_options_span, {**merged, "include_usage": True}))
             asks_usage = True
+    if "disable_fallbacks" in request.body:
+        extent = request.parsed.member_extent("disable_fallbacks")
+        if extent is not None:
+            edits.append((extent, b""))
     body = splice(raw_body, edits) if rewrite_body else raw_body
     if add_options is not None:
         body = add_member(body, "stream_options", add_options)
@@ -369,6 +381,7 @@ def route_to(
         ),
         asks_usage=asks_usage,
         attempts=attempts,
+        fallbacks=fallbacks,
     )
 
 
@@ -385,6 +398,57 @@ def view_scope(
     :func:`decide` reads: what the adapter reads into the :class:`RoutingView`. A 400
     ``context_length_exceeded`` when no deployment is large enough."""
     return fitting_group(prepared.group, policy, context_tokens(prepared.request.body))
+
+
+def _fallback_allowed(
+    prepared: Prepared, policy: CompiledPolicy
+) -> Callable[[CompiledGroup], bool]:
+    """Whether the caller may be sent to a fallback group: with
+    ``enforce_fallback_model_access`` (LiteLLM's default), only to one it could ask
+    for by name."""
+    caller = prepared.caller
+    if caller is None or not policy.general.enforce_fallback_model_access:
+        return lambda _: True
+
+    def allowed(group: CompiledGroup) -> bool:
+        try:
+            check_model_access(
+                caller,
+                group.name,
+                group.name,
+                (d.provider for d in group.deployments),
+                policy.access_groups,
+            )
+        except GatewayError:
+            return False
+        return True
+
+    return allowed
+
+
+def fallback_scope(
+    prepared: Prepared,
+    policy: CompiledPolicy,
+    view: RoutingView,
+    *,
+    now: datetime,
+) -> list[tuple[CompiledGroup, list[CompiledDeployment]]]:
+    """The fallback groups (and deployments) whose state :func:`decide` also reads,
+    given ``view`` of the :func:`view_scope` group: none while that group can serve
+    the call (or fallbacks are off for it), else every group the walk may try. So a
+    policy without fallbacks, and a call its group serves, read nothing more."""
+    group = prepared.group
+    request = prepared.request
+    if not group.fallbacks or request.disable_fallbacks:
+        return []
+    tokens = context_tokens(request.body)
+    try:
+        select(group, policy, view, lambda: 0.0, now=now.timestamp(), tokens=tokens)
+    except GatewayError as err:
+        if not unserved(err):
+            return []
+        return reachable(group, policy, tokens=tokens, allowed=_fallback_allowed(prepared, policy))
+    return []
 
 
 def _fits_every_attempt(route: FailoverRoute, policy: CompiledPolicy, tokens: int) -> bool:
@@ -504,12 +568,13 @@ def decide_route(
     now: datetime,
     rewrite_body: bool = True,
 ) -> RouteDecision:
-    """Route one checked request: the deployment :func:`~extproc.core.selection.select` picks
-    with what ``view`` says of the group of :func:`view_scope` (or a refusal), its
+    """Route one checked request: the deployment :func:`~extproc.core.fallbacks.serve` picks
+    with what ``view`` says of the group of :func:`view_scope` and, when it cannot serve,
+    of its fallbacks (:func:`fallback_scope`), or a refusal; its
     failover route when every attempt can take the call, and the header and body
     edits that send it there."""
     tokens = context_tokens(prepared.request.body)
-    group, deployment = select(
+    served = serve(
         prepared.group,
         policy,
         view,
@@ -517,7 +582,10 @@ def decide_route(
         now=now.timestamp(),
         tokens=tokens,
         stream=prepared.request.stream,
+        allowed=_fallback_allowed(prepared, policy),
+        enabled=not prepared.request.disable_fallbacks,
     )
+    group, deployment = served.group, served.deployment
     if group is not prepared.group:
         prepared = with_group(prepared, group)
     failover = policy.failover.get(deployment.id)
@@ -535,6 +603,7 @@ def decide_route(
         rewrite_body=rewrite_body,
         failover=failover,
         attempts=attempts,
+        fallbacks=served.fallbacks,
     )
 
 

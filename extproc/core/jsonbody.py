@@ -75,6 +75,8 @@ class ParsedJson:
     _text: str
     #: The body's length in bytes.
     _size: int
+    #: Where each member of ``members`` starts (its name's opening quote), in characters.
+    _starts: tuple[int, ...] = ()
 
     def span(self, name: str) -> tuple[int, int] | None:
         """Byte span of the value of top-level member ``name`` (its last occurrence,
@@ -91,6 +93,27 @@ class ParsedJson:
                     return first, first + width
                 last = self._size - len(text[end:].encode("utf-8"))
                 return last - width, last
+        return None
+
+    def _bytes_at(self, pos: int) -> int:
+        if self._size == len(self._text):
+            return pos
+        return len(self._text[:pos].encode("utf-8"))
+
+    def member_extent(self, name: str) -> tuple[int, int] | None:
+        """Byte span of the whole last top-level member ``name`` (its name, value and
+        one comma beside it), for taking it out with :func:`splice` and ``b""``; None
+        if absent. The rest of the body keeps its bytes."""
+        for index in range(len(self.members) - 1, -1, -1):
+            member, _, end = self.members[index]
+            if member != name:
+                continue
+            start = self._starts[index]
+            if index + 1 < len(self.members):
+                end = self._starts[index + 1]  # through the comma after it
+            elif index > 0:
+                start = self.members[index - 1][2]  # from the comma before it
+            return self._bytes_at(start), self._bytes_at(end)
         return None
 
     def unique(self, name: str) -> Any:
@@ -124,6 +147,7 @@ def parse_json(raw: bytes) -> ParsedJson:
         return ParsedJson(_DECODER.decode(text), (), frozenset(), text, len(raw))
     value: dict[str, Any] = {}
     members: list[tuple[str, int, int]] = []
+    starts: list[int] = []
     duplicates: set[str] = set()
     pos = _skip_ws(text, pos + 1)
     if text.startswith("}", pos):
@@ -132,6 +156,7 @@ def parse_json(raw: bytes) -> ParsedJson:
         while True:
             if not text.startswith('"', pos):
                 raise ValueError(f"expected a member name at {pos}")
+            starts.append(pos)
             name, pos = json.decoder.scanstring(text, pos + 1, True)  # type: ignore[attr-defined]
             pos = _skip_ws(text, pos)
             if not text.startswith(":", pos):
@@ -152,7 +177,7 @@ def parse_json(raw: bytes) -> ParsedJson:
                 raise ValueError(f"expected ',' or '}}' at {pos}")
     if _skip_ws(text, pos) != len(text):
         raise ValueError(f"extra data at {pos}")
-    return ParsedJson(value, tuple(members), frozenset(duplicates), text, len(raw))
+    return ParsedJson(value, tuple(members), frozenset(duplicates), text, len(raw), tuple(starts))
 
 
 def member_span(raw: bytes, name: str) -> tuple[int, int] | None:
@@ -170,12 +195,16 @@ def replace_member(raw: bytes, span: tuple[int, int], value: Any) -> bytes:
 
 
 def splice(raw: bytes, edits: list[tuple[tuple[int, int], Any]]) -> bytes:
-    """``raw`` with each (span, value) replaced by ``value`` as JSON; the spans (from
-    one :func:`parse_json`) must not overlap."""
+    """``raw`` with each (span, value) replaced by ``value`` as JSON, or by ``value``
+    itself when it is bytes (``b""`` takes a :meth:`ParsedJson.member_extent` out);
+    the spans (from one :func:`parse_json`) must not overlap."""
     out = raw
     # Rule: from the last span back, so earlier spans keep their offsets.
     for (start, end), value in sorted(edits, key=lambda edit: edit[0][0], reverse=True):
-        out = replace_member(out, (start, end), value)
+        if isinstance(value, bytes):
+            out = out[:start] + value + out[end:]
+        else:
+            out = replace_member(out, (start, end), value)
     return out
 
 

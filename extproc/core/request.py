@@ -51,6 +51,7 @@ POLICY_MEMBERS = frozenset(
         "prompt",
         "system",
         "instructions",
+        "disable_fallbacks",
     }
 )
 
@@ -119,6 +120,9 @@ class LLMRequest:
     api_key: str | None
     #: The one parse of ``raw_body``.
     parsed: ParsedJson
+    #: ``disable_fallbacks: true`` (only the JSON literal counts, as in LiteLLM): the
+    #: call is not sent to fallback groups.
+    disable_fallbacks: bool = False
 
     def strict_member(self, name: str) -> Any:
         """Top-level member ``name`` read again with no duplicate key at any depth, for
@@ -271,6 +275,7 @@ def parse_request(
         tags=_tags(head, body, tags_header),
         api_key=head.caller_key(),
         parsed=parsed,
+        disable_fallbacks=body.get("disable_fallbacks") is True,
     )
     for name in _NESTED_READ:
         if isinstance(body.get(name), dict):

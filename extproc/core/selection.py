@@ -29,6 +29,7 @@ from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 __all__ = [
     "EMPTY_VIEW",
     "MAX_FALLBACKS",
+    "NO_DEPLOYMENTS",
     "STATEFUL",
     "RoutingView",
     "choose",
@@ -43,6 +44,9 @@ Rng = Callable[[], float]
 STATEFUL = frozenset({"least-busy", "usage-based-routing", "latency-based-routing"})
 #: How deep context-window fallbacks go.
 MAX_FALLBACKS = 5
+#: LiteLLM's words for a group none of whose deployments can take a call (clients
+#: and tests match on them).
+NO_DEPLOYMENTS = "No deployments available for selected model"
 
 
 def _frozen() -> Mapping[str, Any]:
@@ -77,6 +81,18 @@ class RoutingView:
             MappingProxyType(dict(states)),
             MappingProxyType(dict(spends)),
             MappingProxyType(dict(budgets)),
+        )
+
+    def merged(self, *others: RoutingView) -> RoutingView:
+        """One view over this one and ``others`` (views of other groups: a fallback
+        chain's)."""
+        if not others:
+            return self
+        views = (self, *others)
+        return RoutingView(
+            MappingProxyType({k: v for view in views for k, v in view.states.items()}),
+            MappingProxyType({k: v for view in views for k, v in view.spends.items()}),
+            MappingProxyType({k: v for view in views for k, v in view.budgets.items()}),
         )
 
 
@@ -165,19 +181,22 @@ def select(
     left = within
     if zero and not left:
         raise RateLimitError(
-            f"Every deployment of {group.name[:256]!r} is at its rpm/tpm limit for this minute.",
+            f"{NO_DEPLOYMENTS}: every deployment of {group.name[:256]!r} is at its "
+            "rpm/tpm limit for this minute.",
             code="deployments_at_capacity",
             headers={"retry-after": str(max(1, 60 - int(now) % 60))},
         )
     if left:
         return group, choose(group, left, states, rng, stream=stream)
     if cooling:
-        wait = min(s for s in cooling.values() if s is not None)
+        # Rule: the seconds until the first cooldown ends (LiteLLM gives the shortest
+        # cooldown length instead, which overstates the wait of one that began earlier)
+        wait = max(1, math.ceil(min(s for s in cooling.values() if s is not None)))
         raise RateLimitError(
-            f"Every deployment of {group.name[:256]!r} is cooling down after failures; "
-            "try again shortly.",
+            f"{NO_DEPLOYMENTS}, Try again in {wait} seconds: every deployment of "
+            f"{group.name[:256]!r} is cooling down after failures.",
             code="deployments_cooling_down",
-            headers={"retry-after": str(max(1, math.ceil(wait)))},
+            headers={"retry-after": str(wait)},
         )
     raise no_deployment_left(group, exhausted)
 

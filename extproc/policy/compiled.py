@@ -93,6 +93,9 @@ class CompiledGroup:
     has_fallbacks: bool = False
     lowest_latency_buffer: float = 0.0
     context_window_fallbacks: tuple[str, ...] = ()
+    #: Groups a call goes to when none of this group's deployments can take it: the
+    #: group's ``fallbacks``, else ``router_settings.default_fallbacks`` (itself left out).
+    fallbacks: tuple[str, ...] = ()
 
     @property
     def minute_limited(self) -> bool:
@@ -130,6 +133,8 @@ class CompiledPolicy:
     provider_budgets: Mapping[str, ProviderBudget] = field(default_factory=dict)
     #: Deployment id → its composite cluster and attempts (in-request failover).
     failover: Mapping[str, FailoverRoute] = field(default_factory=dict)
+    #: How many fallback hops a call that no group's deployment can take may make.
+    max_fallbacks: int = 5
     # Indexes built once per snapshot for the per-request lookups below.
     _by_id: Mapping[str, CompiledDeployment] = field(init=False, repr=False)
     _by_composite: Mapping[str, FailoverRoute] = field(init=False, repr=False)
@@ -303,6 +308,7 @@ def compile_policy(
                 )
             )
         weights = tuple(itertools.accumulate(d.weight or 0.0 for d in compiled))
+        fallbacks = group.fallbacks or tuple(n for n in router.default_fallbacks if n != group.name)
         groups[group.name] = CompiledGroup(
             group.name,
             tuple(compiled),
@@ -313,9 +319,8 @@ def compile_policy(
                 group.allowed_fails if group.allowed_fails is not None else router.allowed_fails,
                 group.allowed_fails_policy or router.allowed_fails_policy,
             ),
-            has_fallbacks=bool(
-                group.fallbacks or [n for n in router.default_fallbacks if n != group.name]
-            ),
+            has_fallbacks=bool(fallbacks),
+            fallbacks=fallbacks,
             cooldown_time=group.cooldown_time,
             lowest_latency_buffer=group.lowest_latency_buffer,
             context_window_fallbacks=group.context_window_fallbacks,
@@ -344,6 +349,7 @@ def compile_policy(
         access_groups={name: frozenset(m) for name, m in members.items()},
         provider_budgets=dict(policy.provider_budgets),
         failover=failover_plan(policy.failover_groups(), policy.router_settings.default_fallbacks),
+        max_fallbacks=policy.router_settings.max_fallbacks,
     )
 
 

@@ -192,6 +192,8 @@ class RouterSettings(_Model):
 
     #: Fallback groups for every group that names none of its own.
     default_fallbacks: tuple[str, ...] = ()
+    #: How deep fallbacks go when a group cannot serve (LiteLLM's ``max_fallbacks``).
+    max_fallbacks: int = Field(default=5, ge=0, le=64)
     #: Attempt timeouts for groups and deployments that set none (LiteLLM's).
     timeout: float | None = Field(default=None, gt=0)
     stream_timeout: float | None = Field(default=None, gt=0)

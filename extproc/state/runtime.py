@@ -37,11 +37,13 @@ from extproc.core.decision import (
     decide,
     decide_admission,
     decide_route,
+    fallback_scope,
     prepare,
     session_of,
     view_scope,
 )
 from extproc.core.errors import BudgetExceededError, InternalError, ServiceUnavailableError
+from extproc.core.fallbacks import reachable
 from extproc.core.health import HealthSample
 from extproc.core.leases import (
     CHARGE_FIELD,
@@ -52,6 +54,7 @@ from extproc.core.leases import (
 )
 from extproc.core.metering import ResponseMeter
 from extproc.core.request import RequestHead
+from extproc.core.selection import RoutingView, context_tokens
 from extproc.core.sessions import IterationCount, SessionCap, check_iterations
 from extproc.core.usage import Usage
 from extproc.policy import (
@@ -233,6 +236,23 @@ class Gateway:
             log.debug("context window: %s too small, %s serves", prepared.group.name, group.name)
         return prepared, group, deployments
 
+    async def _view(
+        self,
+        prepared: Prepared,
+        group: CompiledGroup,
+        deployments: list[CompiledDeployment],
+        policy: CompiledPolicy,
+        now: datetime,
+    ) -> RoutingView:
+        """The routing view of the call's group and, only when that group cannot take
+        the call, of the fallback groups the core may walk to (read concurrently)."""
+        view = await self.router.view(group, deployments, policy, now)
+        chain = fallback_scope(prepared, policy, view, now=now)
+        if not chain:
+            return view
+        more = await asyncio.gather(*(self.router.view(g, d, policy, now) for g, d in chain))
+        return view.merged(*more)
+
     async def route(
         self,
         head: RequestHead,
@@ -245,7 +265,7 @@ class Gateway:
         take it (one store round trip), and let the core route it (no admission)."""
         now = self.clock.now()
         prepared, group, deployments = self._prepare(head, raw, policy, now)
-        view = await self.router.view(group, deployments, policy, now)
+        view = await self._view(prepared, group, deployments, policy, now)
         return decide_route(
             prepared, policy, self.config, view, self.rng, now=now, rewrite_body=rewrite_body
         )
@@ -273,7 +293,11 @@ class Gateway:
                 prepared, group, deployments, policy, now, rewrite_body=rewrite_body
             )
         except BudgetExceededError as err:
-            if err.code not in _DEPLOYMENT_BUDGETS or not self.router.forget(group.name):
+            # the deployment may be a fallback group's: forget every view the call read
+            tokens = context_tokens(prepared.request.body)
+            names = [group.name, *(g.name for g, _ in reachable(group, policy, tokens=tokens))]
+            forgot = [self.router.forget(name) for name in names]
+            if err.code not in _DEPLOYMENT_BUDGETS or not any(forgot):
                 raise
         now = self.clock.now()
         prepared, group, deployments = self._prepare(head, raw, policy, now)
@@ -291,7 +315,7 @@ class Gateway:
         *,
         rewrite_body: bool,
     ) -> tuple[RouteDecision, Admission]:
-        view = await self.router.view(group, deployments, policy, now)
+        view = await self._view(prepared, group, deployments, policy, now)
         # Rule: the charge starts once the view is read (time to first token and the
         # latency samples leave out the gateway's own store reads)
         now = self.clock.now()

@@ -179,3 +179,21 @@ def test_unique_refuses_a_nested_duplicate_key() -> None:
     assert parsed.unique("absent") is None
     ok = parse_json(b'{"tools": [{"name": "a"}, {"name": "b"}]}')
     assert ok.unique("tools") == [{"name": "a"}, {"name": "b"}]
+
+
+@pytest.mark.parametrize(
+    ("raw", "left"),
+    [
+        (b'{"a":1,"x":true,"b":2}', b'{"a":1,"b":2}'),
+        (b'{"a":1, "x" : true }', b'{"a":1 }'),
+        (b'{"x":true}', b"{}"),
+        (b'{"x":true, "m":"\xc3\xa9"}', b'{"m":"\xc3\xa9"}'),
+        (b'{"m":"\xc3\xa9","x":false}', b'{"m":"\xc3\xa9"}'),
+    ],
+)
+def test_a_member_is_taken_out_whole(raw: bytes, left: bytes) -> None:
+    parsed = parse_json(raw)
+    extent = parsed.member_extent("x")
+    assert extent is not None
+    assert splice(raw, [(extent, b"")]) == left
+    assert parse_json(raw).member_extent("absent") is None
