@@ -187,6 +187,9 @@ class _Stream:
         )
         charge = self.charge = answer.charge
         common.header_mutation.remove_headers.extend(answer.remove_headers)
+        common.header_mutation.set_headers.extend(
+            header_option(k, v) for k, v in answer.set_headers
+        )
         if answer.meter:
             # Rule: the meter exists before the first await, so a stream reset from here
             # on is billed for what the upstream answered, never handed back.

@@ -188,6 +188,8 @@ class Charge:
     #: Sent through a failover (composite) cluster: its attempts' filters counted the
     #: statuses and may name the deployment that served it.
     failover: bool = False
+    #: Fallback hops admission took to reach ``deployment``'s group.
+    fallbacks: int = 0
 
     @property
     def priced_by(self) -> str:
@@ -212,6 +214,7 @@ class Charge:
         usage_cap: int = 0,
         watch: Sequence[BudgetRef] = (),
         failover: bool = False,
+        fallbacks: int = 0,
     ) -> Charge:
         """A charge held under reservation id ``rid`` (rule: the caller draws the id;
         the core makes none)."""
@@ -233,6 +236,7 @@ class Charge:
             usage_cap=usage_cap,
             watch=tuple(watch),
             failover=failover,
+            fallbacks=fallbacks,
         )
 
     def bounded(self, usage: Usage | None) -> tuple[Usage | None, bool]:
@@ -296,6 +300,9 @@ class Charge:
             and isinstance(v["started"], int | float)
             and (v["served"] is None or isinstance(v["served"], str))
             and isinstance(v["failover"], bool)
+            and isinstance(v["fallbacks"], int)
+            and not isinstance(v["fallbacks"], bool)
+            and 0 <= v["fallbacks"] <= 64
         )
         watch = v["watch"]
         if not ok or not isinstance(watch, list) or len(watch) > len(keys):

@@ -541,6 +541,7 @@ def decide_admission(
         # the budgets the settlement checks for alerts
         watch=[r for r in refs if r.soft is not None or (share and r.limit is not None)],
         failover=bool(route.attempts),
+        fallbacks=route.fallbacks,
     )
     cap = route.iterations if count else None
     plan = plan_admission(
@@ -629,6 +630,8 @@ class ResponseDecision:
     read_error: int | None
     #: A 2xx and a body follows: it streams through the meter.
     stream_body: bool
+    #: Response headers to set: which deployment served, after how many attempts.
+    set_headers: tuple[tuple[str, str], ...] = ()
 
 
 def decide_response(
@@ -672,11 +675,48 @@ def decide_response(
     return ResponseDecision(
         charge=charge,
         remove_headers=remove,
+        set_headers=_attempt_headers(charge, policy),
         health=health,
         meter=ok,
         cancel=not ok,
         read_error=numeric if not ok and not end_of_stream else None,
         stream_body=ok and not end_of_stream,
+    )
+
+
+#: LiteLLM's response headers: the deployment that served, Envoy's retries before it,
+#: the fallback hops (admission's and Envoy's).
+MODEL_ID_HEADER = "x-litellm-model-id"
+RETRIES_HEADER = "x-litellm-attempted-retries"
+FALLBACKS_HEADER = "x-litellm-attempted-fallbacks"
+
+
+def _attempt_headers(charge: Charge, policy: CompiledPolicy) -> tuple[tuple[str, str], ...]:
+    """The serving deployment and the attempts it took. Rule: a composite cluster's
+    attempt N goes to its N-th deployment, so where the served one sits in the list is
+    the count of Envoy's attempts before it; each other group it passed to get there
+    is one more fallback hop."""
+    served = charge.priced_by
+    retries = 0
+    fallbacks = charge.fallbacks
+    route = policy.failover.get(charge.deployment) if charge.failover else None
+    if route is not None and served != charge.deployment:
+        ids = [d for d, _ in route.attempts]
+        if served in ids:
+            retries = ids.index(served)
+            first = policy.deployment(charge.deployment)
+            groups = {
+                dep.group
+                for d in ids[: retries + 1]
+                if (dep := policy.deployment(d)) is not None
+                and first is not None
+                and dep.group != first.group
+            }
+            fallbacks += len(groups)
+    return (
+        (MODEL_ID_HEADER, served),
+        (RETRIES_HEADER, str(retries)),
+        (FALLBACKS_HEADER, str(fallbacks)),
     )
 
 

@@ -60,7 +60,9 @@ def test_token_round_trip() -> None:
         lambda v: [*v[:8], ["{spend}:key:x}"], *v[9:]],  # not as the builder writes it
         lambda v: [*v[:8], ["{spend}:key:%78"], *v[9:]],  # nor this ("x" spelled escaped)
         lambda v: [*v[:7], True, *v[8:]],  # a bool for the estimate
-        lambda v: [*v[:-1], 1],  # a number for the failover flag
+        lambda v: [*v[:-2], 1, v[-1]],  # a number for the failover flag
+        lambda v: [*v[:-1], True],  # a bool for the fallback hops
+        lambda v: [*v[:-1], -1],  # fewer than none
         lambda v: [*v[:10], "ratelimit-not", *v[11:]],
         lambda v: [*v[:10], "{t:key:x}:key:x:ratelimit:tpm", *v[11:]],  # not a key hash
         lambda v: [*v[:10], f"{{t:key:{'ab' * 32}}}:key:{'ab' * 32}:ratelimit:rpm", *v[11:]],
@@ -209,9 +211,9 @@ def test_watched_budgets_travel_in_the_token() -> None:
     )
     assert Charge.parse(charge.token()) == charge
     values = json.loads(charge.token())
-    watch = len(values) - 2  # the watched budgets, before the failover flag
-    broken = [*values[:watch], [[*values[watch][0][:3], "lots", *values[watch][0][4:]]], False]
+    watch = len(values) - 3  # the watched budgets, before the failover flag and hops
+    broken = [*values[:watch], [[*values[watch][0][:3], "lots", *values[watch][0][4:]]], False, 0]
     assert Charge.parse(json.dumps(broken)) is None  # a limit that is no number
     other = ["key", "other", "API key other", None, "1", None, None, None]
-    foreign = [*values[:watch], [other], False]
+    foreign = [*values[:watch], [other], False, 0]
     assert Charge.parse(json.dumps(foreign)) is None  # a budget the charge does not spend
