@@ -22,7 +22,10 @@ from extproc.core.failover import (
     FailoverRoute,
     attempt_answer,
     content_policy_retry,
+    held_for_body,
+    with_body,
 )
+from extproc.core.health import HealthSample
 from extproc.core.jsonbody import member_span, replace_member
 from extproc.core.providers import credential_edits
 from extproc.policy import CompiledDeployment, CompiledPolicy
@@ -47,7 +50,7 @@ def attempt_deployment(msg: pb.ProcessingRequest) -> str | None:
 
 
 class Attempt:
-    __slots__ = ("_checking", "_dep", "_gateway", "_policy", "_route")
+    __slots__ = ("_checking", "_dep", "_gateway", "_held", "_policy", "_route")
 
     def __init__(self, gateway: Gateway, dep_id: str) -> None:
         self._gateway = gateway
@@ -56,6 +59,8 @@ class Attempt:
         self._route: FailoverRoute | None = None
         #: A 400 whose body is read: a content-policy refusal moves the call on.
         self._checking = False
+        #: A 400's health sample, recorded once its body says which class it is.
+        self._held: HealthSample | None = None
 
     def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
@@ -99,7 +104,11 @@ class Attempt:
             (h.raw_value.decode() or h.value for h in msg.headers.headers if h.key == ":status"), ""
         )
         answer = attempt_answer(dep.id, self._route, status, end_of_stream=msg.end_of_stream)
-        await self._gateway.record_health(answer.health, self._policy)
+        if held_for_body(answer.health, end_of_stream=msg.end_of_stream):
+            self._held = answer.health
+            reply.mode_override.response_body_mode = _BUFFERED
+        else:
+            await self._gateway.record_health(answer.health, self._policy)
         reply.response_headers.response.header_mutation.set_headers.extend(
             header_option(k, v) for k, v in answer.set_headers
         )
@@ -108,10 +117,21 @@ class Attempt:
             reply.mode_override.response_body_mode = _BUFFERED
         return reply
 
+    def close(self) -> None:
+        """The stream ended: a 400 whose body never came is recorded as it is."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._gateway.spawn(self._gateway.record_health(held, self._policy))
+
     def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         """A content-policy refusal while a content-policy fallback is still to come:
         made a 503, which Envoy retries on the next deployment of the list."""
         reply = pb.ProcessingResponse(response_body=pb.BodyResponse())
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._gateway.spawn(
+                self._gateway.record_health(with_body(held, msg.body), self._policy)
+            )
         if not self._checking:
             return reply
         retry = content_policy_retry(msg.body)

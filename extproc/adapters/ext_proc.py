@@ -8,6 +8,7 @@ off with ``mode_override``). Other phases, if a config enables them, get empty r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -23,6 +24,8 @@ from extproc.adapters.headers import header_mutation, header_option
 from extproc.core.charges import Charge
 from extproc.core.decision import RouteDecision, decide_head, decide_response
 from extproc.core.errors import GatewayError, InternalError, PayloadTooLargeError
+from extproc.core.failover import held_for_body, refuses_content
+from extproc.core.health import HealthSample
 from extproc.core.leases import LEASE_NAMESPACE, Lease
 from extproc.core.metering import ResponseMeter, charge_from_metadata
 from extproc.core.redaction import Redactor
@@ -66,6 +69,7 @@ class _Stream:
         "_chunks",
         "_gateway",
         "_head",
+        "_held",
         "_policy",
         "_size",
         "_started",
@@ -96,6 +100,8 @@ class _Stream:
         self.attempt: Attempt | None = None
         #: An upstream 4xx whose body is read to normalize its error code.
         self.error_status: int | None = None
+        #: A 400's health sample, recorded once its body says which class it is.
+        self._held: HealthSample | None = None
 
     def _refuse(self, err: GatewayError, phase: str) -> pb.ProcessingResponse:
         metrics = self._gateway.metrics
@@ -199,7 +205,10 @@ class _Stream:
                 encoding=headers.get("content-encoding", ""),
                 content_length=headers.get("content-length", ""),
             )
-        await self._gateway.record_health(answer.health, self._policy)
+        if answer.read_error is not None and held_for_body(answer.health, end_of_stream=False):
+            self._held = answer.health
+        else:
+            await self._gateway.record_health(answer.health, self._policy)
         if answer.cancel:
             self.charge = None
             self._gateway.cancel_soon(charge)
@@ -223,6 +232,10 @@ class _Stream:
             if redacted is not None:
                 self._gateway.metrics.credentials_redacted.labels("body").inc()
             normalized = normalize_error(self.error_status, redacted or msg.body)
+            if self._held is not None:
+                held, self._held = self._held, None
+                sample = dataclasses.replace(held, content_policy=refuses_content(normalized))
+                await self._gateway.record_health(sample, self._policy)
             if normalized is not None:
                 self._gateway.metrics.upstream_errors_normalized.inc()
             normalized = normalized or redacted
@@ -253,6 +266,14 @@ class _Stream:
         self, attempt: Attempt, msg: pb.ProcessingRequest, phase: str | None
     ) -> pb.ProcessingResponse:
         return await _attempt_reply(attempt, msg, phase)
+
+    def close(self) -> None:
+        """The stream ended: a 400 whose body never came is recorded as it is."""
+        if self.attempt is not None:
+            self.attempt.close()
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._gateway.spawn(self._gateway.record_health(held, self._policy))
 
     def _record(self, decision: RouteDecision) -> None:
         metrics = self._gateway.metrics
@@ -364,6 +385,7 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 # Delivered: from here on Envoy owns the lease and logs it back.
                 stream.lease = None
         finally:
+            stream.close()
             if stream.lease is not None:
                 # The stream broke before Envoy got the lease: nobody will log it.
                 self._gateway.release_soon(stream.lease)

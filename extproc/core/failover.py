@@ -23,6 +23,7 @@ and by the server, so the cluster names agree.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -218,7 +219,23 @@ def attempt_answer(
 def content_policy_retry(body: bytes) -> tuple[tuple[str, str], ...]:
     """The response headers that turn a content-policy refusal (a 400 ``body``) into
     a 503 Envoy retries on the next deployment; none for any other 400."""
-    normalized = normalize_error(400, body)
-    if normalized is not None and b"content_policy_violation" in normalized:
+    if refuses_content(normalize_error(400, body)):
         return ((":status", "503"), (RETRY_REASON_HEADER, "content_policy"))
     return ()
+
+
+def refuses_content(normalized: bytes | None) -> bool:
+    """Whether a normalized upstream error (:func:`normalize_error`) is a
+    content-policy refusal."""
+    return normalized is not None and b'"content_policy_violation"' in normalized
+
+
+def held_for_body(sample: HealthSample | None, *, end_of_stream: bool) -> bool:
+    """Rule: a 400's health sample waits for its body, which tells a content-policy
+    refusal (its own ``allowed_fails_policy`` class) from another bad request."""
+    return sample is not None and sample.status == 400 and not end_of_stream
+
+
+def with_body(sample: HealthSample, body: bytes) -> HealthSample:
+    """A held 400 sample (:func:`held_for_body`) once its body is read."""
+    return dataclasses.replace(sample, content_policy=refuses_content(normalize_error(400, body)))

@@ -239,3 +239,135 @@ async def test_a_call_whose_failover_was_dropped_counts_its_own_status() -> None
         if s.name.endswith("_total")
     }
     assert answers == {("big", "500")}
+
+
+def _cp_gateway() -> Gateway:
+    from extproc.policy import compile_policy, parse_policy  # noqa: PLC0415
+
+    policy = compile_policy(
+        parse_policy(
+            {
+                "model_groups": [
+                    {
+                        "name": "g",
+                        "deployments": [
+                            {
+                                "id": "strict",
+                                "cluster": "cs",
+                                "model": "m",
+                                "allowed_fails_policy": {
+                                    "ContentPolicyViolationErrorAllowedFails": 0
+                                },
+                            },
+                            {"id": "other", "cluster": "co", "model": "m", "weight": 0},
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    return Gateway(Settings(policy_path=POLICY_PATH), policy, MemoryStore(), rng=lambda: 0.0)
+
+
+_REFUSAL = json.dumps(
+    {
+        "error": {
+            "message": "Your request was rejected as a result of our safety system.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "content_policy_violation",
+        }
+    }
+).encode()
+_BAD = json.dumps(
+    {"error": {"message": "Unrecognized request argument supplied: foo", "type": "x"}}
+).encode()
+
+
+def _status_msg(status: str) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(
+        response_headers=pb.HttpHeaders(
+            headers=headers_msg(
+                [(":status", status), ("content-type", "application/json")]
+            ).request_headers.headers
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "cools"),
+    [(_REFUSAL, True), (_BAD, False), (None, False)],
+    ids=["refusal", "bad", "none"],
+)
+async def test_a_400_is_classed_by_its_body(body: bytes | None, cools: bool) -> None:
+    """A 400's health sample waits for its body: a content-policy refusal is its own
+    allowed_fails_policy class (here 0 allowed: it cools at once), another 400 is a bad
+    request (never cools), and a 400 whose body never comes is recorded as it is when
+    the stream ends."""
+    from extproc.core.health import cooldown_key  # noqa: PLC0415
+
+    gw = _cp_gateway()
+    raw = json.dumps({"model": "g", "messages": [{"role": "user", "content": "hi"}]})
+    msgs = [headers_msg(post_headers()), body_msg(raw.encode()), _status_msg("400")]
+    if body is not None:
+        msgs.append(pb.ProcessingRequest(response_body=pb.HttpBody(body=body, end_of_stream=True)))
+    replies = await run_stream(gw, *msgs)
+    from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2  # noqa: PLC0415
+
+    buffered = processing_mode_pb2.ProcessingMode.BUFFERED
+    assert replies[2].mode_override.response_body_mode == buffered  # the body is read
+    await gw.drain()
+    answers = {
+        (s.labels["deployment"], s.labels["status"])
+        for m in gw.metrics.upstream_answers.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert answers == {("strict", "400")}  # recorded once, whatever the body
+    cooled = (await gw.store.get_many([cooldown_key("strict")]))[0] is not None  # type: ignore[attr-defined]
+    assert cooled is cools
+
+
+@pytest.mark.parametrize(
+    ("body", "flag"), [(_REFUSAL, True), (_BAD, False)], ids=["refusal", "bad"]
+)
+async def test_a_failover_attempts_400_is_classed_by_its_body(body: bytes, flag: bool) -> None:
+    """The per-attempt filter holds a 400's health sample for its body too."""
+    from extproc.adapters.attempts import Attempt  # noqa: PLC0415
+    from extproc.core.health import HealthSample  # noqa: PLC0415
+
+    gw = _cp_gateway()
+    recorded: list[HealthSample | None] = []
+
+    async def record(sample: HealthSample | None, policy: object) -> None:
+        recorded.append(sample)
+
+    gw.record_health = record  # type: ignore[method-assign]
+    attempt = Attempt(gw, "strict")
+    reply = await attempt.on_response_headers(_status_msg("400").response_headers)
+    assert recorded == []  # held for the body
+    assert reply.mode_override.response_body_mode != 0
+    attempt.on_response_body(pb.HttpBody(body=body, end_of_stream=True))
+    await gw.drain()
+    assert recorded == [HealthSample("strict", 400, content_policy=flag)]
+    attempt.close()  # nothing held any more: nothing recorded twice
+    await gw.drain()
+    assert len(recorded) == 1
+
+
+async def test_a_failover_attempts_400_without_a_body_is_recorded_at_the_end() -> None:
+    from extproc.adapters.attempts import Attempt  # noqa: PLC0415
+    from extproc.core.health import HealthSample  # noqa: PLC0415
+
+    gw = _cp_gateway()
+    recorded: list[HealthSample | None] = []
+
+    async def record(sample: HealthSample | None, policy: object) -> None:
+        recorded.append(sample)
+
+    gw.record_health = record  # type: ignore[method-assign]
+    attempt = Attempt(gw, "strict")
+    await attempt.on_response_headers(_status_msg("400").response_headers)
+    attempt.close()
+    await gw.drain()
+    assert recorded == [HealthSample("strict", 400)]
