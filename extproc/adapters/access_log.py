@@ -110,8 +110,10 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):  # type: ignore[misc]
                         client_left=flags.downstream_connection_termination,
                         timed_out=flags.upstream_request_timeout or flags.stream_idle_timeout,
                     )
+                    metrics.access_log_entries.labels("attempt").inc()
                     await self._gateway.record_health(sample, policy)
                     continue
+                metrics.access_log_entries.labels("lease").inc()
                 lease = lease_of(entry)
                 if lease is None:
                     metrics.leases.labels("unknown").inc()

@@ -26,7 +26,7 @@ from extproc.core.decision import RouteDecision, decide_head, decide_response
 from extproc.core.errors import GatewayError, InternalError, PayloadTooLargeError
 from extproc.core.failover import held_for_body, refuses_content
 from extproc.core.health import HealthSample
-from extproc.core.leases import LEASE_NAMESPACE, Lease
+from extproc.core.leases import LEASE_FIELD, LEASE_NAMESPACE, Lease
 from extproc.core.metering import ResponseMeter, charge_from_metadata
 from extproc.core.redaction import Redactor
 from extproc.core.request import RequestHead
@@ -78,6 +78,7 @@ class _Stream:
         "error_status",
         "finished",
         "lease",
+        "logged_lease",
         "meter",
     )
 
@@ -93,6 +94,8 @@ class _Stream:
         self.finished = False
         #: The parallel-request lease taken at admission, until Envoy has it.
         self.lease: Lease | None = None
+        #: The lease Envoy has, to log back at the stream's end unless given back here.
+        self.logged_lease: Lease | None = None
         #: The budget reservation until the response settles it.
         self.charge: Charge | None = None
         self.meter: ResponseMeter | None = None
@@ -254,13 +257,24 @@ class _Stream:
         if msg.end_of_stream and self.charge is not None:
             charge, self.charge, self.meter = self.charge, None, None
             await self._gateway.settle_metered(charge, meter, self._policy)
+            await self._give_back_lease(reply)
         return reply
 
-    async def end_of_headers_only_response(self) -> None:
+    async def end_of_headers_only_response(self, reply: pb.ProcessingResponse) -> None:
         """A 2xx response without a body: settle with what we know (no usage)."""
         if self.charge is not None and self.meter is not None:
             charge, self.charge = self.charge, None
             await self._gateway.settle_metered(charge, self.meter, self._policy)
+            await self._give_back_lease(reply)
+
+    async def _give_back_lease(self, reply: pb.ProcessingResponse) -> None:
+        """Rule: a metered response's last piece gives the lease back in this process
+        (after its settlement, batched with other calls' writes), and empties it in Envoy's metadata so the
+        stream's end is not logged back for it; when the store did not take it, the
+        lease stays and the access log gives it back at the stream's end."""
+        lease, self.logged_lease = self.logged_lease, None
+        if lease is not None and await self._gateway.release(lease):
+            reply.dynamic_metadata.update({LEASE_NAMESPACE: {LEASE_FIELD: ""}})
 
     async def _attempt_phase(
         self, attempt: Attempt, msg: pb.ProcessingRequest, phase: str | None
@@ -301,7 +315,7 @@ class _Stream:
             if phase == "response_headers":
                 reply = await self.on_response_headers(msg.response_headers, msg.metadata_context)
                 if msg.response_headers.end_of_stream:
-                    await self.end_of_headers_only_response()
+                    await self.end_of_headers_only_response(reply)
                 return reply
             if phase == "response_body":
                 return await self.on_response_body(msg.response_body)
@@ -383,7 +397,8 @@ class ExternalProcessorService(pb_grpc.ExternalProcessorServicer):  # type: igno
                 reply = await stream.handle(msg)
                 yield reply
                 # Delivered: from here on Envoy owns the lease and logs it back.
-                stream.lease = None
+                if stream.lease is not None:
+                    stream.logged_lease, stream.lease = stream.lease, None
         finally:
             stream.close()
             if stream.lease is not None:

@@ -413,7 +413,9 @@ def _lease_access_log(mode: str) -> dict[str, Any]:
 
     Access logs run once the stream is over, however it ended (done, client gone,
     upstream reset, timeout), so this is where a lease is given back. Only streams
-    carrying a lease are logged; ``buffer_size_bytes: 0`` sends each entry at once.
+    still carrying a lease are logged (a non-empty one: the ext_proc server empties it
+    when it gave the lease back itself, at the end of a metered response);
+    ``buffer_size_bytes: 0`` sends each entry at once.
     """
     namespace = LEASE_NAMESPACE if mode == "ext_proc" else AUTHZ_NAMESPACE
     return {
@@ -423,7 +425,7 @@ def _lease_access_log(mode: str) -> dict[str, Any]:
                 "matcher": {
                     "filter": namespace,
                     "path": [{"key": LEASE_FIELD}],
-                    "value": {"present_match": True},
+                    "value": {"string_match": {"safe_regex": {"regex": ".+"}}},
                 },
                 "match_if_key_not_found": False,
             }

@@ -76,6 +76,13 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.access_log_entries = Counter(
+            "extproc_access_log_entries",
+            "Entries of Envoy's access-log stream: lease (a stream that ended holding a "
+            "lease), attempt (a failover attempt that failed without a response).",
+            ["kind"],
+            registry=self.registry,
+        )
         self.leases = Counter(
             "extproc_parallel_leases",
             "max_parallel_requests leases: acquired, released, release_failed, "

@@ -769,17 +769,22 @@ class Gateway:
     def release_soon(self, lease: Lease) -> None:
         """Release from code that cannot await (a closing stream): in a task of its own,
         so the release survives the cancellation that is closing the stream."""
-        self._spawn(self.release(lease))
+        self._spawn(self._release_quietly(lease))
 
-    async def release(self, lease: Lease) -> None:
-        """Give a lease back; a store failure only delays it until the lease TTL."""
+    async def _release_quietly(self, lease: Lease) -> None:
+        await self.release(lease)
+
+    async def release(self, lease: Lease) -> bool:
+        """Give a lease back (whether the store took it); a store failure only delays
+        it until the lease TTL."""
         try:
             await self.coalescer.release(Release(lease.store_key, lease.member))
         except StoreError as exc:
             self.metrics.leases.labels("release_failed").inc()
             self._log_store_failure(exc)
-            return
+            return False
         self.metrics.leases.labels("released").inc()
+        return True
 
     def _store_failed(self, exc: StoreError, operation: str) -> None:
         """A store failure on the request path. Unavailable: apply the fail mode (count,

@@ -53,6 +53,14 @@ def lease_events(admin_url: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.MULTILINE)}
 
 
+def log_entries(admin_url: str) -> float:
+    """Lease entries of Envoy's access-log stream the server got."""
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=5) as resp:  # noqa: S310
+        text = resp.read().decode()
+    found = re.search(r'^extproc_access_log_entries_total\{kind="lease"\} ([0-9.e+]+)$', text, re.M)
+    return float(found[1]) if found else 0.0
+
+
 def all_released(admin_url: str) -> bool:
     events = lease_events(admin_url)
     return events.get("acquired", 0) > 0 and events.get("released") == events["acquired"]
@@ -89,6 +97,12 @@ async def test_parallel_limit_and_release(
         # both slots come back when the streams end ...
         wait_until(lambda: all_released(stack.admin_url), 5, "leases released")
         assert Counter(await burst([stack.url], 2, slow(300))) == {(200, ""): 2}
+        wait_until(lambda: all_released(stack.admin_url), 5, "leases released")
+        # (ext_proc: by the server with the response's last piece, each once; Envoy
+        # logs no completed call back. ext_authz: Envoy logs every one back)
+        assert lease_events(stack.admin_url)["released"] == 4
+        await asyncio.sleep(0.5)  # the access logger flushes every 0.1 s
+        assert log_entries(stack.admin_url) == (0 if mode == "ext_proc" else 4)
         # ... and when the client goes away mid-stream
         wait_until(lambda: all_released(stack.admin_url), 5, "leases released")
         await asyncio.gather(
@@ -96,6 +110,8 @@ async def test_parallel_limit_and_release(
             asyncio.to_thread(abandon_stream, stack.url),
         )
         wait_until(lambda: all_released(stack.admin_url), 5, "abandoned leases released")
+        # an abandoned stream is logged back on either path
+        assert log_entries(stack.admin_url) == (2 if mode == "ext_proc" else 6)
         assert Counter(await burst([stack.url], 3, slow(300))) == {
             (200, ""): 2,
             (429, "parallel_request_limit_exceeded"): 1,
