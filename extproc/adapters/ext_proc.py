@@ -269,9 +269,9 @@ class _Stream:
 
     async def _give_back_lease(self, reply: pb.ProcessingResponse) -> None:
         """Rule: a metered response's last piece gives the lease back in this process
-        (after its settlement, batched with other calls' writes), and empties it in Envoy's metadata so the
-        stream's end is not logged back for it; when the store did not take it, the
-        lease stays and the access log gives it back at the stream's end."""
+        (after its settlement, batched with other calls' writes), and empties it in
+        Envoy's metadata so the stream's end is not logged back for it; when the store
+        did not take it, the lease stays and the access log gives it back at the end."""
         lease, self.logged_lease = self.logged_lease, None
         if lease is not None and await self._gateway.release(lease):
             reply.dynamic_metadata.update({LEASE_NAMESPACE: {LEASE_FIELD: ""}})
