@@ -3,7 +3,6 @@ and per hash slot an admission or settlement touches (one in all on a single Red
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -742,23 +741,19 @@ class RedisStore:
         one pipeline (one per node on Redis Cluster); every reply or the error in its
         place. Rule: a script Redis has lost is loaded and its commands sent again (a
         second round trip, after a restart or SCRIPT FLUSH only)."""
-        if self._cluster:
-            # Known limit: redis-py's cluster pipeline refuses these scripts (it asks
-            # the server for EVALSHA's routing policy), so on Redis Cluster the
-            # commands go out at once, side by side, one round trip each.
-            return list(
-                await asyncio.gather(*(self._one(c) for c in commands), return_exceptions=True)
-            )
         pending = list(range(len(commands)))
         replies: list[Any] = [None] * len(commands)
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
             for i in pending:
                 script, keys, args = commands[i]
+                # Rule: sent as raw commands: redis-py's cluster pipeline refuses its
+                # evalsha() helper, and routes a raw EVALSHA by its keys' slot (every
+                # script here keeps to one), one write per node
                 if script is None:
-                    pipe.zrem(keys[0], *args)
+                    pipe.execute_command("ZREM", keys[0], *args)
                 else:
-                    pipe.evalsha(self._sha(script), len(keys), *keys, *args)
+                    pipe.execute_command("EVALSHA", self._sha(script), len(keys), *keys, *args)
             for i, reply in zip(pending, await pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
             lost = [i for i in pending if isinstance(replies[i], NoScriptError)]
@@ -768,12 +763,6 @@ class RedisStore:
                 await self._client.script_load(script)
             pending = lost
         return replies
-
-    async def _one(self, command: tuple[str | None, Sequence[str], Sequence[Any]]) -> Any:
-        script, keys, args = command
-        if script is None:
-            return await self._client.zrem(keys[0], *args)
-        return await self._eval(script, keys, args)
 
     async def heartbeat(self, owner: str, ttl_s: float, keep_s: float) -> list[str]:
         args = [check_owner(owner), _ms(ttl_s), _ms(keep_s)]
