@@ -271,15 +271,19 @@ def plan_finish(
     hold_s: float,
     marker_s: float,
     minute: int,
-    deployment: CompiledDeployment | None = None,
+    served: CompiledDeployment | None = None,
+    served_group: CompiledGroup | None = None,
 ) -> Finish:
     """What settling a call writes, in one batch: the real cost in place of its hold,
-    the key's tpm (``tokens``: the call's, None without usage), and the deployment's
-    load (least-busy in flight down; the minute's tokens of ``deployment``, the one
-    admitted, when it has a tpm or the group routes by usage).
+    the key's tpm (``tokens``: the call's, None without usage), and the deployments'
+    load: least-busy in flight down on the one admitted (``group``: its group), the
+    minute's tokens on ``served``, the one that served (``charge.priced_by``; of
+    ``served_group``), when it has a tpm or its group routes by usage.
 
     Rule: every count carries a marker of the call's id, so a settlement retried after
-    a lost answer changes nothing twice."""
+    a lost answer changes nothing twice. Rule: a count lands where it was taken: the
+    in-flight gauge on the deployment admission counted, the tokens on the deployment
+    that spent them (a failover may have moved the call)."""
     steps: list[Count | Gauge | Release] = []
 
     def once(key: str, ttl_s: float) -> tuple[str, float]:
@@ -288,13 +292,12 @@ def plan_finish(
     if charge.tpm_key is not None and tokens is not None:
         marker, keep = once(charge.tpm_key, WINDOW_S)
         steps.append(Count(charge.tpm_key, tokens, WINDOW_S, marker=marker, keep_s=keep))
-    if group is not None:
-        if group.strategy == "least-busy":
-            key = inflight_key(charge.deployment)
-            marker, keep = once(key, hold_s)
-            steps.append(Gauge(key, -1, hold_s, marker=marker, keep_s=keep))
-        if tokens and counts_minute(group, deployment, "tpm"):
-            key = minute_key(charge.deployment, minute, "tpm")
-            marker, keep = once(key, MINUTE_TTL_S)
-            steps.append(Count(key, tokens, MINUTE_TTL_S, marker=marker, keep_s=keep))
+    if group is not None and group.strategy == "least-busy":
+        key = inflight_key(charge.deployment)
+        marker, keep = once(key, hold_s)
+        steps.append(Gauge(key, -1, hold_s, marker=marker, keep_s=keep))
+    if tokens and served_group is not None and counts_minute(served_group, served, "tpm"):
+        key = minute_key(charge.priced_by, minute, "tpm")
+        marker, keep = once(key, MINUTE_TTL_S)
+        steps.append(Count(key, tokens, MINUTE_TTL_S, marker=marker, keep_s=keep))
     return Finish(charge.rid, charge.keys, cost, charge.ttls, marker_s, tuple(steps))

@@ -275,9 +275,11 @@ class Charge:
             raw: Any = json.loads(text)
         except (ValueError, RecursionError):
             return None
-        if not isinstance(raw, list) or len(raw) != len(_FIELDS):
+        if not isinstance(raw, list) or not _SHORTEST <= len(raw) <= len(_FIELDS):
             return None
-        v = dict(zip((f.name for f in _FIELDS), raw, strict=True))
+        # Rule: a token of the previous release (made by a process not yet upgraded)
+        # lacks the trailing fields added since; they take their defaults
+        v = {**_ADDED_DEFAULTS, **dict(zip((f.name for f in _FIELDS), raw, strict=False))}
         keys, ttls, tpm = v["keys"], v["ttls"], v["tpm_key"]
         ok = (
             isinstance(v["rid"], str)
@@ -324,3 +326,7 @@ class Charge:
 
 
 _FIELDS = dataclasses.fields(Charge)
+#: The trailing fields added since the previous release, with their defaults: a
+#: rolling upgrade settles the charges the old processes admitted.
+_ADDED_DEFAULTS: dict[str, Any] = {"fallbacks": 0}
+_SHORTEST = len(_FIELDS) - len(_ADDED_DEFAULTS)

@@ -3,11 +3,12 @@
 Nothing here does I/O. The gRPC adapters (``adapters.ext_proc``, ``adapters.ext_authz``)
 translate protobufs into :class:`~extproc.core.request.RequestHead` and body bytes; the
 runtime calls :func:`decide_head`, :func:`prepare`, reads the
-:class:`~extproc.core.selection.RoutingView` of :func:`view_scope` and the
-:class:`~extproc.core.admission.StoreFacts` of :func:`session_of`, and calls
-:func:`decide` once: the deployment, the edits, the charge and the plan of store effects
-it then commits; the adapters translate the result back. So ext_proc and ext_authz
-cannot disagree on the same request.
+:class:`~extproc.core.selection.RoutingView` of :func:`view_scope`, routes with
+:func:`decide_route`, reads the :class:`~extproc.core.admission.StoreFacts` of the
+route's session cap and calls :func:`decide_admission` once (the two steps of
+:func:`decide`): the deployment, the edits, the charge and the plan of store effects it
+then commits; the adapters translate the result back. So ext_proc and ext_authz cannot
+disagree on the same request.
 """
 
 from __future__ import annotations
@@ -257,28 +258,44 @@ def prepare(
         tool_names=lambda: endpoint.tool_names(request.strict_member),
     )
     ask = requested_output(endpoint.name, request.body, raw_body)
-    budgets: tuple[BudgetRef, ...] = ()
-    if not group.zero_cost:
-        end_user = request.user
-        budgets = applicable_budgets(
-            caller,
-            end_user=policy.end_users.get(end_user) if end_user else None,
-            end_user_id=end_user,
-            tags=[
-                policy.tag_budgets[t]
-                for t in request_tags(request.tags, caller)
-                if t in policy.tag_budgets
-            ],
-            gateway=policy.global_budget,
-            now=now,
-            tz=policy.budget_zone,
-        )
+    budgets = () if group.zero_cost else _caller_budgets(caller, request, policy, now)
     return Prepared(head, raw_body, request, caller, group, budgets, ask)
 
 
-def with_group(prepared: Prepared, group: CompiledGroup) -> Prepared:
-    """The same request sent to another group (a fallback)."""
-    return dataclasses.replace(prepared, group=group)
+def _caller_budgets(
+    caller: Caller | None, request: LLMRequest, policy: CompiledPolicy, now: datetime
+) -> tuple[BudgetRef, ...]:
+    """The caller's budgets a priced call holds (key, team, member, user, end user,
+    tags, the global budget)."""
+    end_user = request.user
+    return applicable_budgets(
+        caller,
+        end_user=policy.end_users.get(end_user) if end_user else None,
+        end_user_id=end_user,
+        tags=[
+            policy.tag_budgets[t]
+            for t in request_tags(request.tags, caller)
+            if t in policy.tag_budgets
+        ],
+        gateway=policy.global_budget,
+        now=now,
+        tz=policy.budget_zone,
+    )
+
+
+def with_group(
+    prepared: Prepared, group: CompiledGroup, policy: CompiledPolicy, *, now: datetime
+) -> Prepared:
+    """The same request sent to another group (a fallback, a larger context window).
+
+    Rule: a call holds the budgets of the group that serves it, as if it had asked
+    for that group: none in a zero-cost group, the caller's in a priced one."""
+    budgets = prepared.budgets
+    if group.zero_cost:
+        budgets = ()
+    elif prepared.group.zero_cost:
+        budgets = _caller_budgets(prepared.caller, prepared.request, policy, now)
+    return dataclasses.replace(prepared, group=group, budgets=budgets)
 
 
 def route_to(
@@ -396,21 +413,40 @@ def view_scope(
 ) -> tuple[CompiledGroup, list[CompiledDeployment]]:
     """The group (maybe a context-window fallback) and deployments whose state
     :func:`decide` reads: what the adapter reads into the :class:`RoutingView`. A 400
-    ``context_length_exceeded`` when no deployment is large enough."""
-    return fitting_group(prepared.group, policy, context_tokens(prepared.request.body))
+    ``context_length_exceeded`` when no deployment is large enough, unless the group
+    has fallbacks the call may walk to: then the group with no deployments (none can
+    take the call; :func:`fallback_scope` names the groups to read, and the walk of
+    :func:`decide` refuses with that 400 when none of them can serve)."""
+    group = prepared.group
+    try:
+        return fitting_group(group, policy, context_tokens(prepared.request.body))
+    except GatewayError as err:
+        if not (unserved(err) and group.fallbacks and not prepared.request.disable_fallbacks):
+            raise
+        return group, []
 
 
 def _fallback_allowed(
-    prepared: Prepared, policy: CompiledPolicy
+    prepared: Prepared, policy: CompiledPolicy, *, rewrite_body: bool = True
 ) -> Callable[[CompiledGroup], bool]:
     """Whether the caller may be sent to a fallback group: with
     ``enforce_fallback_model_access`` (LiteLLM's default), only to one it could ask
-    for by name."""
+    for by name.
+
+    Rule: where the body cannot be changed (ext_authz) the upstream gets the model
+    name the client sent, so the walk goes only to a group every deployment of which
+    takes that name: never to one whose upstream would read another model's name."""
     caller = prepared.caller
-    if caller is None or not policy.general.enforce_fallback_model_access:
+    sent = prepared.request.model
+    enforce = caller is not None and policy.general.enforce_fallback_model_access
+    if not enforce and rewrite_body:
         return lambda _: True
 
     def allowed(group: CompiledGroup) -> bool:
+        if not rewrite_body and any(d.model != sent for d in group.deployments):
+            return False
+        if caller is None or not enforce:
+            return True
         try:
             check_model_access(
                 caller,
@@ -432,11 +468,13 @@ def fallback_scope(
     view: RoutingView,
     *,
     now: datetime,
+    rewrite_body: bool = True,
 ) -> list[tuple[CompiledGroup, list[CompiledDeployment]]]:
     """The fallback groups (and deployments) whose state :func:`decide` also reads,
     given ``view`` of the :func:`view_scope` group: none while that group can serve
-    the call (or fallbacks are off for it), else every group the walk may try. So a
-    policy without fallbacks, and a call its group serves, read nothing more."""
+    the call (or fallbacks are off for it), else every group the walk may try
+    (``rewrite_body``: as :func:`decide_route`'s). So a policy without fallbacks, and a
+    call its group serves, read nothing more."""
     group = prepared.group
     request = prepared.request
     if not group.fallbacks or request.disable_fallbacks:
@@ -447,7 +485,8 @@ def fallback_scope(
     except GatewayError as err:
         if not unserved(err):
             return []
-        return reachable(group, policy, tokens=tokens, allowed=_fallback_allowed(prepared, policy))
+        allowed = _fallback_allowed(prepared, policy, rewrite_body=rewrite_body)
+        return reachable(group, policy, tokens=tokens, allowed=allowed)
     return []
 
 
@@ -583,12 +622,12 @@ def decide_route(
         now=now.timestamp(),
         tokens=tokens,
         stream=prepared.request.stream,
-        allowed=_fallback_allowed(prepared, policy),
+        allowed=_fallback_allowed(prepared, policy, rewrite_body=rewrite_body),
         enabled=not prepared.request.disable_fallbacks,
     )
     group, deployment = served.group, served.deployment
     if group is not prepared.group:
-        prepared = with_group(prepared, group)
+        prepared = with_group(prepared, group, policy, now=now)
     failover = policy.failover.get(deployment.id)
     if failover is not None and not _fits_every_attempt(failover, policy, tokens):
         # a retry could land on a deployment too small for this call: no failover

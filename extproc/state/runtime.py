@@ -34,16 +34,13 @@ from extproc.core.decision import (
     GatewayConfig,
     Prepared,
     RouteDecision,
-    decide,
     decide_admission,
     decide_route,
     fallback_scope,
     prepare,
-    session_of,
     view_scope,
 )
 from extproc.core.errors import BudgetExceededError, InternalError, ServiceUnavailableError
-from extproc.core.fallbacks import reachable
 from extproc.core.health import HealthSample
 from extproc.core.leases import (
     CHARGE_FIELD,
@@ -54,7 +51,7 @@ from extproc.core.leases import (
 )
 from extproc.core.metering import ResponseMeter
 from extproc.core.request import RequestHead
-from extproc.core.selection import RoutingView, context_tokens
+from extproc.core.selection import EMPTY_VIEW, RoutingView
 from extproc.core.sessions import IterationCount, SessionCap, check_iterations
 from extproc.core.usage import Usage
 from extproc.policy import (
@@ -243,15 +240,20 @@ class Gateway:
         deployments: list[CompiledDeployment],
         policy: CompiledPolicy,
         now: datetime,
-    ) -> RoutingView:
+        *,
+        rewrite_body: bool,
+    ) -> tuple[RoutingView, list[str]]:
         """The routing view of the call's group and, only when that group cannot take
-        the call, of the fallback groups the core may walk to (read concurrently)."""
-        view = await self.router.view(group, deployments, policy, now)
-        chain = fallback_scope(prepared, policy, view, now=now)
+        the call, of the fallback groups the core may walk to (read concurrently); and
+        the names of the groups whose views were read."""
+        # a group none of whose deployments fits the call needs no state to refuse it
+        read = [group.name] if deployments else []
+        view = await self.router.view(group, deployments, policy, now) if read else EMPTY_VIEW
+        chain = fallback_scope(prepared, policy, view, now=now, rewrite_body=rewrite_body)
         if not chain:
-            return view
+            return view, read
         more = await asyncio.gather(*(self.router.view(g, d, policy, now) for g, d in chain))
-        return view.merged(*more)
+        return view.merged(*more), [*read, *(g.name for g, _ in chain)]
 
     async def route(
         self,
@@ -265,7 +267,9 @@ class Gateway:
         take it (one store round trip), and let the core route it (no admission)."""
         now = self.clock.now()
         prepared, group, deployments = self._prepare(head, raw, policy, now)
-        view = await self._view(prepared, group, deployments, policy, now)
+        view, _ = await self._view(
+            prepared, group, deployments, policy, now, rewrite_body=rewrite_body
+        )
         return decide_route(
             prepared, policy, self.config, view, self.rng, now=now, rewrite_body=rewrite_body
         )
@@ -283,57 +287,51 @@ class Gateway:
 
         Rule: routing may have read deployment spend from the process cache; when the
         reservation finds the chosen deployment's (or its provider's) budget spent and
-        the view was cached, the view is forgotten and the call routed once more on
+        a view the call read was cached, the views it read (its group's, and the
+        fallback groups' it walked) are forgotten and the call routed once more on
         fresh state, so a stale cache never refuses a call another deployment could
-        take."""
+        take. Any other refusal forgets nothing."""
         now = self.clock.now()
         prepared, group, deployments = self._prepare(head, raw, policy, now)
+        view, read = await self._view(
+            prepared, group, deployments, policy, now, rewrite_body=rewrite_body
+        )
         try:
-            return await self._route_and_admit(
-                prepared, group, deployments, policy, now, rewrite_body=rewrite_body
-            )
+            return await self._route_and_admit(prepared, view, policy, rewrite_body=rewrite_body)
         except BudgetExceededError as err:
-            # the deployment may be a fallback group's: forget every view the call read
-            tokens = context_tokens(prepared.request.body)
-            names = [group.name, *(g.name for g, _ in reachable(group, policy, tokens=tokens))]
-            forgot = [self.router.forget(name) for name in names]
-            if err.code not in _DEPLOYMENT_BUDGETS or not any(forgot):
+            if err.code not in _DEPLOYMENT_BUDGETS:
+                raise
+            forgot = [self.router.forget(name) for name in read]
+            if not any(forgot):
                 raise
         now = self.clock.now()
         prepared, group, deployments = self._prepare(head, raw, policy, now)
-        return await self._route_and_admit(
+        view, _ = await self._view(
             prepared, group, deployments, policy, now, rewrite_body=rewrite_body
         )
+        return await self._route_and_admit(prepared, view, policy, rewrite_body=rewrite_body)
 
     async def _route_and_admit(
         self,
         prepared: Prepared,
-        group: CompiledGroup,
-        deployments: list[CompiledDeployment],
+        view: RoutingView,
         policy: CompiledPolicy,
-        now: datetime,
         *,
         rewrite_body: bool,
     ) -> tuple[RouteDecision, Admission]:
-        view = await self._view(prepared, group, deployments, policy, now)
         # Rule: the charge starts once the view is read (time to first token and the
         # latency samples leave out the gateway's own store reads)
         now = self.clock.now()
+        # Rule: the route comes first, so the session cap whose counts land and whose
+        # store is checked is the one of the group that serves (maybe a fallback's)
+        route = decide_route(
+            prepared, policy, self.config, view, self.rng, now=now, rewrite_body=rewrite_body
+        )
 
         def decide_call(facts: StoreFacts, ids: CallIds) -> Decision:
-            return decide(
-                prepared,
-                policy,
-                self.config,
-                view,
-                self.rng,
-                now=now,
-                ids=ids,
-                facts=facts,
-                rewrite_body=rewrite_body,
-            )
+            return decide_admission(route, policy, now=now, ids=ids, facts=facts)
 
-        decision, admission = await self._admit(session_of(prepared, group), now, decide_call)
+        decision, admission = await self._admit(route.iterations, now, decide_call)
         return decision.route, admission
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
@@ -370,12 +368,14 @@ class Gateway:
         now: datetime,
         decide_call: Callable[[StoreFacts, CallIds], Decision],
     ) -> tuple[Decision, Admission]:
-        """Read what the store side knows (``cap``: the call's session, whose owed
-        counts land first), take the core's decision with fresh ids, commit its plan
-        and read the store's answer (``now``: the decision's)."""
+        """Read what the store side knows (``cap``: the session cap the decision
+        counts, whose owed counts land first), take the core's decision with fresh
+        ids, commit its plan and read the store's answer (``now``: the decision's)."""
         mono = self.clock.monotonic()
-        # while the store is marked down, sessions are counted in process (fail open)
-        in_store = cap is not None and mono >= self._store_retry_at
+        # while the store is marked down, sessions are counted in process (fail open);
+        # rule: whether it is does not depend on ``cap``, so the cap the decision counts
+        # is counted in the store whenever the store is up
+        in_store = mono >= self._store_retry_at
         owed = 0
         landing: StoreError | None = None
         if cap is not None and in_store and self.owed.owes(cap.store_key):
@@ -581,7 +581,8 @@ class Gateway:
             hold_s=self.settings.reservation_ttl_s,
             marker_s=self._marker_s,
             minute=int(self.clock.wall() // 60),
-            deployment=snapshot.deployment(charge.deployment),
+            served=dep,
+            served_group=snapshot.groups.get(dep.group) if dep is not None else None,
         )
         outcome = "settled"
         if finish.keys or finish.steps:

@@ -28,21 +28,35 @@ def test_a_cooling_group_is_served_by_its_fallback(stack: Stack) -> None:
 
     body = json.dumps({"model": "solo", "messages": [{"role": "user", "content": "hi"}]})
     # a 401 cools solo's only deployment at once (Envoy fails that call over to backup)
-    status, _, _ = post(
+    status, failed_over, _ = post(
         f"{stack.url}/v1/chat/completions", body.encode(), {"x-mock-fail": "mock_a=401"}
     )
     assert status == 200
+    # served by Envoy's second attempt, in another group: one retry, one fallback hop
+    assert failed_over["x-litellm-model-id"] == "backup-b"
+    assert failed_over["x-litellm-attempted-retries"] == "1"
+    assert failed_over["x-litellm-attempted-fallbacks"] == "1"
     stack.mocks.clear()
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
-    raw = client.chat.completions.with_raw_response.create(
-        model="solo", messages=[{"role": "user", "content": "hi"}]
-    )
-    assert raw.headers["x-mock-upstream"] == "mock_b"
-    assert raw.headers["x-litellm-model-id"] == "backup-b"
-    assert raw.headers["x-litellm-attempted-fallbacks"] == "1"
-    assert raw.headers["x-litellm-attempted-retries"] == "0"
-    assert not stack.mocks.seen("mock_a")  # sent to the fallback before any attempt
-    if stack.mode == "ext_proc":
+    if stack.mode == "ext_authz":
+        # the body cannot be rewritten: backup's upstream would get "solo", not
+        # "backup-model", so the walk does not go there and solo's 429 stands
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(
+                model="solo", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert refused.value.code == "deployments_cooling_down"
+        assert not stack.mocks.seen("mock_a")
+        assert not stack.mocks.seen("mock_b")
+    else:
+        raw = client.chat.completions.with_raw_response.create(
+            model="solo", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.headers["x-mock-upstream"] == "mock_b"
+        assert raw.headers["x-litellm-model-id"] == "backup-b"
+        assert raw.headers["x-litellm-attempted-fallbacks"] == "1"
+        assert raw.headers["x-litellm-attempted-retries"] == "0"
+        assert not stack.mocks.seen("mock_a")  # sent to the fallback before any attempt
         assert raw.parse().model == "backup-model"
     # fallbacks off: LiteLLM's 429, retry-after the cooldown left (cooldown_time 5 s)
     off = json.dumps(

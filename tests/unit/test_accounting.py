@@ -46,10 +46,21 @@ def test_token_round_trip() -> None:
     assert Charge.parse(CHARGE.token()) == CHARGE
 
 
+def test_a_token_of_the_previous_release_parses_with_no_fallback_hops() -> None:
+    """A process not yet upgraded wrote its charges without the fallback hops (the last
+    field): during a rolling upgrade they are settled all the same."""
+    hopped = dataclasses.replace(CHARGE, failover=True, fallbacks=2)
+    old = json.loads(hopped.token())[:-1]
+    assert old[-1] is True  # the failover flag ends the old shape
+    assert Charge.parse(json.dumps(old)) == dataclasses.replace(hopped, fallbacks=0)
+    assert Charge.parse(hopped.token()) == hopped
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda v: v[:-1],  # a field short
+        lambda v: v[:-2],  # two fields short (one short is the previous release's)
+        lambda v: [*v[:-2], 1],  # the previous release's, a number for the failover flag
         lambda v: [*v, 1],  # one too many
         lambda v: ["short", *v[1:]],  # not a reservation id
         lambda v: [*v[:8], ["spend:key:x"], *v[9:]],  # a key without a tag

@@ -16,7 +16,14 @@ import pytest
 
 from extproc.core.access import hash_key
 from extproc.core.admission import CallIds, StoreFacts
-from extproc.core.decision import Decision, GatewayConfig, Prepared, decide, prepare
+from extproc.core.decision import (
+    Decision,
+    GatewayConfig,
+    Prepared,
+    decide,
+    decide_admission,
+    prepare,
+)
 from extproc.core.errors import GatewayError
 from extproc.core.health import DeploymentState, inflight_key
 from extproc.core.leases import parallel_key
@@ -237,16 +244,17 @@ class _RecordingStore(MemoryStore):
 async def test_the_runtime_commits_the_one_decisions_plan_as_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``route_and_admit`` takes one decision (ids drawn by the runtime) and sends its
-    batch to the store unchanged: nothing is added to the plan between the two."""
+    """``route_and_admit`` takes one admission decision (ids drawn by the runtime) and
+    sends its batch to the store unchanged: nothing is added to the plan between the
+    two."""
     decisions: list[Decision] = []
 
     def recording(*args: Any, **kwargs: Any) -> Decision:
-        decision = decide(*args, **kwargs)
+        decision = decide_admission(*args, **kwargs)
         decisions.append(decision)
         return decision
 
-    monkeypatch.setattr(runtime, "decide", recording)
+    monkeypatch.setattr(runtime, "decide_admission", recording)
     path = tmp_path / "policy.yaml"
     path.write_text("{}")
     store = _RecordingStore()
