@@ -13,7 +13,8 @@ the hold and the slot back; counts made before it stay (a refused call counts, a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
 
@@ -84,8 +85,9 @@ class StoreFacts:
     #: Capped sessions are counted in the store (False while it is marked down: the
     #: runtime counts them in process, fail mode open).
     sessions_in_store: bool = True
-    #: Counts of the call's session this process still owes the store.
-    owed_session: int = 0
+    #: Counts this process still owes the store, by session counter key (of the
+    #: session caps the call may count against: its group's, its fallbacks').
+    owed_sessions: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +134,7 @@ def plan_admission(
     ``deployment``: the one routed to (its rpm/tpm say whether its minute is counted)."""
     steps: list[Step] = []
     at: dict[str, int] = {}
-    owed = facts.owed_session
+    owed = facts.owed_sessions.get(session.store_key, 0) if session is not None else 0
     if session is not None:
         at["session"] = len(steps)
         steps.append(_session_step(session, charge.rid, facts.session_ttl_s, facts.marker_s, owed))

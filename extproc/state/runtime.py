@@ -13,7 +13,7 @@ import logging
 import random
 import secrets
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -34,10 +34,12 @@ from extproc.core.decision import (
     GatewayConfig,
     Prepared,
     RouteDecision,
+    decide,
     decide_admission,
     decide_route,
     fallback_scope,
     prepare,
+    session_of,
     view_scope,
 )
 from extproc.core.errors import BudgetExceededError, InternalError, ServiceUnavailableError
@@ -297,7 +299,9 @@ class Gateway:
             prepared, group, deployments, policy, now, rewrite_body=rewrite_body
         )
         try:
-            return await self._route_and_admit(prepared, view, policy, rewrite_body=rewrite_body)
+            return await self._route_and_admit(
+                prepared, view, read, group, policy, rewrite_body=rewrite_body
+            )
         except BudgetExceededError as err:
             if err.code not in _DEPLOYMENT_BUDGETS:
                 raise
@@ -306,15 +310,19 @@ class Gateway:
                 raise
         now = self.clock.now()
         prepared, group, deployments = self._prepare(head, raw, policy, now)
-        view, _ = await self._view(
+        view, read = await self._view(
             prepared, group, deployments, policy, now, rewrite_body=rewrite_body
         )
-        return await self._route_and_admit(prepared, view, policy, rewrite_body=rewrite_body)
+        return await self._route_and_admit(
+            prepared, view, read, group, policy, rewrite_body=rewrite_body
+        )
 
     async def _route_and_admit(
         self,
         prepared: Prepared,
         view: RoutingView,
+        read: list[str],
+        group: CompiledGroup,
         policy: CompiledPolicy,
         *,
         rewrite_body: bool,
@@ -322,16 +330,25 @@ class Gateway:
         # Rule: the charge starts once the view is read (time to first token and the
         # latency samples leave out the gateway's own store reads)
         now = self.clock.now()
-        # Rule: the route comes first, so the session cap whose counts land and whose
-        # store is checked is the one of the group that serves (maybe a fallback's)
-        route = decide_route(
-            prepared, policy, self.config, view, self.rng, now=now, rewrite_body=rewrite_body
-        )
+        # the session caps the call may count against: its group's, and those of the
+        # fallback groups whose views were read (the walk may end in one of them)
+        caps = [session_of(prepared, group)]
+        caps += [session_of(prepared, policy.groups[n]) for n in read if n in policy.groups]
 
         def decide_call(facts: StoreFacts, ids: CallIds) -> Decision:
-            return decide_admission(route, policy, now=now, ids=ids, facts=facts)
+            return decide(
+                prepared,
+                policy,
+                self.config,
+                view,
+                self.rng,
+                now=now,
+                ids=ids,
+                facts=facts,
+                rewrite_body=rewrite_body,
+            )
 
-        decision, admission = await self._admit(route.iterations, now, decide_call)
+        decision, admission = await self._admit(caps, now, decide_call)
         return decision.route, admission
 
     async def admit(self, decision: RouteDecision, policy: CompiledPolicy) -> Admission:
@@ -346,7 +363,7 @@ class Gateway:
         def admit_call(facts: StoreFacts, ids: CallIds) -> Decision:
             return decide_admission(decision, policy, now=now, ids=ids, facts=facts)
 
-        return (await self._admit(decision.iterations, now, admit_call))[1]
+        return (await self._admit([decision.iterations], now, admit_call))[1]
 
     async def reserve(self, decision: RouteDecision, policy: CompiledPolicy) -> Charge:
         """The budget reservation alone (in one store round trip); a 429 for the first
@@ -358,35 +375,40 @@ class Gateway:
                 decision, policy, now=now, ids=ids, facts=facts, limits=False, count=False
             )
 
-        charge = (await self._admit(None, now, reserve_call))[1].charge
+        charge = (await self._admit([], now, reserve_call))[1].charge
         assert charge is not None  # every admission has one
         return charge
 
     async def _admit(
         self,
-        cap: SessionCap | None,
+        caps: Sequence[SessionCap | None],
         now: datetime,
         decide_call: Callable[[StoreFacts, CallIds], Decision],
     ) -> tuple[Decision, Admission]:
-        """Read what the store side knows (``cap``: the session cap the decision
-        counts, whose owed counts land first), take the core's decision with fresh
-        ids, commit its plan and read the store's answer (``now``: the decision's)."""
+        """Read what the store side knows (``caps``: the session caps the decision may
+        count against, whose owed counts land first), take the core's one decision
+        with fresh ids, commit its plan and read the store's answer (``now``: the
+        decision's)."""
         mono = self.clock.monotonic()
         # while the store is marked down, sessions are counted in process (fail open);
-        # rule: whether it is does not depend on ``cap``, so the cap the decision counts
-        # is counted in the store whenever the store is up
+        # rule: whether it is does not depend on the cap, so the cap the decision
+        # counts is counted in the store whenever the store is up
         in_store = mono >= self._store_retry_at
-        owed = 0
-        landing: StoreError | None = None
-        if cap is not None and in_store and self.owed.owes(cap.store_key):
+        owed: dict[str, int] = {}
+        landing: dict[str, StoreError] = {}
+        for each in caps:
+            counter = None if each is None else each.store_key
+            if counter is None or not in_store or counter in owed:
+                continue
+            if not self.owed.owes(counter):
+                continue
             # land what is owed first: an owed count whose lost attempt ran later is
             # already in the store's count
             try:
-                await self.owed.land_counts(cap.store_key)
+                await self.owed.land_counts(counter)
             except StoreError as exc:
-                landing = exc
-            else:
-                owed = self.owed.pending_count(cap.store_key)
+                landing[counter] = exc
+            owed[counter] = self.owed.pending_count(counter)
         settings = self.settings
         facts = StoreFacts(
             owner=self.liveness.owner,
@@ -396,7 +418,7 @@ class Gateway:
             session_ttl_s=settings.max_iterations_ttl,
             marker_s=self._marker_s,
             sessions_in_store=in_store,
-            owed_session=owed,
+            owed_sessions=owed,
         )
         decision = decide_call(facts, CallIds(uuid.uuid4().hex, secrets.token_hex(8)))
         charge, plan, cap = decision.charge, decision.plan, decision.cap
@@ -405,8 +427,8 @@ class Gateway:
                 StoreUnavailableError("store marked down after a recent failure"),
                 "session_count",
             )
-        if landing is not None:
-            return decision, await self._admit_unsure(landing, charge, cap, None)
+        if cap is not None and cap.store_key in landing:
+            return decision, await self._admit_unsure(landing[cap.store_key], charge, cap, None)
         iterations: IterationCount | None = None
         if cap is not None and not in_store:
             # Rule: the session is counted first, as in the store's order (a call its

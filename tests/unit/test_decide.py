@@ -21,7 +21,6 @@ from extproc.core.decision import (
     GatewayConfig,
     Prepared,
     decide,
-    decide_admission,
     prepare,
 )
 from extproc.core.errors import GatewayError
@@ -190,7 +189,8 @@ def test_a_session_counted_in_process_is_not_in_the_batch_and_owed_counts_lower_
     assert decision.cap is not None  # still counted: by the runtime, in process
     assert decision.plan.session is None
     assert [type(s) for s in decision.plan.admission.steps] == [Ceiling, Count, Take, Gauge]
-    owing = dataclasses.replace(FACTS, owed_session=2)
+    assert decision.cap is not None
+    owing = dataclasses.replace(FACTS, owed_sessions={decision.cap.store_key: 2})
     _, decision = _decide(policy, owing)
     first = decision.plan.admission.steps[0]
     assert isinstance(first, Count)
@@ -244,17 +244,17 @@ class _RecordingStore(MemoryStore):
 async def test_the_runtime_commits_the_one_decisions_plan_as_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``route_and_admit`` takes one admission decision (ids drawn by the runtime) and
+    """``route_and_admit`` takes the one decision (ids drawn by the runtime) and
     sends its batch to the store unchanged: nothing is added to the plan between the
     two."""
     decisions: list[Decision] = []
 
     def recording(*args: Any, **kwargs: Any) -> Decision:
-        decision = decide_admission(*args, **kwargs)
+        decision = decide(*args, **kwargs)
         decisions.append(decision)
         return decision
 
-    monkeypatch.setattr(runtime, "decide_admission", recording)
+    monkeypatch.setattr(runtime, "decide", recording)
     path = tmp_path / "policy.yaml"
     path.write_text("{}")
     store = _RecordingStore()

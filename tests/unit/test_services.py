@@ -128,7 +128,7 @@ async def test_unexpected_exception_is_a_500_not_a_crash(
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(gateway_module, "decide_route", boom)
+    monkeypatch.setattr(gateway_module, "decide", boom)
     replies = await run_stream(gateway, headers_msg(post_headers()), body_msg(b'{"model": "auto"}'))
     assert replies[-1].immediate_response.status.code == 500
     assert gateway.metrics.internal_errors.labels("request_body")._value.get() == 1
