@@ -30,6 +30,7 @@ from extproc.store import (
     open_store,
 )
 from extproc.store.base import MAX_AMOUNT_MICROS, Admission, Admitted, Ceiling, Count, Take
+from extproc.store.redis import RedisStore
 from tests.helpers import decide_request, free_port
 from tests.unit.test_budgets import NOW
 
@@ -38,6 +39,13 @@ BUDGETS = POLICIES / "budgets.yaml"
 ITERATIONS = POLICIES / "iterations.yaml"
 ENV = {"TEST_KEY_A": "sk-a"}
 A, B = "{spend}:key:fault-a", "{spend}:global:fault-b"
+
+
+def _answering(url: str) -> RedisStore:
+    """A store for tests of what Redis answers, not of how long it takes: a full
+    garbage collection of the test process landing in a call (a tenth of a second or
+    more, late in the suite) must not make the 0.25 s default time it out."""
+    return RedisStore.from_url(url, timeout_s=5.0)
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -109,7 +117,7 @@ async def test_a_redis_out_of_memory_is_unavailable_not_a_fault(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     # no request can cause it: the fail mode decides, as for a Redis that is down
-    store = open_store(redis_url)
+    store = _answering(redis_url)
     await redis_client.config_set("maxmemory", "1")
     try:
         with pytest.raises(StoreUnavailableError, match="OutOfMemory"):
@@ -124,7 +132,7 @@ async def test_a_redis_out_of_memory_is_unavailable_not_a_fault(
 async def test_wrong_type_budget_key_changes_nothing(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    store = open_store(redis_url)
+    store = _answering(redis_url)
     await redis_client.hset(B, "x", "1")  # a budget key that is not a counter
     with pytest.raises(StoreFaultError, match="not an integer") as info:
         await store.reserve(
@@ -144,7 +152,7 @@ async def test_wrong_type_budget_key_changes_nothing(
 async def test_counter_that_is_not_an_integer_changes_nothing(
     redis_url: str, redis_client: aioredis.Redis, junk: bytes
 ) -> None:
-    store = open_store(redis_url)
+    store = _answering(redis_url)
     await redis_client.set(B, junk)
     with pytest.raises(StoreFaultError):
         await store.reserve(
@@ -160,7 +168,7 @@ async def test_expired_hold_on_a_broken_key_is_still_dropped(
 ) -> None:
     """Giving back expired holds is best effort per key: one broken counter must not
     stop every later reservation (nor be given back twice)."""
-    store = open_store(redis_url)
+    store = _answering(redis_url)
     await store.reserve(
         "x" * 32, [A, B], limits=[None, None], amount=5, ttls_s=[None, None], hold_s=60
     )
@@ -176,7 +184,7 @@ async def test_expired_hold_on_a_broken_key_is_still_dropped(
 async def test_other_operations_answering_errors_are_faults(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
-    store = open_store(redis_url)
+    store = _answering(redis_url)
     await redis_client.hset("t:fault", "x", "1")
     with pytest.raises(StoreFaultError):
         await store.incr_window("t:fault", 1, 10)
@@ -319,7 +327,7 @@ async def test_wrong_type_key_in_redis_refuses_through_the_gateway(
     key = decision.budgets[0].store_key
     await redis_client.delete(key)
     await redis_client.hset(key, "x", "1")
-    store = open_store(redis_url)
+    store = _answering(redis_url)
     gateway = Gateway(Settings(policy_path=BUDGETS, fail_mode="open"), policy, store)
     try:
         with pytest.raises(GatewayError) as info:
