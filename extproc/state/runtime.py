@@ -593,8 +593,11 @@ class Gateway:
         snapshot = policy or self._policy
         group = snapshot.groups.get(charge.group)
         tokens = usage.total_input + usage.output_tokens if usage is not None else None
-        if per_token is not None and group is not None:
-            await self.router.latency(charge.deployment, group, per_token)
+        # Rule: the latency sample is the serving deployment's (a failover call's may
+        # be another group's deployment), judged by that deployment's group's strategy
+        served_group = snapshot.groups.get(dep.group) if dep is not None else group
+        if per_token is not None and served_group is not None:
+            await self.router.latency(charge.priced_by, served_group, per_token)
         finish = plan_finish(
             charge,
             cost,

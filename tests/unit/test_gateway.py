@@ -249,3 +249,34 @@ async def test_a_policy_without_keys_caps_or_budgets_makes_no_store_call(tmp_pat
         assert admission.charge is not None
         await gateway.settle(admission.charge, None)
     assert store.calls == {"snapshot": 1}
+
+
+async def test_a_failover_calls_latency_sample_is_the_serving_deployments(tmp_path: Path) -> None:
+    """Latency-based routing learns from the deployment that answered: a call that
+    failed over to ``b`` adds its seconds per token to ``b``'s samples, not ``a``'s."""
+    import dataclasses  # noqa: PLC0415
+
+    from extproc.core.health import latency_key  # noqa: PLC0415
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "model_groups: [{name: g, routing_strategy: latency-based-routing, num_retries: 1,"
+        " deployments: [{id: a, cluster: ca, model: m}, {id: b, cluster: cb, model: m}]}]\n"
+    )
+    store = MemoryStore()
+    policy = load_policy(path)
+    gateway = Gateway(Settings(policy_path=path), policy, store, rng=lambda: 0.0)
+    raw = json.dumps({"model": "g", "messages": []}).encode()
+    head = RequestHead("POST", "/v1/chat/completions", {})
+    _, admission = await gateway.route_and_admit(head, raw, policy)
+    assert admission.charge is not None
+    first = admission.charge.deployment
+    other = "b" if first == "a" else "a"
+    charge = dataclasses.replace(admission.charge, served=other)
+    meter = ResponseMeter(charge, content_type="application/json", encoding="")
+    meter.feed(b'{"usage": {"prompt_tokens": 10, "completion_tokens": 5}}', end=True)
+    await gateway.settle_metered(charge, meter, policy)
+    await gateway.drain()
+    _, samples = await store.snapshot([], [latency_key(first), latency_key(other)])
+    assert samples[0] == []
+    assert len(samples[1]) == 1
