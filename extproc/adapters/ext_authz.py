@@ -19,6 +19,7 @@ from google.rpc import code_pb2, status_pb2
 from extproc.adapters.headers import header_option
 from extproc.core.decision import decide_head
 from extproc.core.errors import GatewayError, InternalError
+from extproc.core.models import Answer
 from extproc.core.request import RequestHead
 from extproc.state.runtime import Gateway
 
@@ -34,6 +35,19 @@ def denied_response(err: GatewayError) -> pb.CheckResponse:
             status=http_status_pb2.HttpStatus(code=err.status),
             headers=[header_option(k, v, raw=False) for k, v in err.response_headers().items()],
             body=err.body().decode("utf-8"),
+        ),
+    )
+
+
+def answered_response(answer: Answer) -> pb.CheckResponse:
+    """A reply the gateway sends itself (the model list): a denied response is the
+    only way a Check answers the client, and its status may be a 200."""
+    return pb.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message="answered"),
+        denied_response=pb.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=answer.status),
+            headers=[header_option(k, v, raw=False) for k, v in answer.headers],
+            body=answer.body.decode("utf-8"),
         ),
     )
 
@@ -54,6 +68,9 @@ class AuthorizationService(pb_grpc.AuthorizationServicer):  # type: ignore[misc]
         now = gateway.clock.now()
         policy = gateway.policy
         head_decision = decide_head(head, gateway.config, policy, now, has_body=has_body)
+        if head_decision.answer is not None:
+            gateway.metrics.requests.labels("models", "", "answered").inc()
+            return answered_response(head_decision.answer)
         if head_decision.action == "pass":
             gateway.metrics.requests.labels("other", "", "passed").inc()
             return pb.CheckResponse(

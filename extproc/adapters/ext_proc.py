@@ -28,6 +28,7 @@ from extproc.core.failover import held_for_body, refuses_content
 from extproc.core.health import HealthSample
 from extproc.core.leases import LEASE_FIELD, LEASE_NAMESPACE, Lease
 from extproc.core.metering import ResponseMeter, charge_from_metadata
+from extproc.core.models import Answer
 from extproc.core.redaction import Redactor
 from extproc.core.request import RequestHead
 from extproc.core.upstream_errors import normalize_error
@@ -41,6 +42,18 @@ _BODY_NONE = processing_mode_pb2.ProcessingMode.NONE
 _SKIP = processing_mode_pb2.ProcessingMode.SKIP
 _STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 _BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+
+
+def answer_response(answer: Answer) -> pb.ProcessingResponse:
+    """A reply the gateway sends itself (the model list), never reaching an upstream."""
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=answer.status),
+            headers=header_mutation(answer.headers, ()),
+            body=answer.body,
+            details="extproc_answered",
+        )
+    )
 
 
 def immediate_response(err: GatewayError) -> pb.ProcessingResponse:
@@ -125,6 +138,10 @@ class _Stream:
         decision = decide_head(
             head, gateway.config, self._policy, gateway.clock.now(), has_body=not msg.end_of_stream
         )
+        if decision.answer is not None:
+            gateway.metrics.requests.labels("models", "", "answered").inc()
+            self.finished = True
+            return answer_response(decision.answer)
         common = pb.CommonResponse(header_mutation=header_mutation((), decision.remove_headers))
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common))
         if decision.action == "pass":

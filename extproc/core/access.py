@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
-from extproc.core.endpoints import lookup_endpoint
+from extproc.core.endpoints import lookup_endpoint, lookup_models
 from extproc.core.errors import AuthenticationError, BadRequestError, PermissionDeniedError
 from extproc.core.tools import ServerTarget, pins_servers
 from extproc.core.windows import DurationText, zone
@@ -311,7 +311,7 @@ def authenticate(api_key: str | None, directory: Directory, now: datetime) -> Ca
 
 def _route_allowed(pattern: str, path: str) -> bool:
     if pattern == "llm_api_routes":
-        return lookup_endpoint(path) is not None
+        return lookup_endpoint(path) is not None or lookup_models(path) is not None
     bare = path.split("?", 1)[0]
     regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
     return re.match(regex, bare) is not None

@@ -32,7 +32,7 @@ from extproc.core.access import (
 from extproc.core.admission import CallIds, Plan, StoreFacts, plan_admission
 from extproc.core.budgets import BudgetRef, applicable_budgets
 from extproc.core.charges import Charge, deployment_budgets
-from extproc.core.endpoints import lookup_endpoint
+from extproc.core.endpoints import lookup_endpoint, lookup_models
 from extproc.core.errors import (
     GatewayError,
     MethodNotAllowedError,
@@ -47,6 +47,7 @@ from extproc.core.fallbacks import reachable, serve, unserved
 from extproc.core.health import HealthSample
 from extproc.core.jsonbody import add_member, splice
 from extproc.core.limits import tpm_key
+from extproc.core.models import Answer, answer_models
 from extproc.core.pricing import OutputAsk, cost_micros, estimate_call, requested_output
 from extproc.core.providers import credential_edits
 from extproc.core.request import LLMRequest, RequestHead, parse_request
@@ -95,13 +96,16 @@ class GatewayConfig:
 
 @dataclass(frozen=True, slots=True)
 class HeadDecision:
-    """After the headers: pass the request through untouched, or read its body."""
+    """After the headers: pass the request through untouched, read its body, or
+    answer it here (``answer``: the model list)."""
 
-    action: Literal["pass", "read_body"]
+    action: Literal["pass", "read_body", "answer"]
     #: Headers to strip now (a client-sent routing header never survives).
     remove_headers: tuple[str, ...]
     #: The authenticated caller; None when the policy has no keys.
     caller: Caller | None = None
+    #: What the gateway answers itself, for ``answer``.
+    answer: Answer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,20 @@ def decide_head(
     (and buffers) the body.
     """
     strip = (config.cluster_header,)
+    models = lookup_models(head.path)
+    if models is not None:
+        if head.method != "GET":
+            raise MethodNotAllowedError(
+                f"{head.method[:16]} is not allowed on the model list; it takes GET.",
+                headers={"allow": "GET"},
+            )
+        # Rule: authenticated as a call is; nothing is counted (no store effect).
+        caller = _authenticate(head, policy, now)
+        # The Anthropic SDK always sends anthropic-version; OpenAI's never does.
+        shape: Literal["openai", "anthropic"] = (
+            "anthropic" if "anthropic-version" in head.headers else "openai"
+        )
+        return HeadDecision("answer", strip, caller, answer_models(models, caller, policy, shape))
     if head.method != "POST" and lookup_endpoint(head.path) is not None:
         # Rule: answered before authentication, as a web framework's router would.
         raise MethodNotAllowedError(

@@ -10,11 +10,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
+from urllib.parse import unquote
 
 from extproc.core.errors import InvalidParameterError
 from extproc.core.tools import ToolShapes, request_tool_names
 
-__all__ = ["API_PREFIX", "ENDPOINTS", "ENDPOINT_PATHS", "EndpointSpec", "lookup_endpoint"]
+__all__ = [
+    "API_PREFIX",
+    "ENDPOINTS",
+    "ENDPOINT_PATHS",
+    "MODELS_PATH",
+    "EndpointSpec",
+    "ModelsTarget",
+    "lookup_endpoint",
+    "lookup_models",
+]
 
 Api = Literal["openai", "anthropic"]
 
@@ -134,3 +144,30 @@ def lookup_endpoint(path: str) -> EndpointSpec | None:
     if len(bare) > 1 and bare.endswith("/"):
         bare = bare[:-1]
     return ENDPOINTS.get(bare)
+
+
+#: The model list (``GET /v1/models``, ``/v1/models/{id}``), answered by the gateway
+#: itself (``extproc.core.models``); also without the prefix.
+MODELS_PATH = "/models"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelsTarget:
+    """A request for the model list (``model`` None) or for one model."""
+
+    model: str | None = None
+
+
+def lookup_models(path: str) -> ModelsTarget | None:
+    """The model-list request a path names, if any; the id is percent-decoded, the
+    query string ignored."""
+    bare = path.split("?", 1)[0]
+    if len(bare) > 1 and bare.endswith("/"):
+        bare = bare[:-1]
+    for prefix in (API_PREFIX + MODELS_PATH, MODELS_PATH):
+        if bare == prefix:
+            return ModelsTarget()
+        if bare.startswith(prefix + "/"):
+            # Rule: an id may hold "/" (``openai/gpt-mini``), sent raw or as %2F.
+            return ModelsTarget(unquote(bare[len(prefix) + 1 :], errors="replace"))
+    return None

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
-from extproc.core.endpoints import API_PREFIX, ENDPOINT_PATHS
+from extproc.core.endpoints import API_PREFIX, ENDPOINT_PATHS, MODELS_PATH
 from extproc.core.errors import ERROR_HEADER
 from extproc.core.failover import (
     RETRIABLE_STATUSES,
@@ -45,13 +45,16 @@ from extproc.core.leases import (
 )
 from extproc.core.sessions import LIMIT_HEADER, REMAINING_HEADER
 
-__all__ = ["LLM_PATH_REGEX", "Upstream", "render_envoy_config"]
+__all__ = ["LLM_PATH_REGEX", "MODELS_PATH_REGEX", "Upstream", "render_envoy_config"]
 
 _PATHS = "|".join(re.escape(path.removeprefix("/")) for path in ENDPOINT_PATHS)
 _PREFIX = re.escape(API_PREFIX.removeprefix("/"))
 
 #: The paths the server parses (see ``endpoints.py``), as one RE2 regex.
 LLM_PATH_REGEX = rf"^/({_PREFIX}/)?({_PATHS})/?(\?.*)?$"
+
+#: The model list the server answers itself (``GET /v1/models``, ``/v1/models/{id}``).
+MODELS_PATH_REGEX = rf"^/({_PREFIX}/)?{re.escape(MODELS_PATH.removeprefix('/'))}(/.*)?(\?.*)?$"
 
 
 #: Rule: an LLM path sent without the prefix reaches the upstream with it (the server
@@ -588,6 +591,13 @@ def render_envoy_config(
             {"safe_regex": {"regex": LLM_PATH_REGEX}},
             503,
             "The gateway could not route this request: its policy server is down.",
+            "service_unavailable_error",
+            "gateway_unavailable",
+        ),
+        _error_route(
+            {"safe_regex": {"regex": MODELS_PATH_REGEX}},
+            503,
+            "The gateway could not list models: its policy server is down.",
             "service_unavailable_error",
             "gateway_unavailable",
         ),

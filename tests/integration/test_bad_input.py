@@ -61,7 +61,7 @@ CASES: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         413,
         "payload_too_large",
     ),
-    ("unknown-path", "/v1/models", b"{}", {}, 404, "unknown_route"),
+    ("unknown-path", "/v1/files", b"{}", {}, 404, "unknown_route"),
     (
         "max-tokens-fraction",
         CHAT,

@@ -348,10 +348,10 @@ def test_refusal(
 
 HEAD_CASES = [
     ("llm path with body reads it", head(), True, GatewayConfig(), "read_body"),
-    ("unknown path passes", head("/v1/models", "GET"), False, GatewayConfig(), "pass"),
+    ("unknown path passes", head("/v1/files", "GET"), False, GatewayConfig(), "pass"),
     (
-        "GET /models passes (not an LLM endpoint)",
-        head("/models", "GET"),
+        "GET /files passes (not an LLM endpoint)",
+        head("/files", "GET"),
         False,
         GatewayConfig(),
         "pass",
@@ -404,7 +404,7 @@ def test_head(
         ("empty body on llm path", head(), False, GatewayConfig(), 400, "missing_body"),
         (
             "unknown path rejected by setting",
-            head("/v1/models", "GET"),
+            head("/v1/files", "GET"),
             False,
             GatewayConfig(unknown_paths="reject"),
             404,

@@ -62,7 +62,7 @@ async def test_routes_in_two_messages(gateway: Gateway) -> None:
 
 async def test_unknown_path_switches_body_off(gateway: Gateway) -> None:
     (reply,) = await run_stream(
-        gateway, headers_msg([(":method", "GET"), (":path", "/v1/models")], end_of_stream=True)
+        gateway, headers_msg([(":method", "GET"), (":path", "/v1/files")], end_of_stream=True)
     )
     assert reply.WhichOneof("response") == "request_headers"
     assert reply.HasField("mode_override")
@@ -185,7 +185,7 @@ async def test_check_denies_like_ext_proc(
 
 async def test_check_passes_unknown_paths(gateway: Gateway) -> None:
     reply = await AuthorizationService(gateway).Check(
-        check_request("/v1/models", b"", method="GET"), NO_CONTEXT
+        check_request("/v1/files", b"", method="GET"), NO_CONTEXT
     )
     assert reply.status.code == 0
     assert list(reply.ok_response.headers_to_remove) == ["x-extproc-cluster"]
