@@ -125,6 +125,9 @@ def start_server(
         "EXTPROC_GRPC_PORT": str(grpc_port),
         "EXTPROC_ADMIN_PORT": str(admin_port),
         "EXTPROC_LOG_LEVEL": "INFO",
+        # A stack stops its Envoy before its server: the drain's wait for Envoy to
+        # see NOT_SERVING would only run out (the restart tests set their own)
+        "EXTPROC_SHUTDOWN_NOTICE_S": "0",
         **(extra_env or {}),
     }
     proc = Proc("server", extproc_argv("serve"), workdir / "server.log", env=env)

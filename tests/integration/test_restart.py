@@ -32,7 +32,8 @@ BODY = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi
 PLAIN = {"authorization": "Bearer sk-restart-plain"}  # no lease: not access-logged
 LEASE = {"authorization": "Bearer sk-restart-lease"}  # a lease: its end is access-logged
 #: Far longer than any test waits: a process that exits did not sit out its grace.
-LONG_GRACE = {"EXTPROC_SHUTDOWN_GRACE_S": "300"}
+#: The production notice (the stacks of other tests turn it off) and a long grace.
+LONG_GRACE = {"EXTPROC_SHUTDOWN_GRACE_S": "300", "EXTPROC_SHUTDOWN_NOTICE_S": "3"}
 
 
 @dataclass
