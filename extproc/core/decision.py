@@ -47,7 +47,7 @@ from extproc.core.fallbacks import reachable, serve, unserved
 from extproc.core.health import HealthSample
 from extproc.core.jsonbody import add_member, splice
 from extproc.core.limits import tpm_key
-from extproc.core.models import Answer, answer_models
+from extproc.core.models import Answer, answer_models, may_use
 from extproc.core.pricing import OutputAsk, cost_micros, estimate_call, requested_output
 from extproc.core.providers import credential_edits
 from extproc.core.request import LLMRequest, RequestHead, parse_request
@@ -463,19 +463,7 @@ def _fallback_allowed(
     def allowed(group: CompiledGroup) -> bool:
         if not rewrite_body and any(d.model != sent for d in group.deployments):
             return False
-        if caller is None or not enforce:
-            return True
-        try:
-            check_model_access(
-                caller,
-                group.name,
-                group.name,
-                (d.provider for d in group.deployments),
-                policy.access_groups,
-            )
-        except GatewayError:
-            return False
-        return True
+        return not enforce or may_use(caller, group, policy)
 
     return allowed
 

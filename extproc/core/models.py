@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from extproc.core.access import Caller, check_model_access
 from extproc.core.endpoints import ModelsTarget
-from extproc.core.errors import ModelNotFoundError, PermissionDeniedError
+from extproc.core.errors import GatewayError, ModelNotFoundError
 from extproc.policy import CompiledGroup, CompiledPolicy
 
-__all__ = ["CREATED", "OWNED_BY", "Answer", "answer_models", "visible_groups"]
+__all__ = ["CREATED", "OWNED_BY", "Answer", "answer_models", "may_use", "visible_groups"]
 
 #: The fixed ``created`` (Unix seconds) and ``owned_by`` LiteLLM's proxy lists every
 #: model group with; a group has no release date of its own.
@@ -42,7 +42,9 @@ class Answer:
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
 
 
-def _may_use(caller: Caller | None, group: CompiledGroup, policy: CompiledPolicy) -> bool:
+def may_use(caller: Caller | None, group: CompiledGroup, policy: CompiledPolicy) -> bool:
+    """Whether ``caller`` may call ``group`` by its name (the call path's access check;
+    no caller: no keys, every group)."""
     if caller is None:
         return True
     try:
@@ -53,14 +55,14 @@ def _may_use(caller: Caller | None, group: CompiledGroup, policy: CompiledPolicy
             (d.provider for d in group.deployments),
             policy.access_groups,
         )
-    except PermissionDeniedError:
+    except GatewayError:
         return False
     return True
 
 
 def visible_groups(caller: Caller | None, policy: CompiledPolicy) -> tuple[CompiledGroup, ...]:
     """The groups ``caller`` may call by name, in the policy's order."""
-    return tuple(g for g in policy.groups.values() if _may_use(caller, g, policy))
+    return tuple(g for g in policy.groups.values() if may_use(caller, g, policy))
 
 
 def _entry(group: CompiledGroup, shape: Shape) -> dict[str, Any]:
