@@ -27,7 +27,7 @@ from envoy.service.accesslog.v3 import als_pb2 as pb
 from envoy.service.accesslog.v3 import als_pb2_grpc as pb_grpc
 
 from extproc.core.decision import failed_attempt
-from extproc.core.failover import DEPLOYMENT_CLUSTER_PREFIX
+from extproc.core.failover import ATTEMPT_CLUSTER_HEADER, DEPLOYMENT_CLUSTER_PREFIX, HOP_CLUSTER
 from extproc.core.leases import AUTHZ_NAMESPACE, LEASE_FIELD, LEASE_NAMESPACE, Lease
 from extproc.state.runtime import Gateway
 
@@ -99,6 +99,13 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):  # type: ignore[misc]
         while (message := await self._next(messages)) is not None:
             for entry in message.http_logs.log_entry:
                 upstream = entry.common_properties.upstream_cluster
+                if upstream == HOP_CLUSTER:
+                    # a retry through the hop listener: its attempt filter named the
+                    # deployment's cluster in a header (logged with the entry)
+                    upstream = entry.request.request_headers.get(ATTEMPT_CLUSTER_HEADER, "")
+                    if not upstream.startswith(DEPLOYMENT_CLUSTER_PREFIX):
+                        metrics.access_log_entries.labels("attempt").inc()
+                        continue
                 if upstream.startswith(DEPLOYMENT_CLUSTER_PREFIX):
                     # a failover attempt that failed without a response (router
                     # upstream_log)

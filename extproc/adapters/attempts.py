@@ -6,6 +6,11 @@ The first attempt was already rewritten for its deployment by the request phases
 retry going elsewhere gets that deployment's credentials and model name here. Every
 attempt's status counts for the deployment's health (cooldowns), and the answer that
 reaches the client says which deployment served it (for pricing).
+
+On a dynamic route (fallbacks by error class, see ``extproc.core.failover``) a retry
+goes to the hop listener: its filter reads the call's earlier refusals, picks the
+deployment and names its cluster in ``x-extproc-attempt-cluster``; a refused attempt's
+filter records the refusal and makes the 400 a 503 Envoy retries.
 """
 
 from __future__ import annotations
@@ -14,21 +19,31 @@ import re
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
 
-from extproc.adapters.headers import header_option
+from extproc.adapters.headers import header_mutation, header_option
+from extproc.core.errors import ServiceUnavailableError
 from extproc.core.failover import (
+    ATTEMPT_CLUSTER_HEADER,
+    ATTEMPT_COUNT_HEADER,
+    CALL_HEADER,
     DEPLOYMENT_HEADER,
+    HOP_DEPLOYMENT,
+    RETRY_REASON_HEADER,
     STREAM_HEADER,
     FailoverRoute,
     attempt_answer,
-    content_policy_retry,
+    deployment_cluster_name,
     held_for_body,
+    next_attempt,
+    refusal_class,
     with_body,
 )
 from extproc.core.health import HealthSample
 from extproc.core.jsonbody import member_span, replace_member
 from extproc.core.providers import credential_edits
 from extproc.policy import CompiledDeployment, CompiledPolicy
+from extproc.state.refusals import read_refusals, record_refusal
 from extproc.state.runtime import Gateway
 
 __all__ = ["Attempt", "attempt_deployment"]
@@ -50,24 +65,62 @@ def attempt_deployment(msg: pb.ProcessingRequest) -> str | None:
 
 
 class Attempt:
-    __slots__ = ("_checking", "_dep", "_gateway", "_held", "_policy", "_route")
+    __slots__ = (
+        "_call",
+        "_checking",
+        "_dep",
+        "_events",
+        "_gateway",
+        "_held",
+        "_hop",
+        "_number",
+        "_policy",
+        "_route",
+    )
 
     def __init__(self, gateway: Gateway, dep_id: str) -> None:
         self._gateway = gateway
         self._policy: CompiledPolicy = gateway.policy
-        self._dep: CompiledDeployment | None = self._policy.deployment(dep_id)
+        #: A retry of a dynamic route: its deployment is picked here.
+        self._hop = dep_id == HOP_DEPLOYMENT
+        self._dep: CompiledDeployment | None = (
+            None if self._hop else self._policy.deployment(dep_id)
+        )
         self._route: FailoverRoute | None = None
-        #: A 400 whose body is read: a content-policy refusal moves the call on.
+        #: A 400 whose body is read: a refusal may move the call to its class's list.
         self._checking = False
         #: A 400's health sample, recorded once its body says which class it is.
         self._held: HealthSample | None = None
+        #: This attempt's number, the call's id and its earlier refusals (dynamic routes).
+        self._number = 1
+        self._call: str | None = None
+        self._events: dict[int, str] = {}
 
-    def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+    async def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
-        self._route = self._policy.failover_route(headers.get(self._gateway.config.cluster_header))
+        route = self._route = self._policy.failover_route(
+            headers.get(self._gateway.config.cluster_header)
+        )
+        count = headers.get(ATTEMPT_COUNT_HEADER, "1")
+        self._number = int(count) if count.isascii() and count.isdigit() and len(count) < 3 else 1
+        self._call = headers.get(CALL_HEADER) or None
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
         mutation = reply.request_headers.response.header_mutation
-        mutation.remove_headers.extend((DEPLOYMENT_HEADER, STREAM_HEADER))
+        mutation.remove_headers.extend((DEPLOYMENT_HEADER, STREAM_HEADER, ATTEMPT_COUNT_HEADER))
+        if self._hop:
+            target = None
+            if route is not None and route.dynamic:
+                if self._call is not None and self._number > 1:
+                    self._events = await read_refusals(
+                        self._gateway.store, self._call, self._number
+                    )
+                target = next_attempt(route, self._events, self._number)
+            if target is None:
+                return _nothing_left()
+            self._dep = self._policy.deployment(target[0])
+            mutation.set_headers.append(
+                header_option(ATTEMPT_CLUSTER_HEADER, deployment_cluster_name(target[0]))
+            )
         dep = self._dep
         if dep is None:
             # not in this policy (reloaded since Envoy's config was made): never let
@@ -95,6 +148,10 @@ class Attempt:
         common.header_mutation.set_headers.append(header_option("content-length", str(len(body))))
         return reply
 
+    def _group_of(self, dep_id: str) -> str | None:
+        dep = self._policy.deployment(dep_id)
+        return dep.group if dep is not None else None
+
     async def on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         reply = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
         dep = self._dep
@@ -103,7 +160,15 @@ class Attempt:
         status = next(
             (h.raw_value.decode() or h.value for h in msg.headers.headers if h.key == ":status"), ""
         )
-        answer = attempt_answer(dep.id, self._route, status, end_of_stream=msg.end_of_stream)
+        answer = attempt_answer(
+            dep.id,
+            self._route,
+            status,
+            end_of_stream=msg.end_of_stream,
+            events=self._events,
+            attempt=self._number,
+            group_of=self._group_of,
+        )
         if held_for_body(answer.health, end_of_stream=msg.end_of_stream):
             self._held = answer.health
             reply.mode_override.response_body_mode = _BUFFERED
@@ -112,7 +177,7 @@ class Attempt:
         reply.response_headers.response.header_mutation.set_headers.extend(
             header_option(k, v) for k, v in answer.set_headers
         )
-        if answer.check_content_policy:
+        if answer.check_refusal:
             self._checking = True
             reply.mode_override.response_body_mode = _BUFFERED
         return reply
@@ -123,20 +188,48 @@ class Attempt:
             held, self._held = self._held, None
             self._gateway.spawn(self._gateway.record_health(held, self._policy))
 
-    def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
-        """A content-policy refusal while a content-policy fallback is still to come:
-        made a 503, which Envoy retries on the next deployment of the list."""
+    async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        """A refusal of a class whose fallbacks have a deployment left for the call:
+        recorded for the next attempt and made a 503, which Envoy retries."""
         reply = pb.ProcessingResponse(response_body=pb.BodyResponse())
         if self._held is not None:
             held, self._held = self._held, None
             self._gateway.spawn(
                 self._gateway.record_health(with_body(held, msg.body), self._policy)
             )
-        if not self._checking:
+        route = self._route
+        if not self._checking or route is None or self._call is None:
             return reply
-        retry = content_policy_retry(msg.body)
-        if retry:
-            mutation = reply.response_body.response.header_mutation
-            mutation.set_headers.extend(header_option(k, v) for k, v in retry)
+        cls = refusal_class(msg.body)
+        if cls is None or not route.targets(cls):
+            return reply
+        events = {**self._events, self._number: cls}
+        if next_attempt(route, events, self._number + 1) is None:
+            return reply
+        if not await record_refusal(self._gateway.store, self._call, self._number, cls):
+            return reply
+        mutation = reply.response_body.response.header_mutation
+        mutation.set_headers.extend(
+            (header_option(":status", "503"), header_option(RETRY_REASON_HEADER, cls))
+        )
+        if cls == "content_policy":
             self._gateway.metrics.content_policy_retries.inc()
         return reply
+
+
+def _nothing_left() -> pb.ProcessingResponse:
+    """A retry with no deployment left (the previous attempt timed out or was reset
+    after the call's lists ran out): the client gets a 503, not a wrong group's answer."""
+    err = ServiceUnavailableError(
+        "No deployments available for selected model: every deployment this call may "
+        "go to has been tried.",
+        code="no_deployments_left",
+    )
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=err.status),
+            headers=header_mutation(err.response_headers().items(), ()),
+            body=err.body(),
+            details="extproc_no_deployments_left",
+        )
+    )

@@ -325,7 +325,7 @@ class _Stream:
                     # an upstream attempt of a failover cluster, not a new call
                     self.attempt = Attempt(self._gateway, dep_id)
                     self.finished = True
-                    return self.attempt.on_request_headers(msg.request_headers)
+                    return await self.attempt.on_request_headers(msg.request_headers)
                 return self.on_request_headers(msg.request_headers)
             if phase == "request_body":
                 return await self.on_request_body(msg.request_body)
@@ -378,7 +378,7 @@ async def _attempt_reply(
     if phase == "response_headers":
         return await attempt.on_response_headers(msg.response_headers)
     if phase == "response_body":
-        return attempt.on_response_body(msg.response_body)
+        return await attempt.on_response_body(msg.response_body)
     return _passthrough(phase)
 
 

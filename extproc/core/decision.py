@@ -42,7 +42,14 @@ from extproc.core.errors import (
     UnknownRouteError,
     UnsupportedMediaTypeError,
 )
-from extproc.core.failover import DEPLOYMENT_HEADER, SERVED_BY_HEADER, STREAM_HEADER, FailoverRoute
+from extproc.core.failover import (
+    CALL_HEADER,
+    DEPLOYMENT_HEADER,
+    SERVED_BY_HEADER,
+    SERVED_PATH_HEADER,
+    STREAM_HEADER,
+    FailoverRoute,
+)
 from extproc.core.fallbacks import reachable, serve, unserved
 from extproc.core.health import HealthSample
 from extproc.core.jsonbody import add_member, splice
@@ -325,6 +332,7 @@ def route_to(
     failover: FailoverRoute | None = None,
     attempts: tuple[CompiledDeployment, ...] = (),
     fallbacks: int = 0,
+    call: str = "",
 ) -> RouteDecision:
     """The changes that send ``prepared`` to ``deployment`` (through its composite
     cluster when it can fail over: Envoy retries other deployments in the same call).
@@ -336,7 +344,8 @@ def route_to(
     ``attempts``: the deployments a failover may reach; the estimate and the usage
     bound cover the largest of them. ``fallbacks``: the hops admission took to reach
     ``deployment``'s group. ``disable_fallbacks`` is the gateway's and never reaches
-    the upstream (where the body can be changed).
+    the upstream (where the body can be changed). ``call``: the call's id, which a
+    dynamic failover route's attempts share (``x-extproc-call``).
     """
     request, raw_body, group = prepared.request, prepared.raw, prepared.group
     endpoint = request.endpoint
@@ -369,6 +378,8 @@ def route_to(
         ]
         if request.stream:
             set_headers.append((STREAM_HEADER, "1"))  # the route with the stream timeouts
+        if failover.dynamic and call:
+            set_headers.append((CALL_HEADER, call))  # the attempts' record of refusals
     credential, remove = credential_edits(deployment.auth_header, deployment.auth_value)
     set_headers += credential
     if rewrite_body:
@@ -540,7 +551,9 @@ def decide(
     Rule: this is the one decision of both adapters; nothing in it reads the store
     (what it needs of it is ``view`` and ``facts``) or the clock (``now``), or draws
     randomness other than ``rng`` (the ids come in as ``ids``)."""
-    route = decide_route(prepared, policy, config, view, rng, now=now, rewrite_body=rewrite_body)
+    route = decide_route(
+        prepared, policy, config, view, rng, now=now, rewrite_body=rewrite_body, call=ids.rid
+    )
     return decide_admission(
         route, policy, now=now, ids=ids, facts=facts, limits=limits, count=count
     )
@@ -613,6 +626,7 @@ def decide_route(
     *,
     now: datetime,
     rewrite_body: bool = True,
+    call: str = "",
 ) -> RouteDecision:
     """Route one checked request: the deployment :func:`~extproc.core.fallbacks.serve` picks
     with what ``view`` says of the group of :func:`view_scope` and, when it cannot serve,
@@ -640,7 +654,7 @@ def decide_route(
         failover = None
     attempts: tuple[CompiledDeployment, ...] = ()
     if failover is not None:
-        found = (policy.deployment(dep_id) for dep_id, _ in failover.attempts)
+        found = (policy.deployment(dep_id) for dep_id, _ in failover.deployments())
         attempts = tuple(d for d in found if d is not None)
     return route_to(
         prepared,
@@ -650,7 +664,17 @@ def decide_route(
         failover=failover,
         attempts=attempts,
         fallbacks=served.fallbacks,
+        call=call,
     )
+
+
+def _served_path(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    retries, _, hops = value.partition(",")
+    if not (retries.isascii() and retries.isdigit() and hops.isascii() and hops.isdigit()):
+        return None
+    return min(int(retries), 99), min(int(hops), 99)
 
 
 # --- the response side --------------------------------------------------------------
@@ -702,8 +726,11 @@ def decide_response(
     served = headers.get(SERVED_BY_HEADER)
     failover = charge.failover
     remove: tuple[str, ...] = ()
+    path = headers.get(SERVED_PATH_HEADER)
+    if path is not None:
+        remove = (SERVED_PATH_HEADER,)
     if served is not None:
-        remove = (SERVED_BY_HEADER,)
+        remove += (SERVED_BY_HEADER,)
         if not failover:
             served = None
     known = served is not None and policy.deployment(served) is not None
@@ -720,7 +747,7 @@ def decide_response(
     return ResponseDecision(
         charge=charge,
         remove_headers=remove,
-        set_headers=_attempt_headers(charge, policy),
+        set_headers=_attempt_headers(charge, policy, path if served is not None else None),
         health=health,
         meter=ok,
         cancel=not ok,
@@ -736,16 +763,23 @@ RETRIES_HEADER = "x-litellm-attempted-retries"
 FALLBACKS_HEADER = "x-litellm-attempted-fallbacks"
 
 
-def _attempt_headers(charge: Charge, policy: CompiledPolicy) -> tuple[tuple[str, str], ...]:
+def _attempt_headers(
+    charge: Charge, policy: CompiledPolicy, path: str | None = None
+) -> tuple[tuple[str, str], ...]:
     """The serving deployment and the attempts it took. Rule: a composite cluster's
     attempt N goes to its N-th deployment, so where the served one sits in the list is
     the count of Envoy's attempts before it; each other group it passed to get there
-    is one more fallback hop."""
+    is one more fallback hop. A dynamic route's attempt says both itself (``path``:
+    ``x-extproc-served-path``)."""
     served = charge.priced_by
     retries = 0
     fallbacks = charge.fallbacks
     route = policy.failover.get(charge.deployment) if charge.failover else None
-    if route is not None and served != charge.deployment:
+    counted = _served_path(path) if route is not None and route.dynamic else None
+    if counted is not None:
+        retries, hops = counted
+        fallbacks += hops
+    elif route is not None and served != charge.deployment:
         ids = [d for d, _ in route.attempts]
         if served in ids:
             retries = ids.index(served)

@@ -31,7 +31,14 @@ import yaml
 from extproc.core.endpoints import API_PREFIX, ENDPOINT_PATHS, MODELS_PATH
 from extproc.core.errors import ERROR_HEADER
 from extproc.core.failover import (
+    ATTEMPT_CLUSTER_HEADER,
+    ATTEMPT_COUNT_HEADER,
+    CALL_HEADER,
+    HOP_CLUSTER,
+    HOP_DEPLOYMENT,
+    HOP_LISTENER,
     RETRIABLE_STATUSES,
+    STOP_HEADER,
     STREAM_HEADER,
     FailoverRoute,
     deployment_cluster_name,
@@ -274,6 +281,10 @@ def _attempt_filter() -> dict[str, Any]:
         status_on_error={"code": 503},
         # which deployment this attempt goes to (its endpoint's metadata)
         request_attributes=["xds.upstream_host_metadata"],
+        # Envoy's attempt count is removed from attempts and x-envoy-ratelimited set on
+        # an answer that must not be retried (see failover); other x-envoy-* headers
+        # are never touched
+        mutation_rules={"allow_envoy": True},
     )
 
 
@@ -287,10 +298,8 @@ def _failover(
     routes: list[dict[str, Any]] = []
     out: dict[str, dict[str, Any]] = {}
     for route in sorted(plan.values(), key=lambda r: r.composite):
-        names = []
-        for dep_id, cluster in route.attempts:
+        for dep_id, cluster in route.deployments():
             name = deployment_cluster_name(dep_id)
-            names.append(name)
             if name not in out and cluster in clusters:
                 copy = _cluster(name, clusters[cluster])
                 endpoint = copy["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
@@ -298,6 +307,12 @@ def _failover(
                     "filter_metadata": {LEASE_NAMESPACE: {"deployment": dep_id}}
                 }
                 out[name] = copy
+        names = [deployment_cluster_name(d) for d, _ in route.attempts]
+        if route.dynamic:
+            # the first attempt goes straight to its deployment; every retry through
+            # the hop listener, to the deployment its attempt filter picks
+            names = [names[0]] + [HOP_CLUSTER] * route.retries
+            out.setdefault(HOP_CLUSTER, _hop_cluster())
         out[route.composite] = {
             "name": route.composite,
             "connect_timeout": "2s",
@@ -330,6 +345,80 @@ def _failover(
     return routes, list(out.values())
 
 
+def _hop_cluster() -> dict[str, Any]:
+    """The cluster of a dynamic route's retries: Envoy's internal hop listener."""
+    return {
+        "name": HOP_CLUSTER,
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": HOP_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "envoy_internal_address": {"server_listener_name": HOP_LISTENER}
+                                }
+                            },
+                            "metadata": {
+                                "filter_metadata": {LEASE_NAMESPACE: {"deployment": HOP_DEPLOYMENT}}
+                            },
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
+def _hop_listener(max_body_bytes: int) -> dict[str, Any]:
+    """The internal listener a dynamic route's retries pass through: it sends each to
+    the per-deployment cluster its attempt filter named, and nothing else. Timeouts
+    and retries stay with the outer route."""
+    hcm = {
+        _TYPE: _API + "extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "hop",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": "0s",
+        "server_header_transformation": "PASS_THROUGH",
+        "route_config": {
+            "name": "hop",
+            "virtual_hosts": [
+                {
+                    "name": "hop",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": {"prefix": "/"},
+                            "route": {"cluster_header": ATTEMPT_CLUSTER_HEADER, "timeout": "0s"},
+                            "request_headers_to_remove": [ATTEMPT_CLUSTER_HEADER],
+                        }
+                    ],
+                }
+            ],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {_TYPE: _API + "extensions.filters.http.router.v3.Router"},
+            }
+        ],
+    }
+    return {
+        "name": HOP_LISTENER,
+        "internal_listener": {},
+        "per_connection_buffer_limit_bytes": max_body_bytes,
+        "filter_chains": [
+            {
+                "filters": [
+                    {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                ]
+            }
+        ],
+    }
+
+
 def _seconds(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
 
@@ -355,7 +444,7 @@ def _failover_routes(route: FailoverRoute, cluster_header: str) -> list[dict[str
             retry["per_try_timeout"] = _seconds(timeout)
             if idle:
                 retry["per_try_idle_timeout"] = _seconds(timeout)
-        return {
+        out: dict[str, Any] = {
             "match": {"prefix": "/", "headers": headers},
             "route": {
                 "cluster_header": cluster_header,
@@ -364,6 +453,10 @@ def _failover_routes(route: FailoverRoute, cluster_header: str) -> list[dict[str
                 "retry_policy": retry,
             },
         }
+        if route.dynamic:
+            # the attempt filter's mark that nothing is left to try (see failover)
+            out["response_headers_to_remove"] = [STOP_HEADER]
+        return out
 
     routes = []
     stream = route.timeouts.stream
@@ -378,7 +471,7 @@ def _failover_routes(route: FailoverRoute, cluster_header: str) -> list[dict[str
 ATTEMPT_LOG = "extproc-attempts"
 
 
-def _router(failover: bool) -> dict[str, Any]:
+def _router(failover: bool, dynamic: bool = False) -> dict[str, Any]:
     """The router; with failover clusters it logs attempts that could not connect.
 
     An attempt refused at connect time never runs the composite cluster's upstream
@@ -405,6 +498,12 @@ def _router(failover: bool) -> dict[str, Any]:
                         "buffer_size_bytes": 0,
                         "buffer_flush_interval": "0.1s",
                     },
+                    # a retry through the hop listener: the deployment it was sent to
+                    **(
+                        {"additional_request_headers_to_log": [ATTEMPT_CLUSTER_HEADER]}
+                        if dynamic
+                        else {}
+                    ),
                 },
             }
         ]
@@ -576,6 +675,7 @@ def render_envoy_config(
         gate = _ext_authz_filter(failure_mode_allow, max_body_bytes)
     gates = [gate] if mode == "ext_proc" else [gate, _response_meter_filter()]
     failover_routes, failover_clusters = _failover(failover or {}, clusters, cluster_header)
+    dynamic = any(r.dynamic for r in (failover or {}).values())
     routes = [
         *failover_routes,
         {
@@ -633,6 +733,16 @@ def render_envoy_config(
                     "domains": ["*"],
                     "routes": routes,
                     "response_headers_to_add": _session_headers(mode),
+                    # a dynamic route's retries read Envoy's attempt count; no upstream
+                    # sees it (the attempt filter removes it from retries)
+                    **(
+                        {
+                            "include_request_attempt_count": True,
+                            "request_headers_to_remove": [ATTEMPT_COUNT_HEADER],
+                        }
+                        if dynamic
+                        else {}
+                    ),
                 }
             ],
         },
@@ -646,7 +756,12 @@ def render_envoy_config(
                 "typed_config": {
                     _TYPE: _API + "extensions.http.early_header_mutation.header_mutation.v3."
                     "HeaderMutation",
-                    "mutations": [{"remove": cluster_header}, {"remove": STREAM_HEADER}],
+                    "mutations": [
+                        {"remove": cluster_header},
+                        {"remove": STREAM_HEADER},
+                        {"remove": ATTEMPT_CLUSTER_HEADER},
+                        {"remove": CALL_HEADER},
+                    ],
                 },
             }
         ],
@@ -654,7 +769,7 @@ def render_envoy_config(
             *gates,
             {
                 "name": "envoy.filters.http.router",
-                "typed_config": _router(bool(failover)),
+                "typed_config": _router(bool(failover), dynamic),
             },
         ],
     }
@@ -678,7 +793,8 @@ def render_envoy_config(
                             ]
                         }
                     ],
-                }
+                },
+                *([_hop_listener(max_body_bytes)] if dynamic else []),
             ],
             "clusters": [
                 _extproc_cluster(server, service, extra_servers),
@@ -687,6 +803,15 @@ def render_envoy_config(
             ],
         },
     }
+    if dynamic:
+        config["bootstrap_extensions"] = [
+            {
+                "name": "envoy.bootstrap.internal_listener",
+                "typed_config": {
+                    _TYPE: _API + "extensions.bootstrap.internal_listener.v3.InternalListener"
+                },
+            }
+        ]
     # A ceiling on downstream connections, so a connection flood cannot exhaust the host.
     config["overload_manager"] = {
         "resource_monitors": [

@@ -162,7 +162,7 @@ class CompiledPolicy:
         attempt_clusters = {
             deployment_cluster_name(dep_id): dep_id
             for route in self.failover.values()
-            for dep_id, _ in route.attempts
+            for dep_id, _ in route.deployments()
         }
         object.__setattr__(self, "_by_id", by_id)
         object.__setattr__(self, "_by_composite", {r.composite: r for r in self.failover.values()})

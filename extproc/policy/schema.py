@@ -278,6 +278,7 @@ class Policy(_Model):
                 g.num_retries,
                 g.fallbacks,
                 g.content_policy_fallbacks,
+                g.context_window_fallbacks,
                 timeouts=[
                     AttemptTimeouts(
                         d.timeout or g.timeout or self.router_settings.timeout,

@@ -273,7 +273,14 @@ class Gateway:
             prepared, group, deployments, policy, now, rewrite_body=rewrite_body
         )
         return decide_route(
-            prepared, policy, self.config, view, self.rng, now=now, rewrite_body=rewrite_body
+            prepared,
+            policy,
+            self.config,
+            view,
+            self.rng,
+            now=now,
+            rewrite_body=rewrite_body,
+            call=uuid.uuid4().hex,
         )
 
     async def route_and_admit(

@@ -231,7 +231,17 @@ def test_failover_routes_without_timeouts_have_no_per_try_limit() -> None:
     config = yaml.safe_load(render_envoy_config(clusters, failover=policy.failover))
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-    retrying = [r for r in routes if "retry_policy" in r.get("route", {})]
+    untimed = {
+        r.composite
+        for r in policy.failover.values()
+        if r.timeouts.timeout is None and r.timeouts.stream is None
+    }
+    retrying = [
+        r
+        for r in routes
+        if "retry_policy" in r.get("route", {})
+        and r["match"]["headers"][0]["string_match"]["exact"] in untimed
+    ]
     assert retrying
-    assert len(retrying) == len(policy.failover)  # one route each: no stream route
+    assert len(retrying) == len(untimed)  # one route each: no stream route
     assert all("per_try_timeout" not in r["route"]["retry_policy"] for r in retrying)

@@ -12,6 +12,8 @@ from extproc.core.failover import (
     composite_name,
     deployment_cluster_name,
     failover_plan,
+    next_attempt,
+    served_path,
 )
 from extproc.policy import compile_policy, parse_policy
 from tests.helpers import decide_request
@@ -66,19 +68,67 @@ def test_large_group_from_bundled_windows(tmp_path: Path) -> None:
     assert compiled.groups["auto"].context_window_fallbacks == ("auto-large",)
 
 
-def test_content_policy_fallbacks_come_last() -> None:
+def test_class_fallbacks_make_a_dynamic_route() -> None:
     strict = FailoverGroup(
-        "strict", [("s1", "c1"), ("s2", "c2")], num_retries=1, content_policy_fallbacks=["lenient"]
+        "strict",
+        [("s1", "c1"), ("s2", "c2")],
+        num_retries=1,
+        fallbacks=["spare"],
+        content_policy_fallbacks=["lenient"],
+        context_window_fallbacks=["large", "lenient"],
     )
     lenient = FailoverGroup("lenient", [("l", "cl")])
-    plan = failover_plan([strict, lenient])
+    large = FailoverGroup("large", [("g1", "cg"), ("g2", "cg")])
+    spare = FailoverGroup("spare", [("z", "cz")])
+    plan = failover_plan([strict, lenient, large, spare])
     route = plan["s1"]
-    assert attempts(plan, "s1") == ["s1", "s2", "l"]
-    assert route.content_policy_from == 2
-    assert route.content_policy_fallback_after("s1")
-    assert route.content_policy_fallback_after("s2")
-    assert not route.content_policy_fallback_after("l")
-    assert plan["s2"].content_policy_from == 2
+    assert route.dynamic
+    assert attempts(plan, "s1") == ["s1", "s2", "z"]  # the default order has no class list
+    assert [d for d, _ in route.targets("content_policy")] == ["l"]
+    assert [d for d, _ in route.targets("context_window")] == ["g1", "g2", "l"]
+    assert route.slots == 6  # 3 default + 3 context-window, capped at 1 + 5
+    assert not plan.get("z", FailoverRoute("x", (("z", "cz"),))).dynamic
+    # every deployment an attempt may reach has a cluster of its own
+    assert {d for d, _ in route.deployments()} == {"s1", "s2", "z", "l", "g1", "g2"}
+
+
+def test_next_attempt_follows_the_error_class() -> None:
+    strict = FailoverGroup(
+        "strict",
+        [("s1", "c1"), ("s2", "c2")],
+        num_retries=1,
+        fallbacks=["spare"],
+        content_policy_fallbacks=["lenient"],
+        context_window_fallbacks=["large"],
+    )
+    plan = failover_plan(
+        [
+            strict,
+            FailoverGroup("lenient", [("l", "cl")]),
+            FailoverGroup("large", [("g1", "cg"), ("g2", "cg")]),
+            FailoverGroup("spare", [("z", "cz")]),
+        ]
+    )
+    route = plan["s1"]
+
+    def nxt(events: dict[int, str], attempt: int) -> str | None:
+        found = next_attempt(route, events, attempt)
+        return found[0] if found else None
+
+    assert nxt({}, 1) == "s1"
+    # plain failures walk the default order: the group's retry, then its fallback
+    assert [nxt({}, n) for n in (2, 3, 4)] == ["s2", "z", None]
+    # a content-policy refusal skips the retries and generic fallbacks
+    assert nxt({1: "content_policy"}, 2) == "l"
+    assert nxt({1: "content_policy"}, 3) is None  # the list ran out: no other group
+    # a refusal after a plain failure: that attempt's class list
+    assert nxt({2: "context_window"}, 3) == "g1"
+    assert nxt({2: "context_window"}, 4) == "g2"  # g1 failed plainly: the list goes on
+    assert nxt({2: "context_window"}, 5) is None
+    # never the same deployment twice, never beyond the slots
+    assert nxt({1: "context_window", 2: "context_window"}, 3) == "g2"
+    assert nxt({}, 99) is None
+    assert served_path(route, {1: "content_policy"}, 2) == [("s1", "c1"), ("l", "cl")]
 
 
 def test_only_the_server_names_the_chosen_deployment() -> None:

@@ -13,9 +13,11 @@ from extproc.core.charges import Charge
 from extproc.core.decision import decide_response, failed_attempt
 from extproc.core.failover import (
     SERVED_BY_HEADER,
+    SERVED_PATH_HEADER,
+    STOP_HEADER,
     attempt_answer,
-    content_policy_retry,
     deployment_cluster_name,
+    refusal_class,
 )
 from extproc.core.health import HealthSample
 from extproc.core.providers import CLIENT_CREDENTIAL_HEADERS, credential_edits
@@ -203,25 +205,44 @@ def test_failed_attempt() -> None:
 
 
 def test_attempt_answer() -> None:
-    route = POLICY.failover["a"]
-    plain = attempt_answer("a", route, "200", end_of_stream=False)
+    route = POLICY.failover["a"]  # dynamic: pair has content-policy fallbacks
+    group_of = {"a": "pair", "b": "pair", "s": "solo"}.get
+    plain = attempt_answer("a", route, "200", end_of_stream=False, group_of=group_of)
     assert plain.health == HealthSample("a", 200)
-    assert plain.set_headers == ((SERVED_BY_HEADER, "a"),)
-    assert not plain.check_content_policy
-    # a 400 is read while a content-policy fallback is still to come
-    assert attempt_answer("a", route, "400", end_of_stream=False).check_content_policy
-    assert not attempt_answer("a", route, "400", end_of_stream=True).check_content_policy
-    assert not attempt_answer("s", route, "400", end_of_stream=False).check_content_policy
+    assert plain.set_headers == ((SERVED_BY_HEADER, "a"), (SERVED_PATH_HEADER, "0,0"))
+    assert not plain.check_refusal
+    # on a dynamic route every 400 with a body is read: it may be a refusal
+    assert attempt_answer("a", route, "400", end_of_stream=False).check_refusal
+    assert not attempt_answer("a", route, "400", end_of_stream=True).check_refusal
     assert attempt_answer("a", route, "", end_of_stream=False).health is None
-
-
-def test_content_policy_retry() -> None:
-    refusal = b'{"error": {"message": "request blocked by the safety system"}}'
-    assert content_policy_retry(refusal) == (
-        (":status", "503"),
-        ("x-extproc-retry", "content_policy"),
+    # attempt 2 (b, the retry) fails: nothing is left on the default order, so Envoy
+    # is told not to retry
+    last = attempt_answer("b", route, "500", end_of_stream=False, attempt=2)
+    assert (STOP_HEADER, "true") in last.set_headers
+    first = attempt_answer("a", route, "500", end_of_stream=False, attempt=1)
+    assert all(k != STOP_HEADER for k, _ in first.set_headers)
+    # served by the content-policy fallback after a refusal: one retry, one group
+    served = attempt_answer(
+        "s",
+        route,
+        "200",
+        end_of_stream=False,
+        events={1: "content_policy"},
+        attempt=2,
+        group_of=group_of,
     )
-    assert content_policy_retry(b'{"error": {"message": "bad temperature"}}') == ()
+    assert (SERVED_PATH_HEADER, "1,1") in served.set_headers
+    # a route without class lists keeps the plain answer
+    assert "s" not in POLICY.failover  # solo fails over nowhere: no route at all
+
+
+def test_refusal_class() -> None:
+    refusal = b'{"error": {"message": "request blocked by the safety system"}}'
+    assert refusal_class(refusal) == "content_policy"
+    too_long = b'{"error": {"message": "This model\'s maximum context length is 8192 tokens"}}'
+    assert refusal_class(too_long) == "context_window"
+    assert refusal_class(b'{"error": {"message": "bad temperature"}}') is None
+    assert refusal_class(b"not json at all") is None
 
 
 @pytest.mark.parametrize(

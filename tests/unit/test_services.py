@@ -347,7 +347,7 @@ async def test_a_failover_attempts_400_is_classed_by_its_body(body: bytes, flag:
     reply = await attempt.on_response_headers(_status_msg("400").response_headers)
     assert recorded == []  # held for the body
     assert reply.mode_override.response_body_mode != 0
-    attempt.on_response_body(pb.HttpBody(body=body, end_of_stream=True))
+    await attempt.on_response_body(pb.HttpBody(body=body, end_of_stream=True))
     await gw.drain()
     assert recorded == [HealthSample("strict", 400, content_policy=flag)]
     attempt.close()  # nothing held any more: nothing recorded twice
