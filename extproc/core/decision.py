@@ -32,9 +32,10 @@ from extproc.core.access import (
 from extproc.core.admission import CallIds, Plan, StoreFacts, plan_admission
 from extproc.core.budgets import BudgetRef, applicable_budgets
 from extproc.core.charges import Charge, deployment_budgets
-from extproc.core.endpoints import lookup_endpoint, lookup_models
+from extproc.core.endpoints import Requirement, lookup_endpoint, lookup_models
 from extproc.core.errors import (
     GatewayError,
+    InvalidParameterError,
     MethodNotAllowedError,
     MissingParameterError,
     ModelNotFoundError,
@@ -268,6 +269,7 @@ def prepare(
             (d.provider for d in group.deployments),
             policy.access_groups,
         )
+    group = _serving(group, endpoint.requires, endpoint.name)
     metadata = request.body.get("metadata")
     check_request_rules(
         caller,
@@ -285,6 +287,32 @@ def prepare(
     ask = requested_output(endpoint.name, request.body, raw_body)
     budgets = () if group.zero_cost else _caller_budgets(caller, request, policy, now)
     return Prepared(head, raw_body, request, caller, group, budgets, ask)
+
+
+#: What each requirement means to a client, for the 400 when no deployment offers it.
+_REQUIREMENTS = {
+    "anthropic": "an Anthropic deployment (provider: anthropic)",
+    "responses": (
+        "a deployment that serves the Responses API (OpenAI or Azure OpenAI, or "
+        "responses_api: true); use /v1/chat/completions"
+    ),
+}
+
+
+def _serving(group: CompiledGroup, requirement: Requirement, endpoint: str) -> CompiledGroup:
+    """The group's deployments that can serve an endpoint with ``requirement``; a 400
+    when none can (never an upstream's 404 for an API it does not have)."""
+    if not requirement:
+        return group
+    serving = group.serving(requirement)
+    if not serving.deployments:
+        raise InvalidParameterError(
+            f"The model `{group.name[:256]}` cannot serve {endpoint}: it needs "
+            f"{_REQUIREMENTS[requirement]}.",
+            param="model",
+            code="unsupported_endpoint",
+        )
+    return serving
 
 
 def _caller_budgets(
@@ -507,12 +535,21 @@ def fallback_scope(
     return []
 
 
-def _fits_every_attempt(route: FailoverRoute, policy: CompiledPolicy, tokens: int) -> bool:
-    """Whether the call fits the context window of every deployment it may fail over to."""
+def _fits_every_attempt(
+    route: FailoverRoute, policy: CompiledPolicy, tokens: int, requirement: Requirement = ""
+) -> bool:
+    """Whether the call fits the context window of every deployment of the route's
+    default order, and every deployment it may reach offers the API the endpoint
+    requires."""
     for dep_id, _ in route.attempts:
         dep = policy.deployment(dep_id)
         if dep is not None and dep.context_window is not None and tokens > dep.context_window:
             return False
+    if requirement:
+        for dep_id, _ in route.deployments():
+            dep = policy.deployment(dep_id)
+            if dep is not None and not dep.serves(requirement):
+                return False
     return True
 
 
@@ -634,6 +671,7 @@ def decide_route(
     failover route when every attempt can take the call, and the header and body
     edits that send it there."""
     tokens = context_tokens(prepared.request.body)
+    endpoint = prepared.request.endpoint
     served = serve(
         prepared.group,
         policy,
@@ -643,14 +681,19 @@ def decide_route(
         tokens=tokens,
         stream=prepared.request.stream,
         allowed=_fallback_allowed(prepared, policy, rewrite_body=rewrite_body),
-        enabled=not prepared.request.disable_fallbacks,
+        # an endpoint only some deployments offer stays in the group that offers it
+        enabled=not prepared.request.disable_fallbacks and not endpoint.requires,
     )
     group, deployment = served.group, served.deployment
     if group is not prepared.group:
         prepared = with_group(prepared, group, policy, now=now)
-    failover = policy.failover.get(deployment.id)
-    if failover is not None and not _fits_every_attempt(failover, policy, tokens):
-        # a retry could land on a deployment too small for this call: no failover
+    # an unmetered call (the token counter) is not failed over: no response reading
+    failover = policy.failover.get(deployment.id) if endpoint.metered else None
+    if failover is not None and not _fits_every_attempt(
+        failover, policy, tokens, endpoint.requires
+    ):
+        # a retry could land on a deployment too small for this call, or one without
+        # the API it needs: no failover
         failover = None
     attempts: tuple[CompiledDeployment, ...] = ()
     if failover is not None:

@@ -22,11 +22,15 @@ __all__ = [
     "MODELS_PATH",
     "EndpointSpec",
     "ModelsTarget",
+    "Requirement",
     "lookup_endpoint",
     "lookup_models",
 ]
 
 Api = Literal["openai", "anthropic"]
+#: What a deployment must offer to serve an endpoint: nothing more than its API family
+#: (""), Anthropic's own API, or OpenAI's Responses API.
+Requirement = Literal["", "anthropic", "responses"]
 
 
 class EndpointSpec(Protocol):
@@ -54,6 +58,16 @@ class EndpointSpec(Protocol):
     def tool_names(self, member: Callable[[str], Any]) -> tuple[str, ...]:
         """Names of the tools the request offers the model; a 400 for a shape that
         cannot be named. ``member`` reads a top-level member of the body."""
+        ...
+
+    @property
+    def requires(self) -> Requirement:
+        """What a deployment must offer to serve this endpoint."""
+        ...
+
+    @property
+    def metered(self) -> bool:
+        """Whether a call is admitted and charged (False: routed only, never counted)."""
         ...
 
 
@@ -84,6 +98,9 @@ class JsonEndpoint:
     user_field: tuple[str | None, str] = (None, "user")
     #: Where this API's requests carry tools (``none``: it takes none).
     tool_shapes: ToolShapes = "chat"
+    requires: Requirement = ""
+    #: False: the call is routed only: no budget hold, charge, session count or limit.
+    metered: bool = True
 
     @property
     def user_param(self) -> str:
@@ -115,11 +132,27 @@ _SPECS: tuple[tuple[str, JsonEndpoint], ...] = (
     ("/chat/completions", JsonEndpoint("chat_completions", "openai")),
     ("/completions", JsonEndpoint("completions", "openai", tool_shapes="completions")),
     ("/embeddings", JsonEndpoint("embeddings", "openai", can_stream=False, tool_shapes="none")),
-    ("/responses", JsonEndpoint("responses", "openai", tool_shapes="responses")),
+    (
+        "/responses",
+        JsonEndpoint("responses", "openai", tool_shapes="responses", requires="responses"),
+    ),
     (
         "/messages",
         JsonEndpoint(
             "messages", "anthropic", user_field=("metadata", "user_id"), tool_shapes="anthropic"
+        ),
+    ),
+    # Anthropic's token counter: free, so neither charged nor counted (LiteLLM's too)
+    (
+        "/messages/count_tokens",
+        JsonEndpoint(
+            "count_tokens",
+            "anthropic",
+            can_stream=False,
+            user_field=("metadata", "user_id"),
+            tool_shapes="anthropic",
+            requires="anthropic",
+            metered=False,
         ),
     ),
 )

@@ -317,6 +317,14 @@ async def _responses(request: web.Request, body: dict[str, Any]) -> web.StreamRe
     return await _stream(request, chunks)
 
 
+async def _count_tokens(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """Anthropic's token counter: the prompt's tokens, nothing generated."""
+    return web.json_response(
+        {"input_tokens": _prompt_tokens(body)},
+        headers={"x-mock-upstream": request.app[_SITE].name},
+    )
+
+
 async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     model = body.get("model", "")
     prompt, completion = _prompt_tokens(body), len(_WORDS)
@@ -404,6 +412,7 @@ _HANDLERS: dict[str, _Handler] = {
     "/v1/embeddings": _embeddings,
     "/v1/responses": _responses,
     "/v1/messages": _messages,
+    "/v1/messages/count_tokens": _count_tokens,
 }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from extproc.core.access import (
@@ -24,6 +25,7 @@ from extproc.core.access import (
     GeneralSettings,
 )
 from extproc.core.budgets import EndUser, GlobalBudget, TagBudget
+from extproc.core.endpoints import Requirement
 from extproc.core.failover import (
     FailoverRoute,
     deployment_cluster_name,
@@ -76,6 +78,26 @@ class CompiledDeployment:
     cooldown_time: float | None = None
     #: The deployment's own allowed fails (decide before the group's).
     fails: FailLimits = NO_LIMITS
+    #: Whether the upstream serves OpenAI's Responses API.
+    responses_api: bool = False
+
+    @property
+    def api(self) -> Literal["openai", "anthropic"]:
+        """The API the upstream speaks: Anthropic's Messages for ``anthropic``, else
+        OpenAI's (every other provider the gateway knows speaks OpenAI's protocol)."""
+        return "anthropic" if self.provider == "anthropic" else "openai"
+
+    def serves(self, requirement: Requirement) -> bool:
+        """Whether this deployment offers what an endpoint requires (its ``requires``)."""
+        if requirement == "anthropic":
+            return self.api == "anthropic"
+        if requirement == "responses":
+            return self.responses_api
+        return True
+
+
+#: Providers whose upstreams serve the Responses API unless the policy says otherwise.
+RESPONSES_PROVIDERS = frozenset({"openai", "azure"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +131,18 @@ class CompiledGroup:
     def zero_cost(self) -> bool:
         """Every deployment is priced at zero: budget checks are skipped (LiteLLM)."""
         return all(d.prices is not None and d.prices.is_zero for d in self.deployments)
+
+    def serving(self, requirement: Requirement) -> CompiledGroup:
+        """This group with only the deployments that offer ``requirement`` (itself when
+        all do)."""
+        kept = tuple(d for d in self.deployments if d.serves(requirement))
+        if len(kept) == len(self.deployments):
+            return self
+        return dataclasses.replace(
+            self,
+            deployments=kept,
+            cumulative_weights=tuple(itertools.accumulate(d.weight or 0.0 for d in kept)),
+        )
 
     def pick_weighted(self, u: float) -> CompiledDeployment:
         """The deployment at ``u`` in [0, 1) of the weight line."""
@@ -305,6 +339,11 @@ def compile_policy(
                     order=dep.order,
                     cooldown_time=dep.cooldown_time,
                     fails=_fail_limits(dep.allowed_fails, dep.allowed_fails_policy),
+                    responses_api=(
+                        dep.responses_api
+                        if dep.responses_api is not None
+                        else dep.provider in RESPONSES_PROVIDERS
+                    ),
                 )
             )
         weights = tuple(itertools.accumulate(d.weight or 0.0 for d in compiled))

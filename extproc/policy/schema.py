@@ -164,6 +164,9 @@ class Deployment(_Model):
     #: either is set it decides before the group's (see extproc.core.health).
     allowed_fails: int | None = Field(default=None, ge=0)
     allowed_fails_policy: AllowedFailsPolicy | None = None
+    #: Whether the upstream serves OpenAI's Responses API (``/v1/responses``); unset:
+    #: OpenAI and Azure OpenAI do, other OpenAI-compatible hosts only chat completions.
+    responses_api: bool | None = None
 
     @field_validator("id")
     @classmethod

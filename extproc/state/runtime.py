@@ -299,7 +299,12 @@ class Gateway:
         a view the call read was cached, the views it read (its group's, and the
         fallback groups' it walked) are forgotten and the call routed once more on
         fresh state, so a stale cache never refuses a call another deployment could
-        take. Any other refusal forgets nothing."""
+        take. Any other refusal forgets nothing.
+
+        Rule: a call to an endpoint that is not metered (Anthropic's token counter) is
+        routed only: no budget hold, charge, session count, limit or lease."""
+        if head.endpoint is not None and not head.endpoint.metered:
+            return await self.route(head, raw, policy, rewrite_body=rewrite_body), Admission()
         now = self.clock.now()
         prepared, group, deployments = self._prepare(head, raw, policy, now)
         view, read = await self._view(

@@ -148,7 +148,10 @@ def test_routes_add_the_v1_prefix_and_check_warns_without_it() -> None:
     routed = [r["route"] for r in routes if "route" in r]
     assert routed
     rewrite = {
-        "pattern": {"regex": r"^/(chat/completions|completions|embeddings|responses|messages)/?$"},
+        "pattern": {
+            "regex": r"^/(chat/completions|completions|embeddings|responses|messages"
+            r"|messages/count_tokens)/?$"
+        },
         "substitution": r"/v1/\1",
     }
     assert all(r["regex_rewrite"] == rewrite for r in routed)
