@@ -129,6 +129,11 @@ class Attempt:
             return reply
         if headers.get(DEPLOYMENT_HEADER) == dep.id:
             return reply  # the first attempt: rewritten for this deployment already
+        path = headers.get(":path", "")
+        if path and (wanted := dep.path_for(path)) != path:
+            # Rule: rebuilt from the endpoint, so an earlier attempt's provider path
+            # (kept by Envoy for this one) never reaches this deployment
+            mutation.set_headers.append(header_option(":path", wanted))
         credential, remove = credential_edits(dep.auth_header, dep.auth_value)
         mutation.set_headers.extend(header_option(k, v) for k, v in credential)
         mutation.remove_headers.extend(remove)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import secrets
 import sys
@@ -64,6 +65,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             mock_base_port=args.mock_base_port,
             store_url=args.store_url or "memory://",
             mode=args.mode,
+            upstream_ca=args.upstream_ca,
         )
     )
 
@@ -132,7 +134,7 @@ def _parse_upstream(value: str) -> tuple[str, Upstream, str | None]:
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
     import yaml  # noqa: PLC0415
 
-    from extproc.cli.up import mock_plan  # noqa: PLC0415
+    from extproc.cli.up import mock_plan, provider_upstreams  # noqa: PLC0415
     from extproc.core.failover import failover_plan  # noqa: PLC0415
     from extproc.envoy.config import Upstream, render_envoy_config  # noqa: PLC0415
     from extproc.policy import parse_policy  # noqa: PLC0415
@@ -140,7 +142,13 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     policy = parse_policy(yaml.safe_load(settings.policy_path.read_text(encoding="utf-8")))
     clusters = {c: up for c, up, _ in mock_plan(policy, args.mock_base_port, args.mock_host)}
+    clusters.update(provider_upstreams(policy, args.upstream_ca))
     clusters.update({name: up for name, up, _ in args.upstream})
+    if args.upstream_ca:
+        clusters = {
+            name: dataclasses.replace(up, ca_file=args.upstream_ca) if up.tls else up
+            for name, up in clusters.items()
+        }
     text = render_envoy_config(
         clusters,
         mode=args.mode,
@@ -170,7 +178,8 @@ def _cmd_mock(args: argparse.Namespace) -> int:
         if key_var and not key:
             print(f"mock: environment variable {key_var} is not set", file=sys.stderr)
             return 2
-        sites.append(MockSite(name, up.host, up.port, key))
+        tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
+        sites.append(MockSite(name, up.host, up.port, key, tls))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_mock(sites))
     return 0
@@ -213,6 +222,14 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("--admin-port", type=int, default=None, help="EXTPROC_ADMIN_PORT")
         p.add_argument("--store", dest="store_url", default=None, help="EXTPROC_STORE_URL")
 
+    def upstream_ca(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--upstream-ca",
+            default=None,
+            help="CA bundle that TLS upstreams' certificates are checked against "
+            "(default: the system's)",
+        )
+
     p = sub.add_parser("serve", help="run the gRPC server (for your own Envoy)")
     common(p)
     p.set_defaults(func=_cmd_serve)
@@ -223,6 +240,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envoy-admin-port", type=int, default=9901)
     p.add_argument("--mock-base-port", type=int, default=18001)
     p.add_argument("--mode", choices=("ext_proc", "ext_authz"), default="ext_proc")
+    upstream_ca(p)
     p.add_argument(
         "--state-dir",
         type=Path,
@@ -265,6 +283,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         help="CLUSTER=HOST:PORT[:tls], overriding the mock address",
     )
+    upstream_ca(p)
     p.add_argument("--failure-mode-allow", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(func=_cmd_envoy_config)
@@ -284,6 +303,8 @@ def _build_parser() -> argparse.ArgumentParser:
         required=True,
         help="NAME=HOST:PORT[:ENVVAR] (ENVVAR holds the API key to require)",
     )
+    p.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate chain")
+    p.add_argument("--tls-key", default=None, help="... and this private key")
     p.set_defaults(func=_cmd_mock)
     return parser
 

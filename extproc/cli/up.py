@@ -1,9 +1,11 @@
 """``extproc up``: the server, a bundled mock upstream and the embedded Envoy, together.
 
 Every cluster the policy names becomes a local mock upstream, so the gateway works on a
-fresh machine without provider keys. Deployment credentials that reference environment
-variables get random values shared by the server (which injects them) and the mock
-(which checks them). Ctrl-C or SIGTERM stops every child.
+fresh machine without provider keys, except the clusters of deployments that name
+their provider (``api_base``): those go to the provider (DNS, TLS). Credentials of
+mocked deployments that reference environment variables get random values (unless
+set) shared by the server (which injects them) and the mock (which checks them); a
+real provider's come from the environment. Ctrl-C or SIGTERM stops every child.
 
 Rule: a gateway's state lives in its state directory (``--state-dir``; by default one
 per policy file, see :func:`default_state_dir`), so two policies never share spend and
@@ -37,7 +39,14 @@ from extproc.state.clock import Clock, SystemClock
 from extproc.state.settings import state_home
 from extproc.store.journal import JournalError, check_journal
 
-__all__ = ["UpOptions", "default_state_dir", "envoy_binary", "mock_plan", "run_up"]
+__all__ = [
+    "UpOptions",
+    "default_state_dir",
+    "envoy_binary",
+    "mock_plan",
+    "provider_upstreams",
+    "run_up",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +62,8 @@ class UpOptions:
     host: str = "127.0.0.1"
     #: Where the spend journal lives; None: :func:`default_state_dir`.
     state_dir: Path | None = None
+    #: The CA bundle TLS providers are checked against; None: the system's.
+    upstream_ca: str | None = None
 
 
 def default_state_dir(policy_path: Path) -> Path:
@@ -78,13 +89,27 @@ def envoy_binary() -> str:
     return found
 
 
+def provider_upstreams(policy: Policy, ca_file: str | None = None) -> dict[str, Upstream]:
+    """Cluster → address of every deployment that names its provider (``api_base``)."""
+    out: dict[str, Upstream] = {}
+    for group in policy.model_groups:
+        for dep in group.deployments:
+            base = dep.upstream
+            if base is not None:
+                out[dep.cluster] = Upstream(base.host, base.port, base.tls, ca_file)
+    return out
+
+
 def mock_plan(
     policy: Policy, base_port: int, host: str = "127.0.0.1"
 ) -> list[tuple[str, Upstream, str | None]]:
-    """(cluster, address, credential env var) for each cluster, ports from ``base_port``."""
+    """(cluster, address, credential env var) for each cluster that names no provider
+    (``api_base``), ports from ``base_port``."""
     key_env: dict[str, str | None] = {}
     for group in policy.model_groups:
         for dep in group.deployments:
+            if dep.api_base is not None:
+                continue
             env = dep.credential.env if dep.credential is not None else None
             key_env.setdefault(dep.cluster, env)
     return [
@@ -181,6 +206,38 @@ def _banner(options: UpOptions, policy: Policy, workdir: Path, journal: Path | N
     )
 
 
+def _write_envoy_yaml(
+    options: UpOptions, policy: Policy, plan: list[tuple[str, Upstream, str | None]]
+) -> Path:
+    """The embedded Envoy's config (mocks, then the providers deployments name), in a
+    fresh working directory; a ValueError when a TLS provider has no CA bundle."""
+    workdir = Path(tempfile.mkdtemp(prefix="extproc-up-"))
+    clusters = {cluster: address for cluster, address, _ in plan}
+    clusters.update(provider_upstreams(policy, options.upstream_ca))
+    text = render_envoy_config(
+        clusters,
+        mode="ext_authz" if options.mode == "ext_authz" else "ext_proc",
+        listen=Upstream(options.host, options.listen_port),
+        server=Upstream("127.0.0.1", options.grpc_port),
+        admin=Upstream("127.0.0.1", options.envoy_admin_port),
+        access_log_path=str(workdir / "access.log"),
+        failover=failover_plan(policy.failover_groups(), policy.router_settings.default_fallbacks),
+    )
+    path = workdir / "envoy.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _server_env(options: UpOptions, journal: Path | None) -> dict[str, str]:
+    return {
+        "EXTPROC_POLICY_PATH": str(options.policy_path),
+        "EXTPROC_GRPC_PORT": str(options.grpc_port),
+        "EXTPROC_ADMIN_PORT": str(options.admin_port),
+        "EXTPROC_STORE_URL": options.store_url,
+        "EXTPROC_SPEND_JOURNAL": str(journal or ""),
+    }
+
+
 def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
     """Start everything, print the URL, and stop it all on a signal or a child's exit."""
     env = dict(os.environ if environ is None else environ)
@@ -189,34 +246,15 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
     plan = mock_plan(policy, options.mock_base_port, options.host)
     try:
         journal = _journal(options)
+        envoy_yaml = _write_envoy_yaml(options, policy, plan)
     except JournalError as exc:
         print(f"extproc up: {exc} (--state-dir)", file=sys.stderr)
         return 2
+    except ValueError as exc:  # no CA bundle for a TLS provider
+        print(f"extproc up: {exc}", file=sys.stderr)
+        return 2
     upstream_args = _mock_args(plan, env)
-
-    workdir = Path(tempfile.mkdtemp(prefix="extproc-up-"))
-    envoy_yaml = workdir / "envoy.yaml"
-    envoy_yaml.write_text(
-        render_envoy_config(
-            {cluster: address for cluster, address, _ in plan},
-            mode="ext_authz" if options.mode == "ext_authz" else "ext_proc",
-            listen=Upstream(options.host, options.listen_port),
-            server=Upstream("127.0.0.1", options.grpc_port),
-            admin=Upstream("127.0.0.1", options.envoy_admin_port),
-            access_log_path=str(workdir / "access.log"),
-            failover=failover_plan(
-                policy.failover_groups(), policy.router_settings.default_fallbacks
-            ),
-        ),
-        encoding="utf-8",
-    )
-    env.update(
-        EXTPROC_POLICY_PATH=str(options.policy_path),
-        EXTPROC_GRPC_PORT=str(options.grpc_port),
-        EXTPROC_ADMIN_PORT=str(options.admin_port),
-        EXTPROC_STORE_URL=options.store_url,
-        EXTPROC_SPEND_JOURNAL=str(journal or ""),
-    )
+    env.update(_server_env(options, journal))
     # The server stops together with its only Envoy: no other process to move to.
     env.setdefault("EXTPROC_SHUTDOWN_NOTICE_S", "0")
     python = [sys.executable, "-m", "extproc"]
@@ -231,7 +269,8 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        children.append(_python_child([*python, "mock", *upstream_args], env))
+        if plan:  # every deployment may name its provider: nothing to mock
+            children.append(_python_child([*python, "mock", *upstream_args], env))
         children.append(_python_child([*python, "serve"], env))
 
         def alive() -> bool:
@@ -258,7 +297,7 @@ def run_up(options: UpOptions, environ: Mapping[str, str] | None = None) -> int:
         )
         envoy_ready = f"http://127.0.0.1:{options.envoy_admin_port}/ready"
         _wait_http(envoy_ready, deadline, alive, is_stopping, clock)
-        print(_banner(options, policy, workdir, journal), flush=True)
+        print(_banner(options, policy, envoy_yaml.parent, journal), flush=True)
         while not stopping and alive():
             time.sleep(0.2)
     except _StopRequestedError:

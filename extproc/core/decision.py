@@ -408,6 +408,9 @@ def route_to(
             set_headers.append((STREAM_HEADER, "1"))  # the route with the stream timeouts
         if failover.dynamic and call:
             set_headers.append((CALL_HEADER, call))  # the attempts' record of refusals
+    if deployment.api_base is not None:
+        # the provider's own path (its api_base's, Azure's deployment path)
+        set_headers.append((":path", deployment.path_for(prepared.head.path)))
     credential, remove = credential_edits(deployment.auth_header, deployment.auth_value)
     set_headers += credential
     if rewrite_body:

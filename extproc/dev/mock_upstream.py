@@ -16,6 +16,7 @@ import hmac
 import json
 import os
 import re
+import ssl
 import time
 import uuid
 from collections import deque
@@ -26,6 +27,8 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+
+from extproc.core.upstreams import endpoint_suffix
 
 __all__ = ["MockSite", "make_mock_app", "run_mock"]
 
@@ -38,6 +41,8 @@ class MockSite:
     host: str
     port: int
     api_key: str | None = None
+    #: (certificate chain, private key) files: the site serves HTTPS.
+    tls: tuple[str, str] | None = None
 
 
 _SITE = web.AppKey("site", MockSite)
@@ -419,11 +424,14 @@ _HANDLERS: dict[str, _Handler] = {
 async def _handle(request: web.Request) -> web.StreamResponse:
     site = request.app[_SITE]
     raw = await request.read()
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     request.app[_SEEN].seen.append(
         {
             "path": request.path_qs,
             "headers": dict(request.headers),
             "body": raw.decode("utf-8", "replace"),
+            # the TLS server name the client asked for (None over plain HTTP)
+            "sni": _SNI.get(id(ssl_object)) if ssl_object is not None else None,
         }
     )
     if site.api_key is not None:
@@ -432,7 +440,9 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             return _openai_error(
                 401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
             )
-    handler = _HANDLERS.get(request.path.rstrip("/"))
+    # a provider's own path (api_base, Azure's deployment path) serves its endpoint
+    found = endpoint_suffix(request.path)
+    handler = _HANDLERS.get("/v1" + found[0]) if found is not None else None
     if handler is None:
         return _openai_error(
             404, f"Unknown path {request.path}", "invalid_request_error", "unknown_url"
@@ -580,13 +590,31 @@ def make_mock_app(site: MockSite, keep: int = 10_000) -> web.Application:
     return app
 
 
+#: TLS connection → the server name its client sent (SNI), for the record of requests.
+_SNI: dict[int, str | None] = {}
+
+
+def _tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    def remember(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        if len(_SNI) > 10_000:
+            _SNI.clear()
+        _SNI[id(sock)] = name
+
+    context.sni_callback = remember
+    return context
+
+
 async def run_mock(sites: list[MockSite], stop: asyncio.Event | None = None) -> None:
     """Serve every site until ``stop`` is set (or forever)."""
     runners = []
     for site in sites:
         runner = web.AppRunner(make_mock_app(site), access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, site.host, site.port).start()
+        context = _tls_context(*site.tls) if site.tls is not None else None
+        await web.TCPSite(runner, site.host, site.port, ssl_context=context).start()
         runners.append(runner)
     try:
         await (stop or asyncio.Event()).wait()

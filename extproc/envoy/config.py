@@ -83,6 +83,29 @@ class Upstream:
     host: str
     port: int
     tls: bool = False
+    #: The CA bundle a TLS upstream's certificate is checked against (None: the
+    #: system's, :func:`system_ca_file`).
+    ca_file: str | None = None
+
+
+#: Where distributions keep the system's CA bundle (Debian/Ubuntu/Alpine, Fedora/RHEL,
+#: openSUSE, macOS/BSD).
+_CA_FILES = (
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+)
+
+
+def system_ca_file() -> str:
+    """The system's CA bundle; a ValueError when there is none (pass one instead)."""
+    import os  # noqa: PLC0415 - only while rendering
+
+    for path in _CA_FILES:
+        if os.path.isfile(path):
+            return path
+    raise ValueError("no system CA bundle found for TLS upstreams; pass one with --upstream-ca")
 
 
 def _error_json(message: str, err_type: str, code: str) -> dict[str, Any]:
@@ -152,11 +175,26 @@ def _cluster(name: str, upstream: Upstream, *, http2: bool = False) -> dict[str,
             }
         }
     if upstream.tls:
+        try:
+            ipaddress.ip_address(upstream.host)
+            san = "IP_ADDRESS"
+        except ValueError:
+            san = "DNS"
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
                 _TYPE: _API + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                 "sni": upstream.host,
+                # Rule: a TLS upstream proves it is the host: a certificate of a
+                # trusted CA that names it
+                "common_tls_context": {
+                    "validation_context": {
+                        "trusted_ca": {"filename": upstream.ca_file or system_ca_file()},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": san, "matcher": {"exact": upstream.host}}
+                        ],
+                    }
+                },
             },
         }
     return cluster
@@ -391,7 +429,11 @@ def _hop_listener(max_body_bytes: int) -> dict[str, Any]:
                     "routes": [
                         {
                             "match": {"prefix": "/"},
-                            "route": {"cluster_header": ATTEMPT_CLUSTER_HEADER, "timeout": "0s"},
+                            "route": {
+                                "cluster_header": ATTEMPT_CLUSTER_HEADER,
+                                "timeout": "0s",
+                                "auto_host_rewrite": True,
+                            },
                             "request_headers_to_remove": [ATTEMPT_CLUSTER_HEADER],
                         }
                     ],
@@ -450,6 +492,9 @@ def _failover_routes(route: FailoverRoute, cluster_header: str) -> list[dict[str
                 "cluster_header": cluster_header,
                 "timeout": "600s",
                 "regex_rewrite": _add_prefix(),
+                # a DNS upstream gets its own host name as Host (a provider's), not
+                # the gateway's
+                "auto_host_rewrite": True,
                 "retry_policy": retry,
             },
         }
@@ -685,6 +730,9 @@ def render_envoy_config(
                 "cluster_header": cluster_header,
                 "timeout": "600s",
                 "regex_rewrite": _add_prefix(),
+                # a DNS upstream gets its own host name as Host (a provider's), not
+                # the gateway's
+                "auto_host_rewrite": True,
             },
         },
         _error_route(

@@ -40,6 +40,7 @@ from extproc.core.pricing import (
 )
 from extproc.core.providers import auth_header_for
 from extproc.core.redaction import Redactor
+from extproc.core.upstreams import ApiBase, upstream_path
 from extproc.core.windows import zone
 from extproc.policy.schema import (
     AllowedFailsPolicy,
@@ -80,6 +81,13 @@ class CompiledDeployment:
     fails: FailLimits = NO_LIMITS
     #: Whether the upstream serves OpenAI's Responses API.
     responses_api: bool = False
+    #: Where the provider is, when the policy says (``api_base``); Azure's api-version.
+    api_base: ApiBase | None = None
+    api_version: str | None = None
+
+    def path_for(self, path: str) -> str:
+        """The upstream path of a call to ``path`` (see extproc.core.upstreams)."""
+        return upstream_path(self.api_base, self.provider, self.model, self.api_version, path)
 
     @property
     def api(self) -> Literal["openai", "anthropic"]:
@@ -344,6 +352,8 @@ def compile_policy(
                         if dep.responses_api is not None
                         else dep.provider in RESPONSES_PROVIDERS
                     ),
+                    api_base=dep.upstream,
+                    api_version=dep.api_version,
                 )
             )
         weights = tuple(itertools.accumulate(d.weight or 0.0 for d in compiled))

@@ -41,6 +41,7 @@ from extproc.core.failover import (
 from extproc.core.pricing import (
     Prices,
 )
+from extproc.core.upstreams import ApiBase, check_api_version, parse_api_base
 from extproc.core.windows import DurationText
 
 __all__ = [
@@ -134,7 +135,13 @@ class Deployment(_Model):
 
     id: str
     provider: str = "openai"
+    #: The Envoy cluster; with ``api_base`` the gateway makes it (and names it, when
+    #: this is left out).
     cluster: str
+    #: Where the provider is (LiteLLM's ``api_base``): see extproc.core.upstreams.
+    api_base: str | None = None
+    #: Azure OpenAI's ``api-version`` (LiteLLM's ``api_version``).
+    api_version: str | None = None
     #: The model name the upstream expects; the body's ``model`` is rewritten to it.
     model: str = Field(min_length=1, max_length=256)
     credential: CredentialRef | None = None
@@ -188,6 +195,33 @@ class Deployment(_Model):
         if not _CLUSTER_NAME.match(value):
             raise ValueError("Envoy cluster names here use letters, digits and _ . -")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cluster_from_api_base(cls, data: Any) -> Any:
+        """A deployment with ``api_base`` and no ``cluster`` gets the gateway's."""
+        if isinstance(data, dict) and data.get("cluster") is None:
+            base = data.get("api_base")
+            if isinstance(base, str):
+                return {**data, "cluster": parse_api_base(base).cluster}
+        return data
+
+    @field_validator("api_base")
+    @classmethod
+    def _check_api_base(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_api_base(value)
+        return value
+
+    @field_validator("api_version")
+    @classmethod
+    def _check_api_version(cls, value: str | None) -> str | None:
+        return check_api_version(value) if value is not None else None
+
+    @property
+    def upstream(self) -> ApiBase | None:
+        """The parsed ``api_base``."""
+        return parse_api_base(self.api_base) if self.api_base is not None else None
 
 
 class RouterSettings(_Model):
@@ -292,6 +326,22 @@ class Policy(_Model):
             )
             for g in self.model_groups
         ]
+
+    @model_validator(mode="after")
+    def _clusters_agree(self) -> Policy:
+        """Deployments that share a cluster agree on where it is: the same
+        ``api_base`` scheme, host and port, or none at all."""
+        where: dict[str, tuple[str, str, int] | None] = {}
+        for group in self.model_groups:
+            for dep in group.deployments:
+                base = dep.upstream
+                address = (base.scheme, base.host, base.port) if base is not None else None
+                if where.setdefault(dep.cluster, address) != address:
+                    raise ValueError(
+                        f"deployment {dep.id!r}: cluster {dep.cluster!r} is also used by "
+                        "a deployment with another api_base (or none)"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
