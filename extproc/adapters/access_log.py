@@ -27,7 +27,13 @@ from envoy.service.accesslog.v3 import als_pb2 as pb
 from envoy.service.accesslog.v3 import als_pb2_grpc as pb_grpc
 
 from extproc.core.decision import failed_attempt
-from extproc.core.failover import ATTEMPT_CLUSTER_HEADER, DEPLOYMENT_CLUSTER_PREFIX, HOP_CLUSTER
+from extproc.core.failover import (
+    ATTEMPT_CLUSTER_HEADER,
+    ATTEMPT_COUNT_HEADER,
+    ATTEMPT_NUMBER_HEADER,
+    DEPLOYMENT_CLUSTER_PREFIX,
+    HOP_CLUSTER,
+)
 from extproc.core.leases import AUTHZ_NAMESPACE, LEASE_FIELD, LEASE_NAMESPACE, Lease
 from extproc.state.runtime import Gateway
 
@@ -101,8 +107,13 @@ class AccessLogService(pb_grpc.AccessLogServiceServicer):  # type: ignore[misc]
                 upstream = entry.common_properties.upstream_cluster
                 if upstream == HOP_CLUSTER:
                     # a retry through the hop listener: its attempt filter named the
-                    # deployment's cluster in a header (logged with the entry)
-                    upstream = entry.request.request_headers.get(ATTEMPT_CLUSTER_HEADER, "")
+                    # deployment's cluster in a header (logged with the entry), unless
+                    # it failed before its filter ran (the header is an earlier one's)
+                    logged = entry.request.request_headers
+                    upstream = logged.get(ATTEMPT_CLUSTER_HEADER, "")
+                    number = logged.get(ATTEMPT_NUMBER_HEADER)
+                    if number is None or number != logged.get(ATTEMPT_COUNT_HEADER):
+                        upstream = ""
                     if not upstream.startswith(DEPLOYMENT_CLUSTER_PREFIX):
                         metrics.access_log_entries.labels("attempt").inc()
                         continue

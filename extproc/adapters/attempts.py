@@ -26,6 +26,7 @@ from extproc.core.errors import ServiceUnavailableError
 from extproc.core.failover import (
     ATTEMPT_CLUSTER_HEADER,
     ATTEMPT_COUNT_HEADER,
+    ATTEMPT_NUMBER_HEADER,
     CALL_HEADER,
     DEPLOYMENT_HEADER,
     HOP_DEPLOYMENT,
@@ -106,20 +107,29 @@ class Attempt:
         self._call = headers.get(CALL_HEADER) or None
         reply = pb.ProcessingResponse(request_headers=pb.HeadersResponse())
         mutation = reply.request_headers.response.header_mutation
-        mutation.remove_headers.extend((DEPLOYMENT_HEADER, STREAM_HEADER, ATTEMPT_COUNT_HEADER))
+        mutation.remove_headers.extend((DEPLOYMENT_HEADER, STREAM_HEADER))
+        if not self._hop:
+            # through the hop, its route removes it (the upstream log reads it first)
+            mutation.remove_headers.append(ATTEMPT_COUNT_HEADER)
         if self._hop:
             target = None
             if route is not None and route.dynamic:
                 if self._call is not None and self._number > 1:
-                    self._events = await read_refusals(
-                        self._gateway.store, self._call, self._number
-                    )
+                    events = await read_refusals(self._gateway.store, self._call, self._number)
+                    if events is None:
+                        # Rule: never guess the list: the last attempt may have been
+                        # a refusal whose list this call must keep to
+                        return _nothing_left("the gateway's store could not be read")
+                    self._events = events
                 target = next_attempt(route, self._events, self._number)
             if target is None:
-                return _nothing_left()
+                return _nothing_left("every deployment this call may go to has been tried")
             self._dep = self._policy.deployment(target[0])
-            mutation.set_headers.append(
-                header_option(ATTEMPT_CLUSTER_HEADER, deployment_cluster_name(target[0]))
+            mutation.set_headers.extend(
+                (
+                    header_option(ATTEMPT_CLUSTER_HEADER, deployment_cluster_name(target[0])),
+                    header_option(ATTEMPT_NUMBER_HEADER, str(self._number)),
+                )
             )
         dep = self._dep
         if dep is None:
@@ -222,13 +232,12 @@ class Attempt:
         return reply
 
 
-def _nothing_left() -> pb.ProcessingResponse:
-    """A retry with no deployment left (the previous attempt timed out or was reset
-    after the call's lists ran out): the client gets a 503, not a wrong group's answer."""
+def _nothing_left(why: str) -> pb.ProcessingResponse:
+    """A retry with no deployment to go to (the previous attempt timed out or was
+    reset after the call's lists ran out, or the record of its refusals cannot be
+    read): the client gets a 503, never a wrong group's answer."""
     err = ServiceUnavailableError(
-        "No deployments available for selected model: every deployment this call may "
-        "go to has been tried.",
-        code="no_deployments_left",
+        f"No deployments available for selected model: {why}.", code="no_deployments_left"
     )
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(

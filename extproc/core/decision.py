@@ -14,6 +14,7 @@ disagree on the same request.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -541,18 +542,16 @@ def fallback_scope(
 def _fits_every_attempt(
     route: FailoverRoute, policy: CompiledPolicy, tokens: int, requirement: Requirement = ""
 ) -> bool:
-    """Whether the call fits the context window of every deployment of the route's
-    default order, and every deployment it may reach offers the API the endpoint
-    requires."""
-    for dep_id, _ in route.attempts:
+    """Whether the call fits the context window of every deployment it may fail over
+    to (a class's fallbacks included), and each offers the API the endpoint requires."""
+    for dep_id, _ in route.deployments():
         dep = policy.deployment(dep_id)
-        if dep is not None and dep.context_window is not None and tokens > dep.context_window:
+        if dep is None:
+            continue
+        if dep.context_window is not None and tokens > dep.context_window:
             return False
-    if requirement:
-        for dep_id, _ in route.deployments():
-            dep = policy.deployment(dep_id)
-            if dep is not None and not dep.serves(requirement):
-                return False
+        if requirement and not dep.serves(requirement):
+            return False
     return True
 
 
@@ -592,11 +591,24 @@ def decide(
     (what it needs of it is ``view`` and ``facts``) or the clock (``now``), or draws
     randomness other than ``rng`` (the ids come in as ``ids``)."""
     route = decide_route(
-        prepared, policy, config, view, rng, now=now, rewrite_body=rewrite_body, call=ids.rid
+        prepared,
+        policy,
+        config,
+        view,
+        rng,
+        now=now,
+        rewrite_body=rewrite_body,
+        call=call_id(ids.rid),
     )
     return decide_admission(
         route, policy, now=now, ids=ids, facts=facts, limits=limits, count=count
     )
+
+
+def call_id(rid: str) -> str:
+    """The id a call's attempts share (``x-extproc-call``): derived from its
+    reservation id, which upstreams never see."""
+    return hashlib.blake2b(rid.encode(), digest_size=16, person=b"extproc-call").hexdigest()
 
 
 def decide_admission(

@@ -46,6 +46,7 @@ from extproc.core.upstream_errors import normalize_error
 __all__ = [
     "ATTEMPT_CLUSTER_HEADER",
     "ATTEMPT_COUNT_HEADER",
+    "ATTEMPT_NUMBER_HEADER",
     "CALL_HEADER",
     "DEPLOYMENT_CLUSTER_PREFIX",
     "DEPLOYMENT_HEADER",
@@ -71,6 +72,7 @@ __all__ = [
     "next_attempt",
     "refusal_class",
     "served_path",
+    "sub_clusters",
 ]
 
 MAX_RETRIES = 5
@@ -100,6 +102,9 @@ REFUSAL_CLASSES = ("content_policy", "context_window")
 HOP_CLUSTER = "extproc.hop"
 HOP_LISTENER = "extproc_hop"
 ATTEMPT_CLUSTER_HEADER = "x-extproc-attempt-cluster"
+#: Beside it: the attempt it was set for (Envoy keeps both for the next attempt, so
+#: a retry that fails before its filter runs is not taken for the previous one).
+ATTEMPT_NUMBER_HEADER = "x-extproc-attempt-number"
 #: The hop cluster's endpoint metadata (deployment ids never start with ``@``).
 HOP_DEPLOYMENT = "@hop"
 #: Envoy's count of the attempt (on dynamic routes' retries); removed before upstreams.
@@ -190,9 +195,9 @@ class FailoverRoute:
     @property
     def slots(self) -> int:
         """Attempts Envoy may make: the default order, or for a dynamic route its
-        longest path (default attempts, then one class's list), at most 1 + 5."""
-        longest = max((len(t) for _, t in self.by_class), default=0)
-        return min(1 + MAX_RETRIES, len(self.attempts) + longest)
+        longest path (default attempts, then each class's list: a refusal of one
+        class may follow another's), at most 1 + 5."""
+        return min(1 + MAX_RETRIES, len(self.attempts) + sum(len(t) for _, t in self.by_class))
 
     @property
     def retries(self) -> int:
@@ -205,6 +210,14 @@ class FailoverRoute:
             if candidate not in out:
                 out.append(candidate)
         return out
+
+
+def sub_clusters(route: FailoverRoute) -> list[str]:
+    """The composite cluster's sub-clusters, in attempt order: the plan's
+    per-deployment clusters, or for a dynamic route the first deployment's and then
+    the hop listener's for every retry."""
+    names = [deployment_cluster_name(d) for d, _ in route.attempts]
+    return [names[0]] + [HOP_CLUSTER] * route.retries if route.dynamic else names
 
 
 def next_attempt(route: FailoverRoute, events: Mapping[int, str], attempt: int) -> Attempt | None:

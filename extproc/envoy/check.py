@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from extproc.core.failover import HOP_CLUSTER, sub_clusters
 from extproc.policy import CompiledPolicy
 from extproc.state.settings import Settings
 
@@ -98,6 +99,29 @@ def _check_failover(clusters: dict[str, Any], policy: CompiledPolicy, report: Ch
             f"config does not define (e.g. {missing[0]}): regenerate it with "
             "`extproc envoy-config`"
         )
+    # Rule: a composite's attempt order is the one the server expects (a dynamic
+    # route's retries through the hop listener, a static one's in the plan's order);
+    # a config made for another policy would send retries to the wrong list
+    stale = sorted(
+        r.composite
+        for r in policy.failover.values()
+        if r.composite in clusters and _sub_clusters(clusters[r.composite]) != sub_clusters(r)
+    )
+    if stale:
+        report.errors.append(
+            f"{len(stale)} composite cluster(s) list other attempts than the policy's "
+            f"failover plan (e.g. {stale[0]}): regenerate the config with `extproc envoy-config`"
+        )
+    if any(r.dynamic for r in policy.failover.values()) and HOP_CLUSTER not in clusters:
+        report.errors.append(
+            f"the policy has fallbacks by error class but the Envoy config has no "
+            f"{HOP_CLUSTER} cluster (its internal hop listener): regenerate it"
+        )
+
+
+def _sub_clusters(cluster: Any) -> list[str]:
+    typed = (cluster.get("cluster_type") or {}).get("typed_config") or {}
+    return [c.get("name", "") for c in typed.get("clusters") or [] if isinstance(c, dict)]
 
 
 def _check_routes(config: dict[str, Any], header: str, report: CheckReport) -> None:

@@ -33,6 +33,7 @@ from extproc.core.errors import ERROR_HEADER
 from extproc.core.failover import (
     ATTEMPT_CLUSTER_HEADER,
     ATTEMPT_COUNT_HEADER,
+    ATTEMPT_NUMBER_HEADER,
     CALL_HEADER,
     HOP_CLUSTER,
     HOP_DEPLOYMENT,
@@ -42,6 +43,7 @@ from extproc.core.failover import (
     STREAM_HEADER,
     FailoverRoute,
     deployment_cluster_name,
+    sub_clusters,
 )
 from extproc.core.leases import (
     AUTHZ_NAMESPACE,
@@ -345,16 +347,18 @@ def _failover(
                     "filter_metadata": {LEASE_NAMESPACE: {"deployment": dep_id}}
                 }
                 out[name] = copy
-        names = [deployment_cluster_name(d) for d, _ in route.attempts]
+        # a dynamic route's first attempt goes straight to its deployment, every
+        # retry through the hop listener, to the deployment its attempt filter picks
+        names = sub_clusters(route)
         if route.dynamic:
-            # the first attempt goes straight to its deployment; every retry through
-            # the hop listener, to the deployment its attempt filter picks
-            names = [names[0]] + [HOP_CLUSTER] * route.retries
             out.setdefault(HOP_CLUSTER, _hop_cluster())
         out[route.composite] = {
             "name": route.composite,
             "connect_timeout": "2s",
             "lb_policy": "CLUSTER_PROVIDED",
+            # Rule: Envoy's default allows 3 concurrent retries per cluster; past them
+            # a retry is dropped and the client gets the failed attempt's answer
+            "circuit_breakers": _NO_LIMITS,
             "cluster_type": {
                 "name": "envoy.clusters.composite",
                 "typed_config": {
@@ -383,11 +387,26 @@ def _failover(
     return routes, list(out.values())
 
 
+#: Circuit breakers out of the way (Envoy's defaults: 1024 connections, 3 retries):
+#: the gateway's own limits (rpm, tpm, parallel requests) decide.
+_NO_LIMITS = {
+    "thresholds": [
+        {
+            "max_connections": 100_000,
+            "max_pending_requests": 100_000,
+            "max_requests": 100_000,
+            "max_retries": 100_000,
+        }
+    ]
+}
+
+
 def _hop_cluster() -> dict[str, Any]:
     """The cluster of a dynamic route's retries: Envoy's internal hop listener."""
     return {
         "name": HOP_CLUSTER,
         "connect_timeout": "2s",
+        "circuit_breakers": _NO_LIMITS,
         "load_assignment": {
             "cluster_name": HOP_CLUSTER,
             "endpoints": [
@@ -419,6 +438,8 @@ def _hop_listener(max_body_bytes: int) -> dict[str, Any]:
         "stat_prefix": "hop",
         "codec_type": "AUTO",
         "stream_idle_timeout": "0s",
+        # its own failures (a reset, a refused connection) as OpenAI-style JSON too
+        "local_reply_config": _local_reply_config(),
         "server_header_transformation": "PASS_THROUGH",
         "route_config": {
             "name": "hop",
@@ -434,7 +455,11 @@ def _hop_listener(max_body_bytes: int) -> dict[str, Any]:
                                 "timeout": "0s",
                                 "auto_host_rewrite": True,
                             },
-                            "request_headers_to_remove": [ATTEMPT_CLUSTER_HEADER],
+                            "request_headers_to_remove": [
+                                ATTEMPT_CLUSTER_HEADER,
+                                ATTEMPT_NUMBER_HEADER,
+                                ATTEMPT_COUNT_HEADER,
+                            ],
                         }
                     ],
                 }
@@ -543,9 +568,16 @@ def _router(failover: bool, dynamic: bool = False) -> dict[str, Any]:
                         "buffer_size_bytes": 0,
                         "buffer_flush_interval": "0.1s",
                     },
-                    # a retry through the hop listener: the deployment it was sent to
+                    # a retry through the hop listener: the deployment its filter sent it
+                    # to, and the attempt that was (the header outlives its attempt)
                     **(
-                        {"additional_request_headers_to_log": [ATTEMPT_CLUSTER_HEADER]}
+                        {
+                            "additional_request_headers_to_log": [
+                                ATTEMPT_CLUSTER_HEADER,
+                                ATTEMPT_NUMBER_HEADER,
+                                ATTEMPT_COUNT_HEADER,
+                            ]
+                        }
                         if dynamic
                         else {}
                     ),
@@ -808,6 +840,7 @@ def render_envoy_config(
                         {"remove": cluster_header},
                         {"remove": STREAM_HEADER},
                         {"remove": ATTEMPT_CLUSTER_HEADER},
+                        {"remove": ATTEMPT_NUMBER_HEADER},
                         {"remove": CALL_HEADER},
                     ],
                 },

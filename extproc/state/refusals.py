@@ -8,10 +8,10 @@ long as a call may last. The call is named by the id the server gave it
 (``x-extproc-call``, the same on every attempt), hashed, so no header value the
 server did not make becomes a key as it is.
 
-Rule: a store that cannot be read or written is not an error for the call: reading
-gives no refusals (the retry takes the default order) and a refusal that could not be
-recorded is not turned into a retry (the client gets the 400 as it is); never a
-deployment of the wrong list.
+Rule: never a deployment of the wrong list. A refusal that could not be recorded is
+not turned into a retry (the client gets the 400 as it is); a record that cannot be
+read is None, and the retry is refused (a 503) rather than sent down a list the
+call may not be on.
 """
 
 from __future__ import annotations
@@ -36,16 +36,17 @@ def _key(call: str, attempt: int) -> str:
     return store_key(("fo", digest), str(attempt))
 
 
-async def read_refusals(store: Store, call: str, before: int) -> dict[int, str]:
-    """Attempt number → error class, for the refusals among attempts 1..``before``-1."""
+async def read_refusals(store: Store, call: str, before: int) -> dict[int, str] | None:
+    """Attempt number → error class, for the refusals among attempts 1..``before``-1;
+    None when the store cannot say."""
     numbers = range(1, min(before, 2 + MAX_RETRIES))
     if not numbers:
         return {}
     try:
         values, _ = await store.snapshot([_key(call, n) for n in numbers], [])
     except StoreError as exc:
-        log.warning("could not read a call's refusals (%s): the retry takes the default order", exc)
-        return {}
+        log.warning("could not read a call's refusals (%s): the retry is refused", exc)
+        return None
     out: dict[int, str] = {}
     for number, (value, _) in zip(numbers, values, strict=True):
         if value is not None and 1 <= value <= len(REFUSAL_CLASSES):

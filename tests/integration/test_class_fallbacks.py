@@ -150,3 +150,26 @@ def test_a_hung_retry_is_timed_out_and_cools_its_own_deployment(stack: Stack) ->
         time.sleep(0.1)
     assert states["slowcp-b"]["cooling_down"]
     assert not states["timed-a"]["cooling_down"]  # allowed_fails: 100
+
+
+def test_a_burst_of_refusals_is_served_whole(stack: Stack) -> None:
+    """40 refusals at once: every one is retried on the content-policy fallback (a
+    composite cluster's retry circuit breaker is Envoy's 3 by default)."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    stack.mocks.clear()
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        results = list(pool.map(lambda _: call(stack, "guarded", f"mock_a={REFUSAL}"), range(40)))
+    assert [status for status, _, _ in results] == [200] * 40
+    assert {body["model"] for _, _, body in results} == {"lenient-model"}
+    assert all("x-extproc-retry" not in headers for _, headers, _ in results)
+
+
+def test_a_retry_the_hop_cannot_connect_for_answers_json(stack: Stack) -> None:
+    """Both deployments drop the connection: the hop listener's own 503 reaches the
+    client as an OpenAI-style error, like the first listener's."""
+    stack.mocks.clear()
+    status, headers, body = call(stack, "guarded", "mock_a=reset,mock_b=reset")
+    assert status == 503
+    assert headers["content-type"] == "application/json"
+    assert set(body["error"]) == {"message", "type", "param", "code"}

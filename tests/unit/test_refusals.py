@@ -29,7 +29,7 @@ async def test_a_hostile_call_id_never_reaches_a_key_as_it_is() -> None:
     assert all(hostile not in k and len(k) < 64 for k in keys)
 
 
-async def test_a_store_that_is_down_gives_the_default_order_and_no_retry() -> None:
+async def test_a_store_that_is_down_says_unknown_and_takes_no_refusal() -> None:
     class Down(MemoryStore):
         async def snapshot(self, *args: Any, **kwargs: Any) -> Any:
             raise StoreUnavailableError("connection refused")
@@ -38,5 +38,5 @@ async def test_a_store_that_is_down_gives_the_default_order_and_no_retry() -> No
             raise StoreUnavailableError("connection refused")
 
     store = Down()
-    assert await read_refusals(store, "call", 3) == {}
+    assert await read_refusals(store, "call", 3) is None  # unknown, not "none"
     assert not await record_refusal(store, "call", 1, "content_policy")
