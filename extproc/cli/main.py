@@ -71,7 +71,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from extproc.envoy.check import check_envoy_config  # noqa: PLC0415
+    from extproc.envoy.check import check_envoy_config, policy_warnings  # noqa: PLC0415
     from extproc.policy import PolicyError, load_policy  # noqa: PLC0415
 
     settings = _settings(args)
@@ -94,6 +94,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"policy {settings.policy_path}: OK ({len(policy.groups)} model groups, "
         f"{len(policy.deployments())} deployments)"
     )
+    for line in policy_warnings(policy):
+        print(f"warning: {line}")
     if args.envoy is None:
         return 0
     report = check_envoy_config(args.envoy.read_text(encoding="utf-8"), policy, settings)

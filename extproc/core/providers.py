@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["CLIENT_CREDENTIAL_HEADERS", "auth_header_for", "credential_edits"]
+__all__ = [
+    "ANTHROPIC_API",
+    "CLIENT_CREDENTIAL_HEADERS",
+    "OPENAI_COMPATIBLE",
+    "auth_header_for",
+    "credential_edits",
+    "model_prefix_provider",
+]
 
 # Rule: every header a client could use to present a credential is listed here, so
 # the gateway strips all of them before it injects the deployment's own.
@@ -13,6 +20,59 @@ _AUTH_STYLE: dict[str, tuple[str, str]] = {
     "azure": ("api-key", ""),
     "azure_ai": ("api-key", ""),
 }
+
+
+#: Providers that speak Anthropic's Messages API.
+ANTHROPIC_API = frozenset({"anthropic"})
+#: Providers known to speak OpenAI's API (their own or a compatible one); a provider
+#: outside both sets is treated as OpenAI-compatible, and ``extproc check`` says so.
+OPENAI_COMPATIBLE = frozenset(
+    {
+        "openai",
+        "azure",
+        "azure_ai",
+        "groq",
+        "mistral",
+        "deepseek",
+        "together_ai",
+        "fireworks_ai",
+        "openrouter",
+        "perplexity",
+        "xai",
+        "cerebras",
+        "deepinfra",
+        "ollama",
+        "vllm",
+        "hosted_vllm",
+        "lm_studio",
+        "nvidia_nim",
+        "sambanova",
+        "litellm_proxy",
+    }
+)
+#: LiteLLM's provider prefixes of model names (``azure/gpt-4o``) that name a provider
+#: with its own API, credential header or path: a mismatch with ``provider`` is a
+#: deployment configured for one provider and called like another.
+_MODEL_PREFIXES = frozenset(
+    {
+        *OPENAI_COMPATIBLE,
+        *ANTHROPIC_API,
+        "bedrock",
+        "vertex_ai",
+        "gemini",
+        "cohere",
+        "sagemaker",
+        "watsonx",
+        "huggingface",
+        "replicate",
+    }
+)
+
+
+def model_prefix_provider(model: str) -> str | None:
+    """The provider a LiteLLM-style model string names (``anthropic/claude-3``), if any."""
+    prefix, sep, _ = model.partition("/")
+    return prefix if sep and prefix in _MODEL_PREFIXES else None
 
 
 def auth_header_for(provider: str) -> tuple[str, str]:

@@ -8,11 +8,13 @@ from typing import Any
 
 import yaml
 
+from extproc.core.endpoints import ENDPOINTS
 from extproc.core.failover import HOP_CLUSTER, sub_clusters
+from extproc.core.providers import ANTHROPIC_API, OPENAI_COMPATIBLE, model_prefix_provider
 from extproc.policy import CompiledPolicy
 from extproc.state.settings import Settings
 
-__all__ = ["CheckReport", "check_envoy_config"]
+__all__ = ["CheckReport", "check_envoy_config", "policy_warnings"]
 
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
@@ -142,6 +144,72 @@ def _check_routes(config: dict[str, Any], header: str, report: CheckReport) -> N
         )
 
 
+def policy_warnings(policy: CompiledPolicy) -> list[str]:
+    """What in a valid policy is probably not what its author meant."""
+    out: list[str] = []
+    for dep in policy.deployments():
+        named = model_prefix_provider(dep.model)
+        # LiteLLM's openai/<model> is any OpenAI-compatible host
+        compatible = named == "openai" and dep.api == "openai"
+        if named is not None and named != dep.provider and not compatible:
+            out.append(
+                f"deployment {dep.id!r}: model {dep.model!r} names provider {named!r}, but "
+                f"its provider is {dep.provider!r}: it is called like {dep.provider!r} "
+                f"(credential header, path); set provider: {named}"
+            )
+        if dep.provider not in OPENAI_COMPATIBLE | ANTHROPIC_API:
+            out.append(
+                f"deployment {dep.id!r}: provider {dep.provider!r} is not one the gateway "
+                "knows; it is called as an OpenAI-compatible API (Authorization: Bearer, "
+                "OpenAI's paths)"
+            )
+    for group in policy.groups.values():
+        apis = {d.api for d in group.deployments}
+        if len(apis) > 1:
+            # an endpoint any deployment may serve reaches one of the other API as it is
+            endpoints = sorted({spec.name for spec in ENDPOINTS.values() if not spec.requires})
+            out.append(
+                f"group {group.name!r} mixes Anthropic and OpenAI deployments: calls are "
+                f"not translated between the two APIs, so a call ({', '.join(endpoints)}) "
+                "that reaches a deployment of the other API fails there"
+            )
+    return out
+
+
+def _check_hosts(
+    clusters: dict[str, Any], config: dict[str, Any], policy: CompiledPolicy, report: CheckReport
+) -> None:
+    """A DNS upstream (a provider) must get its own Host, and a TLS one be verified."""
+    used = {d.cluster for d in policy.deployments()}
+    routes = [
+        n["route"]
+        for n in _walk(config)
+        if isinstance(n.get("route"), dict) and "cluster_header" in n["route"]
+    ]
+    rewrites = bool(routes) and all(
+        any(k in r for k in ("auto_host_rewrite", "host_rewrite_literal", "host_rewrite_header"))
+        for r in routes
+    )
+    for name in sorted(used & clusters.keys()):
+        cluster = clusters[name]
+        dns = cluster.get("type") in ("LOGICAL_DNS", "STRICT_DNS")
+        if dns and not rewrites:
+            report.warnings.append(
+                f"cluster {name!r} is a DNS upstream, but not every route rewrites Host "
+                "(auto_host_rewrite): the provider gets the gateway's own Host header"
+            )
+        tls = cluster.get("transport_socket") or {}
+        if "UpstreamTlsContext" in str(tls.get("typed_config", {}).get("@type", "")):
+            validation = (tls["typed_config"].get("common_tls_context") or {}).get(
+                "validation_context"
+            ) or {}
+            if not validation.get("trusted_ca"):
+                report.warnings.append(
+                    f"cluster {name!r} uses TLS without a trusted_ca: Envoy does not verify "
+                    "the upstream's certificate"
+                )
+
+
 def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) -> CheckReport:
     """Errors that would break routing, and warnings that weaken it."""
     report = CheckReport()
@@ -216,6 +284,7 @@ def check_envoy_config(text: str, policy: CompiledPolicy, settings: Settings) ->
                     )
     _check_lease_log(typed, policy, report)
     _check_failover(clusters, policy, report)
+    _check_hosts(clusters, config, policy, report)
     header = settings.cluster_header
     _check_routes(config, header, report)
     strips = any(n["@type"] == _EARLY_MUTATION and header in str(n.get("mutations")) for n in typed)
