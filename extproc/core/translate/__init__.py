@@ -4,7 +4,9 @@ Pure functions and incremental stream translators, no I/O: the gateway wires the
 into its request and response paths when a client's API is not its upstream's.
 
 - requests: :func:`chat_to_messages`, :func:`messages_to_chat`
-  (:mod:`~extproc.core.translate.requests`).
+  (:mod:`~extproc.core.translate.requests`);
+- whole responses: :func:`chat_response_to_message`, :func:`message_to_chat_response`
+  (:mod:`~extproc.core.translate.responses`).
 
 ``X_to_Y`` reads X's shape and writes Y's. Rule: a client's mistake in a request is a
 :class:`~extproc.core.errors.BadRequestError` naming the parameter, and nothing else
@@ -12,5 +14,11 @@ is ever raised; what an upstream sends is translated leniently and never raises.
 """
 
 from extproc.core.translate.requests import chat_to_messages, messages_to_chat
+from extproc.core.translate.responses import chat_response_to_message, message_to_chat_response
 
-__all__ = ["chat_to_messages", "messages_to_chat"]
+__all__ = [
+    "chat_response_to_message",
+    "chat_to_messages",
+    "message_to_chat_response",
+    "messages_to_chat",
+]
