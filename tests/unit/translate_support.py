@@ -135,6 +135,8 @@ def accumulate_message(raw: bytes) -> anthropic.types.Message:
     events = anthropic_events(raw)
     assert [e["type"] for e in events][-1] == "message_stop"
     for data in events:
+        if data["type"] == "ping":
+            continue  # a keep-alive: the SDK's stream skips it too
         event = _STREAM_EVENT.validate_python(data)
         snapshot = accumulate_event(event=event, current_snapshot=snapshot, json_bufs=json_bufs)
     return anthropic.types.Message.model_validate(snapshot.model_dump())
@@ -160,7 +162,8 @@ def accumulate_completion(raw: bytes) -> openai.types.chat.ChatCompletion:
     for chunk in chunks[:-1]:
         assert isinstance(chunk, dict)
         state.handle_chunk(openai.types.chat.ChatCompletionChunk.model_validate(chunk))
-    final = state.get_final_completion()
+    # the snapshot: get_final_completion() refuses a "length" finish (it parses)
+    final = state.current_completion_snapshot
     return openai.types.chat.ChatCompletion.model_validate(final.model_dump())
 
 

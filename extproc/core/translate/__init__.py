@@ -7,6 +7,8 @@ into its request and response paths when a client's API is not its upstream's.
   (:mod:`~extproc.core.translate.requests`);
 - whole responses: :func:`chat_response_to_message`, :func:`message_to_chat_response`
   (:mod:`~extproc.core.translate.responses`);
+- streams: :class:`ChatToMessagesStream`, :class:`MessagesToChatStream`
+  (:mod:`~extproc.core.translate.streams`);
 - error bodies: :func:`openai_error_to_anthropic`, :func:`anthropic_error_to_openai`
   (:mod:`~extproc.core.translate.errors`).
 
@@ -18,8 +20,11 @@ is ever raised; what an upstream sends is translated leniently and never raises.
 from extproc.core.translate.errors import anthropic_error_to_openai, openai_error_to_anthropic
 from extproc.core.translate.requests import chat_to_messages, messages_to_chat
 from extproc.core.translate.responses import chat_response_to_message, message_to_chat_response
+from extproc.core.translate.streams import ChatToMessagesStream, MessagesToChatStream
 
 __all__ = [
+    "ChatToMessagesStream",
+    "MessagesToChatStream",
     "anthropic_error_to_openai",
     "chat_response_to_message",
     "chat_to_messages",
