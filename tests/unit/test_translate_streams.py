@@ -496,3 +496,17 @@ def test_anthropic_stream_round_trip(name: str) -> None:
     assert back.stop_reason == original.stop_reason
     assert back.usage.output_tokens == original.usage.output_tokens
     assert back.usage.cache_read_input_tokens == (original.usage.cache_read_input_tokens or 0)
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        ({"error": "a bare string"}, "a bare string"),
+        ({"error": {"type": "server_error"}}, "Upstream error"),
+        ({"object": "error", "message": "bad input", "type": "BadRequestError"}, "bad input"),
+    ],
+)
+def test_other_error_chunks(error: dict[str, Any], message: str) -> None:
+    events = anthropic_events(to_anthropic(openai_sse(chunk({"content": "x"}), error)))
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["message"] == message

@@ -103,6 +103,15 @@ def _cut(message: str) -> str:
     return message[:MAX_MESSAGE_CHARS]
 
 
+def _message(status: int | None, error: Any, message: str | None) -> str:
+    """The message given, else the error's own (a bare string is one), else a default."""
+    if message is None:
+        message = error if isinstance(error, str) else text(as_dict(error).get("message"))
+    if message:
+        return _cut(message)
+    return "Upstream error" + (f" (HTTP {status})" if status is not None else "")
+
+
 def _parse(body: bytes) -> tuple[dict[str, Any], str]:
     """The error object of either shape and its message (the body's text when it has
     none)."""
@@ -127,7 +136,6 @@ def anthropic_error(status: int | None, error: Any, message: str | None = None) 
     stream)."""
     obj = as_dict(error)
     openai_type, code = text(obj.get("type")), text(obj.get("code"))
-    message = _cut(message if message is not None else text(obj.get("message")))
     kind = _by_status(status)
     by_type = _ANTHROPIC_BY_OPENAI_TYPE.get(openai_type)
     if "insufficient_quota" in (openai_type, code):
@@ -138,7 +146,7 @@ def anthropic_error(status: int | None, error: Any, message: str | None = None) 
         kind = by_type  # a plain 4xx whose type says more
     elif kind == "api_error" and by_type == "overloaded_error":
         kind = by_type
-    return {"type": kind, "message": message or f"Upstream error (HTTP {status})"}
+    return {"type": kind, "message": _message(status, error, message)}
 
 
 def openai_error(status: int | None, error: Any, message: str | None = None) -> dict[str, Any]:
@@ -151,9 +159,8 @@ def openai_error(status: int | None, error: Any, message: str | None = None) -> 
     ):
         kind = _by_status(status) or kind
     err_type, code = _OPENAI_BY_ANTHROPIC_TYPE.get(kind, ("server_error", "internal_error"))
-    message = _cut(message if message is not None else text(obj.get("message")))
     return {
-        "message": message or f"Upstream error (HTTP {status})",
+        "message": _message(status, error, message),
         "type": err_type,
         "param": None,
         "code": code,

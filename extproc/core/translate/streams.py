@@ -25,8 +25,9 @@ chunk (empty ``choices``; only when the client asked ``include_usage``) and
 
 Rules:
 
-- an upstream error (OpenAI's ``{"error": ...}`` chunk, Anthropic's ``error`` event)
-  becomes the client API's error shape, and nothing is translated after it;
+- an upstream error (OpenAI's ``{"error": ...}`` chunk, an OpenAI-compatible
+  server's ``{"object": "error"}``, Anthropic's ``error`` event) becomes the client
+  API's error shape, and nothing is translated after it;
 - an event larger than :data:`~extproc.core.usage.MAX_EVENT_BYTES` stops the
   translation with an error: no more than that is ever held;
 - an upstream that ends before it finished its answer ends the client's stream with
@@ -174,9 +175,11 @@ class ChatToMessagesStream(_Stream):
         self._usage: Usage | None = None
 
     def _on_data(self, name: str, obj: dict[str, Any]) -> bytes:
-        if obj.get("error") is not None:
+        if obj.get("error") is not None or obj.get("object") == "error":
+            # OpenAI's {"error": {...}}; vLLM's {"object": "error", "message": ...}
             self._done = True
-            return _anthropic_event({"type": "error", "error": anthropic_error(None, obj["error"])})
+            error = anthropic_error(None, obj.get("error") or obj)
+            return _anthropic_event({"type": "error", "error": error})
         out: list[bytes] = []
         if obj.get("usage") is not None:
             self._usage = usage_from_object("openai", obj)
