@@ -23,6 +23,7 @@ from typing import Any
 from extproc.core.errors import InvalidParameterError, MissingParameterError
 
 __all__ = [
+    "GATEWAY_MEMBERS",
     "Checked",
     "as_dict",
     "as_list",
@@ -31,6 +32,8 @@ __all__ = [
     "encode",
     "json_type",
     "loads",
+    "refuse_unknown",
+    "request_object",
     "text",
     "tool_id",
 ]
@@ -173,8 +176,41 @@ class Checked:
             Checked.of(value, inner.param(i), openai=self.openai) for i, value in enumerate(values)
         ]
 
+    def content(self, key: str = "content") -> str | list[Checked]:
+        """A message's content: a string, or an array of parts (blocks), each
+        :class:`Checked`."""
+        value = self.obj.get(key)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            return self.items(key)
+        raise wrong_type(self.param(key), "a string or an array of objects", value)
+
     def invalid(self, key: str | int, message: str) -> InvalidParameterError:
         return InvalidParameterError(message, param=self.param(key))
+
+
+#: Members the gateway itself reads and strips (LiteLLM's extensions): never refused,
+#: never sent on.
+GATEWAY_MEMBERS = frozenset({"disable_fallbacks", "litellm_metadata"})
+
+
+def request_object(body: Any, *, openai: bool) -> Checked:
+    if not isinstance(body, dict):
+        raise InvalidParameterError("The request body must be a JSON object.")
+    return Checked(body, "", openai)
+
+
+def refuse_unknown(body: dict[str, Any], known: frozenset[str]) -> None:
+    """A 400 for a member the API does not define, as both APIs answer one themselves.
+
+    Rule: refused, not dropped: an unknown member may change the answer, and silently
+    ignoring it would hide that."""
+    for key in body:
+        if key not in known and key not in GATEWAY_MEMBERS:
+            raise InvalidParameterError(
+                f"Unrecognized request argument supplied: {key[:64]}", param=key[:64]
+            )
 
 
 # ---- lenient readers, for upstream responses ----

@@ -1,13 +1,9 @@
-"""Request bodies between OpenAI Chat Completions and Anthropic Messages.
+"""An OpenAI Chat Completions request body as an Anthropic Messages one.
 
-:func:`chat_to_messages` turns a ``/v1/chat/completions`` body into a ``/v1/messages``
-body, :func:`messages_to_chat` the reverse. Both return a new dict (the input is not
-changed; nested values such as tool schemas are shared, not copied) and raise only
-:class:`~extproc.core.errors.BadRequestError` subclasses, with the parameter named in
-the client's own spelling (``messages.[2].content`` for OpenAI, ``messages.2.content``
-for Anthropic).
-
-OpenAI → Anthropic:
+:func:`chat_to_messages` returns a new dict (the input is not changed; nested values
+such as tool schemas are shared, not copied) and raises only
+:class:`~extproc.core.errors.BadRequestError` subclasses, naming the parameter in
+OpenAI's spelling (``messages.[2].content``):
 
 - ``system``/``developer`` messages, wherever they stand, become ``system``: a string
   for a single text, else text blocks in order (mid-conversation ones are hoisted, as
@@ -19,45 +15,37 @@ OpenAI → Anthropic:
   whitespace of a final assistant turn (Anthropic refuses it in a prefill);
 - ``image_url`` parts: a base64 ``data:`` URL becomes a base64 image (a PDF one a
   document), an http(s) URL a ``url`` image; a ``file`` part with PDF ``file_data``
-  becomes a document;
+  becomes a document; ``cache_control`` on a part or tool (LiteLLM's extension for
+  Anthropic's prompt cache) is kept;
 - tool-call ids are mapped to Anthropic's alphabet (``[A-Za-z0-9_-]``), the call's and
-  its result's alike, so pairs still match;
-- ``temperature`` above Anthropic's maximum of 1 is sent as 1, its most random;
+  its result's alike, so pairs still match; ``arguments`` that are not a JSON object
+  are the client's error;
+- ``max_completion_tokens`` (else ``max_tokens``, else the caller's default) becomes
+  ``max_tokens``; ``temperature`` above Anthropic's maximum of 1 is sent as 1, its
+  most random;
 - ``user`` (else ``safety_identifier``) becomes ``metadata.user_id`` unless it is an
   e-mail address, which Anthropic refuses (it asks for an opaque id);
 - refused with a 400, as they would change the answer and Anthropic has nothing like
   them: ``n`` > 1, ``logprobs``/``top_logprobs``, a ``response_format`` other than
   text, ``audio`` and audio ``modalities``, a non-empty ``logit_bias`` (token ids of
   another tokenizer), ``web_search_options``, the deprecated ``functions`` and
-  ``function_call``, a stop sequence that is only whitespace, and any member OpenAI
-  does not define (as OpenAI itself refuses one);
+  ``function_call``, a stop sequence that is only whitespace, a ``tool_choice`` that
+  asks for a tool when none is given, and any member OpenAI does not define (as OpenAI
+  itself refuses one);
 - dropped, with the reason beside each in :data:`_CHAT_DROPPED`.
 
-Anthropic → OpenAI:
-
-- ``system`` becomes a leading system message; ``tool_result`` blocks become ``tool``
-  messages, placed before the rest of their user turn (OpenAI wants them right after
-  the assistant's calls); an image inside a tool result moves to that user message,
-  as OpenAI's tool messages carry text only; ``is_error`` is kept as an ``Error:``
-  prefix of the result's text;
-- ``thinking``/``redacted_thinking`` blocks are dropped, and so is the ``thinking``
-  parameter: chat completions return no thinking, and a reasoning effort would be
-  refused by a model that does not reason;
-- ``max_tokens`` is sent as ``max_completion_tokens`` (OpenAI's reasoning models refuse
-  ``max_tokens``), or under the name the caller gives;
-- ``stream`` asks for ``stream_options.include_usage`` too: the gateway meters by it;
-- refused with a 400: server tools (web search, code execution, computer use...), MCP
-  servers, containers, context management, structured ``output_format``, content
-  blocks OpenAI has nothing for, and any member Anthropic does not define.
-
-Differences from LiteLLM (``litellm/llms/anthropic/chat/transformation.py``,
-``prompt_templates/factory.py``, the ``experimental_pass_through`` adapter): http(s)
-images are passed by URL, never downloaded (no I/O here); ``response_format`` is
-refused instead of emulated with a forced tool; ``reasoning_effort`` is dropped instead
-of mapped to a thinking budget; a whitespace-only stop is refused instead of dropped;
-unknown members are refused instead of passed through; ``temperature`` is clamped;
-long tool names are not truncated (both APIs allow 64 characters); ``n``/``logprobs``
-etc. are refused like LiteLLM does without ``drop_params``.
+Differences from LiteLLM (``litellm/llms/anthropic/chat/transformation.py`` and
+``litellm_core_utils/prompt_templates/factory.py``), which this otherwise follows
+(system hoisting, role merging, tool results in the user turn, empty text and final
+whitespace, tool choice and ``disable_parallel_tool_use``, PDF documents, the e-mail
+test): http(s) images are passed by URL, never downloaded (no I/O here);
+``response_format`` is refused instead of emulated with a forced tool;
+``reasoning_effort`` is dropped instead of mapped to a thinking budget; a
+whitespace-only stop is refused instead of dropped; a numeric ``user`` is kept
+(LiteLLM drops what looks like a phone number); unknown members are refused instead of
+passed through; ``temperature`` is clamped; tool results go before the rest of their
+turn; ``n``/``logprobs``/``logit_bias``/penalties are refused or dropped as listed,
+where LiteLLM refuses all of them unless ``drop_params`` is set.
 """
 
 from __future__ import annotations
@@ -66,12 +54,16 @@ import re
 from typing import Any
 
 from extproc.core.errors import InvalidParameterError, MissingParameterError
-from extproc.core.translate._values import Checked, dumps, loads, tool_id, wrong_type
+from extproc.core.translate._values import (
+    Checked,
+    loads,
+    refuse_unknown,
+    request_object,
+    tool_id,
+    wrong_type,
+)
 
-__all__ = ["chat_to_messages", "messages_to_chat"]
-
-#: Members the gateway itself reads and strips (LiteLLM's extensions): never sent on.
-_GATEWAY_MEMBERS = frozenset({"disable_fallbacks", "litellm_metadata"})
+__all__ = ["chat_to_messages"]
 
 #: OpenAI members Anthropic has no equivalent for that do not change what is answered,
 #: dropped, with the reason.
@@ -125,30 +117,13 @@ _CHAT_REFUSED = frozenset(
 _EMAIL = re.compile(r"^[a-zA-Z0-9._%+-]+@[a-zA-Z0-9.-]+\.[a-zA-Z]{2,}$")
 
 
-def _body(body: Any, *, openai: bool) -> Checked:
-    if not isinstance(body, dict):
-        raise InvalidParameterError("The request body must be a JSON object.")
-    return Checked(body, "", openai)
-
-
-def _unknown(body: dict[str, Any], known: frozenset[str] | set[str]) -> None:
-    for key in body:
-        if key not in known and key not in _GATEWAY_MEMBERS:
-            raise InvalidParameterError(
-                f"Unrecognized request argument supplied: {key[:64]}", param=key[:64]
-            )
-
-
-# ---- OpenAI → Anthropic ----
-
-
 def chat_to_messages(
     body: dict[str, Any], model: str, *, default_max_tokens: int
 ) -> dict[str, Any]:
     """An OpenAI chat/completions request body as an Anthropic /v1/messages body for
     ``model``; ``max_tokens`` is ``default_max_tokens`` when the client set none."""
-    req = _body(body, openai=True)
-    _unknown(body, _CHAT_MAPPED | _CHAT_REFUSED | set(_CHAT_DROPPED))
+    req = request_object(body, openai=True)
+    refuse_unknown(body, _CHAT_MAPPED | _CHAT_REFUSED | frozenset(_CHAT_DROPPED))
     _refuse_chat_params(req)
     system, turns = _chat_messages(req)
     out: dict[str, Any] = {"model": model, "messages": turns}
@@ -295,19 +270,10 @@ def _text_block(text: str, part: Checked | None) -> dict[str, Any]:
     return block
 
 
-def _content(msg: Checked) -> str | list[Checked]:
-    value = msg.obj.get("content")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return msg.items("content")
-    raise wrong_type(msg.param("content"), "a string or an array of objects", value)
-
-
 def _chat_text_blocks(msg: Checked, kinds: tuple[str, ...] = ("text",)) -> list[dict[str, Any]]:
     """A message's text as text blocks (empty ones dropped); a part of a type not in
     ``kinds`` is a 400."""
-    content = _content(msg)
+    content = msg.content()
     if isinstance(content, str):
         return [_text_block(content, msg)] if content else []
     blocks: list[dict[str, Any]] = []
@@ -323,7 +289,7 @@ def _chat_text_blocks(msg: Checked, kinds: tuple[str, ...] = ("text",)) -> list[
 
 
 def _chat_user_blocks(msg: Checked) -> list[dict[str, Any]]:
-    content = _content(msg)
+    content = msg.content()
     if isinstance(content, str):
         return [_text_block(content, msg)] if content else []
     blocks: list[dict[str, Any]] = []
@@ -437,7 +403,7 @@ def _chat_tool_use(call: Checked) -> dict[str, Any]:
 def _chat_tool_result(msg: Checked) -> dict[str, Any]:
     raw_id = msg.need("tool_call_id")
     block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_id(raw_id, "toolu_")}
-    content = _content(msg)
+    content = msg.content()
     if isinstance(content, str):
         if content:
             block["content"] = content
@@ -510,298 +476,3 @@ def _chat_tool_choice(req: Checked, has_tools: bool) -> dict[str, Any] | None:
         if choice["type"] != "none":
             choice["disable_parallel_tool_use"] = True
     return choice
-
-
-# ---- Anthropic → OpenAI ----
-
-#: Anthropic members dropped, with the reason.
-_MESSAGES_DROPPED: dict[str, str] = {
-    "top_k": "OpenAI has no top-k sampling",
-    "thinking": "chat completions return no thinking blocks",
-    "service_tier": "Anthropic's tiers are not OpenAI's",
-}
-_MESSAGES_MAPPED = frozenset(
-    {
-        "model",
-        "messages",
-        "max_tokens",
-        "system",
-        "stop_sequences",
-        "stream",
-        "temperature",
-        "top_p",
-        "metadata",
-        "tools",
-        "tool_choice",
-        "output_config",
-    }
-)
-_MESSAGES_REFUSED: dict[str, str] = {
-    "container": "Containers are",
-    "mcp_servers": "MCP servers are",
-    "context_management": "Context management is",
-    "output_format": "Structured output_format is",
-}
-
-
-def messages_to_chat(
-    body: dict[str, Any], model: str, *, max_tokens_param: str = "max_completion_tokens"
-) -> dict[str, Any]:
-    """An Anthropic /v1/messages request body as an OpenAI chat/completions body for
-    ``model``; ``max_tokens`` goes under ``max_tokens_param`` (``max_tokens`` for a
-    server that knows only the deprecated name)."""
-    req = _body(body, openai=False)
-    _unknown(body, _MESSAGES_MAPPED | set(_MESSAGES_REFUSED) | set(_MESSAGES_DROPPED))
-    for key, what in _MESSAGES_REFUSED.items():
-        if req.has(key):
-            raise req.invalid(key, f"{what} not supported by this model.")
-    config = req.child("output_config")
-    if config is not None and config.has("format"):
-        raise config.invalid("format", "Structured output formats are not supported by this model.")
-    req.object("thinking")  # dropped, but a wrong type is still the client's error
-    messages = _system_messages(req) + _anthropic_messages(req)
-    out: dict[str, Any] = {"model": model, "messages": messages}
-    limit = req.integer("max_tokens", minimum=1)
-    if limit is None:
-        raise MissingParameterError("max_tokens: Field required", param="max_tokens")
-    out[max_tokens_param] = limit
-    stops = req.array("stop_sequences") or []
-    if not all(isinstance(s, str) for s in stops):
-        raise wrong_type("stop_sequences", "an array of strings", stops)
-    if stops:
-        out["stop"] = list(stops)
-    for key in ("temperature", "top_p"):
-        value = req.number(key, 0.0, 1.0)
-        if value is not None:
-            out[key] = value
-    if req.boolean("stream"):
-        out["stream"] = True
-        out["stream_options"] = {"include_usage": True}  # the gateway meters by it
-    metadata = req.child("metadata")
-    user = metadata.string("user_id") if metadata is not None else None
-    if user:
-        out["user"] = user
-    tools = _anthropic_tools(req)
-    if tools:
-        out["tools"] = tools
-    _anthropic_tool_choice(req, out)
-    return out
-
-
-def _system_messages(req: Checked) -> list[dict[str, Any]]:
-    value = req.obj.get("system")
-    if value is None or value == "":
-        return []
-    if isinstance(value, str):
-        return [{"role": "system", "content": value}]
-    if not isinstance(value, list):
-        raise wrong_type("system", "a string or an array of text blocks", value)
-    texts: list[str] = []
-    for block in req.items("system"):
-        if block.need("type") != "text":
-            raise block.invalid("type", "System blocks must be text blocks.")
-        texts.append(block.need("text"))
-    if not texts:
-        return []
-    if len(texts) == 1:
-        return [{"role": "system", "content": texts[0]}]
-    return [{"role": "system", "content": [{"type": "text", "text": t} for t in texts]}]
-
-
-def _anthropic_messages(req: Checked) -> list[dict[str, Any]]:
-    if req.array("messages") is None:
-        raise MissingParameterError("messages: Field required", param="messages")
-    out: list[dict[str, Any]] = []
-    for msg in req.items("messages"):
-        role = msg.need("role")
-        if role == "user":
-            out += _anthropic_user(msg)
-        elif role == "assistant":
-            out += _anthropic_assistant(msg)
-        else:
-            raise msg.invalid("role", f"Input should be 'user' or 'assistant', not {role[:64]!r}.")
-    if not out:
-        raise req.invalid("messages", "messages must hold at least one message.")
-    return out
-
-
-def _blocks(msg: Checked) -> str | list[Checked]:
-    value = msg.obj.get("content")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return msg.items("content")
-    raise wrong_type(msg.param("content"), "a string or an array of content blocks", value)
-
-
-def _user_content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    if len(parts) == 1 and parts[0]["type"] == "text":
-        return str(parts[0]["text"])
-    return parts
-
-
-def _anthropic_user(msg: Checked) -> list[dict[str, Any]]:
-    """A user turn: its tool results as tool messages first, then one user message
-    with the rest (and the images the tool results held)."""
-    content = _blocks(msg)
-    if isinstance(content, str):
-        return [{"role": "user", "content": content}]
-    tools: list[dict[str, Any]] = []
-    images: list[dict[str, Any]] = []
-    parts: list[dict[str, Any]] = []
-    for block in content:
-        kind = block.need("type")
-        if kind == "text":
-            parts.append({"type": "text", "text": block.need("text")})
-        elif kind == "image":
-            parts.append(_anthropic_image(block))
-        elif kind == "document":
-            parts.append(_anthropic_document(block))
-        elif kind == "tool_result":
-            tools.append(_anthropic_tool_result(block, images))
-        else:
-            raise block.invalid("type", f"Content blocks of type {kind[:64]!r} are not supported.")
-    parts = images + parts
-    return tools + ([{"role": "user", "content": _user_content(parts)}] if parts else [])
-
-
-def _source(block: Checked) -> Checked:
-    source = block.child("source")
-    if source is None:
-        raise MissingParameterError(
-            f"{block.param('source')}: Field required", param=block.param("source")
-        )
-    return source
-
-
-def _anthropic_image(block: Checked) -> dict[str, Any]:
-    source = _source(block)
-    kind = source.need("type")
-    if kind == "base64":
-        media = source.need("media_type")
-        data = source.need("data")
-        url = f"data:{media};base64,{data}"
-    elif kind == "url":
-        url = source.need("url")
-    else:
-        raise source.invalid("type", f"Image sources of type {kind[:64]!r} are not supported.")
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def _anthropic_document(block: Checked) -> dict[str, Any]:
-    source = _source(block)
-    kind = source.need("type")
-    if kind == "base64" and source.string("media_type") == "application/pdf":
-        data = source.need("data")
-        file = {"file_data": f"data:application/pdf;base64,{data}", "filename": "document.pdf"}
-        return {"type": "file", "file": file}
-    if kind == "text":
-        return {"type": "text", "text": source.need("data")}
-    raise source.invalid("type", "Only base64 PDF and plain-text documents are supported.")
-
-
-def _anthropic_tool_result(block: Checked, images: list[dict[str, Any]]) -> dict[str, Any]:
-    raw_id = block.need("tool_use_id")
-    value = block.obj.get("content")
-    texts: list[str] = []
-    if isinstance(value, str):
-        texts.append(value)
-    elif isinstance(value, list):
-        for item in block.items("content"):
-            kind = item.need("type")
-            if kind == "text":
-                texts.append(item.need("text"))
-            elif kind == "image":
-                images.append(_anthropic_image(item))
-            else:
-                raise item.invalid("type", f"Tool results cannot hold {kind[:64]!r} blocks here.")
-    elif value is not None:
-        raise wrong_type(block.param("content"), "a string or an array of blocks", value)
-    text = "\n".join(texts)
-    if block.boolean("is_error"):
-        text = f"Error: {text}" if text else "Error"
-    return {"role": "tool", "tool_call_id": raw_id, "content": text}
-
-
-def _anthropic_assistant(msg: Checked) -> list[dict[str, Any]]:
-    content = _blocks(msg)
-    if isinstance(content, str):
-        return [{"role": "assistant", "content": content}]
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for block in content:
-        kind = block.need("type")
-        if kind == "text":
-            texts.append(block.need("text"))
-        elif kind == "tool_use":
-            calls.append(_anthropic_tool_call(block))
-        elif kind not in ("thinking", "redacted_thinking"):
-            raise block.invalid("type", f"Content blocks of type {kind[:64]!r} are not supported.")
-    if not texts and not calls:
-        return []  # only thinking: nothing OpenAI can be shown
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
-    if calls:
-        message["tool_calls"] = calls
-    return [message]
-
-
-def _anthropic_tool_call(block: Checked) -> dict[str, Any]:
-    call_id = block.need("id")
-    name = block.need("name")
-    arguments = block.object("input")
-    try:
-        encoded = dumps({} if arguments is None else arguments)
-    except (ValueError, RecursionError):
-        raise block.invalid("input", "A tool call's input must be plain JSON.") from None
-    return {
-        "id": call_id,
-        "type": "function",
-        "function": {"name": name, "arguments": encoded},
-    }
-
-
-def _anthropic_tools(req: Checked) -> list[dict[str, Any]]:
-    tools: list[dict[str, Any]] = []
-    for tool in req.items("tools"):
-        kind = tool.string("type") or "custom"
-        if kind != "custom":
-            # web_search_*, bash_*, computer_*, text_editor_*, code_execution_*, ...
-            raise tool.invalid("type", f"Anthropic server tools ({kind[:64]}) are not supported.")
-        name = tool.need("name")
-        schema = tool.object("input_schema")
-        if schema is None:
-            raise MissingParameterError(
-                f"{tool.param('input_schema')}: Field required", param=tool.param("input_schema")
-            )
-        function: dict[str, Any] = {"name": name, "parameters": schema}
-        description = tool.string("description")
-        if description is not None:
-            function["description"] = description
-        tools.append({"type": "function", "function": function})
-    return tools
-
-
-def _anthropic_tool_choice(req: Checked, out: dict[str, Any]) -> None:
-    choice = req.child("tool_choice")
-    if choice is None:
-        return
-    kind = choice.need("type")
-    mapped: str | dict[str, Any]
-    if kind == "auto":
-        mapped = "auto"
-    elif kind == "any":
-        mapped = "required"
-    elif kind == "none":
-        mapped = "none"
-    elif kind == "tool":
-        mapped = {"type": "function", "function": {"name": choice.need("name")}}
-    else:
-        raise choice.invalid("type", f"Invalid tool_choice type {kind[:64]!r}.")
-    no_parallel = choice.boolean("disable_parallel_tool_use")
-    if "tools" not in out:
-        if kind in ("any", "tool"):
-            raise choice.invalid("type", "tool_choice is only allowed when tools are given.")
-        return
-    out["tool_choice"] = mapped
-    if no_parallel and kind != "none":
-        out["parallel_tool_calls"] = False
