@@ -133,6 +133,18 @@ def _parse_upstream(value: str) -> tuple[str, Upstream, str | None]:
     return name, Upstream(parts[0], int(parts[1]), tls), None if tls else extra
 
 
+def _parse_only(value: str) -> tuple[str, str]:
+    """``name=api``: the mock site ``name`` speaks only ``api``."""
+    from extproc.dev.mock_upstream import APIS  # noqa: PLC0415
+
+    name, sep, api = value.partition("=")
+    if not sep or not name or api not in APIS:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=API with API one of {', '.join(sorted(APIS))}, got {value!r}"
+        )
+    return name, api
+
+
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
     import yaml  # noqa: PLC0415
 
@@ -174,6 +186,11 @@ def _cmd_mock(args: argparse.Namespace) -> int:
 
     from extproc.dev.mock_upstream import MockSite, run_mock  # noqa: PLC0415
 
+    only = dict(args.only)
+    unknown = sorted(set(only) - {name for name, _, _ in args.upstream})
+    if unknown:
+        print(f"mock: --only names no --upstream: {', '.join(unknown)}", file=sys.stderr)
+        return 2
     sites = []
     for name, up, key_var in args.upstream:
         key = os.environ.get(key_var) if key_var else None
@@ -181,7 +198,7 @@ def _cmd_mock(args: argparse.Namespace) -> int:
             print(f"mock: environment variable {key_var} is not set", file=sys.stderr)
             return 2
         tls = (args.tls_cert, args.tls_key) if args.tls_cert and args.tls_key else None
-        sites.append(MockSite(name, up.host, up.port, key, tls))
+        sites.append(MockSite(name, up.host, up.port, key, tls, only.get(name)))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_mock(sites))
     return 0
@@ -297,6 +314,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_keys)
 
+    _add_mock_parser(sub)
+    return parser
+
+
+def _add_mock_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("mock", help="run mock OpenAI/Anthropic upstreams")
     p.add_argument(
         "--upstream",
@@ -307,8 +329,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls-cert", default=None, help="serve HTTPS with this certificate chain")
     p.add_argument("--tls-key", default=None, help="... and this private key")
+    p.add_argument(
+        "--only",
+        type=_parse_only,
+        action="append",
+        default=[],
+        metavar="NAME=API",
+        help="site NAME speaks one API (openai or anthropic), refusing the other's paths",
+    )
     p.set_defaults(func=_cmd_mock)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

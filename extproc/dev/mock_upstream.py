@@ -7,6 +7,12 @@ expects, so a wrong or missing injected credential shows up as a 401. It records
 requests it saw at ``GET /_mock/requests`` (``DELETE`` clears them). A test header
 ``x-mock-fail: site=500`` makes a site fail; ``site=500/4`` makes it fail every fourth
 of its own requests carrying that rule.
+
+A site may speak one API only (``api``, the command line's ``--only NAME=API``), as a
+real provider does: an ``openai`` site answers Anthropic's paths 404 in OpenAI's error
+shape ("Invalid URL"), an ``anthropic`` site answers OpenAI's paths 404 in Anthropic's
+(``not_found_error``), and each shapes all its errors (``x-mock-fail`` included) like
+its provider's. A site without one answers both, with OpenAI's errors.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from aiohttp import web
 
 from extproc.core.upstreams import endpoint_suffix
 
-__all__ = ["MockSite", "make_mock_app", "run_mock"]
+__all__ = ["APIS", "MockSite", "make_mock_app", "run_mock"]
 
 _WORDS = ("Hello", " from", " the", " mock", " upstream", ".")
 
@@ -43,6 +49,18 @@ class MockSite:
     api_key: str | None = None
     #: (certificate chain, private key) files: the site serves HTTPS.
     tls: tuple[str, str] | None = None
+    #: The one API the site speaks (``openai`` or ``anthropic``), refusing the
+    #: other's paths; None: both.
+    api: str | None = None
+
+
+#: The APIs a site can be limited to, and the endpoints (after the version) of each.
+APIS: dict[str, frozenset[str]] = {
+    "openai": frozenset(
+        ("/chat/completions", "/completions", "/embeddings", "/responses"),
+    ),
+    "anthropic": frozenset(("/messages", "/messages/count_tokens")),
+}
 
 
 _SITE = web.AppKey("site", MockSite)
@@ -72,6 +90,42 @@ _SEEN = web.AppKey("seen", _Recorder)
 def _openai_error(status: int, message: str, err_type: str, code: str) -> web.Response:
     body = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
     return web.json_response(body, status=status)
+
+
+#: Anthropic's error type for each status (its "HTTP errors" reference); others: an
+#: ``api_error`` from 500 up, else an ``invalid_request_error``.
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+def _anthropic_error(status: int, message: str) -> web.Response:
+    err_type = _ANTHROPIC_ERRORS.get(
+        status, "api_error" if status >= 500 else "invalid_request_error"
+    )
+    request_id = f"req_{uuid.uuid4().hex[:24]}"
+    body = {
+        "type": "error",
+        "error": {"type": err_type, "message": message},
+        "request_id": request_id,
+    }
+    return web.json_response(body, status=status, headers={"request-id": request_id})
+
+
+def _error(site: MockSite, status: int, message: str, err_type: str, code: str) -> web.Response:
+    """An error in the shape of the site's provider: Anthropic's (whose type follows
+    from the status) for an Anthropic-only site, else OpenAI's."""
+    if site.api == "anthropic":
+        return _anthropic_error(status, message)
+    return _openai_error(status, message, err_type, code)
 
 
 def _presented_key(request: web.Request) -> str | None:
@@ -437,28 +491,28 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if site.api_key is not None:
         presented = _presented_key(request) or ""
         if not hmac.compare_digest(presented.encode(), site.api_key.encode()):
-            return _openai_error(
-                401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key"
+            message = (
+                "invalid x-api-key" if site.api == "anthropic" else "Incorrect API key provided."
             )
+            return _error(site, 401, message, "invalid_request_error", "invalid_api_key")
     # a provider's own path (api_base, Azure's deployment path) serves its endpoint
     found = endpoint_suffix(request.path)
     handler = _HANDLERS.get("/v1" + found[0]) if found is not None else None
-    if handler is None:
-        return _openai_error(
-            404, f"Unknown path {request.path}", "invalid_request_error", "unknown_url"
-        )
+    if handler is None or (found is not None and not _speaks(site, found[0])):
+        return _unknown_path(site, request)
     try:
         body = json.loads(raw)
     except ValueError:
-        return _openai_error(
+        return _error(
+            site,
             400,
             "We could not parse the JSON body of your request.",
             "invalid_request_error",
             "invalid_json",
         )
     if not isinstance(body, dict):
-        return _openai_error(
-            400, "The body must be a JSON object.", "invalid_request_error", "invalid_json"
+        return _error(
+            site, 400, "The body must be a JSON object.", "invalid_request_error", "invalid_json"
         )
     await asyncio.sleep(_delay_s(request, "x-mock-delay-ms"))
     slow = _per_site(request, "x-mock-slow").get(site.name, "")
@@ -478,8 +532,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if fail is not None and fail.isascii() and fail.isdigit():
         status = int(fail)
         err_type, code = _FAILURES.get(status, ("server_error", "mock_failure"))
-        return _openai_error(
-            status, f"The mock deployment {site.name} answers {status}.", err_type, code
+        return _error(
+            site, status, f"The mock deployment {site.name} answers {status}.", err_type, code
         )
     replay = request.headers.get("x-mock-replay")
     if replay is not None:
@@ -488,6 +542,28 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if echo is not None:
         return await _echo_key(request, echo, handler, body)
     return await handler(request, body)
+
+
+def _speaks(site: MockSite, suffix: str) -> bool:
+    """Whether the site serves the endpoint (a one-API site only its API's)."""
+    return site.api is None or suffix in APIS.get(site.api, frozenset())
+
+
+def _unknown_path(site: MockSite, request: web.Request) -> web.Response:
+    """A path the site does not serve, refused as its provider refuses one: OpenAI's
+    "Invalid URL", Anthropic's ``not_found_error``."""
+    if site.api == "anthropic":
+        return _anthropic_error(404, f"Not found: {request.method} {request.path}")
+    if site.api == "openai":
+        return _openai_error(
+            404,
+            f"Invalid URL ({request.method} {request.path})",
+            "invalid_request_error",
+            "unknown_url",
+        )
+    return _openai_error(
+        404, f"Unknown path {request.path}", "invalid_request_error", "unknown_url"
+    )
 
 
 #: ``x-mock-fail: <site>=<status>``: the error body OpenAI sends with that status.
@@ -520,17 +596,17 @@ async def _echo_key(
 ) -> web.StreamResponse:
     """A careless upstream: the key it was sent comes back in headers (twice) and, for
     ``error``, in a 500's message too (redaction tests)."""
-    key = _presented_key(request) or ""
+    key, site = _presented_key(request) or "", request.app[_SITE]
     if how == "error":
-        resp: web.StreamResponse = _openai_error(
-            500, f'upstream rejected key {key} ("{key}")', "server_error", "echo"
+        resp: web.StreamResponse = _error(
+            site, 500, f'upstream rejected key {key} ("{key}")', "server_error", "echo"
         )
     elif how == "long-400":
         # normalized to context_length_exceeded, whose message is cut at 2,000 chars:
         # the key straddles the cut
         filler = "x" * (1996 - len("maximum context length exceeded "))
         message = f"maximum context length exceeded {filler}{key}"
-        resp = _openai_error(400, message, "invalid_request_error", "echo")
+        resp = _error(site, 400, message, "invalid_request_error", "echo")
     else:
         resp = await handler(request, body)
     if not resp.prepared:
@@ -559,7 +635,13 @@ async def _replay(request: web.Request, name: str) -> web.StreamResponse:
     found = [Path(d) / f"{name}.yaml" for d in directories if (Path(d) / f"{name}.yaml").is_file()]
     path = found[0] if found else None
     if path is None or not _CASSETTE.match(name):
-        return _openai_error(404, f"no recording {name[:64]!r}", "invalid_request_error", "replay")
+        return _error(
+            request.app[_SITE],
+            404,
+            f"no recording {name[:64]!r}",
+            "invalid_request_error",
+            "replay",
+        )
     recorded = yaml.safe_load(path.read_text(encoding="utf-8"))["interactions"][0]["response"]
     content_type = (recorded["headers"].get("Content-Type") or ["application/json"])[0]
     body = recorded["body"].encode()
