@@ -34,7 +34,15 @@ RECORDED = POLICIES.parent / "fixtures" / "openai-recorded"
 DEAD_CLUSTER = "mock_dead"
 KEYS = {"TEST_KEY_A": "sk-test-a", "TEST_KEY_B": "sk-test-b", "TEST_KEY_C": "sk-test-c"}
 # cluster -> env var holding the key the mock demands (None: any key)
-MOCKS: dict[str, str | None] = {"mock_a": "TEST_KEY_A", "mock_b": "TEST_KEY_B", "mock_c": None}
+MOCKS: dict[str, str | None] = {
+    "mock_a": "TEST_KEY_A",
+    "mock_b": "TEST_KEY_B",
+    "mock_c": None,
+    "mock_openai_only": None,
+    "mock_anthropic_only": None,
+}
+# cluster -> the one API its mock speaks (refusing the other's paths, as a provider does)
+ONLY: dict[str, str] = {"mock_openai_only": "openai", "mock_anthropic_only": "anthropic"}
 
 
 def post(
@@ -105,6 +113,8 @@ def start_mocks(workdir: Path) -> Iterator[Mocks]:
     for name, key_var in MOCKS.items():
         spec = f"{name}=127.0.0.1:{ports[name]}" + (f":{key_var}" if key_var else "")
         args += ["--upstream", spec]
+    for name, api in ONLY.items():
+        args += ["--only", f"{name}={api}"]
     replay = os.pathsep.join(str(d) for d in (RECORDED, RECORDED.parent / "synthetic"))
     env = {**KEYS, "EXTPROC_MOCK_REPLAY_DIR": replay}
     proc = Proc("mock", extproc_argv("mock", *args), workdir / "mock.log", env=env)
