@@ -13,6 +13,12 @@ real provider does: an ``openai`` site answers Anthropic's paths 404 in OpenAI's
 shape ("Invalid URL"), an ``anthropic`` site answers OpenAI's paths 404 in Anthropic's
 (``not_found_error``), and each shapes all its errors (``x-mock-fail`` included) like
 its provider's. A site without one answers both, with OpenAI's errors.
+
+Tools are answered like a model would: a chat completion or a message offering tools
+calls the first one (or the one ``tool_choice`` names; none for ``tool_choice``
+"none") with ``{"query": "mock"}``; once the conversation ends in the tool's result,
+the answer is text quoting it ("The tool said: ..."). Streams carry the call the way
+each provider streams one.
 """
 
 from __future__ import annotations
@@ -205,15 +211,98 @@ def _usage(request: web.Request, prompt: int, completion: int) -> dict[str, Any]
     )
 
 
+#: The arguments a mock model calls every tool with, and the pieces a stream sends them
+#: in (Anthropic's streams open with an empty one).
+_ARGUMENTS = '{"query": "mock"}'
+_ARGUMENT_PIECES = ('{"query', '": "mo', 'ck"}')
+#: What an Anthropic model says before it calls a tool.
+_LOOKUP = "Let me look that up."
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` in word-sized pieces that join back to it, for a stream."""
+    return re.findall(r"\S+\s*|\s+", text) or [""]
+
+
+def _text_of(content: Any) -> str:
+    """Content as text: a string, or the text of its parts (OpenAI's content parts,
+    Anthropic's blocks)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _called(names: list[str], choice: Any, forced: str | None) -> str | None:
+    """The tool a model calls: the one ``tool_choice`` names, else the first offered;
+    None when none is offered or ``tool_choice`` is "none"."""
+    if choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none"):
+        return None
+    if forced in names:
+        return forced
+    return names[0] if names else None
+
+
+def _chat_tool_result(body: dict[str, Any]) -> str | None:
+    """The answer to a chat ending in tool results (the last messages, role ``tool``):
+    text quoting them; None for any other chat."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    results: list[str] = []
+    for message in reversed(messages):
+        if not (isinstance(message, dict) and message.get("role") == "tool"):
+            break
+        results.insert(0, _text_of(message.get("content")))
+    return "The tool said: " + " ".join(results) if results else None
+
+
+def _chat_tool(body: dict[str, Any]) -> str | None:
+    """The function a chat request's model calls, or None (it answers text)."""
+    tools = body.get("tools")
+    names = [
+        t["function"]["name"]
+        for t in (tools if isinstance(tools, list) else [])
+        if isinstance(t, dict)
+        and t.get("type") == "function"
+        and isinstance(t.get("function"), dict)
+        and isinstance(t["function"].get("name"), str)
+    ]
+    choice = body.get("tool_choice")
+    forced = None
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        forced = choice["function"].get("name")
+    return _called(names, choice, forced)
+
+
 async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     model = body.get("model", "")
     rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     n = _choices(body)
     prompt, completion = _prompt_tokens(body), len(_WORDS) * n
+    said = _chat_tool_result(body)
+    tool = _chat_tool(body) if said is None else None
     # ``x-mock-pad-bytes``: a response of about that size (large-body tests)
     pad = request.headers.get("x-mock-pad-bytes", "0")
-    text = "".join(_WORDS) + "x" * (min(int(pad), 64 << 20) if pad.isdigit() else 0)
+    words = list(_WORDS) if said is None else _pieces(said)
+    text = "".join(words) + "x" * (min(int(pad), 64 << 20) if pad.isdigit() else 0)
     if not body.get("stream"):
+
+        def message() -> dict[str, Any]:
+            if tool is None:
+                return {"role": "assistant", "content": text, "refusal": None}
+            call = {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": tool, "arguments": _ARGUMENTS},
+            }
+            return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+
         return web.json_response(
             {
                 "id": rid,
@@ -223,9 +312,9 @@ async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamRespons
                 "choices": [
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "message": message(),
                         "logprobs": None,
-                        "finish_reason": "stop",
+                        "finish_reason": "stop" if tool is None else "tool_calls",
                     }
                     for i in range(n)
                 ],
@@ -235,25 +324,32 @@ async def _chat(request: web.Request, body: dict[str, Any]) -> web.StreamRespons
         )
     base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model}
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    chunks = [
-        _sse(
-            {
-                **base,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "finish_reason": None,
-                    }
-                ],
-            }
-        )
-    ]
-    chunks += [
-        _sse({**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]})
-        for w in _WORDS
-    ]
-    chunks.append(_sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return _sse({**base, "choices": [choice]})
+
+    if tool is None:
+        chunks = [chunk({"role": "assistant", "content": ""})]
+        chunks += [chunk({"content": w}) for w in words]
+        chunks.append(chunk({}, "stop"))
+    else:
+        # OpenAI's order: the call's id, type and name with empty arguments, then the
+        # arguments in pieces, then the finish
+        opening = {
+            "index": 0,
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": tool, "arguments": ""},
+        }
+        chunks = [
+            chunk({"role": "assistant", "content": None, "tool_calls": [opening], "refusal": None})
+        ]
+        chunks += [
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            for piece in _ARGUMENT_PIECES
+        ]
+        chunks.append(chunk({}, "tool_calls"))
     if include_usage:
         chunks.append(_sse({**base, "choices": [], "usage": _usage(request, prompt, completion)}))
     chunks.append(b"data: [DONE]\n\n")
@@ -384,19 +480,63 @@ async def _count_tokens(request: web.Request, body: dict[str, Any]) -> web.Strea
     )
 
 
+def _messages_tool_result(body: dict[str, Any]) -> str | None:
+    """The answer to a conversation whose last user turn holds ``tool_result`` blocks:
+    text quoting them; None for any other."""
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not (isinstance(last, dict) and last.get("role") == "user"):
+        return None
+    content = last.get("content")
+    results = [
+        _text_of(block.get("content"))
+        for block in (content if isinstance(content, list) else [])
+        if isinstance(block, dict) and block.get("type") == "tool_result"
+    ]
+    return "The tool said: " + " ".join(results) if results else None
+
+
+def _messages_tool(body: dict[str, Any]) -> str | None:
+    """The (client) tool a messages request's model calls, or None (it answers text)."""
+    tools = body.get("tools")
+    names = [
+        t["name"]
+        for t in (tools if isinstance(tools, list) else [])
+        if isinstance(t, dict)
+        and t.get("type") in (None, "custom")
+        and isinstance(t.get("name"), str)
+    ]
+    choice = body.get("tool_choice")
+    forced = (
+        choice.get("name") if isinstance(choice, dict) and choice.get("type") == "tool" else None
+    )
+    return _called(names, choice, forced)
+
+
 async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     model = body.get("model", "")
     prompt, completion = _prompt_tokens(body), len(_WORDS)
     msg_id = f"msg_{uuid.uuid4().hex[:24]}"
+    said = _messages_tool_result(body)
+    tool = _messages_tool(body) if said is None else None
+    words = list(_WORDS) if said is None else _pieces(said)
+    if tool is not None:
+        words = _pieces(_LOOKUP)
+    tool_id = f"toolu_{uuid.uuid4().hex[:24]}"
+    stop_reason = "end_turn" if tool is None else "tool_use"
     if not body.get("stream"):
+        content: list[dict[str, Any]] = [{"type": "text", "text": "".join(words)}]
+        if tool is not None:
+            use = {"type": "tool_use", "id": tool_id, "name": tool, "input": json.loads(_ARGUMENTS)}
+            content.append(use)
         return web.json_response(
             {
                 "id": msg_id,
                 "type": "message",
                 "role": "assistant",
                 "model": model,
-                "content": [{"type": "text", "text": "".join(_WORDS)}],
-                "stop_reason": "end_turn",
+                "content": content,
+                "stop_reason": stop_reason,
                 "stop_sequence": None,
                 "usage": _overridden(
                     request,
@@ -431,30 +571,36 @@ async def _messages(request: web.Request, body: dict[str, Any]) -> web.StreamRes
             ),
         },
     }
-    chunks = [
-        _sse(start, "message_start"),
-        _sse(
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
-            "content_block_start",
-        ),
-    ]
-    chunks += [
-        _sse(
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}},
-            "content_block_delta",
+
+    def block_start(index: int, block: dict[str, Any]) -> bytes:
+        event = {"type": "content_block_start", "index": index, "content_block": block}
+        return _sse(event, "content_block_start")
+
+    def delta(index: int, value: dict[str, Any]) -> bytes:
+        event = {"type": "content_block_delta", "index": index, "delta": value}
+        return _sse(event, "content_block_delta")
+
+    def block_stop(index: int) -> bytes:
+        return _sse({"type": "content_block_stop", "index": index}, "content_block_stop")
+
+    chunks = [_sse(start, "message_start"), block_start(0, {"type": "text", "text": ""})]
+    chunks += [delta(0, {"type": "text_delta", "text": w}) for w in words]
+    chunks.append(block_stop(0))
+    if tool is not None:
+        # the tool_use block opens with an empty input; its JSON follows in pieces
+        chunks.append(
+            block_start(1, {"type": "tool_use", "id": tool_id, "name": tool, "input": {}})
         )
-        for w in _WORDS
-    ]
+        chunks += [
+            delta(1, {"type": "input_json_delta", "partial_json": piece})
+            for piece in ("", *_ARGUMENT_PIECES)
+        ]
+        chunks.append(block_stop(1))
     chunks += [
-        _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
         _sse(
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                 "usage": _overridden(request, {"output_tokens": completion}),
             },
             "message_delta",

@@ -1,5 +1,5 @@
-"""The mock upstream as a one-API provider: it refuses the other API's paths, and
-shapes its errors, as that provider does."""
+"""The mock upstream as a one-API provider and as a model that calls tools: what it
+answers must be what the providers' own SDKs parse and rebuild."""
 
 from __future__ import annotations
 
@@ -11,18 +11,51 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anthropic.types
+import openai.types.chat
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionToolParam, ParsedFunctionToolCall
 
 from extproc.cli.main import main
 from extproc.dev.mock_upstream import MockSite, make_mock_app
 from tests.helpers import Proc, extproc_argv, free_port, port_open, running
+from tests.unit.translate_support import (
+    accumulate_message,
+    anthropic_events,
+    check_completion,
+    check_message,
+    openai_chunks,
+)
 
 Client = TestClient[Any, Any]
 Site = Callable[..., AbstractAsyncContextManager[Client]]
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+CHAT_TOOL: ChatCompletionToolParam = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look something up.",
+        "parameters": {
+            "type": "object",
+            "properties": {"query": {"type": "string"}},
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+        # strict: the SDK's accumulator parses the arguments
+        "strict": True,
+    },
+}
+OTHER_CHAT_TOOL = {"type": "function", "function": {"name": "other", "parameters": {}}}
+MESSAGES_TOOL = {
+    "name": "lookup",
+    "description": "Look something up.",
+    "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}},
+}
+OTHER_MESSAGES_TOOL = {"name": "other", "input_schema": {"type": "object"}}
 
 
 @pytest.fixture
@@ -203,3 +236,267 @@ def test_the_command_line_checks_its_only_options(capsys: pytest.CaptureFixture[
     assert "API one of anthropic, openai" in capsys.readouterr().err
     assert main(["mock", "--upstream", "a=127.0.0.1:1", "--only", "b=openai"]) == 2
     assert "--only names no --upstream: b" in capsys.readouterr().err
+
+
+# ---- tool calls: OpenAI chat completions ----
+
+
+def openai_stream(raw: bytes) -> tuple[list[dict[str, Any]], openai.types.chat.ChatCompletion]:
+    """The stream's chunks (each a valid ``ChatCompletionChunk``) and what the SDK's
+    accumulator, knowing the request's tools, rebuilds from them."""
+    chunks = openai_chunks(raw)
+    assert chunks[-1] == "[DONE]"
+    state: ChatCompletionStreamState[None] = ChatCompletionStreamState(input_tools=[CHAT_TOOL])
+    out: list[dict[str, Any]] = []
+    for chunk in chunks[:-1]:
+        assert isinstance(chunk, dict)
+        state.handle_chunk(openai.types.chat.ChatCompletionChunk.model_validate(chunk))
+        out.append(chunk)
+    return out, state.get_final_completion()
+
+
+async def test_chat_calls_the_first_tool(site: Site) -> None:
+    async with site("openai") as client:
+        body = chat(tools=[CHAT_TOOL, OTHER_CHAT_TOOL], n=2)
+        status, answer = await post(client, "/v1/chat/completions", body)
+    assert status == 200
+    completion = check_completion(answer)
+    assert len(completion.choices) == 2
+    for choice in completion.choices:
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content is None
+        (call,) = choice.message.tool_calls or []
+        assert isinstance(call, openai.types.chat.ChatCompletionMessageFunctionToolCall)
+        assert call.id.startswith("call_")
+        assert (call.function.name, json.loads(call.function.arguments)) == (
+            "lookup",
+            {"query": "mock"},
+        )
+    assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == (
+        '{"query": "mock"}'
+    )
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 12  # as without tools
+
+
+@pytest.mark.parametrize(
+    ("choice", "called"),
+    [
+        ("none", None),
+        ("auto", "lookup"),
+        ("required", "lookup"),
+        ({"type": "function", "function": {"name": "other"}}, "other"),
+    ],
+)
+async def test_chat_follows_tool_choice(site: Site, choice: Any, called: str | None) -> None:
+    async with site() as client:
+        body = chat(tools=[CHAT_TOOL, OTHER_CHAT_TOOL], tool_choice=choice)
+        _, answer = await post(client, "/v1/chat/completions", body)
+    message = check_completion(answer).choices[0].message
+    calls = message.tool_calls or []
+    assert [c.function.name for c in calls if c.type == "function"] == ([called] if called else [])
+
+
+def after_call(*results: str) -> dict[str, Any]:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "lookup", "arguments": '{"query": "mock"}'},
+    }
+    return chat(
+        tools=[CHAT_TOOL],
+        messages=[
+            {"role": "user", "content": "look it up"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            *({"role": "tool", "tool_call_id": "call_1", "content": r} for r in results),
+        ],
+    )
+
+
+async def test_chat_answers_a_tool_result_quoting_it(site: Site) -> None:
+    async with site("openai") as client:
+        _, answer = await post(client, "/v1/chat/completions", after_call("42 apples"))
+        _, two = await post(client, "/v1/chat/completions", after_call("one", "two"))
+        parts = after_call("x")
+        parts["messages"][-1]["content"] = [{"type": "text", "text": "in parts"}]
+        _, parted = await post(client, "/v1/chat/completions", parts)
+    choice = check_completion(answer).choices[0]
+    assert (choice.finish_reason, choice.message.tool_calls) == ("stop", None)
+    assert choice.message.content == "The tool said: 42 apples"
+    assert check_completion(two).choices[0].message.content == "The tool said: one two"
+    assert check_completion(parted).choices[0].message.content == "The tool said: in parts"
+
+
+async def test_chat_streams_a_tool_call_as_openai_does(site: Site) -> None:
+    async with site("openai") as client:
+        body = chat(tools=[CHAT_TOOL], stream=True, stream_options={"include_usage": True})
+        raw = await post_raw(client, "/v1/chat/completions", body)
+    chunks, completion = openai_stream(raw)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    (opening,) = deltas[0]["tool_calls"]
+    assert opening["index"] == 0
+    assert opening["id"].startswith("call_")
+    assert opening["type"] == "function"
+    assert opening["function"] == {"name": "lookup", "arguments": ""}
+    fragments = [d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:-1]]
+    assert len(fragments) >= 2
+    assert all(set(d["tool_calls"][0]) == {"index", "function"} for d in deltas[1:-1])
+    assert "".join(fragments) == '{"query": "mock"}'
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls or []
+    assert isinstance(call, ParsedFunctionToolCall)
+    assert call.id == opening["id"]
+    assert call.function.name == "lookup"
+    assert call.function.parsed_arguments == {"query": "mock"}
+
+
+async def test_chat_streams_the_answer_to_a_tool_result(site: Site) -> None:
+    async with site() as client:
+        body = {**after_call("42 apples"), "stream": True}
+        raw = await post_raw(client, "/v1/chat/completions", body)
+    chunks, completion = openai_stream(raw)
+    assert not any(c["choices"][0]["delta"].get("tool_calls") for c in chunks)
+    assert len(chunks) > 3  # in pieces
+    choice = completion.choices[0]
+    assert (choice.finish_reason, choice.message.content) == ("stop", "The tool said: 42 apples")
+
+
+async def test_chat_without_tools_answers_as_before(site: Site) -> None:
+    async with site() as client:
+        _, answer = await post(client, "/v1/chat/completions", chat())
+        raw = await post_raw(client, "/v1/chat/completions", chat(stream=True))
+    assert check_completion(answer).choices[0].message.content == "Hello from the mock upstream."
+    _, completion = openai_stream(raw)
+    assert completion.choices[0].message.content == "Hello from the mock upstream."
+
+
+# ---- tool calls: Anthropic messages ----
+
+
+async def test_messages_call_the_first_tool(site: Site) -> None:
+    async with site("anthropic") as client:
+        body = messages(tools=[MESSAGES_TOOL, OTHER_MESSAGES_TOOL])
+        status, answer = await post(client, "/v1/messages", body)
+    assert status == 200
+    message = check_message(answer)
+    assert message.stop_reason == "tool_use"
+    text, use = message.content
+    assert isinstance(text, anthropic.types.TextBlock)
+    assert text.text == "Let me look that up."
+    assert isinstance(use, anthropic.types.ToolUseBlock)
+    assert use.id.startswith("toolu_")
+    assert (use.name, use.input) == ("lookup", {"query": "mock"})
+    assert message.usage.output_tokens == 6
+
+
+@pytest.mark.parametrize(
+    ("choice", "called"),
+    [
+        ({"type": "none"}, None),
+        ({"type": "auto"}, "lookup"),
+        ({"type": "any"}, "lookup"),
+        ({"type": "tool", "name": "other"}, "other"),
+    ],
+)
+async def test_messages_follow_tool_choice(site: Site, choice: Any, called: str | None) -> None:
+    async with site() as client:
+        body = messages(tools=[MESSAGES_TOOL, OTHER_MESSAGES_TOOL], tool_choice=choice)
+        _, answer = await post(client, "/v1/messages", body)
+    message = check_message(answer)
+    uses = [b.name for b in message.content if isinstance(b, anthropic.types.ToolUseBlock)]
+    assert uses == ([called] if called else [])
+    assert message.stop_reason == ("tool_use" if called else "end_turn")
+
+
+def after_use(*results: Any) -> dict[str, Any]:
+    use = {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"query": "mock"}}
+    blocks = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": r} for r in results]
+    return messages(
+        tools=[MESSAGES_TOOL],
+        messages=[
+            {"role": "user", "content": "look it up"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Let me."}, use]},
+            {"role": "user", "content": blocks},
+        ],
+    )
+
+
+async def test_messages_answer_a_tool_result_quoting_it(site: Site) -> None:
+    async with site("anthropic") as client:
+        _, answer = await post(client, "/v1/messages", after_use("42 apples"))
+        blocks = [{"type": "text", "text": "in blocks"}]
+        _, blocked = await post(client, "/v1/messages", after_use(blocks))
+    message = check_message(answer)
+    assert message.stop_reason == "end_turn"
+    assert [b.model_dump() for b in message.content] == [
+        {"type": "text", "text": "The tool said: 42 apples", "citations": None}
+    ]
+    text = check_message(blocked).content[0]
+    assert isinstance(text, anthropic.types.TextBlock)
+    assert text.text == "The tool said: in blocks"
+
+
+async def test_messages_stream_a_tool_call_as_anthropic_does(site: Site) -> None:
+    async with site("anthropic") as client:
+        body = messages(tools=[MESSAGES_TOOL], stream=True)
+        raw = await post_raw(client, "/v1/messages", body)
+    events = anthropic_events(raw)
+    kinds = [e["type"] for e in events]
+    fragments = [
+        e["delta"]["partial_json"]
+        for e in events
+        if e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta"
+    ]
+    texts = kinds.count("content_block_delta") - len(fragments)
+    assert kinds == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * texts,
+        "content_block_stop",
+        "content_block_start",
+        *["content_block_delta"] * len(fragments),
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert texts >= 2
+    assert len([f for f in fragments if f]) >= 2
+    assert "".join(fragments) == '{"query": "mock"}'
+    tool_start = events[texts + 3]
+    assert tool_start["index"] == 1
+    assert tool_start["content_block"]["input"] == {}
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+    assert events[-2]["usage"] == {"output_tokens": 6}
+    message = accumulate_message(raw)
+    assert message.stop_reason == "tool_use"
+    text, use = message.content
+    assert isinstance(text, anthropic.types.TextBlock)
+    assert text.text == "Let me look that up."
+    assert isinstance(use, anthropic.types.ToolUseBlock)
+    assert use.id == tool_start["content_block"]["id"]
+    assert (use.name, use.input) == ("lookup", {"query": "mock"})
+
+
+async def test_messages_stream_the_answer_to_a_tool_result(site: Site) -> None:
+    async with site() as client:
+        raw = await post_raw(client, "/v1/messages", {**after_use("42 apples"), "stream": True})
+    message = accumulate_message(raw)
+    assert message.stop_reason == "end_turn"
+    (text,) = message.content
+    assert isinstance(text, anthropic.types.TextBlock)
+    assert text.text == "The tool said: 42 apples"
+
+
+async def test_messages_without_tools_answer_as_before(site: Site) -> None:
+    async with site() as client:
+        _, answer = await post(client, "/v1/messages", messages())
+        raw = await post_raw(client, "/v1/messages", messages(stream=True))
+    for message in (check_message(answer), accumulate_message(raw)):
+        assert message.stop_reason == "end_turn"
+        assert [b.model_dump()["text"] for b in message.content] == [
+            "Hello from the mock upstream."
+        ]
