@@ -227,7 +227,7 @@ def decide_request(
 ) -> RouteDecision:
     """The core's routing decision for one request, taken as the gateway takes it
     (:func:`prepare`, then :func:`decide_route`), on a hand-built view instead of the store."""
-    prepared = prepare(head, raw, policy, config, now=now)
+    prepared = prepare(head, raw, policy, config, now=now, translate=rewrite_body)
     return decide_route(prepared, policy, config, view, rng, now=now, rewrite_body=rewrite_body)
 
 

@@ -157,7 +157,7 @@ class Attempt:
         span = member_span(msg.body, "model") if dep is not None else None
         if dep is None or span is None:
             return reply
-        body = replace_member(msg.body, span, dep.model)
+        body = replace_member(msg.body, span, dep.body_model)
         common = reply.request_body.response
         common.body_mutation.body = body
         common.header_mutation.set_headers.append(header_option("content-length", str(len(body))))

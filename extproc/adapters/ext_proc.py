@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -24,13 +25,19 @@ from extproc.adapters.headers import header_mutation, header_option
 from extproc.core.charges import Charge
 from extproc.core.decision import RouteDecision, decide_head, decide_response
 from extproc.core.errors import GatewayError, InternalError, PayloadTooLargeError
-from extproc.core.failover import held_for_body, refuses_content
+from extproc.core.failover import (
+    SERVED_BY_HEADER,
+    SERVED_PATH_HEADER,
+    held_for_body,
+    refuses_content,
+)
 from extproc.core.health import HealthSample
 from extproc.core.leases import LEASE_FIELD, LEASE_NAMESPACE, Lease
-from extproc.core.metering import ResponseMeter, charge_from_metadata
+from extproc.core.metering import ResponseMeter, charge_from_metadata, unmetered_in_metadata
 from extproc.core.models import Answer
 from extproc.core.redaction import Redactor
 from extproc.core.request import RequestHead
+from extproc.core.translate.answers import AnswerTranslation, translate_error
 from extproc.core.upstream_errors import normalize_error
 from extproc.state.runtime import Gateway
 
@@ -93,6 +100,9 @@ class _Stream:
         "lease",
         "logged_lease",
         "meter",
+        "translate_errors",
+        "translation",
+        "unmetered",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -118,6 +128,12 @@ class _Stream:
         self.error_status: int | None = None
         #: A 400's health sample, recorded once its body says which class it is.
         self._held: HealthSample | None = None
+        #: A translated call's answer on its way into the client's API.
+        self.translation: AnswerTranslation | None = None
+        #: The client's API, when the call was translated (its errors are translated too).
+        self.translate_errors: Literal["openai", "anthropic"] | None = None
+        #: Routed but not metered (no charge): the answer is only redacted.
+        self.unmetered = False
 
     def _refuse(self, err: GatewayError, phase: str) -> pb.ProcessingResponse:
         metrics = self._gateway.metrics
@@ -171,6 +187,7 @@ class _Stream:
         raw = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         decision, admission = await gateway.route_and_admit(self._head, raw, self._policy)
+        self.unmetered = admission.unmetered
         self.lease = admission.lease
         # Held on this stream until the response settles it (or the stream dies).
         self.charge = admission.charge
@@ -199,11 +216,15 @@ class _Stream:
             self.charge = charge_from_metadata(metadata)
         charge = self.charge
         if charge is None:
+            if self.unmetered or unmetered_in_metadata(metadata):
+                self._unmetered_answer(msg, reply)
             return reply
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
         common = reply.response_headers.response
         if _redact_headers(msg, self._policy.redactor, common):
             self._gateway.metrics.credentials_redacted.labels("header").inc()
+        if charge.client_api is not None:
+            self._translate(charge, headers, msg, common)
         answer = decide_response(
             charge,
             headers,
@@ -242,6 +263,48 @@ class _Stream:
                 common.header_mutation.remove_headers.append("content-length")
         return reply
 
+    def _unmetered_answer(self, msg: pb.HttpHeaders, reply: pb.ProcessingResponse) -> None:
+        """An unmetered call's answer: redacted like any other, its error body read
+        (normalized and redacted), the attempts' own headers removed."""
+        common = reply.response_headers.response
+        if _redact_headers(msg, self._policy.redactor, common):
+            self._gateway.metrics.credentials_redacted.labels("header").inc()
+        common.header_mutation.remove_headers.extend((SERVED_BY_HEADER, SERVED_PATH_HEADER))
+        status = next(
+            (h.raw_value.decode() or h.value for h in msg.headers.headers if h.key == ":status"), ""
+        )
+        if not status.startswith("2") and status.isdigit() and not msg.end_of_stream:
+            self.error_status = int(status)
+            reply.mode_override.response_body_mode = _BUFFERED
+
+    def _translate(
+        self,
+        charge: Charge,
+        headers: dict[str, str],
+        msg: pb.HttpHeaders,
+        common: pb.CommonResponse,
+    ) -> None:
+        """A translated call's answer leaves in the client's API: its body changes
+        length, and a 2xx body is translated as it comes (``on_response_body``)."""
+        client = charge.client_api
+        if client is None or msg.end_of_stream:
+            return
+        self.translate_errors = client
+        common.header_mutation.remove_headers.append("content-length")
+        if not headers.get(":status", "").startswith("2"):
+            return
+        encoding = headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            return  # the gateway asked for none; a compressed answer passes as it is
+        dep = self._policy.deployment(charge.priced_by)
+        self.translation = AnswerTranslation(
+            client,
+            sse=headers.get("content-type", "").lower().startswith("text/event-stream"),
+            model=dep.model if dep is not None else charge.group,
+            created=int(self._gateway.clock.wall()),
+            include_usage=charge.client_usage,
+        )
+
     async def on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         meter = self.meter
         reply = pb.ProcessingResponse(response_body=pb.BodyResponse())
@@ -258,6 +321,12 @@ class _Stream:
                 await self._gateway.record_health(sample, self._policy)
             if normalized is not None:
                 self._gateway.metrics.upstream_errors_normalized.inc()
+            if self.translate_errors == "anthropic":
+                normalized = translate_error(
+                    "anthropic", self.error_status, normalized or redacted or msg.body
+                )
+            elif self.translate_errors == "openai" and normalized is None:
+                normalized = translate_error("openai", self.error_status, redacted or msg.body)
             normalized = normalized or redacted
             if normalized is not None:
                 common = reply.response_body.response
@@ -269,6 +338,12 @@ class _Stream:
         if meter is None:
             return reply
         body = meter.feed(msg.body, end=msg.end_of_stream)
+        if self.translation is not None:
+            # Rule: metered on the deployment's bytes above, translated after
+            body = self.translation.feed(msg.body, end=msg.end_of_stream)
+            if not body:
+                reply.response_body.response.body_mutation.clear_body = True
+                body = None
         if body is not None:
             reply.response_body.response.body_mutation.body = body
         if msg.end_of_stream and self.charge is not None:

@@ -190,6 +190,10 @@ class Charge:
     failover: bool = False
     #: Fallback hops admission took to reach ``deployment``'s group.
     fallbacks: int = 0
+    #: The client's API when the call was translated into ``api`` (None: not
+    #: translated), and whether that client asked for a stream's usage chunk.
+    client_api: Api | None = None
+    client_usage: bool = False
 
     @property
     def priced_by(self) -> str:
@@ -215,6 +219,8 @@ class Charge:
         watch: Sequence[BudgetRef] = (),
         failover: bool = False,
         fallbacks: int = 0,
+        client_api: Api | None = None,
+        client_usage: bool = False,
     ) -> Charge:
         """A charge held under reservation id ``rid`` (rule: the caller draws the id;
         the core makes none)."""
@@ -237,6 +243,8 @@ class Charge:
             watch=tuple(watch),
             failover=failover,
             fallbacks=fallbacks,
+            client_api=client_api,
+            client_usage=client_usage,
         )
 
     def bounded(self, usage: Usage | None) -> tuple[Usage | None, bool]:
@@ -305,6 +313,8 @@ class Charge:
             and isinstance(v["fallbacks"], int)
             and not isinstance(v["fallbacks"], bool)
             and 0 <= v["fallbacks"] <= 64
+            and v["client_api"] in (None, "openai", "anthropic")
+            and isinstance(v["client_usage"], bool)
         )
         watch = v["watch"]
         if not ok or not isinstance(watch, list) or len(watch) > len(keys):
@@ -328,5 +338,5 @@ class Charge:
 _FIELDS = dataclasses.fields(Charge)
 #: The trailing fields added since the previous release, with their defaults: a
 #: rolling upgrade settles the charges the old processes admitted.
-_ADDED_DEFAULTS: dict[str, Any] = {"fallbacks": 0}
+_ADDED_DEFAULTS: dict[str, Any] = {"fallbacks": 0, "client_api": None, "client_usage": False}
 _SHORTEST = len(_FIELDS) - len(_ADDED_DEFAULTS)

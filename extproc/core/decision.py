@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +34,13 @@ from extproc.core.access import (
 from extproc.core.admission import CallIds, Plan, StoreFacts, plan_admission
 from extproc.core.budgets import BudgetRef, applicable_budgets
 from extproc.core.charges import Charge, deployment_budgets
-from extproc.core.endpoints import Requirement, lookup_endpoint, lookup_models
+from extproc.core.endpoints import (
+    TRANSLATED_PATHS,
+    EndpointSpec,
+    Requirement,
+    lookup_endpoint,
+    lookup_models,
+)
 from extproc.core.errors import (
     GatewayError,
     InvalidParameterError,
@@ -62,6 +69,7 @@ from extproc.core.providers import credential_edits
 from extproc.core.request import LLMRequest, RequestHead, parse_request
 from extproc.core.selection import RoutingView, context_tokens, fitting_group, select
 from extproc.core.sessions import SessionCap, session_cap
+from extproc.core.translate import chat_to_messages, messages_to_chat
 from extproc.core.usage import Usage
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 
@@ -146,6 +154,9 @@ class RouteDecision:
     asks_usage: bool = False
     #: Fallback hops the call took at admission (LiteLLM's ``attempted_fallbacks``).
     fallbacks: int = 0
+    #: The deployment speaks the other API: the body was translated, and the answer
+    #: is translated back (the charge says into which API).
+    translated: bool = False
 
 
 def _authenticate(head: RequestHead, policy: CompiledPolicy, now: datetime) -> Caller | None:
@@ -238,9 +249,11 @@ def prepare(
     config: GatewayConfig,
     *,
     now: datetime,
+    translate: bool = True,
 ) -> Prepared:
     """Parse and check one LLM request: everything that does not depend on which
-    deployment serves it (a GatewayError refuses it)."""
+    deployment serves it (a GatewayError refuses it). ``translate``: a call may go to
+    a deployment of the other API (the body can be rewritten: not under ext_authz)."""
     endpoint = head.endpoint
     if endpoint is None:
         raise UnknownRouteError(f"{head.path.split('?', 1)[0]} is not an LLM endpoint.")
@@ -270,7 +283,7 @@ def prepare(
             (d.provider for d in group.deployments),
             policy.access_groups,
         )
-    group = _serving(group, endpoint.requires, endpoint.name)
+    group = _serving(group, endpoint, translate=translate)
     metadata = request.body.get("metadata")
     check_request_rules(
         caller,
@@ -300,20 +313,54 @@ _REQUIREMENTS = {
 }
 
 
-def _serving(group: CompiledGroup, requirement: Requirement, endpoint: str) -> CompiledGroup:
-    """The group's deployments that can serve an endpoint with ``requirement``; a 400
-    when none can (never an upstream's 404 for an API it does not have)."""
-    if not requirement:
-        return group
-    serving = group.serving(requirement)
-    if not serving.deployments:
-        raise InvalidParameterError(
-            f"The model `{group.name[:256]}` cannot serve {endpoint}: it needs "
-            f"{_REQUIREMENTS[requirement]}.",
-            param="model",
-            code="unsupported_endpoint",
+def _serving(group: CompiledGroup, endpoint: EndpointSpec, *, translate: bool) -> CompiledGroup:
+    """The group's deployments that can serve an endpoint: they offer what it requires
+    and speak its API, or the API its calls translate into (where the body can be
+    rewritten); a 400 when none can (never an upstream's 404 for an API it does not
+    have)."""
+    serving = group.serving(endpoint.requires, _apis(endpoint, translate=translate))
+    if serving.deployments:
+        return serving
+    if endpoint.requires:
+        needs = _REQUIREMENTS[endpoint.requires]
+    elif endpoint.translates_to is not None:
+        needs = (
+            f"a deployment that speaks {_API_NAMES[endpoint.api]}'s API: calls are "
+            "translated only where the body can be rewritten (ext_proc, not ext_authz)"
         )
-    return serving
+    else:
+        needs = f"a deployment that speaks {_API_NAMES[endpoint.api]}'s API"
+    raise InvalidParameterError(
+        f"The model `{group.name[:256]}` cannot serve {endpoint.name}: it needs {needs}.",
+        param="model",
+        code="unsupported_endpoint",
+    )
+
+
+_API_NAMES = {"openai": "OpenAI", "anthropic": "Anthropic"}
+
+
+def _apis(endpoint: EndpointSpec, *, translate: bool) -> frozenset[str]:
+    if translate and endpoint.translates_to is not None:
+        return frozenset({endpoint.api, endpoint.translates_to})
+    return frozenset({endpoint.api})
+
+
+def keeper(
+    prepared: Prepared, *, rewrite_body: bool = True
+) -> Callable[[CompiledGroup], CompiledGroup]:
+    """Of another group the call may go to (a fallback, a larger context window), the
+    deployments that can serve its endpoint (``_serving``'s rule)."""
+    endpoint = prepared.request.endpoint
+    apis = _apis(endpoint, translate=rewrite_body)
+    return lambda group: group.serving(endpoint.requires, apis)
+
+
+def _call_tokens(prepared: Prepared) -> int:
+    """The call's input tokens for context-window checks; 0 for the token counter
+    (counting a prompt too large for a model is what it is for)."""
+    request = prepared.request
+    return context_tokens(request.body) if request.endpoint.metered else 0
 
 
 def _caller_budgets(
@@ -378,11 +425,20 @@ def route_to(
     """
     request, raw_body, group = prepared.request, prepared.raw, prepared.group
     endpoint = request.endpoint
+    translated = deployment.api != endpoint.api
+    if translated and not rewrite_body:
+        # never an untranslated call to another API's deployment (prepare keeps them out)
+        raise InvalidParameterError(
+            f"{endpoint.name} cannot reach deployment {deployment.id!r} here: it speaks "
+            "another API and the body cannot be rewritten.",
+            param="model",
+            code="unsupported_endpoint",
+        )
     # Rule: every edit splices a span of the one parse; the body is never scanned again.
-    edits: list[tuple[tuple[int, int], Any]] = [(request.model_span, deployment.model)]
+    edits: list[tuple[tuple[int, int], Any]] = [(request.model_span, deployment.body_model)]
     add_options: dict[str, Any] | None = None
     asks_usage = False
-    if rewrite_body and request.stream and endpoint.name in _USAGE_OPT_IN:
+    if rewrite_body and request.stream and endpoint.name in _USAGE_OPT_IN and not translated:
         options = request.body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage") is True):
             merged = {**options} if isinstance(options, dict) else {}
@@ -398,6 +454,9 @@ def route_to(
     body = splice(raw_body, edits) if rewrite_body else raw_body
     if add_options is not None:
         body = add_member(body, "stream_options", add_options)
+    if translated:
+        # another API's deployment: the whole body in its API (extproc.core.translate)
+        body = translate_request(request.body, endpoint.api, deployment.body_model, config)
     set_headers: list[tuple[str, str]] = [(config.cluster_header, deployment.cluster)]
     if failover is not None:
         set_headers = [
@@ -409,11 +468,11 @@ def route_to(
             set_headers.append((STREAM_HEADER, "1"))  # the route with the stream timeouts
         if failover.dynamic and call:
             set_headers.append((CALL_HEADER, call))  # the attempts' record of refusals
-    if deployment.api_base is not None:
-        # the provider's own path (its api_base's, Azure's deployment path)
-        set_headers.append((":path", deployment.path_for(prepared.head.path)))
     credential, remove = credential_edits(deployment.auth_header, deployment.auth_value)
     set_headers += credential
+    api_set, api_remove = _api_edits(prepared.head, deployment, translated=translated)
+    set_headers += api_set
+    remove += api_remove
     if rewrite_body:
         set_headers.append(("content-length", str(len(body))))
     # Usage is read from the response: ask the upstream for an uncompressed one.
@@ -460,7 +519,41 @@ def route_to(
         asks_usage=asks_usage,
         attempts=attempts,
         fallbacks=fallbacks,
+        translated=translated,
     )
+
+
+def _api_edits(
+    head: RequestHead, deployment: CompiledDeployment, *, translated: bool
+) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """The path and API headers the deployment's upstream expects: its provider's path
+    (api_base, Azure's deployment path), and for a translated call the other API's
+    endpoint and version header."""
+    if translated:
+        _, target = TRANSLATED_PATHS[deployment.api]
+        path = [(":path", deployment.path_for(target))]
+        if deployment.api == "openai":
+            return path, ("anthropic-version", "anthropic-beta")
+        if "anthropic-version" not in head.headers:
+            path.append(("anthropic-version", ANTHROPIC_VERSION))
+        return path, ()
+    if deployment.api_base is not None:
+        return [(":path", deployment.path_for(head.path))], ()
+    return [], ()
+
+
+#: The Anthropic API version a translated call asks for (the SDKs' current one).
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+def translate_request(body: dict[str, Any], api: str, model: str, config: GatewayConfig) -> bytes:
+    """A request body of ``api`` (the client's) in the other API's shape; a 400 for
+    what the other API cannot express."""
+    if api == "openai":
+        out = chat_to_messages(body, model, default_max_tokens=config.default_max_tokens)
+    else:
+        out = messages_to_chat(body, model)
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def session_of(prepared: Prepared, group: CompiledGroup) -> SessionCap | None:
@@ -470,7 +563,7 @@ def session_of(prepared: Prepared, group: CompiledGroup) -> SessionCap | None:
 
 
 def view_scope(
-    prepared: Prepared, policy: CompiledPolicy
+    prepared: Prepared, policy: CompiledPolicy, *, rewrite_body: bool = True
 ) -> tuple[CompiledGroup, list[CompiledDeployment]]:
     """The group (maybe a context-window fallback) and deployments whose state
     :func:`decide` reads: what the adapter reads into the :class:`RoutingView`. A 400
@@ -480,7 +573,8 @@ def view_scope(
     :func:`decide` refuses with that 400 when none of them can serve)."""
     group = prepared.group
     try:
-        return fitting_group(group, policy, context_tokens(prepared.request.body))
+        keep = keeper(prepared, rewrite_body=rewrite_body)
+        return fitting_group(group, policy, _call_tokens(prepared), keep)
     except GatewayError as err:
         if not (unserved(err) and group.fallbacks and not prepared.request.disable_fallbacks):
             raise
@@ -500,10 +594,13 @@ def _fallback_allowed(
     caller = prepared.caller
     sent = prepared.request.model
     enforce = caller is not None and policy.general.enforce_fallback_model_access
-    if not enforce and rewrite_body:
-        return lambda _: True
+    keep = keeper(prepared, rewrite_body=rewrite_body)
 
     def allowed(group: CompiledGroup) -> bool:
+        # Rule: a group some deployment of which could not serve the endpoint (its
+        # API, the Responses API) is not walked to
+        if len(keep(group).deployments) != len(group.deployments):
+            return False
         if not rewrite_body and any(d.model != sent for d in group.deployments):
             return False
         return not enforce or may_use(caller, group, policy)
@@ -526,24 +623,30 @@ def fallback_scope(
     call its group serves, read nothing more."""
     group = prepared.group
     request = prepared.request
-    if not group.fallbacks or request.disable_fallbacks:
+    if not group.fallbacks or request.disable_fallbacks or request.endpoint.requires:
         return []
-    tokens = context_tokens(request.body)
+    tokens = _call_tokens(prepared)
+    keep = keeper(prepared, rewrite_body=rewrite_body)
     try:
-        select(group, policy, view, lambda: 0.0, now=now.timestamp(), tokens=tokens)
+        select(group, policy, view, lambda: 0.0, now=now.timestamp(), tokens=tokens, keep=keep)
     except GatewayError as err:
         if not unserved(err):
             return []
         allowed = _fallback_allowed(prepared, policy, rewrite_body=rewrite_body)
-        return reachable(group, policy, tokens=tokens, allowed=allowed)
+        return reachable(group, policy, tokens=tokens, allowed=allowed, keep=keep)
     return []
 
 
 def _fits_every_attempt(
-    route: FailoverRoute, policy: CompiledPolicy, tokens: int, requirement: Requirement = ""
+    route: FailoverRoute,
+    policy: CompiledPolicy,
+    tokens: int,
+    requirement: Requirement = "",
+    api: str | None = None,
 ) -> bool:
     """Whether the call fits the context window of every deployment it may fail over
-    to (a class's fallbacks included), and each offers the API the endpoint requires."""
+    to (a class's fallbacks included), and each offers what the endpoint requires and
+    speaks ``api`` (the first deployment's: a retry's body is not translated again)."""
     for dep_id, _ in route.deployments():
         dep = policy.deployment(dep_id)
         if dep is None:
@@ -551,6 +654,8 @@ def _fits_every_attempt(
         if dep.context_window is not None and tokens > dep.context_window:
             return False
         if requirement and not dep.serves(requirement):
+            return False
+        if api is not None and dep.api != api:
             return False
     return True
 
@@ -611,6 +716,11 @@ def call_id(rid: str) -> str:
     return hashlib.blake2b(rid.encode(), digest_size=16, person=b"extproc-call").hexdigest()
 
 
+def _asks_usage_chunk(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
 def decide_admission(
     route: RouteDecision,
     policy: CompiledPolicy,
@@ -634,10 +744,14 @@ def decide_admission(
     key = route.caller.key if route.caller is not None else None
     share = policy.general.budget_alert_at
     request = route.request
+    translated = TRANSLATED_PATHS[dep.api][0] if route.translated else None
     charge = Charge.new(
         rid=ids.rid,
-        api=request.endpoint.api,
-        endpoint=request.endpoint.name,
+        # Rule: the usage is read from the provider's answer, before translation
+        api=dep.api if translated else request.endpoint.api,
+        endpoint=translated or request.endpoint.name,
+        client_api=request.endpoint.api if translated else None,
+        client_usage=_asks_usage_chunk(request.body),
         dep=dep,
         stream=request.stream,
         strip_usage=route.asks_usage,
@@ -685,7 +799,7 @@ def decide_route(
     of its fallbacks (:func:`fallback_scope`), or a refusal; its
     failover route when every attempt can take the call, and the header and body
     edits that send it there."""
-    tokens = context_tokens(prepared.request.body)
+    tokens = _call_tokens(prepared)
     endpoint = prepared.request.endpoint
     served = serve(
         prepared.group,
@@ -698,6 +812,7 @@ def decide_route(
         allowed=_fallback_allowed(prepared, policy, rewrite_body=rewrite_body),
         # an endpoint only some deployments offer stays in the group that offers it
         enabled=not prepared.request.disable_fallbacks and not endpoint.requires,
+        keep=keeper(prepared, rewrite_body=rewrite_body),
     )
     group, deployment = served.group, served.deployment
     if group is not prepared.group:
@@ -705,7 +820,7 @@ def decide_route(
     # an unmetered call (the token counter) is not failed over: no response reading
     failover = policy.failover.get(deployment.id) if endpoint.metered else None
     if failover is not None and not _fits_every_attempt(
-        failover, policy, tokens, endpoint.requires
+        failover, policy, tokens, endpoint.requires, deployment.api
     ):
         # a retry could land on a deployment too small for this call, or one without
         # the API it needs: no failover

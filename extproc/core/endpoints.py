@@ -20,6 +20,7 @@ __all__ = [
     "ENDPOINTS",
     "ENDPOINT_PATHS",
     "MODELS_PATH",
+    "TRANSLATED_PATHS",
     "EndpointSpec",
     "ModelsTarget",
     "Requirement",
@@ -70,6 +71,11 @@ class EndpointSpec(Protocol):
         """Whether a call is admitted and charged (False: routed only, never counted)."""
         ...
 
+    @property
+    def translates_to(self) -> Api | None:
+        """The other API a call to this endpoint can be translated into, if any."""
+        ...
+
 
 def _optional_str(body: dict[str, Any], container: str | None, key: str, param: str) -> str | None:
     source: Any = body
@@ -101,6 +107,8 @@ class JsonEndpoint:
     requires: Requirement = ""
     #: False: the call is routed only: no budget hold, charge, session count or limit.
     metered: bool = True
+    #: The other API this endpoint's calls translate into (extproc.core.translate).
+    translates_to: Api | None = None
 
     @property
     def user_param(self) -> str:
@@ -129,7 +137,7 @@ class JsonEndpoint:
 
 
 _SPECS: tuple[tuple[str, JsonEndpoint], ...] = (
-    ("/chat/completions", JsonEndpoint("chat_completions", "openai")),
+    ("/chat/completions", JsonEndpoint("chat_completions", "openai", translates_to="anthropic")),
     ("/completions", JsonEndpoint("completions", "openai", tool_shapes="completions")),
     ("/embeddings", JsonEndpoint("embeddings", "openai", can_stream=False, tool_shapes="none")),
     (
@@ -139,7 +147,11 @@ _SPECS: tuple[tuple[str, JsonEndpoint], ...] = (
     (
         "/messages",
         JsonEndpoint(
-            "messages", "anthropic", user_field=("metadata", "user_id"), tool_shapes="anthropic"
+            "messages",
+            "anthropic",
+            user_field=("metadata", "user_id"),
+            tool_shapes="anthropic",
+            translates_to="openai",
         ),
     ),
     # Anthropic's token counter: free, so neither charged nor counted (LiteLLM's too)
@@ -156,6 +168,12 @@ _SPECS: tuple[tuple[str, JsonEndpoint], ...] = (
         ),
     ),
 )
+
+#: The endpoint a translated call goes to, by the API it is translated into.
+TRANSLATED_PATHS: dict[Api, tuple[str, str]] = {
+    "anthropic": ("messages", "/v1/messages"),
+    "openai": ("chat_completions", "/v1/chat/completions"),
+}
 
 #: The prefix upstreams expect. The paths without it are accepted too, as LiteLLM does;
 #: Envoy's routes (``envoy.config``) add it before a request goes upstream.

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from extproc.core.errors import GatewayError
-from extproc.core.selection import Rng, RoutingView, fitting_group, select
+from extproc.core.selection import Keep, Rng, RoutingView, fitting_group, select
 from extproc.policy import CompiledDeployment, CompiledGroup, CompiledPolicy
 
 __all__ = ["UNSERVED", "Served", "reachable", "serve", "unserved"]
@@ -84,13 +84,16 @@ def serve(
     stream: bool = False,
     allowed: Allowed = lambda _: True,
     enabled: bool = True,
+    keep: Keep = lambda g: g,
 ) -> Served:
     """The group and deployment a call asking for ``group`` goes to: ``group``'s own
     :func:`~extproc.core.selection.select`, else the fallback walk; the asked group's
     refusal when nothing can serve. ``view`` must cover every group :func:`reachable`
     names (a deployment it does not know is taken as free)."""
     try:
-        found_group, dep = select(group, policy, view, rng, now=now, tokens=tokens, stream=stream)
+        found_group, dep = select(
+            group, policy, view, rng, now=now, tokens=tokens, stream=stream, keep=keep
+        )
         return Served(found_group, dep)
     except GatewayError as err:
         if not enabled or not unserved(err):
@@ -108,7 +111,7 @@ def serve(
             depth += 1
             try:
                 found_group, dep = select(
-                    fallback, policy, view, rng, now=now, tokens=tokens, stream=stream
+                    fallback, policy, view, rng, now=now, tokens=tokens, stream=stream, keep=keep
                 )
                 return Served(found_group, dep, depth)
             except GatewayError as err:
@@ -131,6 +134,7 @@ def reachable(
     *,
     tokens: int,
     allowed: Allowed = lambda _: True,
+    keep: Keep = lambda g: g,
 ) -> list[tuple[CompiledGroup, list[CompiledDeployment]]]:
     """Every fallback group :func:`serve` may try for a call asking for ``group``
     (without ``group`` itself), each with the deployments whose state it reads (a
@@ -149,7 +153,7 @@ def reachable(
             tried.add(fallback.name)
             depth += 1
             with contextlib.suppress(GatewayError):
-                out.append(fitting_group(fallback, policy, tokens))
+                out.append(fitting_group(fallback, policy, tokens, keep))
             walk(fallback, depth)
 
     walk(group, 0)

@@ -30,6 +30,7 @@ __all__ = [
     "ITERATIONS_REMAINING_FIELD",
     "LEASE_FIELD",
     "LEASE_NAMESPACE",
+    "UNMETERED_FIELD",
     "Lease",
     "check_parallel",
     "parallel_key",
@@ -45,6 +46,9 @@ ITERATIONS_LIMIT_FIELD = "iterations_limit"
 ITERATIONS_REMAINING_FIELD = "iterations_remaining"
 #: The budget reservation to settle on the response path (ext_authz → response filter).
 CHARGE_FIELD = "charge"
+#: Set instead of a charge on a call routed but not metered (the token counter): its
+#: answer is still redacted and stripped of the gateway's own headers.
+UNMETERED_FIELD = "unmetered"
 _HASH = re.compile(r"[0-9a-f]{64}")
 _MEMBER = re.compile(r"[0-9a-f]{32}")
 

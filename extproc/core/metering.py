@@ -12,10 +12,10 @@ import re
 from envoy.config.core.v3 import base_pb2
 
 from extproc.core.charges import Charge
-from extproc.core.leases import AUTHZ_NAMESPACE, CHARGE_FIELD
+from extproc.core.leases import AUTHZ_NAMESPACE, CHARGE_FIELD, UNMETERED_FIELD
 from extproc.core.usage import ResponseReader, Usage, event_data
 
-__all__ = ["ResponseMeter", "charge_from_metadata"]
+__all__ = ["ResponseMeter", "charge_from_metadata", "unmetered_in_metadata"]
 
 
 def charge_from_metadata(metadata: base_pb2.Metadata) -> Charge | None:
@@ -26,6 +26,13 @@ def charge_from_metadata(metadata: base_pb2.Metadata) -> Charge | None:
     if value is None or value.WhichOneof("kind") != "string_value":
         return None
     return Charge.parse(value.string_value)
+
+
+def unmetered_in_metadata(metadata: base_pb2.Metadata) -> bool:
+    """Whether the ext_authz decision routed an unmetered call (no charge to settle)."""
+    if AUTHZ_NAMESPACE not in metadata.filter_metadata:
+        return False
+    return UNMETERED_FIELD in metadata.filter_metadata[AUTHZ_NAMESPACE].fields
 
 
 def _usage_only(event: bytes) -> bool:

@@ -31,6 +31,7 @@ __all__ = [
     "MAX_FALLBACKS",
     "NO_DEPLOYMENTS",
     "STATEFUL",
+    "Keep",
     "RoutingView",
     "choose",
     "context_tokens",
@@ -111,12 +112,21 @@ def context_tokens(body: Mapping[str, Any]) -> int:
     return max(1, math.ceil(chars / 4))
 
 
+def _whole(group: CompiledGroup) -> CompiledGroup:
+    return group
+
+
+#: The deployments of a group that can serve the call's endpoint (``CompiledGroup.serving``).
+Keep = Callable[[CompiledGroup], CompiledGroup]
+
+
 def fitting_group(
-    group: CompiledGroup, policy: CompiledPolicy, tokens: int
+    group: CompiledGroup, policy: CompiledPolicy, tokens: int, keep: Keep = _whole
 ) -> tuple[CompiledGroup, list[CompiledDeployment]]:
     """The group that serves a call of ``tokens`` input tokens (``group`` or one of its
-    context-window fallbacks) and its deployments large enough for it; a 400
-    ``context_length_exceeded`` when there is none.
+    context-window fallbacks, of which only the deployments ``keep`` keeps) and its
+    deployments large enough for it; a 400 ``context_length_exceeded`` when there is
+    none.
 
     Rule: the router reads the view of exactly this group, and :func:`select` finds
     the same one again (both from the policy alone)."""
@@ -133,7 +143,10 @@ def fitting_group(
         if nxt is None:
             break
         tried.append(nxt.name)
-        group = nxt
+        kept = keep(nxt)
+        if not kept.deployments:
+            break  # none of it can serve this endpoint
+        group = kept
     largest = max((d.context_window or 0) for d in group.deployments)
     raise BadRequestError(
         f"This request (about {tokens} input tokens) exceeds the context window of every "
@@ -152,6 +165,7 @@ def select(
     now: float,
     tokens: int,
     stream: bool = False,
+    keep: Keep = _whole,
 ) -> tuple[CompiledGroup, CompiledDeployment]:
     """The group (``group`` or a context-window fallback) and deployment a call goes
     to, or a refusal: 400 ``context_length_exceeded``, 429
@@ -160,8 +174,8 @@ def select(
 
     ``now``: Unix time (the retry-after of a full minute); ``tokens``: the call's
     :func:`context_tokens`; ``stream``: latency-based routing compares time to first
-    token."""
-    group, fits = fitting_group(group, policy, tokens)
+    token; ``keep``: :func:`fitting_group`'s."""
+    group, fits = fitting_group(group, policy, tokens, keep)
     exhausted = exhausted_deployments(group, view.budgets, view.spends)
     empty = DeploymentState()
     states = {d.id: view.states.get(d.id, empty) for d in fits}

@@ -8,14 +8,16 @@ provider's Host header) and sends each call to the path the provider expects:
 - OpenAI's API (every provider but ``anthropic`` and ``azure``): the api_base's path
   replaces the ``/v1`` of the call's path, as the OpenAI SDK appends the endpoint to
   its ``base_url``: ``https://api.groq.com/openai/v1`` serves ``/v1/chat/completions``
-  at ``/openai/v1/chat/completions``.
+  at ``/openai/v1/chat/completions``; an api_base with no path keeps ``/v1``.
 - Anthropic (``provider: anthropic``): the api_base is the host, as in the Anthropic
   SDK (``https://api.anthropic.com``); its path, if any, comes before ``/v1/...``
   (a path ending in ``/v1`` is taken as the version itself).
 - Azure OpenAI (``provider: azure``): ``/openai/deployments/<model>/<endpoint>`` with
   ``api-version`` (the deployment's ``api_version``) in the query string; ``model``
-  is the Azure deployment name (a LiteLLM-style ``azure/`` prefix is dropped). An
-  api_base whose path is ``/openai/v1`` is Azure's v1 API, addressed like OpenAI's.
+  is the Azure deployment name (a LiteLLM-style ``azure/`` prefix is dropped). The
+  Responses API is ``/openai/responses?api-version=...``, the deployment named in the
+  body's ``model``. An api_base whose path is ``/openai/v1`` is Azure's v1 API,
+  addressed like OpenAI's.
 
 The client's query string is kept (Azure's ``api-version`` replaced). Rule: a path is
 always rebuilt from the endpoint the call names (the last segments of its path), so
@@ -69,6 +71,14 @@ class ApiBase:
         return self.scheme == "https"
 
     @property
+    def authority(self) -> str:
+        """The Host header the provider expects: the host, and the port unless the
+        scheme's own."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.tls else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
     def cluster(self) -> str:
         """The Envoy cluster the gateway makes for this scheme, host and port."""
         readable = re.sub(r"[^A-Za-z0-9_.-]", "_", self.host)[:80]
@@ -83,6 +93,8 @@ def parse_api_base(text: str) -> ApiBase:
     path; no credentials, query or fragment (a ValueError says which)."""
     if len(text) > 512 or not text.isascii() or not text.isprintable() or " " in text:
         raise ValueError("api_base must be a printable ASCII URL of at most 512 characters")
+    if "%" in text:
+        raise ValueError("api_base must not hold percent-encoded characters")
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https"):
         raise ValueError("api_base must start with https:// or http://")
@@ -100,6 +112,8 @@ def parse_api_base(text: str) -> ApiBase:
         port = parts.port
     except ValueError:
         raise ValueError("api_base has an invalid port") from None
+    if port == 0:
+        raise ValueError("api_base has an invalid port")
     path = parts.path.rstrip("/")
     if not _PATH.match(path or "/") or any(seg in (".", "..") for seg in path.split("/")):
         raise ValueError("api_base has an invalid path")
@@ -112,12 +126,19 @@ def check_api_version(value: str) -> str:
     return value
 
 
+_AZURE_DEPLOYMENT = re.compile(r"^(?:/[^?]*)?/openai/deployments/[^/?]+(/[^?]*)$")
+
+
 def endpoint_suffix(path: str) -> tuple[str, str] | None:
     """(the endpoint's path after the version, the query string) of a call's path,
-    whatever prefix it has (the client's ``/v1`` or a provider's); None for a path
-    that names no endpoint."""
+    whatever prefix it has (the client's ``/v1``, a provider's, Azure's deployment
+    path, whose name is never read as part of the endpoint); None for a path that
+    names no endpoint."""
     bare, _, query = path.partition("?")
     bare = bare.rstrip("/") if len(bare) > 1 else bare
+    azure = _AZURE_DEPLOYMENT.match(bare)
+    if azure is not None:
+        bare = azure.group(1)
     for suffix in _SUFFIXES:
         if bare.endswith(suffix):
             return suffix, query
@@ -142,10 +163,13 @@ def upstream_path(
         if api_version is not None:
             params.append(("api-version", api_version))
         root = base.path.removesuffix("/openai")
-        target = f"{root}/openai/deployments/{name}{suffix}"
+        if suffix == "/responses":
+            target = f"{root}/openai/responses"
+        else:
+            target = f"{root}/openai/deployments/{name}{suffix}"
         return f"{target}?{urlencode(params)}" if params else target
     elif provider == "anthropic":
         prefix = base.path if base.path.endswith("/v1") else f"{base.path}/v1"
     else:
-        prefix = base.path
+        prefix = base.path or "/v1"
     return f"{prefix}{suffix}?{query}" if query else f"{prefix}{suffix}"

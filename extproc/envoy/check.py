@@ -114,6 +114,17 @@ def _check_failover(clusters: dict[str, Any], policy: CompiledPolicy, report: Ch
             f"{len(stale)} composite cluster(s) list other attempts than the policy's "
             f"failover plan (e.g. {stale[0]}): regenerate the config with `extproc envoy-config`"
         )
+    limited = sorted(
+        r.composite
+        for r in policy.failover.values()
+        if r.composite in clusters and "max_retries" not in str(clusters[r.composite])
+    )
+    if limited:
+        report.warnings.append(
+            f"{len(limited)} composite cluster(s) keep Envoy's default circuit breaker of 3 "
+            f"concurrent retries (e.g. {limited[0]}): under load retries are dropped; "
+            "regenerate the config"
+        )
     if any(r.dynamic for r in policy.failover.values()) and HOP_CLUSTER not in clusters:
         report.errors.append(
             f"the policy has fallbacks by error class but the Envoy config has no "
@@ -166,12 +177,15 @@ def policy_warnings(policy: CompiledPolicy) -> list[str]:
     for group in policy.groups.values():
         apis = {d.api for d in group.deployments}
         if len(apis) > 1:
-            # an endpoint any deployment may serve reaches one of the other API as it is
-            endpoints = sorted({spec.name for spec in ENDPOINTS.values() if not spec.requires})
+            # chat completions and messages translate into each other (ext_proc only);
+            # the other endpoints go only to deployments of their own API
+            alone = sorted({spec.name for spec in ENDPOINTS.values() if spec.translates_to is None})
             out.append(
-                f"group {group.name!r} mixes Anthropic and OpenAI deployments: calls are "
-                f"not translated between the two APIs, so a call ({', '.join(endpoints)}) "
-                "that reaches a deployment of the other API fails there"
+                f"group {group.name!r} mixes Anthropic and OpenAI deployments: "
+                "chat_completions and messages calls are translated for a deployment of "
+                "the other API under ext_proc, but under ext_authz go only to deployments "
+                f"of their own API; {', '.join(alone)} calls go only to deployments of "
+                "their own API"
             )
     return out
 
@@ -190,6 +204,17 @@ def _check_hosts(
         any(k in r for k in ("auto_host_rewrite", "host_rewrite_literal", "host_rewrite_header"))
         for r in routes
     )
+    for dep in policy.deployments():
+        base, cluster = dep.api_base, clusters.get(dep.cluster)
+        if base is None or cluster is None:
+            continue
+        has_tls = "UpstreamTlsContext" in str(cluster.get("transport_socket") or {})
+        if (base.host, base.port) not in _cluster_ports(cluster) or has_tls != base.tls:
+            report.warnings.append(
+                f"deployment {dep.id!r} names api_base {base.scheme}://{base.host}:"
+                f"{base.port}, but cluster {dep.cluster!r} goes elsewhere or "
+                f"{'without' if base.tls else 'with'} TLS: regenerate the config"
+            )
     for name in sorted(used & clusters.keys()):
         cluster = clusters[name]
         dns = cluster.get("type") in ("LOGICAL_DNS", "STRICT_DNS")

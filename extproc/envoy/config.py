@@ -89,6 +89,13 @@ class Upstream:
     #: system's, :func:`system_ca_file`).
     ca_file: str | None = None
 
+    @property
+    def authority(self) -> str:
+        """The Host header it gets (``auto_host_rewrite``): its host, and its port
+        unless the scheme's own."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == (443 if self.tls else 80) else f"{host}:{self.port}"
+
 
 #: Where distributions keep the system's CA bundle (Debian/Ubuntu/Alpine, Fedora/RHEL,
 #: openSUSE, macOS/BSD).
@@ -159,7 +166,10 @@ def _cluster(name: str, upstream: Upstream, *, http2: bool = False) -> dict[str,
                                         "address": upstream.host,
                                         "port_value": upstream.port,
                                     }
-                                }
+                                },
+                                # Rule: the Host every attempt to it gets (routes
+                                # rewrite Host to it), a retry's too
+                                "hostname": upstream.authority,
                             }
                         }
                     ]
@@ -179,14 +189,14 @@ def _cluster(name: str, upstream: Upstream, *, http2: bool = False) -> dict[str,
     if upstream.tls:
         try:
             ipaddress.ip_address(upstream.host)
-            san = "IP_ADDRESS"
+            san, sni = "IP_ADDRESS", {}  # no SNI for an address (RFC 6066)
         except ValueError:
-            san = "DNS"
+            san, sni = "DNS", {"sni": upstream.host}
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
                 _TYPE: _API + "extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": upstream.host,
+                **sni,
                 # Rule: a TLS upstream proves it is the host: a certificate of a
                 # trusted CA that names it
                 "common_tls_context": {

@@ -85,6 +85,12 @@ class CompiledDeployment:
     api_base: ApiBase | None = None
     api_version: str | None = None
 
+    @property
+    def body_model(self) -> str:
+        """The model name the upstream's body gets (Azure's deployment name without a
+        LiteLLM-style ``azure/`` prefix)."""
+        return self.model.removeprefix("azure/") if self.provider == "azure" else self.model
+
     def path_for(self, path: str) -> str:
         """The upstream path of a call to ``path`` (see extproc.core.upstreams)."""
         return upstream_path(self.api_base, self.provider, self.model, self.api_version, path)
@@ -140,10 +146,12 @@ class CompiledGroup:
         """Every deployment is priced at zero: budget checks are skipped (LiteLLM)."""
         return all(d.prices is not None and d.prices.is_zero for d in self.deployments)
 
-    def serving(self, requirement: Requirement) -> CompiledGroup:
-        """This group with only the deployments that offer ``requirement`` (itself when
-        all do)."""
-        kept = tuple(d for d in self.deployments if d.serves(requirement))
+    def serving(
+        self, requirement: Requirement, apis: frozenset[str] = frozenset({"openai", "anthropic"})
+    ) -> CompiledGroup:
+        """This group with only the deployments that offer ``requirement`` and speak
+        one of ``apis`` (itself when all do)."""
+        kept = tuple(d for d in self.deployments if d.serves(requirement) and d.api in apis)
         if len(kept) == len(self.deployments):
             return self
         return dataclasses.replace(

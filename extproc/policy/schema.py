@@ -223,6 +223,23 @@ class Deployment(_Model):
         """The parsed ``api_base``."""
         return parse_api_base(self.api_base) if self.api_base is not None else None
 
+    @model_validator(mode="after")
+    def _azure_needs_a_version(self) -> Deployment:
+        """Azure's deployment paths take an ``api-version``; its v1 API (an api_base
+        ending in /openai/v1) does not."""
+        base = self.upstream
+        if (
+            self.provider == "azure"
+            and base is not None
+            and not base.path.endswith("/v1")
+            and self.api_version is None
+        ):
+            raise ValueError(
+                "an Azure OpenAI deployment with an api_base needs api_version (e.g. "
+                '"2024-10-21"), unless its api_base is Azure\'s v1 API (.../openai/v1)'
+            )
+        return self
+
 
 class RouterSettings(_Model):
     """Router-wide settings (LiteLLM's ``router_settings``)."""

@@ -49,6 +49,7 @@ from extproc.core.leases import (
     ITERATIONS_LIMIT_FIELD,
     ITERATIONS_REMAINING_FIELD,
     LEASE_FIELD,
+    UNMETERED_FIELD,
     Lease,
 )
 from extproc.core.metering import ResponseMeter
@@ -110,6 +111,8 @@ class Admission:
     lease: Lease | None = None
     iterations: IterationCount | None = None
     charge: Charge | None = None
+    #: Routed only (an endpoint that is not metered): no charge, nothing to settle.
+    unmetered: bool = False
 
     def metadata(self, *, with_charge: bool) -> dict[str, str]:
         """The dynamic metadata Envoy gets (strings: Envoy formats them verbatim).
@@ -124,6 +127,8 @@ class Admission:
             out[ITERATIONS_REMAINING_FIELD] = str(self.iterations.remaining)
         if with_charge and self.charge is not None:
             out[CHARGE_FIELD] = self.charge.token()
+        if with_charge and self.unmetered:
+            out[UNMETERED_FIELD] = "1"
         return out
 
 
@@ -227,10 +232,18 @@ class Gateway:
                 self.reload_policy()
 
     def _prepare(
-        self, head: RequestHead, raw: bytes, policy: CompiledPolicy, now: datetime
+        self,
+        head: RequestHead,
+        raw: bytes,
+        policy: CompiledPolicy,
+        now: datetime,
+        *,
+        rewrite_body: bool = True,
     ) -> tuple[Prepared, CompiledGroup, list[CompiledDeployment]]:
-        prepared = prepare(head, raw, policy, self.config, now=now)
-        group, deployments = view_scope(prepared, policy)
+        # Rule: a call is translated into the other API only where its body can be
+        # rewritten (not under ext_authz)
+        prepared = prepare(head, raw, policy, self.config, now=now, translate=rewrite_body)
+        group, deployments = view_scope(prepared, policy, rewrite_body=rewrite_body)
         if group is not prepared.group:
             log.debug("context window: %s too small, %s serves", prepared.group.name, group.name)
         return prepared, group, deployments
@@ -268,7 +281,9 @@ class Gateway:
         """Check the request, read what the store knows of the deployments that can
         take it (one store round trip), and let the core route it (no admission)."""
         now = self.clock.now()
-        prepared, group, deployments = self._prepare(head, raw, policy, now)
+        prepared, group, deployments = self._prepare(
+            head, raw, policy, now, rewrite_body=rewrite_body
+        )
         view, _ = await self._view(
             prepared, group, deployments, policy, now, rewrite_body=rewrite_body
         )
@@ -304,9 +319,12 @@ class Gateway:
         Rule: a call to an endpoint that is not metered (Anthropic's token counter) is
         routed only: no budget hold, charge, session count, limit or lease."""
         if head.endpoint is not None and not head.endpoint.metered:
-            return await self.route(head, raw, policy, rewrite_body=rewrite_body), Admission()
+            decision = await self.route(head, raw, policy, rewrite_body=rewrite_body)
+            return decision, Admission(unmetered=True)
         now = self.clock.now()
-        prepared, group, deployments = self._prepare(head, raw, policy, now)
+        prepared, group, deployments = self._prepare(
+            head, raw, policy, now, rewrite_body=rewrite_body
+        )
         view, read = await self._view(
             prepared, group, deployments, policy, now, rewrite_body=rewrite_body
         )
@@ -321,7 +339,9 @@ class Gateway:
             if not any(forgot):
                 raise
         now = self.clock.now()
-        prepared, group, deployments = self._prepare(head, raw, policy, now)
+        prepared, group, deployments = self._prepare(
+            head, raw, policy, now, rewrite_body=rewrite_body
+        )
         view, read = await self._view(
             prepared, group, deployments, policy, now, rewrite_body=rewrite_body
         )

@@ -111,18 +111,18 @@ def test_the_sdk_streams_from_the_content_policy_fallback(stack: Stack) -> None:
     import openai  # noqa: PLC0415
 
     stack.mocks.clear()
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
-    raw = client.chat.completions.with_raw_response.create(
-        model="guarded",
-        messages=[{"role": "user", "content": "hi"}],
-        stream=True,
-        extra_headers={"x-mock-fail": f"mock_a={REFUSAL}"},
-    )
-    chunks = list(raw.parse())
-    assert raw.headers["x-mock-upstream"] == "mock_b"
-    assert raw.headers["x-litellm-model-id"] == "lenient-b"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert models_seen(stack, "mock_b") == ["lenient-model"]
+    with openai.OpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="guarded",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            extra_headers={"x-mock-fail": f"mock_a={REFUSAL}"},
+        )
+        chunks = list(raw.parse())
+        assert raw.headers["x-mock-upstream"] == "mock_b"
+        assert raw.headers["x-litellm-model-id"] == "lenient-b"
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert models_seen(stack, "mock_b") == ["lenient-model"]
 
 
 def test_a_hung_retry_is_timed_out_and_cools_its_own_deployment(stack: Stack) -> None:

@@ -14,7 +14,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.integration.stack import POLICIES, Stack, start_stack
+from tests.integration.stack import POLICIES, Stack, post, start_stack
 
 MODES = ["ext_proc", "ext_authz"]
 MESSAGES: list[Any] = [{"role": "user", "content": "how many tokens is this?"}]
@@ -101,19 +101,48 @@ def test_the_responses_api_needs_a_deployment_that_has_it(
 ) -> None:
     stack = stacks[mode]
     stack.mocks.clear()
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-ends-all", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.responses.create(model="chat-only", input="hi")
-    assert refused.value.code == "unsupported_endpoint"
-    assert "/v1/chat/completions" in refused.value.message
-    assert stack.mocks.seen("mock_a") == []
-    with pytest.raises(openai.BadRequestError):
-        client.responses.create(model="claude", input="hi")
-    # OpenAI's own, and a compatible host that says it has the API
-    assert client.responses.create(model="gpt", input="hi").output_text
-    assert client.responses.create(model="compat-responses", input="hi").output_text
-    # the same groups still serve chat completions
-    chat = client.chat.completions.create(
-        model="chat-only", messages=[{"role": "user", "content": "hi"}]
+    with openai.OpenAI(base_url=f"{stack.url}/v1", api_key="sk-ends-all", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="chat-only", input="hi")
+        assert refused.value.code == "unsupported_endpoint"
+        assert "/v1/chat/completions" in refused.value.message
+        assert stack.mocks.seen("mock_a") == []
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model="claude", input="hi")
+        # OpenAI's own, and a compatible host that says it has the API
+        assert client.responses.create(model="gpt", input="hi").output_text
+        assert client.responses.create(model="compat-responses", input="hi").output_text
+        # the same groups still serve chat completions
+        chat = client.chat.completions.create(
+            model="chat-only", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert chat.choices[0].message.content
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_count_tokens_answers_are_redacted_and_never_leave_the_anthropic_group(
+    stacks: dict[str, Stack], mode: str
+) -> None:
+    stack = stacks[mode]
+    stack.mocks.clear()
+    body = json.dumps({"model": "claude", "messages": MESSAGES}).encode()
+    headers = {"x-api-key": "sk-ends-all", "content-type": "application/json"}
+    status, got, payload = post(
+        f"{stack.url}/v1/messages/count_tokens", body, {**headers, "x-mock-echo-key": "error"}
     )
-    assert chat.choices[0].message.content
+    assert status == 500
+    assert b"sk-test-c" not in payload
+    status, got, _ = post(
+        f"{stack.url}/v1/messages/count_tokens", body, {**headers, "x-mock-echo-key": "header"}
+    )
+    assert status == 200
+    assert "sk-test-c" not in got.get("x-mock-saw-key", "")
+    assert not [k for k in got if k.startswith("x-extproc-served")]
+    # a prompt larger than the group's window: counted by its Anthropic deployment,
+    # never sent to the context-window fallback (an OpenAI deployment)
+    stack.mocks.clear()
+    long = [{"role": "user", "content": "word " * 400}]
+    with claude(stack) as client:
+        assert client.messages.count_tokens(model="tiny-claude", messages=long).input_tokens > 20
+    assert len(stack.mocks.seen("mock_c")) == 1
+    assert stack.mocks.seen("mock_b") == []

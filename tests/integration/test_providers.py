@@ -211,29 +211,29 @@ def test_openai_and_compatible_hosts_get_their_path_host_and_sni(
 ) -> None:
     url, providers, _, mode = gateway
     providers.clear()
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-    for model in ("oai", "compat"):
-        reply = client.chat.completions.create(model=model, messages=MESSAGES)
-        assert reply.choices[0].message.content
-    seen = providers.seen("tls_one")
-    assert [s["path"] for s in seen] == ["/v1/chat/completions", "/openai/v1/chat/completions"]
-    assert {s["sni"] for s in seen} == {"localhost"}
-    assert {s["headers"]["Host"].split(":")[0] for s in seen} == {"localhost"}
-    assert {s["headers"]["Authorization"] for s in seen} == {"Bearer sk-test-a"}
-    if mode == "ext_proc":
-        assert [json.loads(s["body"])["model"] for s in seen] == ["gpt-up", "llama-up"]
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+        for model in ("oai", "compat"):
+            reply = client.chat.completions.create(model=model, messages=MESSAGES)
+            assert reply.choices[0].message.content
+        seen = providers.seen("tls_one")
+        assert [s["path"] for s in seen] == ["/v1/chat/completions", "/openai/v1/chat/completions"]
+        assert {s["sni"] for s in seen} == {"localhost"}
+        assert {s["headers"]["Host"].split(":")[0] for s in seen} == {"localhost"}
+        assert {s["headers"]["Authorization"] for s in seen} == {"Bearer sk-test-a"}
+        if mode == "ext_proc":
+            assert [json.loads(s["body"])["model"] for s in seen] == ["gpt-up", "llama-up"]
 
 
 def test_anthropic_gets_its_path_and_key(gateway: tuple[str, Providers, Path, str]) -> None:
     url, providers, _, _ = gateway
     providers.clear()
-    client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0)
-    reply = client.messages.create(model="claude", max_tokens=16, messages=MESSAGES)
-    assert reply.content
-    assert client.messages.count_tokens(model="claude", messages=MESSAGES).input_tokens > 0
-    seen = providers.seen("tls_one")
-    assert [s["path"] for s in seen] == ["/v1/messages", "/v1/messages/count_tokens"]
-    assert {s["headers"]["x-api-key"] for s in seen} == {"sk-test-a"}
+    with anthropic.Anthropic(base_url=url, api_key="x", max_retries=0) as client:
+        reply = client.messages.create(model="claude", max_tokens=16, messages=MESSAGES)
+        assert reply.content
+        assert client.messages.count_tokens(model="claude", messages=MESSAGES).input_tokens > 0
+        seen = providers.seen("tls_one")
+        assert [s["path"] for s in seen] == ["/v1/messages", "/v1/messages/count_tokens"]
+        assert {s["headers"]["x-api-key"] for s in seen} == {"sk-test-a"}
 
 
 def test_azure_gets_its_deployment_path_version_and_api_key(
@@ -241,23 +241,25 @@ def test_azure_gets_its_deployment_path_version_and_api_key(
 ) -> None:
     url, providers, _, _ = gateway
     providers.clear()
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(model="az", messages=MESSAGES)  # weight 0: az-1
-    assert reply.choices[0].message.content
-    (seen,) = providers.seen("tls_two")
-    assert seen["path"] == "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
-    assert seen["headers"]["api-key"] == "sk-test-b"
-    assert "Authorization" not in seen["headers"]
-    # az-1 fails: the retry goes to the OpenAI deployment with OpenAI's path
-    providers.clear()
-    raw = client.chat.completions.with_raw_response.create(
-        model="az", messages=MESSAGES, extra_headers={"x-mock-fail": "tls_two=500"}
-    )
-    assert raw.headers["x-litellm-model-id"] == "az-oai"
-    (retried,) = providers.seen("tls_one")
-    assert retried["path"].split("?")[0] == "/v1/chat/completions"
-    assert retried["headers"]["Authorization"] == "Bearer sk-test-a"
-    assert "api-key" not in retried["headers"]
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0) as client:
+        reply = client.chat.completions.create(model="az", messages=MESSAGES)  # weight 0: az-1
+        assert reply.choices[0].message.content
+        (seen,) = providers.seen("tls_two")
+        assert (
+            seen["path"] == "/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21"
+        )
+        assert seen["headers"]["api-key"] == "sk-test-b"
+        assert "Authorization" not in seen["headers"]
+        # az-1 fails: the retry goes to the OpenAI deployment with OpenAI's path
+        providers.clear()
+        raw = client.chat.completions.with_raw_response.create(
+            model="az", messages=MESSAGES, extra_headers={"x-mock-fail": "tls_two=500"}
+        )
+        assert raw.headers["x-litellm-model-id"] == "az-oai"
+        (retried,) = providers.seen("tls_one")
+        assert retried["path"].split("?")[0] == "/v1/chat/completions"
+        assert retried["headers"]["Authorization"] == "Bearer sk-test-a"
+        assert "api-key" not in retried["headers"]
 
 
 def test_a_certificate_from_another_ca_is_refused(
@@ -276,10 +278,10 @@ def test_a_certificate_from_another_ca_is_refused(
         with running(envoy, lambda: http_ok(f"http://127.0.0.1:{admin}/ready")):
             wait_for_extproc_healthy(f"http://127.0.0.1:{admin}")
             providers.clear()
-            client = openai.OpenAI(
+            with openai.OpenAI(
                 base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0
-            )
-            with pytest.raises(openai.APIStatusError) as refused:
-                client.chat.completions.create(model="oai", messages=MESSAGES)
-            assert refused.value.status_code == 503
-            assert providers.seen("tls_one") == []
+            ) as client:
+                with pytest.raises(openai.APIStatusError) as refused:
+                    client.chat.completions.create(model="oai", messages=MESSAGES)
+                assert refused.value.status_code == 503
+                assert providers.seen("tls_one") == []

@@ -46,21 +46,30 @@ def test_token_round_trip() -> None:
     assert Charge.parse(CHARGE.token()) == CHARGE
 
 
-def test_a_token_of_the_previous_release_parses_with_no_fallback_hops() -> None:
-    """A process not yet upgraded wrote its charges without the fallback hops (the last
-    field): during a rolling upgrade they are settled all the same."""
-    hopped = dataclasses.replace(CHARGE, failover=True, fallbacks=2)
-    old = json.loads(hopped.token())[:-1]
-    assert old[-1] is True  # the failover flag ends the old shape
-    assert Charge.parse(json.dumps(old)) == dataclasses.replace(hopped, fallbacks=0)
+def test_tokens_of_earlier_releases_parse_with_the_added_fields_defaulted() -> None:
+    """A process not yet upgraded wrote its charges without the fields added since
+    (the translation fields, and before them the fallback hops): during a rolling
+    upgrade they are settled all the same."""
+    hopped = dataclasses.replace(CHARGE, failover=True, fallbacks=2, client_api="anthropic")
+    previous = json.loads(hopped.token())[:-2]
+    assert previous[-1] == 2  # the fallback hops end the previous shape
+    assert Charge.parse(json.dumps(previous)) == dataclasses.replace(hopped, client_api=None)
+    older = previous[:-1]
+    assert older[-1] is True  # the failover flag ends the one before
+    expected = dataclasses.replace(hopped, fallbacks=0, client_api=None)
+    assert Charge.parse(json.dumps(older)) == expected
     assert Charge.parse(hopped.token()) == hopped
+
+
+_NAMES = [f.name for f in dataclasses.fields(Charge)]
+_FAILOVER, _HOPS, _CLIENT = (_NAMES.index(n) for n in ("failover", "fallbacks", "client_api"))
 
 
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda v: v[:-2],  # two fields short (one short is the previous release's)
-        lambda v: [*v[:-2], 1],  # the previous release's, a number for the failover flag
+        lambda v: v[:_FAILOVER],  # short of the oldest shape still read (it ends at failover)
+        lambda v: [*v[:_FAILOVER], 1],  # the oldest shape, a number for the failover flag
         lambda v: [*v, 1],  # one too many
         lambda v: ["short", *v[1:]],  # not a reservation id
         lambda v: [*v[:8], ["spend:key:x"], *v[9:]],  # a key without a tag
@@ -71,9 +80,11 @@ def test_a_token_of_the_previous_release_parses_with_no_fallback_hops() -> None:
         lambda v: [*v[:8], ["{spend}:key:x}"], *v[9:]],  # not as the builder writes it
         lambda v: [*v[:8], ["{spend}:key:%78"], *v[9:]],  # nor this ("x" spelled escaped)
         lambda v: [*v[:7], True, *v[8:]],  # a bool for the estimate
-        lambda v: [*v[:-2], 1, v[-1]],  # a number for the failover flag
-        lambda v: [*v[:-1], True],  # a bool for the fallback hops
-        lambda v: [*v[:-1], -1],  # fewer than none
+        lambda v: [*v[:_FAILOVER], 1, *v[_FAILOVER + 1 :]],  # a number for the failover flag
+        lambda v: [*v[:_HOPS], True, *v[_HOPS + 1 :]],  # a bool for the fallback hops
+        lambda v: [*v[:_HOPS], -1, *v[_HOPS + 1 :]],  # fewer than none
+        lambda v: [*v[:_CLIENT], "klingon", *v[_CLIENT + 1 :]],  # no API the gateway speaks
+        lambda v: [*v[: _CLIENT + 1], 1],  # a number for the usage-chunk flag
         lambda v: [*v[:10], "ratelimit-not", *v[11:]],
         lambda v: [*v[:10], "{t:key:x}:key:x:ratelimit:tpm", *v[11:]],  # not a key hash
         lambda v: [*v[:10], f"{{t:key:{'ab' * 32}}}:key:{'ab' * 32}:ratelimit:rpm", *v[11:]],
@@ -222,8 +233,9 @@ def test_watched_budgets_travel_in_the_token() -> None:
     )
     assert Charge.parse(charge.token()) == charge
     values = json.loads(charge.token())
-    watch = len(values) - 3  # the watched budgets, before the failover flag and hops
-    broken = [*values[:watch], [[*values[watch][0][:3], "lots", *values[watch][0][4:]]], False, 0]
+    watch = _NAMES.index("watch")
+    entry = values[watch][0]
+    broken = [*values[:watch], [[*entry[:3], "lots", *entry[4:]]], *values[watch + 1 :]]
     assert Charge.parse(json.dumps(broken)) is None  # a limit that is no number
     other = ["key", "other", "API key other", None, "1", None, None, None]
     foreign = [*values[:watch], [other], False, 0]

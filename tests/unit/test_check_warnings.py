@@ -54,9 +54,8 @@ def test_a_group_mixing_the_two_apis_is_warned() -> None:
     warnings = policy_warnings(compiled(dep("a"), dep("b", provider="anthropic")))
     (mixed,) = warnings
     assert "mixes Anthropic and OpenAI" in mixed
-    assert "chat_completions" in mixed
-    assert "messages" in mixed
-    assert "count_tokens" not in mixed  # only ever goes to the Anthropic deployment
+    assert "translated for a deployment of the other API under ext_proc" in mixed
+    assert "embeddings" in mixed  # not translatable
 
 
 def test_check_prints_policy_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -87,3 +86,39 @@ def test_a_dns_upstream_without_host_rewrite_is_warned() -> None:
             del cluster["transport_socket"]["typed_config"]["common_tls_context"]
     warnings = check_envoy_config(yaml.safe_dump(unverified), policy, Settings()).warnings
     assert any("does not verify" in w for w in warnings), warnings
+
+
+def test_a_cluster_elsewhere_than_its_api_base_is_warned() -> None:
+    policy = compiled(dep("a", cluster=None, api_base="https://api.example.com/v1"))
+    cluster = policy.deployments()[0].cluster
+    right = render_envoy_config({cluster: Upstream("api.example.com", 443, tls=True, ca_file="/c")})
+    assert not any("api_base" in w for w in check_envoy_config(right, policy, Settings()).warnings)
+    plain = render_envoy_config({cluster: Upstream("api.example.com", 443)})
+    warnings = check_envoy_config(plain, policy, Settings()).warnings
+    assert any("without TLS" in w for w in warnings), warnings
+
+
+def test_composites_with_envoys_retry_breaker_are_warned() -> None:
+    policy = compile_policy(
+        parse_policy(
+            {
+                "model_groups": [
+                    {
+                        "name": "g",
+                        "num_retries": 1,
+                        "deployments": [dep("a"), dep("b")],
+                    }
+                ]
+            }
+        )
+    )
+    clusters = {c: Upstream("127.0.0.1", 1) for c in ("c_a", "c_b")}
+    text = render_envoy_config(clusters, failover=policy.failover)
+    assert not any(
+        "circuit breaker" in w for w in check_envoy_config(text, policy, Settings()).warnings
+    )
+    config = yaml.safe_load(text)
+    for cluster in config["static_resources"]["clusters"]:
+        cluster.pop("circuit_breakers", None)
+    warnings = check_envoy_config(yaml.safe_dump(config), policy, Settings()).warnings
+    assert any("circuit breaker" in w for w in warnings), warnings

@@ -46,7 +46,9 @@ def call(
         hdrs[header] = f"Bearer {key}" if header == "authorization" else key
     head = RequestHead("POST", path, hdrs)
     decide_head(head, CONFIG, policy, NOW, has_body=True)
-    raw = json.dumps({"model": model, "messages": [], **(extra or {})}).encode()
+    # a real conversation: a call to an Anthropic group (claude) is translated
+    messages = [{"role": "user", "content": "hi"}]
+    raw = json.dumps({"model": model, "messages": messages, **(extra or {})}).encode()
     return decide_request(head, raw, policy, CONFIG, lambda: 0.1, now=NOW)
 
 

@@ -20,7 +20,7 @@ from extproc.policy import PolicyError, parse_policy
             "/v1/chat/completions",
             "/openai/v1/chat/completions",
         ),
-        ("http://vllm:8000", "vllm", "/v1/completions", "/completions"),
+        ("http://vllm:8000", "vllm", "/v1/completions", "/v1/completions"),  # no path: /v1
         ("https://api.anthropic.com", "anthropic", "/v1/messages", "/v1/messages"),
         ("https://api.anthropic.com/v1", "anthropic", "/messages", "/v1/messages"),
         (
@@ -41,6 +41,12 @@ from extproc.policy import PolicyError, parse_policy
             "/v1/embeddings",
             "/openai/deployments/prod%2F4o/embeddings?api-version=2024-10-21",
         ),
+        (
+            "https://r.openai.azure.com",
+            "azure",
+            "/v1/responses",
+            "/openai/responses?api-version=2024-10-21",
+        ),
         # Azure's v1 API is addressed like OpenAI's
         ("https://r.openai.azure.com/openai/v1", "azure", "/v1/responses", "/openai/v1/responses"),
     ],
@@ -58,6 +64,9 @@ def test_a_retry_rebuilds_the_path_from_the_endpoint() -> None:
     assert upstream_path(None, "openai", "m", None, "/openai/v1/embeddings") == "/v1/embeddings"
     assert endpoint_suffix("/v1/messages/count_tokens") == ("/messages/count_tokens", "")
     assert endpoint_suffix("/v1/models") is None
+    # an Azure deployment named like an endpoint is not read as one
+    named = "/openai/deployments/chat/completions?api-version=1"
+    assert endpoint_suffix(named) == ("/completions", "api-version=1")
 
 
 @pytest.mark.parametrize(
@@ -74,6 +83,9 @@ def test_a_retry_rebuilds_the_path_from_the_endpoint() -> None:
         "https://\u00e9.example",
         "https://" + "a" * 600,
         "https:///v1",
+        "https://api.openai.com:0/v1",
+        "https://api.openai.com/%2e%2e/v1",
+        "https://[fe80::1%25eth0]/v1",
     ],
 )
 def test_bad_api_bases_are_refused(bad: str) -> None:
