@@ -18,6 +18,9 @@ deployment) and the same load:
   c0 Envoy + this server with bench/policy-routing.yaml: the same deployments and
      prices, no key, cap or budget, so no store call (what the adapters and routing
      cost over the floor);
+  t  as c0, but the deployments speak Anthropic's API (bench/policy-translate.yaml):
+     every call of the load is translated (request, answer, stream) by the server;
+     t beside c0 is the cost of a translated call beside an untranslated one;
   c' the same server and policy through the ext_authz variant (--skip-authz drops it);
   d  the LiteLLM proxy (pinned version, installed on first run into
      bench/.litellm-venv), one worker, no database: three deployments with weights,
@@ -786,6 +789,8 @@ def ratios(rows: list[Row]) -> str:
         f"| server CPU per request c/b | {_ratio(cpu('c'), cpu('b'))} |\n"
         f"| throughput c0/b (routing only vs the floor) | {_ratio(rps('c0'), rps('b'))} |\n"
         f"| server CPU per request c0/b | {_ratio(cpu('c0'), cpu('b'))} |\n"
+        f"| server CPU per request t/c0 (translated vs not) | {_ratio(cpu('t'), cpu('c0'))} |\n"
+        f"| throughput t/c0 | {_ratio(rps('t'), rps('c0'))} |\n"
     )
 
 
@@ -803,6 +808,9 @@ ROW_NOTES = {
     "c0": "Envoy + this server, bench/policy-routing.yaml: the same three deployments, "
     "weights and prices, no virtual key, session cap or budget (so no store call): "
     "request parsing, weighted routing, the body rewrite, usage metering and pricing.",
+    "t": "as c0 with bench/policy-translate.yaml: the three deployments speak "
+    "Anthropic's API, so every OpenAI chat call is translated into an Anthropic messages "
+    "call and its answer (JSON, or the stream event by event) back into OpenAI's.",
     "c'": "the same server and policy through Envoy's ext_authz (unary Check with the "
     "body) plus the response-only ext_proc filter that settles the charge.",
     "d": "LiteLLM proxy, one worker, no database: the three deployments with weights "
@@ -985,6 +993,7 @@ class Bench:
             self.envoy_alone()
             self.noop()
             self.routing_only()
+            self.translated()
             self.server()
             if litellm is not None:
                 self.litellm(litellm)
@@ -1052,6 +1061,19 @@ class Bench:
             with envoy(self.workdir, "envoy-c0", config, admin, gated=True) as proxy:
                 label = "Envoy + this server (ext_proc), routing only"
                 self.measure("c0", label, listen, [_pid(server)], _pid(proxy))
+
+    def translated(self) -> None:
+        """Row t: row c0 with deployments of the other API, every call translated."""
+        grpc_port, admin_port = free_port(), free_port()
+        server = self._server(
+            "server-translate", "policy-translate.yaml", "memory://", grpc_port, admin_port
+        )
+        with running(server, lambda: http_ok(f"http://127.0.0.1:{admin_port}/healthz")):
+            listen, admin = free_port(), free_port()
+            config = server_envoy_config("ext_proc", listen, admin, grpc_port, self.mock_ports)
+            with envoy(self.workdir, "envoy-t", config, admin, gated=True) as proxy:
+                label = "Envoy + this server (ext_proc), routing only, translated"
+                self.measure("t", label, listen, [_pid(server)], _pid(proxy))
 
     def server(self) -> None:
         grpc_port, admin_port = free_port(), free_port()
