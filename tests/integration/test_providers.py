@@ -285,3 +285,45 @@ def test_a_certificate_from_another_ca_is_refused(
                     client.chat.completions.create(model="oai", messages=MESSAGES)
                 assert refused.value.status_code == 503
                 assert providers.seen("tls_one") == []
+
+
+def test_extproc_up_runs_a_policy_of_real_providers_in_one_step(tmp_path: Path) -> None:
+    """`extproc up --policy` with deployments that name their provider: no mock is
+    started, and calls go to the provider (here a local HTTPS upstream)."""
+    from tests.integration.test_lifecycle import running_up  # noqa: PLC0415
+
+    cert, key = make_cert(tmp_path, "provider")
+    port = free_port()
+    args = ["--upstream", f"prov=127.0.0.1:{port}:TEST_KEY_A"]
+    args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+    mock = Proc("mock", extproc_argv("mock", *args), tmp_path / "mock.log", env=KEYS)
+    policy = tmp_path / "real.yaml"
+    deployment = {
+        "id": "real-1",
+        "model": "gpt-up",
+        "api_base": f"https://localhost:{port}/v1",
+        "credential": {"env": "TEST_KEY_A"},
+    }
+    policy.write_text(
+        yaml.safe_dump({"model_groups": [{"name": "auto", "deployments": [deployment]}]})
+    )
+    providers = Providers({"prov": port}, cert)
+    with (
+        running(mock, lambda: port_open(port)),
+        running_up(
+            tmp_path,
+            "--policy",
+            str(policy),
+            "--upstream-ca",
+            str(cert),
+            "--state-dir",
+            str(tmp_path / "state"),
+            env=KEYS,
+        ) as up,
+        openai.OpenAI(base_url=f"{up.url}/v1", api_key="x", max_retries=0) as client,
+    ):
+        assert client.chat.completions.create(model="auto", messages=MESSAGES).choices
+        (seen,) = providers.seen("prov")
+        assert (seen["path"], seen["sni"]) == ("/v1/chat/completions", "localhost")
+        # nothing to mock: no mock listens where `extproc up` puts them
+        assert not any(port_open(p) for p in up.ports[-3:])
