@@ -1051,29 +1051,21 @@ class Bench:
     def routing_only(self) -> None:
         """Row c0: the server with no key, cap or budget (it makes no store call): what
         the adapters, parsing, routing and usage metering cost over the floor."""
-        grpc_port, admin_port = free_port(), free_port()
-        server = self._server(
-            "server-routing", "policy-routing.yaml", "memory://", grpc_port, admin_port
-        )
-        with running(server, lambda: http_ok(f"http://127.0.0.1:{admin_port}/healthz")):
-            listen, admin = free_port(), free_port()
-            config = server_envoy_config("ext_proc", listen, admin, grpc_port, self.mock_ports)
-            with envoy(self.workdir, "envoy-c0", config, admin, gated=True) as proxy:
-                label = "Envoy + this server (ext_proc), routing only"
-                self.measure("c0", label, listen, [_pid(server)], _pid(proxy))
+        self._storeless("c0", "policy-routing.yaml", "routing only")
 
     def translated(self) -> None:
         """Row t: row c0 with deployments of the other API, every call translated."""
+        self._storeless("t", "policy-translate.yaml", "routing only, translated")
+
+    def _storeless(self, key: str, policy: str, what: str) -> None:
         grpc_port, admin_port = free_port(), free_port()
-        server = self._server(
-            "server-translate", "policy-translate.yaml", "memory://", grpc_port, admin_port
-        )
+        server = self._server(f"server-{key}", policy, "memory://", grpc_port, admin_port)
         with running(server, lambda: http_ok(f"http://127.0.0.1:{admin_port}/healthz")):
             listen, admin = free_port(), free_port()
             config = server_envoy_config("ext_proc", listen, admin, grpc_port, self.mock_ports)
-            with envoy(self.workdir, "envoy-t", config, admin, gated=True) as proxy:
-                label = "Envoy + this server (ext_proc), routing only, translated"
-                self.measure("t", label, listen, [_pid(server)], _pid(proxy))
+            with envoy(self.workdir, f"envoy-{key}", config, admin, gated=True) as proxy:
+                label = f"Envoy + this server (ext_proc), {what}"
+                self.measure(key, label, listen, [_pid(server)], _pid(proxy))
 
     def server(self) -> None:
         grpc_port, admin_port = free_port(), free_port()
