@@ -223,8 +223,6 @@ class _Stream:
         common = reply.response_headers.response
         if _redact_headers(msg, self._policy.redactor, common):
             self._gateway.metrics.credentials_redacted.labels("header").inc()
-        if charge.client_api is not None:
-            self._translate(charge, headers, msg, common)
         answer = decide_response(
             charge,
             headers,
@@ -233,6 +231,9 @@ class _Stream:
             now=self._gateway.clock.wall(),
         )
         charge = self.charge = answer.charge
+        if charge.client_api is not None:
+            # after decide_response: a retry's answer names the deployment that served
+            self._translate(charge, headers, msg, common)
         common.header_mutation.remove_headers.extend(answer.remove_headers)
         common.header_mutation.set_headers.extend(
             header_option(k, v) for k, v in answer.set_headers
@@ -334,6 +335,11 @@ class _Stream:
                 common.header_mutation.set_headers.append(
                     header_option("content-length", str(len(normalized)))
                 )
+                if self.translate_errors is not None:
+                    # the client's error shape is JSON, whatever the upstream said
+                    common.header_mutation.set_headers.append(
+                        header_option("content-type", "application/json")
+                    )
             return reply
         if meter is None:
             return reply

@@ -274,6 +274,11 @@ class Charge:
             [_ref_token(ref) for ref in self.watch] if f.name == "watch" else getattr(self, f.name)
             for f in _FIELDS
         ]
+        # Rule: trailing fields added since an older release are left out while they
+        # hold their defaults, so a process not yet upgraded still reads the token
+        names = [f.name for f in _FIELDS]
+        while len(values) > _SHORTEST and values[-1] == _ADDED_DEFAULTS[names[len(values) - 1]]:
+            values.pop()
         return json.dumps(values, separators=(",", ":"))
 
     @classmethod

@@ -42,6 +42,7 @@ from extproc.core.endpoints import (
     lookup_models,
 )
 from extproc.core.errors import (
+    BadRequestError,
     GatewayError,
     InvalidParameterError,
     MethodNotAllowedError,
@@ -283,7 +284,7 @@ def prepare(
             (d.provider for d in group.deployments),
             policy.access_groups,
         )
-    group = _serving(group, endpoint, translate=translate)
+    group = _serving(group, endpoint, translate=translate, body=request.body)
     metadata = request.body.get("metadata")
     check_request_rules(
         caller,
@@ -313,12 +314,28 @@ _REQUIREMENTS = {
 }
 
 
-def _serving(group: CompiledGroup, endpoint: EndpointSpec, *, translate: bool) -> CompiledGroup:
+def _serving(
+    group: CompiledGroup,
+    endpoint: EndpointSpec,
+    *,
+    translate: bool,
+    body: dict[str, Any] | None = None,
+) -> CompiledGroup:
     """The group's deployments that can serve an endpoint: they offer what it requires
     and speak its API, or the API its calls translate into (where the body can be
     rewritten); a 400 when none can (never an upstream's 404 for an API it does not
-    have)."""
-    serving = group.serving(endpoint.requires, _apis(endpoint, translate=translate))
+    have).
+
+    Rule: in a group of both APIs, a call the other API cannot express (``n`` > 1,
+    ``response_format``, a server tool) goes to deployments of its own: never a 400 or
+    not by the routing draw."""
+    apis = _apis(endpoint, translate=translate)
+    if len(apis) > 1 and body is not None and len({d.api for d in group.deployments}) > 1:
+        try:
+            translate_request(body, endpoint.api, "model", GatewayConfig())
+        except BadRequestError:
+            apis = frozenset({endpoint.api})
+    serving = group.serving(endpoint.requires, apis)
     if serving.deployments:
         return serving
     if endpoint.requires:
@@ -456,7 +473,9 @@ def route_to(
         body = add_member(body, "stream_options", add_options)
     if translated:
         # another API's deployment: the whole body in its API (extproc.core.translate)
-        body = translate_request(request.body, endpoint.api, deployment.body_model, config)
+        body = translate_request(
+            request.body, endpoint.api, deployment.body_model, config, deployment
+        )
     set_headers: list[tuple[str, str]] = [(config.cluster_header, deployment.cluster)]
     if failover is not None:
         set_headers = [
@@ -546,13 +565,26 @@ def _api_edits(
 ANTHROPIC_VERSION = "2023-06-01"
 
 
-def translate_request(body: dict[str, Any], api: str, model: str, config: GatewayConfig) -> bytes:
+def translate_request(
+    body: dict[str, Any],
+    api: str,
+    model: str,
+    config: GatewayConfig,
+    deployment: CompiledDeployment | None = None,
+) -> bytes:
     """A request body of ``api`` (the client's) in the other API's shape; a 400 for
-    what the other API cannot express."""
+    what the other API cannot express. Anthropic requires ``max_tokens``: a chat call
+    naming none gets the gateway's default, at most the deployment's largest answer;
+    OpenAI and Azure read ``max_completion_tokens``, compatible hosts ``max_tokens``."""
     if api == "openai":
-        out = chat_to_messages(body, model, default_max_tokens=config.default_max_tokens)
+        default = config.default_max_tokens
+        if deployment is not None and deployment.max_output_tokens is not None:
+            default = min(default, deployment.max_output_tokens)
+        out = chat_to_messages(body, model, default_max_tokens=default)
     else:
-        out = messages_to_chat(body, model)
+        native = deployment is None or deployment.provider in ("openai", "azure")
+        param = "max_completion_tokens" if native else "max_tokens"
+        out = messages_to_chat(body, model, max_tokens_param=param)
     return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode()
 
 

@@ -113,7 +113,9 @@ class ResponseMeter:
         if end or (self._left is not None and self._left <= 0):
             self._complete = True
         elif self._sse and not self._complete:
-            self._complete = any(_terminal(event) for event in events)
+            # Rule: an OpenAI stream's usage chunk ends what is billable (only [DONE]
+            # follows it): a client that hangs up after it pays as one that waited
+            self._complete = any(_terminal(event) or _usage_only(event) for event in events)
         if not was_rewriting:
             return None
         out = b"".join(event + b"\n\n" for event in events if not _usage_only(event))

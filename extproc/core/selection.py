@@ -137,16 +137,18 @@ def fitting_group(
         ]
         if fits:
             return group, fits
-        nxt = next(
-            (policy.groups[n] for n in group.context_window_fallbacks if n not in tried), None
-        )
+        nxt = None
+        for name in group.context_window_fallbacks:
+            if name in tried:
+                continue
+            tried.append(name)
+            kept = keep(policy.groups[name])
+            if kept.deployments:  # else none of it can serve this endpoint: the next
+                nxt = kept
+                break
         if nxt is None:
             break
-        tried.append(nxt.name)
-        kept = keep(nxt)
-        if not kept.deployments:
-            break  # none of it can serve this endpoint
-        group = kept
+        group = nxt
     largest = max((d.context_window or 0) for d in group.deployments)
     raise BadRequestError(
         f"This request (about {tokens} input tokens) exceeds the context window of every "

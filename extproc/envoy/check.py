@@ -174,6 +174,14 @@ def policy_warnings(policy: CompiledPolicy) -> list[str]:
                 "knows; it is called as an OpenAI-compatible API (Authorization: Bearer, "
                 "OpenAI's paths)"
             )
+    for dep_id, route in sorted(policy.failover.items()):
+        reached = {d.api for i, _ in route.deployments() if (d := policy.deployment(i)) is not None}
+        if len(reached) > 1:
+            out.append(
+                f"deployment {dep_id!r}: its failover route reaches deployments of both "
+                "APIs (a fallback group of the other), so its calls are not failed over "
+                "in the request (a retry's body is not translated)"
+            )
     for group in policy.groups.values():
         apis = {d.api for d in group.deployments}
         if len(apis) > 1:

@@ -181,6 +181,7 @@ def test_errors_come_in_the_clients_shape(stack: Stack) -> None:
     body = limited.value.body
     assert isinstance(body, dict)
     assert body["type"] == "rate_limit_error"  # the SDK hands over the error object
+    assert limited.value.response.headers["content-type"] == "application/json"
     with claude(stack) as other, pytest.raises(anthropic.InternalServerError) as failed:
         other.messages.create(
             model="gpt-only",
@@ -217,3 +218,23 @@ def test_ext_authz_translates_nothing(stacks: dict[str, Stack]) -> None:
             assert client.chat.completions.create(model="both", messages=HI).choices
     assert len(stack.mocks.seen("mock_openai_only")) == 10
     assert stack.mocks.seen("mock_anthropic_only") == []
+
+
+def test_a_call_only_its_own_api_can_express_is_never_refused_by_the_draw(stack: Stack) -> None:
+    with gpt(stack) as client:
+        for _ in range(12):
+            reply = client.chat.completions.create(model="both", messages=HI, n=2)
+            assert len(reply.choices) == 2
+    assert stack.mocks.seen("mock_anthropic_only") == []
+    assert len(stack.mocks.seen("mock_openai_only")) == 12
+
+
+def test_a_retry_answer_names_the_deployment_that_served(stack: Stack) -> None:
+    with gpt(stack) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="claude-ha",
+            messages=HI,
+            extra_headers={"x-mock-fail": "mock_anthropic_only=529"},
+        )
+        assert raw.headers["x-litellm-model-id"] == "cha-2"
+        assert raw.parse().model == "up-claude-2"

@@ -46,17 +46,30 @@ def test_token_round_trip() -> None:
     assert Charge.parse(CHARGE.token()) == CHARGE
 
 
+def test_trailing_defaults_are_left_out_so_older_processes_read_the_token() -> None:
+    plain = dataclasses.replace(CHARGE, failover=True, fallbacks=0)
+    values = json.loads(plain.token())
+    assert values[-1] is True  # ends at the failover flag: the shape two releases read
+    assert Charge.parse(plain.token()) == plain
+    hopped = dataclasses.replace(plain, fallbacks=3)
+    assert json.loads(hopped.token())[-1] == 3  # the previous release's shape
+    assert Charge.parse(hopped.token()) == hopped
+
+
 def test_tokens_of_earlier_releases_parse_with_the_added_fields_defaulted() -> None:
     """A process not yet upgraded wrote its charges without the fields added since
     (the translation fields, and before them the fallback hops): during a rolling
     upgrade they are settled all the same."""
-    hopped = dataclasses.replace(CHARGE, failover=True, fallbacks=2, client_api="anthropic")
+    hopped = dataclasses.replace(
+        CHARGE, failover=True, fallbacks=2, client_api="anthropic", client_usage=True
+    )
     previous = json.loads(hopped.token())[:-2]
     assert previous[-1] == 2  # the fallback hops end the previous shape
-    assert Charge.parse(json.dumps(previous)) == dataclasses.replace(hopped, client_api=None)
+    expected = dataclasses.replace(hopped, client_api=None, client_usage=False)
+    assert Charge.parse(json.dumps(previous)) == expected
     older = previous[:-1]
     assert older[-1] is True  # the failover flag ends the one before
-    expected = dataclasses.replace(hopped, fallbacks=0, client_api=None)
+    expected = dataclasses.replace(hopped, fallbacks=0, client_api=None, client_usage=False)
     assert Charge.parse(json.dumps(older)) == expected
     assert Charge.parse(hopped.token()) == hopped
 
@@ -92,7 +105,10 @@ _FAILOVER, _HOPS, _CLIENT = (_NAMES.index(n) for n in ("failover", "fallbacks", 
     ],
 )
 def test_foreign_or_malformed_tokens_are_refused(mutate: object) -> None:
-    values = json.loads(CHARGE.token())
+    # every field written: no trailing default left out
+    full = dataclasses.replace(CHARGE, fallbacks=1, client_api="openai", client_usage=True)
+    values = json.loads(full.token())
+    assert len(values) == len(_NAMES)
     assert Charge.parse(json.dumps(mutate(values))) is None  # type: ignore[operator]
 
 

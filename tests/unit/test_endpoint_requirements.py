@@ -46,7 +46,10 @@ NOW = datetime(2026, 12, 1, tzinfo=UTC)
 
 def prepared_ids(path: str, model: str) -> list[str]:
     head = RequestHead("POST", path, {})
-    raw = json.dumps({"model": model, "messages": [], "input": "hi"}).encode()
+    if path.endswith("responses"):
+        raw = json.dumps({"model": model, "input": "hi"}).encode()
+    else:
+        raw = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
     prepared = prepare(head, raw, POLICY, GatewayConfig(), now=NOW)
     return [d.id for d in prepared.group.deployments]
 
@@ -79,3 +82,12 @@ def test_the_token_counter_is_not_metered() -> None:
     messages = lookup_endpoint("/v1/messages")
     assert messages is not None
     assert messages.metered
+
+
+def test_a_call_the_other_api_cannot_express_stays_with_its_own() -> None:
+    """In a group of both APIs, a call only its own API can express never draws a
+    deployment of the other (and so is never refused by the draw)."""
+    head = RequestHead("POST", "/v1/chat/completions", {})
+    body = {"model": "mixed", "messages": [{"role": "user", "content": "hi"}], "n": 2}
+    prepared = prepare(head, json.dumps(body).encode(), POLICY, GatewayConfig(), now=NOW)
+    assert "a" not in [d.id for d in prepared.group.deployments]

@@ -128,3 +128,15 @@ def test_reported_usage_wins_once_complete() -> None:
     feed_all(whole, events, end=False)
     assert whole.complete
     assert whole.billable(MESSAGES) == Usage(input_tokens=9, output_tokens=30)
+
+
+def test_an_openai_stream_left_after_its_usage_chunk_pays_its_usage() -> None:
+    """The usage chunk is the last billable event (only [DONE] follows): a client that
+    hangs up after it (a translated Anthropic client reading message_stop) pays the
+    reported usage, not one token per event."""
+    usage = {"prompt_tokens": 15, "completion_tokens": 6, "total_tokens": 21}
+    chunk = b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
+    meter = ResponseMeter(CHAT, content_type=SSE, encoding="")
+    feed_all(meter, [*USAGE_LESS[:-1], *USAGE_LESS[:-1], chunk], end=False)
+    assert meter.complete
+    assert meter.billable(CHAT) == Usage(input_tokens=15, output_tokens=6)

@@ -9,6 +9,10 @@ leaves with its last piece; an error body is translated into the client's error 
 
 Rule: the usage is read from the deployment's bytes before they are translated (the
 metering sees the provider's answer, never the gateway's rewrite of it).
+
+The limit: the answer's status has left before its body, so a 2xx JSON answer the
+gateway cannot read (not JSON, or larger than :data:`MAX_TRANSLATED_BYTES`) reaches the
+client as an error in its API's shape under that 2xx status.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from typing import Any, Literal
 from extproc.core.translate.errors import anthropic_error_to_openai, openai_error_to_anthropic
 from extproc.core.translate.responses import chat_response_to_message, message_to_chat_response
 from extproc.core.translate.streams import ChatToMessagesStream, MessagesToChatStream
-from extproc.core.usage import MAX_JSON_BYTES
+from extproc.core.usage import MAX_INFLATED_BYTES
 
 __all__ = ["AnswerTranslation", "translate_error"]
 
 Api = Literal["openai", "anthropic"]
+#: The largest JSON answer held whole to be translated (a model's answer is far smaller).
+MAX_TRANSLATED_BYTES = MAX_INFLATED_BYTES
 
 
 class AnswerTranslation:
@@ -53,7 +59,7 @@ class AnswerTranslation:
             out = self._stream.feed(chunk)
             return out + self._stream.finish() if end else out
         self._whole += len(chunk)
-        if self._whole <= MAX_JSON_BYTES:
+        if self._whole <= MAX_TRANSLATED_BYTES:
             self._body.append(chunk)
         return self._translated() if end else b""
 
@@ -61,7 +67,7 @@ class AnswerTranslation:
         raw = b"".join(self._body)
         self._body.clear()
         try:
-            data: Any = json.loads(raw) if self._whole <= MAX_JSON_BYTES else None
+            data: Any = json.loads(raw) if self._whole <= MAX_TRANSLATED_BYTES else None
         except (ValueError, RecursionError):
             data = None
         if not isinstance(data, dict):
