@@ -141,7 +141,7 @@ def test_count_tokens_answers_are_redacted_and_never_leave_the_anthropic_group(
     # a prompt larger than the group's window: counted by its Anthropic deployment,
     # never sent to the context-window fallback (an OpenAI deployment)
     stack.mocks.clear()
-    long = [{"role": "user", "content": "word " * 400}]
+    long: list[Any] = [{"role": "user", "content": "word " * 400}]
     with claude(stack) as client:
         assert client.messages.count_tokens(model="tiny-claude", messages=long).input_tokens > 20
     assert len(stack.mocks.seen("mock_c")) == 1
