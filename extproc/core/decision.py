@@ -783,7 +783,7 @@ def decide_admission(
         api=dep.api if translated else request.endpoint.api,
         endpoint=translated or request.endpoint.name,
         client_api=request.endpoint.api if translated else None,
-        client_usage=_asks_usage_chunk(request.body),
+        client_usage=translated is not None and _asks_usage_chunk(request.body),
         dep=dep,
         stream=request.stream,
         strip_usage=route.asks_usage,

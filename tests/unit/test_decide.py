@@ -275,3 +275,26 @@ async def test_the_runtime_commits_the_one_decisions_plan_as_it_is(
     assert decision.plan.lease is not None
     assert decision.plan.lease.member.startswith(gateway.liveness.owner)
     await gateway.close()
+
+
+def test_an_untranslated_streams_token_keeps_the_previous_releases_shape(
+    policy: CompiledPolicy,
+) -> None:
+    """A stream asking for its usage chunk, to a deployment of its own API: the charge
+    carries no translation fields, so a process not yet upgraded reads its token."""
+    from dataclasses import fields  # noqa: PLC0415
+
+    from extproc.core.charges import Charge  # noqa: PLC0415
+
+    head = RequestHead("POST", "/v1/chat/completions", {"authorization": f"Bearer {KEY}"})
+    body = {
+        "model": "g",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    prepared = prepare(head, json.dumps(body).encode(), policy, CONFIG, now=NOW)
+    decision = decide(prepared, policy, CONFIG, VIEW, lambda: 0.5, now=NOW, ids=IDS, facts=FACTS)
+    charge = decision.charge
+    assert (charge.client_api, charge.client_usage) == (None, False)
+    assert len(json.loads(charge.token())) <= len(fields(Charge)) - 2
