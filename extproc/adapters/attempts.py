@@ -15,14 +15,18 @@ filter records the refusal and makes the 400 a 503 Envoy retries.
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 
 from extproc.adapters.headers import header_mutation, header_option
-from extproc.core.errors import ServiceUnavailableError
+from extproc.core.decision import ANTHROPIC_VERSION, translate_request
+from extproc.core.endpoints import TRANSLATED_PATHS
+from extproc.core.errors import BadRequestError, ServiceUnavailableError
 from extproc.core.failover import (
     ATTEMPT_CLUSTER_HEADER,
     ATTEMPT_COUNT_HEADER,
@@ -77,6 +81,7 @@ class Attempt:
         "_number",
         "_policy",
         "_route",
+        "_translate_from",
     )
 
     def __init__(self, gateway: Gateway, dep_id: str) -> None:
@@ -96,6 +101,8 @@ class Attempt:
         self._number = 1
         self._call: str | None = None
         self._events: dict[int, str] = {}
+        #: The API of the body to translate for this deployment (one of the other API).
+        self._translate_from: str | None = None
 
     async def on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
         headers = {h.key: h.raw_value.decode("latin-1") or h.value for h in msg.headers.headers}
@@ -139,11 +146,24 @@ class Attempt:
             return reply
         if headers.get(DEPLOYMENT_HEADER) == dep.id:
             return reply  # the first attempt: rewritten for this deployment already
+        first = self._first_api(route)
         path = headers.get(":path", "")
-        if path and (wanted := dep.path_for(path)) != path:
+        if first is not None and first != dep.api:
+            # a deployment of the other API: the body (the first attempt's, in its
+            # API) is translated for it (on_request_body), and the endpoint is its own
+            self._translate_from = first
+            wanted = dep.path_for(TRANSLATED_PATHS[dep.api][1])
+            mutation.set_headers.append(header_option(":path", wanted))
+            if dep.api == "anthropic":
+                mutation.set_headers.append(header_option("anthropic-version", ANTHROPIC_VERSION))
+            else:
+                mutation.remove_headers.extend(("anthropic-version", "anthropic-beta"))
+        elif path and (wanted := dep.path_for(path)) != path:
             # Rule: rebuilt from the endpoint, so an earlier attempt's provider path
             # (kept by Envoy for this one) never reaches this deployment
             mutation.set_headers.append(header_option(":path", wanted))
+            if first is not None and dep.api == "openai":
+                mutation.remove_headers.extend(("anthropic-version", "anthropic-beta"))
         credential, remove = credential_edits(dep.auth_header, dep.auth_value)
         mutation.set_headers.extend(header_option(k, v) for k, v in credential)
         mutation.remove_headers.extend(remove)
@@ -151,9 +171,26 @@ class Attempt:
             reply.mode_override.request_body_mode = _BUFFERED  # for the model name
         return reply
 
+    def _first_api(self, route: FailoverRoute | None) -> str | None:
+        """The API of the call's first attempt (the body every attempt is sent)."""
+        if route is None:
+            return None
+        first = self._policy.deployment(route.attempts[0][0])
+        return first.api if first is not None else None
+
     def on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         reply = pb.ProcessingResponse(request_body=pb.BodyResponse())
         dep = self._dep
+        if dep is not None and self._translate_from is not None:
+            body = self._translated(msg.body, self._translate_from, dep)
+            if body is None:
+                return _nothing_left("the call cannot be sent in this deployment's API")
+            common = reply.request_body.response
+            common.body_mutation.body = body
+            common.header_mutation.set_headers.append(
+                header_option("content-length", str(len(body)))
+            )
+            return reply
         span = member_span(msg.body, "model") if dep is not None else None
         if dep is None or span is None:
             return reply
@@ -197,6 +234,17 @@ class Attempt:
             reply.mode_override.response_body_mode = _BUFFERED
         return reply
 
+    def _translated(self, raw: bytes, api: str, dep: CompiledDeployment) -> bytes | None:
+        """The first attempt's body in ``dep``'s API; None when it cannot be (a dry run
+        at admission makes that a broken body, never a client's request)."""
+        body = _body_of(raw)
+        if body is None:
+            return None
+        try:
+            return translate_request(body, api, dep.body_model, self._gateway.config, dep)
+        except BadRequestError:
+            return None
+
     def close(self) -> None:
         """The stream ended: a 400 whose body never came is recorded as it is."""
         if self._held is not None:
@@ -230,6 +278,14 @@ class Attempt:
         if cls == "content_policy":
             self._gateway.metrics.content_policy_retries.inc()
         return reply
+
+
+def _body_of(raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _nothing_left(why: str) -> pb.ProcessingResponse:

@@ -24,6 +24,7 @@ from extproc.adapters.attempts import Attempt, attempt_deployment
 from extproc.adapters.headers import header_mutation, header_option
 from extproc.core.charges import Charge
 from extproc.core.decision import RouteDecision, decide_head, decide_response
+from extproc.core.endpoints import TRANSLATED_PATHS
 from extproc.core.errors import GatewayError, InternalError, PayloadTooLargeError
 from extproc.core.failover import (
     SERVED_BY_HEADER,
@@ -39,6 +40,7 @@ from extproc.core.redaction import Redactor
 from extproc.core.request import RequestHead
 from extproc.core.translate.answers import AnswerTranslation, translate_error
 from extproc.core.upstream_errors import normalize_error
+from extproc.policy import CompiledPolicy
 from extproc.state.runtime import Gateway
 
 __all__ = ["ExternalProcessorService"]
@@ -230,7 +232,7 @@ class _Stream:
             end_of_stream=msg.end_of_stream,
             now=self._gateway.clock.wall(),
         )
-        charge = self.charge = answer.charge
+        charge = self.charge = _served_api(answer.charge, self._policy)
         if charge.client_api is not None:
             # after decide_response: a retry's answer names the deployment that served
             self._translate(charge, headers, msg, common)
@@ -425,6 +427,30 @@ class _Stream:
             internal = InternalError("The gateway failed to process this request.")
             return self._refuse(internal, phase or "unknown")
         return _passthrough(phase)
+
+
+def _served_api(charge: Charge, policy: CompiledPolicy) -> Charge:
+    """The charge as the deployment that served speaks: a failover retry may have
+    landed on a deployment of the other API (its attempt filter translated the body),
+    so the answer is metered in that API and translated into the client's."""
+    served = policy.deployment(charge.priced_by)
+    if served is None or served.api == charge.api:
+        return charge
+    client = charge.client_api or charge.api
+    endpoint, _ = TRANSLATED_PATHS[served.api]
+    if served.api == client:
+        # the first attempt was translated, this one speaks the client's API: the
+        # upstream added a usage chunk only if the translation asked for one
+        return dataclasses.replace(
+            charge,
+            api=served.api,
+            endpoint=endpoint,
+            client_api=None,
+            strip_usage=charge.stream and client == "openai" and not charge.client_usage,
+        )
+    return dataclasses.replace(
+        charge, api=served.api, endpoint=endpoint, client_api=client, strip_usage=False
+    )
 
 
 def _redact_headers(msg: pb.HttpHeaders, redactor: Redactor, common: pb.CommonResponse) -> bool:

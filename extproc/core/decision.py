@@ -669,6 +669,22 @@ def fallback_scope(
     return []
 
 
+def _crosses_apis(route: FailoverRoute, policy: CompiledPolicy, api: str) -> bool:
+    return any(
+        dep.api != api for d, _ in route.deployments() if (dep := policy.deployment(d)) is not None
+    )
+
+
+def _expressible_in_both(prepared: Prepared, config: GatewayConfig) -> bool:
+    """Whether the call can be sent in the other API too (a dry run of the
+    translation: a retry on a deployment of the other API must not be a 400)."""
+    try:
+        translate_request(prepared.request.body, prepared.request.endpoint.api, "model", config)
+    except BadRequestError:
+        return False
+    return True
+
+
 def _fits_every_attempt(
     route: FailoverRoute,
     policy: CompiledPolicy,
@@ -748,6 +764,11 @@ def call_id(rid: str) -> str:
     return hashlib.blake2b(rid.encode(), digest_size=16, person=b"extproc-call").hexdigest()
 
 
+def _may_translate(route: RouteDecision) -> bool:
+    api = route.request.endpoint.api
+    return route.translated or any(d.api != api for d in route.attempts)
+
+
 def _asks_usage_chunk(body: dict[str, Any]) -> bool:
     options = body.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
@@ -783,7 +804,9 @@ def decide_admission(
         api=dep.api if translated else request.endpoint.api,
         endpoint=translated or request.endpoint.name,
         client_api=request.endpoint.api if translated else None,
-        client_usage=translated is not None and _asks_usage_chunk(request.body),
+        # the client's usage-chunk wish, where an answer may be translated (this
+        # deployment, or a retry's of the other API)
+        client_usage=_may_translate(route) and _asks_usage_chunk(request.body),
         dep=dep,
         stream=request.stream,
         strip_usage=route.asks_usage,
@@ -851,8 +874,20 @@ def decide_route(
         prepared = with_group(prepared, group, policy, now=now)
     # an unmetered call (the token counter) is not failed over: no response reading
     failover = policy.failover.get(deployment.id) if endpoint.metered else None
+    # Rule: a retry to a deployment of the other API is translated by the attempt
+    # filter (chat completions and messages, where the body can be rewritten), so
+    # failover may cross APIs there when the call can be expressed in both
+    same_api: str | None = deployment.api
+    if (
+        failover is not None
+        and rewrite_body
+        and endpoint.translates_to is not None
+        and _crosses_apis(failover, policy, deployment.api)
+        and _expressible_in_both(prepared, config)
+    ):
+        same_api = None
     if failover is not None and not _fits_every_attempt(
-        failover, policy, tokens, endpoint.requires, deployment.api
+        failover, policy, tokens, endpoint.requires, same_api
     ):
         # a retry could land on a deployment too small for this call, or one without
         # the API it needs: no failover

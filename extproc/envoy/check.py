@@ -179,8 +179,9 @@ def policy_warnings(policy: CompiledPolicy) -> list[str]:
         if len(reached) > 1:
             out.append(
                 f"deployment {dep_id!r}: its failover route reaches deployments of both "
-                "APIs (a fallback group of the other), so its calls are not failed over "
-                "in the request (a retry's body is not translated)"
+                "APIs (a fallback group of the other): under ext_proc a retry there is "
+                "translated, but under ext_authz, and for endpoints other than chat "
+                "completions and messages, its calls are not failed over in the request"
             )
     for group in policy.groups.values():
         apis = {d.api for d in group.deployments}

@@ -238,3 +238,51 @@ def test_a_retry_answer_names_the_deployment_that_served(stack: Stack) -> None:
         )
         assert raw.headers["x-litellm-model-id"] == "cha-2"
         assert raw.parse().model == "up-claude-2"
+
+
+def test_a_fallback_of_the_other_api_serves_a_failed_call(stack: Stack) -> None:
+    """LiteLLM's cross-provider fallback: an OpenAI group falling back to an Anthropic
+    one (and the reverse); Envoy's retry goes to the other API, its attempt filter
+    translates the body and the answer is translated back."""
+    fail_openai = {"x-mock-fail": "mock_openai_only=500"}
+    with gpt(stack) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-fb", messages=HI, extra_headers=fail_openai
+        )
+        assert raw.headers["x-litellm-model-id"] == "claude-a"
+        assert raw.headers["x-litellm-attempted-fallbacks"] == "1"
+        reply = raw.parse()
+        assert reply.object == "chat.completion"
+        assert reply.choices[0].message.content
+        stream = client.chat.completions.create(
+            model="gpt-fb",
+            messages=HI,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers=fail_openai,
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage is not None
+    retried = stack.mocks.seen("mock_anthropic_only")
+    assert [s["path"] for s in retried] == ["/v1/messages", "/v1/messages"]
+    assert {json.loads(s["body"])["model"] for s in retried} == {"up-claude"}
+    assert {s["headers"]["anthropic-version"] for s in retried} == {"2023-06-01"}
+    stack.mocks.clear()
+    before = key_spend(stack)
+    with claude(stack) as other:
+        message = other.messages.create(
+            model="claude-fb",
+            max_tokens=32,
+            messages=HI,
+            extra_headers={"x-mock-fail": "mock_anthropic_only=529"},
+        )
+        assert message.type == "message"
+        assert message.content[0].type == "text"
+    # charged as the deployment that served: its usage at its prices
+    usage = message.usage
+    cost = Decimal("0.000001") * usage.input_tokens + Decimal("0.000002") * usage.output_tokens
+    assert key_spend(stack) - before == cost
+    (served,) = stack.mocks.seen("mock_openai_only")
+    assert served["path"] == "/v1/chat/completions"
+    assert json.loads(served["body"])["model"] == "up-gpt"
