@@ -148,28 +148,36 @@ class Attempt:
             return reply  # the first attempt: rewritten for this deployment already
         first = self._first_api(route)
         path = headers.get(":path", "")
-        if first is not None and first != dep.api:
-            # a deployment of the other API: the body (the first attempt's, in its
-            # API) is translated for it (on_request_body), and the endpoint is its own
-            self._translate_from = first
+        if first is not None and route is not None and self._crosses(route):
+            # Rule: on a route that reaches both APIs every retry gets its API's own
+            # endpoint (an earlier attempt's, kept by Envoy, may be the other API's);
+            # the body (the first attempt's, in its API) is translated for a
+            # deployment of the other API (on_request_body). Anthropic's other
+            # headers (anthropic-beta) stay: OpenAI ignores them
+            if first != dep.api:
+                self._translate_from = first
             wanted = dep.path_for(TRANSLATED_PATHS[dep.api][1])
-            mutation.set_headers.append(header_option(":path", wanted))
-            if dep.api == "anthropic":
+            if wanted != path:
+                mutation.set_headers.append(header_option(":path", wanted))
+            if dep.api == "anthropic" and "anthropic-version" not in headers:
                 mutation.set_headers.append(header_option("anthropic-version", ANTHROPIC_VERSION))
-            else:
-                mutation.remove_headers.extend(("anthropic-version", "anthropic-beta"))
         elif path and (wanted := dep.path_for(path)) != path:
             # Rule: rebuilt from the endpoint, so an earlier attempt's provider path
             # (kept by Envoy for this one) never reaches this deployment
             mutation.set_headers.append(header_option(":path", wanted))
-            if first is not None and dep.api == "openai":
-                mutation.remove_headers.extend(("anthropic-version", "anthropic-beta"))
         credential, remove = credential_edits(dep.auth_header, dep.auth_value)
         mutation.set_headers.extend(header_option(k, v) for k, v in credential)
         mutation.remove_headers.extend(remove)
         if not msg.end_of_stream:
             reply.mode_override.request_body_mode = _BUFFERED  # for the model name
         return reply
+
+    def _crosses(self, route: FailoverRoute) -> bool:
+        """Whether the route reaches deployments of both APIs."""
+        apis = {
+            d.api for i, _ in route.deployments() if (d := self._policy.deployment(i)) is not None
+        }
+        return len(apis) > 1
 
     def _first_api(self, route: FailoverRoute | None) -> str | None:
         """The API of the call's first attempt (the body every attempt is sent)."""

@@ -552,7 +552,9 @@ def _api_edits(
         _, target = TRANSLATED_PATHS[deployment.api]
         path = [(":path", deployment.path_for(target))]
         if deployment.api == "openai":
-            return path, ("anthropic-version", "anthropic-beta")
+            # anthropic-* headers stay (OpenAI ignores them): a failover retry on an
+            # Anthropic deployment still has the client's anthropic-beta
+            return path, ()
         if "anthropic-version" not in head.headers:
             path.append(("anthropic-version", ANTHROPIC_VERSION))
         return path, ()
@@ -675,12 +677,18 @@ def _crosses_apis(route: FailoverRoute, policy: CompiledPolicy, api: str) -> boo
     )
 
 
-def _expressible_in_both(prepared: Prepared, config: GatewayConfig) -> bool:
-    """Whether the call can be sent in the other API too (a dry run of the
-    translation: a retry on a deployment of the other API must not be a 400)."""
+def _expressible_in_both(
+    prepared: Prepared, config: GatewayConfig, deployment: CompiledDeployment
+) -> bool:
+    """Whether every retry can be sent (a dry run of the translations the attempt
+    filter makes): retries get the first attempt's body, translated for the other API,
+    so a call whose first attempt is already translated is translated back."""
+    request = prepared.request
     try:
-        translate_request(prepared.request.body, prepared.request.endpoint.api, "model", config)
-    except BadRequestError:
+        sent = translate_request(request.body, request.endpoint.api, "model", config)
+        if deployment.api != request.endpoint.api:
+            translate_request(json.loads(sent), deployment.api, "model", config)
+    except (BadRequestError, ValueError):
         return False
     return True
 
@@ -883,7 +891,7 @@ def decide_route(
         and rewrite_body
         and endpoint.translates_to is not None
         and _crosses_apis(failover, policy, deployment.api)
-        and _expressible_in_both(prepared, config)
+        and _expressible_in_both(prepared, config, deployment)
     ):
         same_api = None
     if failover is not None and not _fits_every_attempt(

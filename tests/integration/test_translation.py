@@ -18,7 +18,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageFunctionToolCall, ParsedFunctionToolCall
 
-from tests.integration.stack import POLICIES, Stack, start_stack
+from tests.integration.stack import POLICIES, Stack, post, start_stack
 
 KEY = "sk-tr-all"
 HI: list[Any] = [{"role": "user", "content": "what is the weather in Paris?"}]
@@ -168,7 +168,6 @@ def test_the_anthropic_sdk_talks_to_an_openai_only_upstream(stack: Stack) -> Non
     seen = stack.mocks.seen("mock_openai_only")
     assert {s["path"] for s in seen} == {"/v1/chat/completions"}
     assert {s["headers"]["Authorization"] for s in seen} == {"Bearer sk-test-a"}
-    assert all("anthropic-version" not in s["headers"] for s in seen)
 
 
 def test_errors_come_in_the_clients_shape(stack: Stack) -> None:
@@ -286,3 +285,61 @@ def test_a_fallback_of_the_other_api_serves_a_failed_call(stack: Stack) -> None:
     (served,) = stack.mocks.seen("mock_openai_only")
     assert served["path"] == "/v1/chat/completions"
     assert json.loads(served["body"])["model"] == "up-gpt"
+
+
+FAIL_BOTH = {"x-mock-fail": "mock_openai_only=500,mock_anthropic_only=500"}
+
+
+def test_a_third_attempt_gets_its_own_apis_endpoint(stack: Stack) -> None:
+    """OpenAI, then Anthropic, then OpenAI again (and the reverse): Envoy keeps the
+    second attempt's path and headers for the third; the third still gets its API's
+    endpoint, body and headers (mock_c answers either API, so a wrong one would pass
+    unnoticed but for what it saw)."""
+    with gpt(stack) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="o-first", messages=HI, extra_headers=FAIL_BOTH
+        )
+        assert raw.headers["x-litellm-model-id"] == "o2"
+        assert raw.parse().object == "chat.completion"
+    (third,) = stack.mocks.seen("mock_c")
+    assert third["path"] == "/v1/chat/completions"
+    assert json.loads(third["body"])["model"] == "up-o2"
+    assert "messages" in json.loads(third["body"])
+    stack.mocks.clear()
+    beta = {**FAIL_BOTH, "anthropic-beta": "tools-2024-04-04"}
+    with claude(stack) as other:
+        message = other.messages.create(
+            model="c-first", max_tokens=16, messages=HI, extra_headers=beta
+        )
+        assert message.type == "message"
+    (again,) = stack.mocks.seen("mock_c")
+    assert again["path"] == "/v1/messages"
+    assert again["headers"]["anthropic-version"]  # the client's, kept
+    assert again["headers"]["anthropic-beta"] == "tools-2024-04-04"
+    assert "max_tokens" in json.loads(again["body"])
+
+
+def test_a_call_that_cannot_go_both_ways_is_not_failed_over_across(stack: Stack) -> None:
+    """A whitespace stop goes from Anthropic to OpenAI but not back: the retry could
+    not be sent, so the call is not failed over across the APIs and the client gets
+    the first deployment's answer (in its own shape), never a gateway 503."""
+    body = {
+        "model": "o-first",
+        "max_tokens": 16,
+        "stop_sequences": ["\n"],
+        "messages": HI,
+    }
+    headers = {
+        "x-api-key": KEY,
+        "anthropic-version": "2023-06-01",
+        "content-type": "application/json",
+    }
+    status, _, payload = post(
+        f"{stack.url}/v1/messages",
+        json.dumps(body).encode(),
+        {**headers, "x-mock-fail": "mock_openai_only=500"},
+    )
+    assert status == 500
+    error = json.loads(payload)
+    assert error["type"] == "error"
+    assert stack.mocks.seen("mock_anthropic_only") == []
