@@ -844,6 +844,8 @@ async def run_mock(sites: list[MockSite], stop: asyncio.Event | None = None) -> 
         context = _tls_context(*site.tls) if site.tls is not None else None
         await web.TCPSite(runner, site.host, site.port, ssl_context=context).start()
         runners.append(runner)
+    # every site listens: what a supervisor waits for (a port open could be another's)
+    print(f"extproc mock: serving {len(sites)} site(s)", flush=True)
     try:
         await (stop or asyncio.Event()).wait()
     finally:

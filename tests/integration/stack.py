@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -106,19 +107,43 @@ def failover_for(policy: Path) -> dict[str, FailoverRoute]:
     return failover_plan(parsed.failover_groups(), parsed.router_settings.default_fallbacks)
 
 
+#: Tries to start a process whose freshly picked port was taken meanwhile (another
+#: process's listener or outgoing connection got it between the pick and the bind).
+BIND_TRIES = 3
+
+
+def bind_failed(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return "address already in use" in text or "already in use" in text
+
+
 @contextlib.contextmanager
 def start_mocks(workdir: Path) -> Iterator[Mocks]:
-    ports = {name: free_port() for name in MOCKS}
-    args: list[str] = []
-    for name, key_var in MOCKS.items():
-        spec = f"{name}=127.0.0.1:{ports[name]}" + (f":{key_var}" if key_var else "")
-        args += ["--upstream", spec]
-    for name, api in ONLY.items():
-        args += ["--only", f"{name}={api}"]
-    replay = os.pathsep.join(str(d) for d in (RECORDED, RECORDED.parent / "synthetic"))
-    env = {**KEYS, "EXTPROC_MOCK_REPLAY_DIR": replay}
-    proc = Proc("mock", extproc_argv("mock", *args), workdir / "mock.log", env=env)
-    with running(proc, lambda: all(port_open(p) for p in ports.values())):
+    with contextlib.ExitStack() as stack:
+        for attempt in range(BIND_TRIES):
+            ports = {name: free_port() for name in MOCKS}
+            args: list[str] = []
+            for name, key_var in MOCKS.items():
+                spec = f"{name}=127.0.0.1:{ports[name]}" + (f":{key_var}" if key_var else "")
+                args += ["--upstream", spec]
+            for name, api in ONLY.items():
+                args += ["--only", f"{name}={api}"]
+            replay = os.pathsep.join(str(d) for d in (RECORDED, RECORDED.parent / "synthetic"))
+            env = {**KEYS, "EXTPROC_MOCK_REPLAY_DIR": replay}
+            proc = Proc("mock", extproc_argv("mock", *args), workdir / "mock.log", env=env)
+
+            def ready(proc: Proc = proc, ports: dict[str, int] = ports) -> bool:
+                # its own line, not only open ports: a port may be another's
+                return "extproc mock: serving" in proc.log() and all(
+                    port_open(p) for p in ports.values()
+                )
+
+            try:
+                stack.enter_context(running(proc, ready))
+                break
+            except RuntimeError as exc:
+                if attempt + 1 == BIND_TRIES or not bind_failed(exc):
+                    raise
         yield Mocks(ports, proc)
 
 
@@ -157,28 +182,36 @@ def start_envoy(
     extra_grpc_ports: tuple[int, ...] = (),
     policy: Path = VALID_POLICY,
 ) -> Iterator[tuple[Proc, str, str]]:
-    port, admin = free_port(), free_port()
-    config = workdir / f"{name}.yaml"
-    config.write_text(
-        render_envoy_config(
-            {
-                **{c: Upstream("127.0.0.1", p) for c, p in mocks.ports.items()},
-                # a deployment nobody listens for: connections are refused
-                DEAD_CLUSTER: Upstream("127.0.0.1", free_port()),
-            },
-            mode=mode,
-            listen=Upstream("127.0.0.1", port),
-            server=Upstream("127.0.0.1", grpc_port),
-            extra_servers=[Upstream("127.0.0.1", p) for p in extra_grpc_ports],
-            admin=Upstream("127.0.0.1", admin),
-            failure_mode_allow=failure_mode_allow,
-            access_log_path=str(workdir / f"{name}-access.log"),
-            failover=failover_for(policy),
-        )
-    )
-    proc = Proc(name, envoy_argv(config), workdir / f"{name}.log")
-    admin_url = f"http://127.0.0.1:{admin}"
-    with running(proc, lambda: http_ok(f"{admin_url}/ready")):
+    dead = free_port()  # a deployment nobody listens for: connections are refused
+    with contextlib.ExitStack() as stack:
+        for attempt in range(BIND_TRIES):
+            port, admin = free_port(), free_port()
+            config = workdir / f"{name}.yaml"
+            config.write_text(
+                render_envoy_config(
+                    {
+                        **{c: Upstream("127.0.0.1", p) for c, p in mocks.ports.items()},
+                        DEAD_CLUSTER: Upstream("127.0.0.1", dead),
+                    },
+                    mode=mode,
+                    listen=Upstream("127.0.0.1", port),
+                    server=Upstream("127.0.0.1", grpc_port),
+                    extra_servers=[Upstream("127.0.0.1", p) for p in extra_grpc_ports],
+                    admin=Upstream("127.0.0.1", admin),
+                    failure_mode_allow=failure_mode_allow,
+                    access_log_path=str(workdir / f"{name}-access.log"),
+                    failover=failover_for(policy),
+                )
+            )
+            proc = Proc(name, envoy_argv(config), workdir / f"{name}.log")
+            admin_url = f"http://127.0.0.1:{admin}"
+            ready = functools.partial(http_ok, f"{admin_url}/ready")
+            try:
+                stack.enter_context(running(proc, ready))
+                break
+            except RuntimeError as exc:
+                if attempt + 1 == BIND_TRIES or not bind_failed(exc):
+                    raise
         yield proc, f"http://127.0.0.1:{port}", admin_url
 
 
